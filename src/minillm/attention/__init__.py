@@ -1,0 +1,44 @@
+"""Attention backends with one interface: q [B, Hq, Tq, D] over k/v [B, Hkv, S, D].
+
+- "flash":    our FlashAttention-2 (`flash_attention_with_kv_cache`), tiled, O(N) memory
+- "standard": the materialised softmax(QK^T)V reference, O(N^2) memory
+- "sdpa":     PyTorch's fused `scaled_dot_product_attention`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .flash import flash_attention_with_kv_cache
+from .reference import standard_attention
+from .sdpa import sdpa_attention
+
+BACKENDS = ("flash", "standard", "sdpa")
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_seqlens: Tensor | Sequence[int] | None = None,
+    *,
+    backend: str = "flash",
+    causal: bool = True,
+    block_size: int = 128,
+    softmax_scale: float | None = None,
+) -> Tensor:
+    """Dispatch to one backend; all of them compute the same (exact) result."""
+    if backend == "flash":
+        return flash_attention_with_kv_cache(
+            q, k, v, cache_seqlens, causal=causal, block_size=block_size, softmax_scale=softmax_scale
+        )
+    if backend == "standard":
+        return standard_attention(q, k, v, cache_seqlens, causal=causal, softmax_scale=softmax_scale)
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, cache_seqlens, causal=causal, softmax_scale=softmax_scale)
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+__all__ = ["BACKENDS", "attention", "flash_attention_with_kv_cache", "sdpa_attention", "standard_attention"]

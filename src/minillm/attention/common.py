@@ -1,0 +1,43 @@
+"""Shape checks and the position-based visibility rule shared by every attention backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int]:
+    """Validate [B, Hq, Tq, D] queries against [B, Hkv, S, D] keys/values; return (Hkv, S)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, T, D], got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {list(k.shape)} vs {list(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"batch or head dim mismatch: q {list(q.shape)}, k {list(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    return k.shape[1], k.shape[2]
+
+
+def seqlens_tensor(cache_seqlens: Tensor | Sequence[int] | None, batch: int, kv_len: int, device) -> Tensor:
+    """Per-row key lengths as a [B] long tensor (None means every row holds kv_len keys)."""
+    if cache_seqlens is None:
+        return torch.full((batch,), kv_len, dtype=torch.long, device=device)
+    return torch.as_tensor(cache_seqlens, dtype=torch.long, device=device).reshape(batch)
+
+
+def dense_visibility(q_len: int, kv_len: int, seqlens: Tensor, causal: bool) -> Tensor:
+    """[B, 1, Tq, S] boolean mask: key j is visible to query i of row b.
+
+    Query i of row b sits at position seqlens[b] - q_len + i (bottom-right alignment); it sees
+    keys j < seqlens[b], and with `causal` only j <= its position. This is the definition every
+    backend implements; the flash kernel derives the same rule tile by tile.
+    """
+    key_pos = torch.arange(kv_len, device=seqlens.device)
+    visible = key_pos.view(1, 1, -1) < seqlens.view(-1, 1, 1)
+    if causal:
+        query_pos = seqlens.view(-1, 1) - q_len + torch.arange(q_len, device=seqlens.device)
+        visible = visible & (key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1))
+    return visible.unsqueeze(1)

@@ -1,0 +1,3 @@
+from .kv_cache import CacheOverflowError, KVCache
+
+__all__ = ["CacheOverflowError", "KVCache"]

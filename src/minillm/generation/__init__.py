@@ -1,0 +1,3 @@
+from .generator import Generation, TextGenerator
+
+__all__ = ["Generation", "TextGenerator"]

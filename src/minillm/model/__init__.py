@@ -1,0 +1,3 @@
+from .transformer import MiniLLM
+
+__all__ = ["MiniLLM"]

@@ -1,0 +1,33 @@
+"""Rotary position embeddings (RoPE), in the "rotate half" layout of HF Llama checkpoints."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin tables for positions 0..max_seq_len-1, kept in float32.
+
+    A plain object rather than a module buffer, so that casting the model to bf16 never
+    rounds the tables; it follows the device of the positions it is asked for.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        self.cos = angles.cos().float()  # [max_seq_len, head_dim // 2]
+        self.sin = angles.sin().float()
+
+    def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin for `positions` [B, T] -> each [B, 1, T, head_dim // 2] (broadcast over heads)."""
+        if self.cos.device != positions.device:
+            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of x [B, H, T, D] by the position angles, in float32."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -1,0 +1,163 @@
+"""The MiniLLM decoder: a Llama-family transformer (RMSNorm, RoPE, GQA, SwiGLU, optional qkv bias).
+
+Module names follow gpt-fast/Llama: tok_embeddings, layers[i].{attention_norm, attention.{wqkv, wo},
+ffn_norm, feed_forward.{w1, w2, w3}}, norm, output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention import BACKENDS, attention
+from ..cache.kv_cache import CacheWrite, KVCache
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class StepContext:
+    """What every layer needs for one forward call, computed once per call."""
+
+    cos: Tensor
+    sin: Tensor
+    backend: str
+    block_size: int
+    kv_cache: KVCache | None = None
+    plan: CacheWrite | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        dtype = config.torch_dtype
+        self.wqkv = nn.Linear(config.dim_model, qkv_dim, bias=config.qkv_bias, dtype=dtype)
+        self.wo = nn.Linear(config.num_heads * config.head_dim, config.dim_model, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
+        batch, seq_len, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        seqlens = None
+        if ctx.kv_cache is not None:
+            k, v = ctx.kv_cache.write(self.layer_idx, k, v, ctx.plan)
+            seqlens = ctx.plan.seqlens
+        out = attention(q, k, v, seqlens, backend=ctx.backend, causal=True, block_size=ctx.block_size)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dtype = config.torch_dtype
+        self.w1 = nn.Linear(config.dim_model, config.hidden_dim, bias=False, dtype=dtype)
+        self.w3 = nn.Linear(config.dim_model, config.hidden_dim, bias=False, dtype=dtype)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim_model, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        dtype = config.torch_dtype
+        self.attention_norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class MiniLLM(nn.Module):
+    """A decoder-only Llama-family language model; `model(input_ids)` returns float32 logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        dtype = config.torch_dtype
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim_model, dtype=dtype)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype)
+        self.output = nn.Linear(config.dim_model, config.vocab_size, bias=False, dtype=dtype)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        kv_cache: KVCache | None = None,
+        use_flash_attention: bool = True,
+        flash_block_size: int = 128,
+        attention_backend: str | None = None,
+        input_lengths: Sequence[int] | None = None,
+        last_token_only: bool = False,
+    ) -> Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_token_only`) in float32.
+
+        input_ids: [B, T] token ids ([T] is taken as one row).
+        kv_cache: when given, each row's new tokens are written at that row's current length,
+            get RoPE positions from it, and attend to everything the row has cached.
+        use_flash_attention: our FlashAttention-2 (tiles of `flash_block_size`) or, when False,
+            standard attention. `attention_backend` ("flash", "standard", "sdpa") overrides it.
+        input_lengths: with a cache, how many of each row's T tokens are real; real tokens are
+            right-aligned (left padding), so rows of different prompt lengths prefill together.
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        backend = attention_backend or ("flash" if use_flash_attention else "standard")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        batch, seq_len = input_ids.shape
+
+        plan = None
+        if kv_cache is None:
+            if input_lengths is not None:
+                raise ValueError("input_lengths (padded rows) needs a kv_cache to hold each row's own length")
+            if seq_len > self.config.max_seq_len:
+                raise ValueError(f"input of {seq_len} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
+        else:
+            if kv_cache.batch_size != batch:
+                raise ValueError(f"input batch {batch} does not match the cache's batch size {kv_cache.batch_size}")
+            plan = kv_cache.plan_write(seq_len, input_lengths)
+            positions = plan.positions
+        cos, sin = self.rope.tables(positions.to(input_ids.device))
+        ctx = StepContext(cos, sin, backend, flash_block_size, kv_cache, plan)
+
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        if kv_cache is not None:
+            kv_cache.commit(plan)
+        if last_token_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
