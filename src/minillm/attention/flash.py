@@ -55,8 +55,8 @@ def flash_attention_with_kv_cache(
 
     Returns the output [B, Hq, Tq, D] in q's dtype (and the LSE if asked).
     """
-    batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_capacity = check_shapes(q, k_cache, v_cache)
+    batch, num_heads, q_len, head_dim = q.shape
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     groups = num_heads // num_kv_heads

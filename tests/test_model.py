@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from minillm import Configs, MiniLLM
+
+
+def test_logits_shape_and_backends_agree(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (3, 50))
+    with torch.no_grad():
+        flash = tiny_model(ids, use_flash_attention=True, flash_block_size=16)
+        standard = tiny_model(ids, use_flash_attention=False)
+        sdpa = tiny_model(ids, attention_backend="sdpa")
+    assert flash.shape == (3, 50, tiny_model.config.vocab_size) and flash.dtype == torch.float32
+    assert (flash - standard).abs().max() <= 1e-4
+    assert (sdpa - standard).abs().max() <= 1e-4
+
+
+def test_causality(tiny_model):
+    """Changing a later token never changes earlier logits."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 30))
+    changed = ids.clone()
+    changed[0, 20] = (changed[0, 20] + 1) % tiny_model.config.vocab_size
+    with torch.no_grad():
+        a, b = tiny_model(ids), tiny_model(changed)
+    assert torch.allclose(a[:, :20], b[:, :20], atol=1e-5)
+    assert not torch.allclose(a[:, 20:], b[:, 20:], atol=1e-3)
+
+
+def test_rope_makes_attention_position_dependent(tiny_model):
+    """Same tokens at shifted positions (after a prefix) give different logits."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        alone = tiny_model(ids)[0, -1]
+        shifted = tiny_model(torch.cat([ids, ids], dim=1))[0, -1]
+    assert not torch.allclose(alone, shifted, atol=1e-3)
+
+
+def test_tied_embeddings_and_qkv_bias():
+    torch.manual_seed(0)
+    model = MiniLLM(Configs.tiny(tie_embeddings=True, qkv_bias=True)).eval()
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.layers[0].attention.wqkv.bias is not None
+    with torch.no_grad():
+        torch.nn.init.normal_(model.layers[0].attention.wqkv.bias)
+        ids = torch.randint(0, 512, (1, 20))
+        assert (model(ids) - model(ids, attention_backend="standard")).abs().max() <= 1e-4
+
+
+def test_bfloat16_model_close_to_float32():
+    torch.manual_seed(0)
+    model = MiniLLM(Configs.tiny()).eval()
+    bf16 = MiniLLM(Configs.tiny(dtype="bfloat16")).eval()
+    bf16.load_state_dict(model.state_dict())
+    assert bf16.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        ref, out = model(ids), bf16(ids, flash_block_size=16)
+    assert out.dtype == torch.float32
+    assert (ref.softmax(-1) - out.softmax(-1)).abs().max() <= 2e-2
+
+
+def test_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        tiny_model(torch.zeros(1, tiny_model.config.max_seq_len + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs a kv_cache"):
+        tiny_model(torch.zeros(1, 4, dtype=torch.long), input_lengths=[4])
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        tiny_model(torch.zeros(1, 4, dtype=torch.long), attention_backend="nope")
