@@ -72,7 +72,7 @@ def test_tokenizer_text_in_and_out(tiny_model):
     ([[1, 2], []], {}, "prompt 1 is empty"),
     ([1, 2, 99999], {}, "outside the vocabulary"),
     ([1, -1], {}, "outside the vocabulary"),
-    ([1] * 250, dict(max_new_tokens=10), "beyond the model's max_seq_len 256"),
+    ([1] * 250, dict(max_new_tokens=10), "beyond the model's context of 256 tokens"),
     ([1], dict(temperature=-0.1), "temperature must be >= 0"),
     ([1], dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     ([1], dict(top_p=1.5), r"top_p must be in \(0, 1\]"),

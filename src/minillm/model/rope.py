@@ -14,8 +14,10 @@ class RotaryEmbedding:
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        # Built on the CPU explicitly, so a model constructed under torch.device("meta") still has them.
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim
+        inv_freq = 1.0 / (theta**exponents)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device="cpu"), inv_freq)
         self.cos = angles.cos().float()  # [max_seq_len, head_dim // 2]
         self.sin = angles.sin().float()
 

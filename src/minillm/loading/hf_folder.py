@@ -1,0 +1,129 @@
+"""Hugging Face checkpoint folders: config.json + safetensors (single or sharded).
+
+Tensors are memory-mapped through `safetensors`; pickled `*.bin` / `*.pt` files are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from .weights import ModelLoadError, checkpoint_names
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_LAYER_NAMES = {
+    "attention_norm": "model.layers.{i}.input_layernorm.weight",
+    "wq": "model.layers.{i}.self_attn.q_proj.weight",
+    "wk": "model.layers.{i}.self_attn.k_proj.weight",
+    "wv": "model.layers.{i}.self_attn.v_proj.weight",
+    "bq": "model.layers.{i}.self_attn.q_proj.bias",
+    "bk": "model.layers.{i}.self_attn.k_proj.bias",
+    "bv": "model.layers.{i}.self_attn.v_proj.bias",
+    "wo": "model.layers.{i}.self_attn.o_proj.weight",
+    "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "w1": "model.layers.{i}.mlp.gate_proj.weight",
+    "w2": "model.layers.{i}.mlp.down_proj.weight",
+    "w3": "model.layers.{i}.mlp.up_proj.weight",
+}
+_GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {path}: {err}") from None
+
+
+class HFCheckpoint:
+    """A folder with config.json and model.safetensors (or model.safetensors.index.json + shards)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        config_file = self.folder / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"{self.folder} has no config.json; a Hugging Face checkpoint folder needs one")
+        self.hf_config = read_json(config_file)
+        model_type = self.hf_config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(f"{self.folder.name}: model_type {model_type!r} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        self.model_type = model_type
+        self._files = self._weight_files()  # tensor name -> shard file
+        self._open: dict[Path, Any] = {}
+
+    def _weight_files(self) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map", {})
+            return {name: self.folder / shard for name, shard in weight_map.items()}
+        if single.is_file():
+            try:
+                with safe_open(single, framework="pt") as f:
+                    return {name: single for name in f.keys()}
+            except Exception as err:
+                raise ModelLoadError(f"{single} is not a readable safetensors file: {err}") from None
+        if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
+            raise ModelLoadError(f"{self.folder} holds only pickled weights (*.bin/*.pt); MiniLLM loads safetensors "
+                                 "only, since unpickling can run arbitrary code")
+        raise ModelLoadError(f"{self.folder} has no model.safetensors or model.safetensors.index.json")
+
+    def model_config(self, dtype: str | torch.dtype) -> ModelConfig:
+        c = self.hf_config
+        rope = c.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise ModelLoadError(f"{self.folder.name}: RoPE scaling {rope_type!r} is not supported yet")
+        rope_theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        heads = c["num_attention_heads"]
+        try:
+            return ModelConfig(
+                dim_model=c["hidden_size"],
+                num_heads=heads,
+                num_kv_heads=c.get("num_key_value_heads") or heads,
+                num_layers=c["num_hidden_layers"],
+                hidden_dim=c["intermediate_size"],
+                head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                max_seq_len=c.get("max_position_embeddings", 2048),
+                vocab_size=c["vocab_size"],
+                rope_theta=float(rope_theta),
+                norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                # Qwen2 always has q/k/v bias; Llama-style configs say so with attention_bias.
+                qkv_bias=self.model_type == "qwen2" or bool(c.get("attention_bias", False)),
+                dtype=dtype,
+            )
+        except KeyError as err:
+            raise ModelLoadError(f"{self.folder.name}/config.json lacks {err.args[0]!r}") from None
+
+    def canonical_names(self, num_layers: int) -> dict[str, str]:
+        return checkpoint_names(_GLOBAL_NAMES, _LAYER_NAMES, num_layers)
+
+    def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        shard = self._files.get(name)
+        if shard is None:
+            return None
+        if shard not in self._open:
+            if not shard.is_file():
+                raise ModelLoadError(f"shard {shard.name} named in the index is missing")
+            self._open[shard] = safe_open(shard, framework="pt")
+        return self._open[shard].get_tensor(name)
+
+    def generation_eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        for file in (self.folder / "generation_config.json", self.folder / "config.json"):
+            if file.is_file():
+                eos = read_json(file).get("eos_token_id")
+                ids += [eos] if isinstance(eos, int) else list(eos or [])
+        return list(dict.fromkeys(ids))

@@ -1,0 +1,70 @@
+"""Chat templates (Jinja2, as shipped with checkpoints), rendered in a sandbox."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class ChatTemplateError(ValueError):
+    """A conversation the template rejects, or a template that cannot be rendered."""
+
+
+def _raise(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    # The same environment HF transformers uses: sandboxed, whitespace-trimmed, with loop controls.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except TemplateError as err:
+        raise ChatTemplateError(f"the model's chat template does not compile: {err}") from None
+
+
+def normalise_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check a conversation's shape; text-part lists ([{"type": "text", "text": ...}]) become strings."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatTemplateError("a conversation must be a non-empty list of messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ChatTemplateError(f"message {i} must be a dict with a string 'role'")
+        content = message.get("content", "")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise ChatTemplateError(f"message {i}: only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        elif content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ChatTemplateError(f"message {i}: content must be a string or a list of text parts")
+        out.append({**message, "content": content})
+    return out
+
+
+def render_chat_template(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                         **special_tokens: Any) -> str:
+    """Render `messages` with the checkpoint's template; `special_tokens` gives bos_token, eos_token, ..."""
+    try:
+        return _compile(template).render(messages=normalise_messages(messages),
+                                         add_generation_prompt=add_generation_prompt, **special_tokens)
+    except ChatTemplateError:
+        raise
+    except TemplateError as err:
+        raise ChatTemplateError(f"the chat template failed to render: {err}") from None
