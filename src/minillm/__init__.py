@@ -3,8 +3,14 @@
 from .cache import CacheOverflowError, KVCache
 from .config import Configs, ModelConfig
 from .generation import Generation, TextGenerator
+from .llm import LLM, RequestOutput
+from .loading import ModelLoadError
 from .model import MiniLLM
+from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["CacheOverflowError", "Configs", "Generation", "KVCache", "MiniLLM", "ModelConfig", "TextGenerator"]
+__all__ = [
+    "LLM", "CacheOverflowError", "Configs", "Generation", "KVCache", "MiniLLM", "ModelConfig", "ModelLoadError",
+    "RequestOutput", "SamplingParams", "TextGenerator",
+]

@@ -53,8 +53,9 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype = "
         model = build_model(config, lambda name: checkpoint.tensor(names[name], config) if name in names else None,
                             device=device, progress=lambda: bar.update())
     if isinstance(checkpoint, GGUFCheckpoint):
-        tokenizer = Tokenizer.from_gguf(checkpoint)
-        eos = tokenizer.eos_token_ids
+        has_tokenizer = checkpoint.meta("tokenizer.ggml.model") is not None
+        tokenizer = Tokenizer.from_gguf(checkpoint) if has_tokenizer else None
+        eos = tokenizer.eos_token_ids if tokenizer else []
     else:
         eos = checkpoint.generation_eos_ids()
         has_tokenizer = (path / "tokenizer.json").is_file()

@@ -74,7 +74,9 @@ class GGUFCheckpoint:
         if "rope_freqs.weight" in self.tensors or arch("rope.scaling.type") not in (None, "none"):
             raise ModelLoadError(f"{self.path.name}: RoPE scaling (Llama 3.1 / YaRN style) is not supported yet")
         dim, heads = required["embedding_length"], required["attention.head_count"]
-        vocab = arch("vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        if "token_embd.weight" not in self.tensors:
+            raise ModelLoadError(f"{self.path.name}: the checkpoint has no tensor 'token_embd.weight'")
+        vocab = int(self.tensors["token_embd.weight"].shape[1])  # GGUF shape is [dim, vocab]
         return ModelConfig(
             dim_model=dim,
             num_heads=heads,
@@ -111,6 +113,8 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"{self.path.name}: tensor {name} ({kind}) could not be read: {err}") from None
         # GGUF lists dimensions innermost first; numpy's layout is the reverse.
         data = np.ascontiguousarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(info.shape)))
+        if not data.flags.writeable:  # F32 tensors are views of the read-only memory map
+            data = data.copy()
         tensor = torch.from_numpy(data)
         if self.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
             heads = config.num_heads if ".attn_q." in name else config.num_kv_heads

@@ -1,0 +1,108 @@
+"""The `minillm` command: generate and chat with a model (the bundled SmolLM2 by default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .cache import CacheOverflowError
+from .sampling_params import SamplingParams
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="a GGUF file or a Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minillm", description="MiniLLM: run Llama-family models on CPU or GPU.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="complete a prompt, streaming the text")
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
+    _model_options(gen)
+    chat = commands.add_parser("chat", help="interactive chat (reads lines from stdin; /reset, /exit)")
+    chat.add_argument("--system", default=None, help="a system message")
+    _model_options(chat)
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=args.stop)
+
+
+def _load(args: argparse.Namespace):
+    from .llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+
+
+def _generate(args: argparse.Namespace) -> None:
+    params = _sampling(args)
+    llm = _load(args)
+    if args.no_stream:
+        print(llm.generate(args.prompt, params)[0].text)
+        return
+    sys.stdout.write(args.prompt)
+    for delta in llm.stream(args.prompt, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    params = _sampling(args)
+    llm = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = list(system)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for delta in llm.stream_chat(history, params):
+            reply.append(delta.text)
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        (_generate if args.command == "generate" else _chat)(args)
+    except (ValueError, OSError, CacheOverflowError) as err:  # user errors: one line, no traceback
+        print(f"minillm: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Tiny checkpoints written by the tests: HF safetensors folders (via transformers) and GGUF files
+(via the gguf package, with llama.cpp's Q/K row permutation applied as its converter does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, rms_norm_eps=1e-5,
+            rope_theta=10000.0)
+
+
+def hf_model(kind: str = "llama", **overrides):
+    import transformers
+
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
+    config_cls, model_cls = classes[kind]
+    extra = {"sliding_window": None} if kind == "mistral" else {}
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**{**TINY, **extra, **overrides})).eval()
+    with torch.no_grad():  # random non-trivial norms and biases, so that a mix-up shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    return model
+
+
+def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to Q/K rows of llama models."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = (),
+               tokens: list[str] | None = None) -> Path:
+    """Write an HF Llama/Qwen2 model as GGUF; 2-D weights (not norms) in `qtype`."""
+    cfg = hf.config
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if tokens:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_merges([])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                 "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for i in range(cfg.num_hidden_layers):
+        names.update({f"model.layers.{i}.{k}": f"blk.{i}.{v}" for k, v in per_layer.items()})
+    state = hf.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for hf_name, tensor in state.items():
+        name = names[hf_name]
+        if name in skip:
+            continue
+        data = tensor.float().numpy()
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+            data = llama_cpp_permute(data, heads)
+        if data.ndim == 2 and qtype != "F32":
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def dequantized_copy(hf, qtype: str):
+    """The HF model with each 2-D weight replaced by its `qtype` round trip: the exact weights a
+    GGUF of that type holds."""
+    import copy
+
+    clone = copy.deepcopy(hf)
+    if qtype == "F32":
+        return clone
+    kind = gguf.GGMLQuantizationType[qtype]
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.dim() == 2:
+                data = p.float().numpy()
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)))
+    return clone
