@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from minillm import Configs, MiniLLM
+from minillm import LLM, Configs, MiniLLM
+from minillm.loading import default_model_path
 
 
 @pytest.fixture(scope="session")
@@ -9,3 +10,20 @@ def tiny_model() -> MiniLLM:
     """A seeded random 2-layer GQA model in float32 (PyTorch's default init gives well-separated logits)."""
     torch.manual_seed(0)
     return MiniLLM(Configs.tiny(num_layers=3)).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LLM:
+    """The bundled SmolLM2-135M-Instruct in float32, loaded once per test session."""
+    return LLM(progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm():
+    """transformers' own loading of the same GGUF file (float32): the correctness reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, tokenizer

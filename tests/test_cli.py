@@ -1,0 +1,53 @@
+"""The `minillm` command, run as a user would (python -m minillm)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from minillm import SamplingParams
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "minillm", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_generate_streams_from_the_bundled_model(smollm):
+    result = run("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    expected = smollm.generate("The capital of France is", SamplingParams(max_tokens=12, temperature=0))[0]
+    assert result.stdout == "The capital of France is" + expected.text + "\n"
+
+
+def test_chat_reads_piped_lines_and_keeps_history(smollm):
+    result = run("chat", "--temperature", "0", "--max-tokens", "16", stdin="My name is Ada.\nWhat is my name?\n")
+    assert result.returncode == 0, result.stderr
+    # The same two turns through the API: the second reply must be the one generated *with* history.
+    params = SamplingParams(max_tokens=16, temperature=0)
+    history = [{"role": "user", "content": "My name is Ada."}]
+    first = smollm.chat(history, params).text
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "What is my name?"}]
+    second = smollm.chat(history, params).text
+    assert result.stdout == first + "\n" + second + "\n"
+    assert second != smollm.chat(history[-1:], params).text  # history changes the answer
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--model", "/no/such.gguf"], "no such model file"),
+    (["generate", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["generate", "hi", "--max-tokens", "9000"], "beyond the model's context"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+    result = run(*args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_text("this is not a model")
+    result = run("generate", "hi", "--model", str(bad))
+    assert result.returncode == 1 and "not a readable GGUF file" in result.stderr
+    assert "Traceback" not in result.stderr
