@@ -36,8 +36,7 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = (),
-               tokens: list[str] | None = None) -> Path:
+def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = ()) -> Path:
     """Write an HF Llama/Qwen2 model as GGUF; 2-D weights (not norms) in `qtype`."""
     cfg = hf.config
     writer = gguf.GGUFWriter(str(path), arch=arch)
@@ -49,10 +48,6 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if tokens:
-        writer.add_tokenizer_model("gpt2")
-        writer.add_token_list(tokens)
-        writer.add_token_merges([])
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -101,3 +96,29 @@ def dequantized_copy(hf, qtype: str):
                 data = p.float().numpy()
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)))
     return clone
+
+
+def write_sentencepiece_gguf(path: Path) -> Path:
+    """A GGUF holding only a small SentencePiece-style ("llama") vocabulary: byte tokens, scored pieces."""
+    words = ["▁", "a", "b", "c", "h", "e", "l", "o", "w", "r", "d", "é", "he", "hel", "hell", "hello", "▁hello",
+             "▁h", "▁w", "or", "wor", "worl", "world", "▁world", "ab", "abc", "▁abc", "▁a", "▁▁", "▁c", "ll"]
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(words))])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(words))  # unknown, control, byte, normal
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_tensor("token_embd.weight", np.zeros((len(pieces), 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import dequantized_copy, hf_model, write_gguf
+from checkpoints import dequantized_copy, hf_model, write_gguf, write_sentencepiece_gguf
 from minillm.loading import ModelLoadError, load_checkpoint
 from minillm.loading.gguf_file import GGUFCheckpoint
 
@@ -44,7 +44,7 @@ def test_generation_config_eos_ids(tmp_path):
     assert load_checkpoint(tmp_path, progress=False).eos_token_ids == [2, 7]
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_gguf_llama_matches_transformers_on_the_same_weights(tmp_path, qtype):
     """Q/K rows are permuted as llama.cpp does on the way in; the loader must undo it."""
     hf = hf_model("llama")
@@ -62,7 +62,7 @@ def test_gguf_qwen2_with_bias_and_tied_embeddings(tmp_path):
 
 
 @pytest.mark.parametrize("qtype,block_bytes,scale_offsets", [
-    ("Q4_K", 144, (0, 2)), ("Q5_K", 176, (0, 2)), ("Q6_K", 210, (208,)),
+    ("Q2_K", 84, (80, 82)), ("Q3_K", 110, (108,)), ("Q4_K", 144, (0, 2)), ("Q5_K", 176, (0, 2)), ("Q6_K", 210, (208,)),
 ])
 def test_k_quant_tensors_are_dequantized_by_gguf(tmp_path, qtype, block_bytes, scale_offsets):
     """gguf-py cannot quantize K-quants, so write random blocks with finite fp16 scales and check that
@@ -135,3 +135,18 @@ def test_bad_hf_folders(tmp_path):
 
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_checkpoint(tmp_path, progress=False)
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from minillm.text import Tokenizer
+
+    path = write_sentencepiece_gguf(tmp_path / "spm.gguf")
+    ours = Tokenizer.from_gguf(GGUFCheckpoint(path))
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert ours.add_bos and ours.bos_token_id == 1
+    for text in ["hello world", " hello  world", "abc", "héllo wörld", "ab c", "hello\nworld", "xyz 😀"]:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text), text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
