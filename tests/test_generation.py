@@ -80,7 +80,7 @@ def test_tokenizer_text_in_and_out(tiny_model):
     ([1], dict(repetition_penalty=0), "repetition_penalty must be > 0"),
     ([1], dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     ("text", {}, "needs a tokenizer"),
-    ([[1], [2]], dict(seed=[1]), "seed has 1 entries for 2 prompts"),
+    ([[1], [2]], dict(seed=[1]), "seed has 1 entries for 2 rows"),
 ])
 def test_invalid_arguments(tiny_model, prompt, kwargs, message):
     kwargs = {"max_new_tokens": 4, **kwargs}

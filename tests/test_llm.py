@@ -76,7 +76,7 @@ def test_sampling_params_validation(kwargs, message):
 
 def test_prompt_too_long_is_a_clear_error(smollm):
     ids = [200] * 8190
-    with pytest.raises(ValueError, match="8190 tokens; with max_new_tokens=16 that is 8206, beyond the model's context of 8192"):
+    with pytest.raises(ValueError, match="prompt 0: the prompt has 8190 tokens; with max_tokens=16 that is 8206, beyond the model's context of 8192"):
         smollm.generate([ids], SamplingParams())
     assert smollm.generate("Hi", SamplingParams(max_tokens=2)) is not None  # still usable
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from .generation.batch import DecodeBatch
-from .generation.generator import DEFAULT_ATTENTION_BACKEND
+from .engine import EngineConfig, LLMEngine, StepOutput
+from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
 from .sampling_params import SamplingParams
-from .text.detokenizer import IncrementalDetokenizer
 
 Prompt = str | Sequence[int]
 
@@ -27,16 +27,6 @@ class RequestOutput:
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
 
 
-@dataclass
-class TextDelta:
-    """One streamed piece of a request's output; `finish_reason` is set on the last one."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-
-
 class LLM:
     """A loaded model with its tokenizer.
 
@@ -46,40 +36,44 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu", attention_backend: str = DEFAULT_ATTENTION_BACKEND,
-                 progress: bool = True) -> None:
+                 device: str | torch.device = "cpu", progress: bool = True, **engine_options: Any) -> None:
+        """engine_options: the fields of `EngineConfig` (block_size, kv_cache_memory in bytes,
+        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, attention_backend)."""
         loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress)
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{loaded.name} has no tokenizer (tokenizer.json); LLM needs one")
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.eos_token_ids = loaded.eos_token_ids
-        self.attention_backend = attention_backend
+        self.progress = progress
+        self.engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, EngineConfig(**engine_options))
 
     @property
     def config(self):
         return self.model.config
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); outputs come back in input order."""
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids), all batched together; outputs in input order.
+        `sampling_params` is one for all prompts or one per prompt."""
         texts, ids = self._prepare(prompts)
-        return self._collect(texts, ids, sampling_params or SamplingParams())
+        return self._collect(texts, ids, sampling_params)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> RequestOutput | list[RequestOutput]:
         """Reply to one conversation (a list of {"role", "content"} dicts) or to a list of them."""
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
         ids = [self.tokenizer.encode_chat(c) for c in conversations]
-        outputs = self._collect([None] * len(ids), ids, sampling_params or SamplingParams())
+        outputs = self._collect([None] * len(ids), ids, sampling_params)
         return outputs[0] if single else outputs
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[TextDelta]:
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StepOutput]:
         """Stream one completion as text deltas (never half a character or part of a stop string)."""
         _, ids = self._prepare(prompt)
-        yield from self._run(ids, sampling_params or SamplingParams())
+        yield from self._stream(ids[0], sampling_params)
 
-    def stream_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None) -> Iterator[TextDelta]:
-        yield from self._run([self.tokenizer.encode_chat(messages)], sampling_params or SamplingParams())
+    def stream_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None) -> Iterator[StepOutput]:
+        yield from self._stream(self.tokenizer.encode_chat(messages), sampling_params)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -91,34 +85,42 @@ class LLM:
         texts = [p if isinstance(p, str) else None for p in prompts]
         return texts, [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
 
-    def _collect(self, texts: list[str | None], ids: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+    def _collect(self, texts: list[str | None], ids: list[list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+        params = per_row(sampling_params or SamplingParams(), len(ids), "sampling_params")
+        for i, (prompt, p) in enumerate(zip(ids, params)):  # refuse before anything runs
+            try:
+                self.engine.check_prompt(prompt, p)
+            except ValueError as err:
+                raise ValueError(f"prompt {i}: {err}") from None
+        request_ids = [self.engine.add_request(prompt, p) for prompt, p in zip(ids, params)]
+        index = {rid: i for i, rid in enumerate(request_ids)}
         pieces: list[list[str]] = [[] for _ in ids]
         tokens: list[list[int]] = [[] for _ in ids]
-        reasons: list[str] = ["length"] * len(ids)
-        for delta in self._run(ids, params):
-            pieces[delta.index].append(delta.text)
-            tokens[delta.index] += delta.token_ids
-            if delta.finish_reason:
-                reasons[delta.index] = delta.finish_reason
+        reasons: list[str] = [""] * len(ids)
+        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not self.progress or len(ids) < 2,
+                  leave=False) as bar:
+            while any(not r for r in reasons):
+                for out in self.engine.step():
+                    i = index.get(out.request_id)
+                    if i is None:
+                        continue
+                    pieces[i].append(out.text)
+                    tokens[i] += out.token_ids
+                    if out.finish_reason:
+                        reasons[i] = out.finish_reason
+                        bar.update()
         return [RequestOutput(t, p, "".join(s), k, r) for t, p, s, k, r in zip(texts, ids, pieces, tokens, reasons)]
 
-    def _run(self, prompt_ids: list[list[int]], params: SamplingParams) -> Iterator[TextDelta]:
-        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        batch = DecodeBatch(
-            self.model, prompt_ids, params.max_tokens, params.temperature, params.top_k,
-            None if params.top_p >= 1 else params.top_p,
-            None if params.repetition_penalty == 1 else params.repetition_penalty,
-            [params.seed] * len(prompt_ids), ends, self.attention_backend)
-        detoks = [IncrementalDetokenizer(self.tokenizer, params.stop) for _ in prompt_ids]
-        while not batch.done:
-            for row, token in batch.step():
-                detok = detoks[row]
-                if token in ends:  # EOS / stop token: it ends the text and adds none
-                    text = detok.finish()
-                else:
-                    text = detok.add(token)
-                    if detok.stopped:
-                        batch.finish(row, "stop")
-                    elif batch.finish_reasons[row] is not None:
-                        text += detok.finish()
-                yield TextDelta(row, text, [token], batch.finish_reasons[row])
+    def _stream(self, ids: list[int], params: SamplingParams | None) -> Iterator[StepOutput]:
+        request_id = self.engine.add_request(ids, params or SamplingParams())
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:  # the consumer stopped early: free the request's blocks now
+                self.engine.abort(request_id)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from .common import check_paged_shapes, gather_pages
 from .flash import flash_attention_with_kv_cache
 from .reference import standard_attention
 from .sdpa import sdpa_attention
@@ -28,12 +29,19 @@ def attention(
     causal: bool = True,
     block_size: int = 128,
     softmax_scale: float | None = None,
+    block_table: Tensor | None = None,
 ) -> Tensor:
-    """Dispatch to one backend; all of them compute the same (exact) result."""
+    """Dispatch to one backend; all of them compute the same (exact) result.
+
+    With `block_table`, k and v are paged block pools: our flash kernel reads the pages in place;
+    the other backends get each row's pages gathered into a contiguous copy first.
+    """
     if backend == "flash":
-        return flash_attention_with_kv_cache(
-            q, k, v, cache_seqlens, causal=causal, block_size=block_size, softmax_scale=softmax_scale
-        )
+        return flash_attention_with_kv_cache(q, k, v, cache_seqlens, causal=causal, block_size=block_size,
+                                             softmax_scale=softmax_scale, block_table=block_table)
+    if block_table is not None:
+        check_paged_shapes(q, k, v, block_table)
+        k, v = gather_pages(k, block_table), gather_pages(v, block_table)
     if backend == "standard":
         return standard_attention(q, k, v, cache_seqlens, causal=causal, softmax_scale=softmax_scale)
     if backend == "sdpa":

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .common import check_shapes
+from .common import check_paged_shapes, check_shapes, gather_pages
 
 
 def flash_attention_with_kv_cache(
@@ -32,6 +32,7 @@ def flash_attention_with_kv_cache(
     block_size: int = 128,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    block_table: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention of `q` over a (possibly partly filled) key/value cache, FlashAttention-2 style.
 
@@ -52,13 +53,29 @@ def flash_attention_with_kv_cache(
     block_size: tile edge for queries and keys.
     softmax_scale: defaults to 1/sqrt(D).
     return_lse: also return the log-sum-exp of the scaled scores, [B, Hq, Tq], float32.
+    block_table: paged K/V. k_cache and v_cache are then block pools [num_blocks, Hkv, page, D]
+      and row b's key j lives at pool[block_table[b, j // page], :, j % page]; key tiles are whole
+      pages (block_size // page of them), gathered per row.
 
     Returns the output [B, Hq, Tq, D] in q's dtype (and the LSE if asked).
     """
-    num_kv_heads, kv_capacity = check_shapes(q, k_cache, v_cache)
-    batch, num_heads, q_len, head_dim = q.shape
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if block_table is None:
+        num_kv_heads, kv_capacity = check_shapes(q, k_cache, v_cache)
+        key_step = block_size
+
+        def kv_tile(start: int, end: int) -> tuple[Tensor, Tensor]:
+            return k_cache[:, :, start:end], v_cache[:, :, start:end]
+    else:
+        num_kv_heads, page = check_paged_shapes(q, k_cache, v_cache, block_table)
+        kv_capacity = block_table.shape[1] * page
+        key_step = page * max(1, block_size // page)
+
+        def kv_tile(start: int, end: int) -> tuple[Tensor, Tensor]:  # start is a multiple of page
+            pages = block_table[:, start // page: (end + page - 1) // page]
+            return gather_pages(k_cache, pages)[:, :, : end - start], gather_pages(v_cache, pages)[:, :, : end - start]
+    batch, num_heads, q_len, head_dim = q.shape
     groups = num_heads // num_kv_heads
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     device = q.device
@@ -94,10 +111,9 @@ def flash_attention_with_kv_cache(
 
         # Keys any row can see from this query tile; everything past it is skipped, not masked.
         k_stop = min(hi, hi - q_len + q_end) if causal else hi
-        for k_start in range(0, max(k_stop, 0), block_size):
-            k_end = min(k_start + block_size, k_stop)
-            k_tile = k_cache[:, :, k_start:k_end].float()
-            v_tile = v_cache[:, :, k_start:k_end].float()
+        for k_start in range(0, max(k_stop, 0), key_step):
+            k_end = min(k_start + key_step, k_stop)
+            k_tile, v_tile = (t.float() for t in kv_tile(k_start, k_end))
             scores = q_tile @ k_tile.transpose(-1, -2)  # [B, Hkv, G*rows, cols]
 
             # A tile needs a mask only if some row's first query of this tile cannot see all of it.

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig, resolve_dtype
+from .step import left_padded_layout
 
 
 class CacheOverflowError(RuntimeError):
@@ -21,14 +22,17 @@ class CacheWrite:
 
     Inputs are [B, T] with each row's `n_b` real tokens right-aligned (left padding), so token t of
     row b is real when t >= T - n_b and lands at cache slot lens[b] + t - (T - n_b).
+    Implements the `CacheStep` protocol the model runs against.
     """
 
+    cache: "KVCache"
     positions: Tensor  # [B, T] RoPE positions (padding clamped to 0)
     new_lens: list[int]  # row lengths after the step
     uniform_start: int | None  # all rows same length and no padding: a slice write at this slot
     batch_index: Tensor | None  # otherwise, scatter: (row, slot) <- token, one entry per real token
     slot_index: Tensor | None
     token_index: Tensor | None
+    block_table = None  # contiguous rows, not pages
 
     @property
     def kv_len(self) -> int:
@@ -39,6 +43,18 @@ class CacheWrite:
     def seqlens(self) -> list[int] | None:
         """Per-row key lengths for attention, or None when all rows are kv_len long."""
         return None if len(set(self.new_lens)) == 1 else self.new_lens
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store one layer's new k, v [B, Hkv, T, D]; return the cache's K, V up to kv_len."""
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        if self.uniform_start is not None:
+            end = self.uniform_start + k.shape[2]
+            k_cache[:, :, self.uniform_start:end] = k
+            v_cache[:, :, self.uniform_start:end] = v
+        else:
+            k_cache[self.batch_index, :, self.slot_index] = k[self.batch_index, :, self.token_index]
+            v_cache[self.batch_index, :, self.slot_index] = v[self.batch_index, :, self.token_index]
+        return k_cache[:, :, : self.kv_len], v_cache[:, :, : self.kv_len]
 
 
 class KVCache:
@@ -104,28 +120,12 @@ class KVCache:
                     f"KV cache full: row {row} holds {cached} tokens and cannot take {new} more "
                     f"(capacity {self.max_seq_len})")
         new_lens = [cached + new for cached, new in zip(self._lens, lengths)]
-        # Position of token t in row b: its slot, lens[b] + t - (T - n_b); padding clamps to 0.
-        starts = torch.tensor([cached - (num_tokens - new) for cached, new in zip(self._lens, lengths)])
-        positions = (starts[:, None] + torch.arange(num_tokens)).clamp_(min=0).to(self.device)
+        positions, rows, cols, slots = left_padded_layout(self._lens, lengths, num_tokens)
+        positions = positions.to(self.device)
         if len(set(self._lens)) == 1 and all(n == num_tokens for n in lengths):
-            return CacheWrite(positions, new_lens, self._lens[0], None, None, None)
-        rows = [b for b, n in enumerate(lengths) for _ in range(n)]
-        tokens = [t for n in lengths for t in range(num_tokens - n, num_tokens)]
-        slots = [self._lens[b] + t - (num_tokens - lengths[b]) for b, t in zip(rows, tokens)]
+            return CacheWrite(self, positions, new_lens, self._lens[0], None, None, None)
         as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return CacheWrite(positions, new_lens, None, as_index(rows), as_index(slots), as_index(tokens))
-
-    def write(self, layer: int, k: Tensor, v: Tensor, plan: CacheWrite) -> tuple[Tensor, Tensor]:
-        """Store one layer's new k, v [B, Hkv, T, D]; return the cache's K, V up to plan.kv_len."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        if plan.uniform_start is not None:
-            end = plan.uniform_start + k.shape[2]
-            k_cache[:, :, plan.uniform_start:end] = k
-            v_cache[:, :, plan.uniform_start:end] = v
-        else:
-            k_cache[plan.batch_index, :, plan.slot_index] = k[plan.batch_index, :, plan.token_index]
-            v_cache[plan.batch_index, :, plan.slot_index] = v[plan.batch_index, :, plan.token_index]
-        return k_cache[:, :, : plan.kv_len], v_cache[:, :, : plan.kv_len]
+        return CacheWrite(self, positions, new_lens, None, as_index(rows), as_index(slots), as_index(cols))
 
     def commit(self, plan: CacheWrite) -> None:
         """Advance the row lengths once every layer has written its step."""

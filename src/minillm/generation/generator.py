@@ -10,6 +10,7 @@ import torch
 
 from ..model.transformer import MiniLLM
 from .batch import DecodeBatch
+from .sampler import per_row
 
 
 class Tokenizer(Protocol):
@@ -59,7 +60,7 @@ class TextGenerator:
         single, prompts = self._normalise_prompts(prompt_ids)
         eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids or ())
         batch = DecodeBatch(self.model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                            _per_row(seed, len(prompts), "seed"), eos, self.attention_backend)
+                            per_row(seed, len(prompts), "seed"), eos, self.attention_backend)
         while not batch.done:
             batch.step()
         outputs, reasons = batch.outputs, batch.finish_reasons
@@ -84,12 +85,3 @@ class TextGenerator:
         if len(prompt_ids) == 0:
             raise ValueError("no prompt given")
         return False, [encode(p) for p in prompt_ids]
-
-
-def _per_row(value: int | Sequence[int] | None, rows: int, name: str) -> list[int | None]:
-    if value is None or isinstance(value, int):
-        return [value] * rows
-    values = list(value)
-    if len(values) != rows:
-        raise ValueError(f"{name} has {len(values)} entries for {rows} prompts")
-    return values

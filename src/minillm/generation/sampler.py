@@ -1,34 +1,54 @@
 """Turning last-position logits into next tokens: penalties, temperature, top-k, top-p, seeded draws.
 
 The order of the steps is HF transformers': repetition penalty, temperature, top-k, top-p.
+Every parameter is either one value for the whole batch or one per row (a request's own
+SamplingParams in the batching engine).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+T = TypeVar("T")
 
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """CTRL-style penalty on tokens already present (`seen` is a [B, V] bool mask):
-    positive logits are divided by `penalty`, negative ones multiplied by it."""
+
+def per_row(value: T | Sequence[T], rows: int, name: str = "value") -> list[T]:
+    """One value for every row, or a per-row sequence checked for length."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != rows:
+            raise ValueError(f"{name} has {len(value)} entries for {rows} rows")
+        return list(value)
+    return [value] * rows
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float | Tensor) -> Tensor:
+    """CTRL-style penalty on tokens already present (`seen` is a [B, V] bool mask): positive logits
+    are divided by `penalty`, negative ones multiplied by it. `penalty` may be [B, 1]."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
-    """Keep the k largest logits of each row (ties with the k-th are kept)."""
-    if top_k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+def filter_top_k(logits: Tensor, top_k: int | Tensor) -> Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept); `top_k` may be [B]."""
+    vocab = logits.shape[-1]
+    if isinstance(top_k, int):
+        if top_k >= vocab:
+            return logits
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    else:
+        ranked = torch.sort(logits, dim=-1, descending=True).values
+        kth = ranked.gather(-1, (top_k.clamp(1, vocab) - 1).view(-1, 1))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
-    """Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches top_p."""
-    if top_p >= 1.0:
+def filter_top_p(logits: Tensor, top_p: float | Tensor) -> Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches top_p
+    (`top_p` may be [B, 1]; a value above 1 keeps everything)."""
+    if isinstance(top_p, float) and top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
@@ -40,9 +60,9 @@ def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
 
 def sample(
     logits: Tensor,
-    temperature: float,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    temperature: float | Sequence[float],
+    top_k: int | None | Sequence[int | None] = None,
+    top_p: float | None | Sequence[float | None] = None,
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> Tensor:
     """Next token per row from float32 logits [B, V]; temperature 0 is greedy.
@@ -50,14 +70,25 @@ def sample(
     `generators` gives each row its own random stream (a per-request seed), so a row draws the
     same tokens whatever else is in the batch.
     """
-    if temperature == 0:
+    rows, vocab = logits.shape
+    temps = per_row(temperature, rows)
+    if all(t == 0 for t in temps):
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        logits = filter_top_k(logits, top_k)
-    if top_p is not None:
-        logits = filter_top_p(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
+    device = logits.device
+    scaled = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device).view(-1, 1)
+    ks = per_row(top_k, rows)
+    if any(k is not None and k < vocab for k in ks):
+        k_values = [vocab if k is None else k for k in ks]
+        scaled = filter_top_k(scaled, k_values[0] if len(set(k_values)) == 1 else torch.tensor(k_values, device=device))
+    ps = per_row(top_p, rows)
+    if any(p is not None and p < 1 for p in ps):
+        p_values = [2.0 if p is None or p >= 1 else float(p) for p in ps]  # 2.0: the row keeps everything
+        scaled = filter_top_p(scaled, p_values[0] if len(set(p_values)) == 1 else torch.tensor(p_values, device=device).view(-1, 1))
+    probs = torch.softmax(scaled, dim=-1)
     if generators is None or all(g is None for g in generators):
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+        drawn = torch.multinomial(probs, 1).squeeze(-1)
+    else:
+        drawn = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+    if not any(t == 0 for t in temps):
+        return drawn
+    return torch.where(torch.tensor([t == 0 for t in temps], device=device), logits.argmax(dim=-1), drawn)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import BACKENDS, attention
-from ..cache.kv_cache import CacheWrite, KVCache
+from ..cache.kv_cache import KVCache
+from ..cache.step import CacheStep
 from ..config import ModelConfig
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary
@@ -28,8 +29,7 @@ class StepContext:
     sin: Tensor
     backend: str
     block_size: int
-    kv_cache: KVCache | None = None
-    plan: CacheWrite | None = None
+    cache_step: CacheStep | None = None
 
 
 class Attention(nn.Module):
@@ -50,11 +50,12 @@ class Attention(nn.Module):
         k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        seqlens = None
-        if ctx.kv_cache is not None:
-            k, v = ctx.kv_cache.write(self.layer_idx, k, v, ctx.plan)
-            seqlens = ctx.plan.seqlens
-        out = attention(q, k, v, seqlens, backend=ctx.backend, causal=True, block_size=ctx.block_size)
+        seqlens = block_table = None
+        if ctx.cache_step is not None:
+            k, v = ctx.cache_step.write(self.layer_idx, k, v)
+            seqlens, block_table = ctx.cache_step.seqlens, ctx.cache_step.block_table
+        out = attention(q, k, v, seqlens, block_table=block_table, backend=ctx.backend, causal=True,
+                        block_size=ctx.block_size)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -137,27 +138,31 @@ class MiniLLM(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
         batch, seq_len = input_ids.shape
-
-        plan = None
         if kv_cache is None:
             if input_lengths is not None:
                 raise ValueError("input_lengths (padded rows) needs a kv_cache to hold each row's own length")
             if seq_len > self.config.max_seq_len:
                 raise ValueError(f"input of {seq_len} tokens exceeds max_seq_len {self.config.max_seq_len}")
-            positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
-        else:
-            if kv_cache.batch_size != batch:
-                raise ValueError(f"input batch {batch} does not match the cache's batch size {kv_cache.batch_size}")
-            plan = kv_cache.plan_write(seq_len, input_lengths)
-            positions = plan.positions
-        cos, sin = self.rope.tables(positions.to(input_ids.device))
-        ctx = StepContext(cos, sin, backend, flash_block_size, kv_cache, plan)
+            return self.forward_step(input_ids, None, backend, flash_block_size, last_token_only)
+        if kv_cache.batch_size != batch:
+            raise ValueError(f"input batch {batch} does not match the cache's batch size {kv_cache.batch_size}")
+        step = kv_cache.plan_write(seq_len, input_lengths)
+        logits = self.forward_step(input_ids, step, backend, flash_block_size, last_token_only)
+        kv_cache.commit(step)
+        return logits
 
+    def forward_step(self, input_ids: Tensor, cache_step: CacheStep | None, backend: str, block_size: int = 128,
+                     last_token_only: bool = False) -> Tensor:
+        """The forward pass proper, against any cache step (contiguous or paged) or none (plain causal)."""
+        if cache_step is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        else:
+            positions = cache_step.positions.to(input_ids.device)
+        cos, sin = self.rope.tables(positions)
+        ctx = StepContext(cos, sin, backend, block_size, cache_step)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, ctx)
-        if kv_cache is not None:
-            kv_cache.commit(plan)
         if last_token_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -1,0 +1,69 @@
+"""Paged KV cache: one pool of fixed-size blocks per layer, shared by every sequence.
+
+Pools are [num_blocks, Hkv, block_size, D]; a sequence's keys are found through its block table
+(which blocks, in order). The block manager (engine/block_manager.py) decides who owns what; this
+file only holds the tensors and writes a step's new K/V into the right slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig, resolve_dtype
+from .step import left_padded_layout
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: str | torch.dtype) -> int:
+    element = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * element
+
+
+class PagedKVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.dtype = resolve_dtype(config.dtype if dtype is None else dtype)
+        self.device = torch.device(device)
+        shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim)
+        # Zero-filled: masked slots still meet a 0-weight multiply, and 0 * NaN is NaN.
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int], width: int) -> "PagedStep":
+        """A [B, width] step: row b feeds counts[b] right-aligned tokens from position starts[b]."""
+        positions, rows, cols, token_pos = left_padded_layout(starts, counts, width)
+        size = self.block_size
+        seqlens = [s + n for s, n in zip(starts, counts)]
+        pages = (max(seqlens) + size - 1) // size
+        table = torch.tensor([(t[:pages] + [0] * pages)[:pages] for t in block_tables], dtype=torch.long)
+        blocks = [block_tables[b][p // size] for b, p in zip(rows, token_pos)]
+        index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return PagedStep(self, positions.to(self.device), seqlens, table.to(self.device), index(rows), index(cols),
+                         index(blocks), index([p % size for p in token_pos]))
+
+
+@dataclass
+class PagedStep:
+    """The `CacheStep` of one engine step over the paged pools."""
+
+    cache: PagedKVCache
+    positions: Tensor
+    seqlens: list[int]
+    block_table: Tensor
+    row_index: Tensor  # one entry per real token: its row and column in the input ...
+    col_index: Tensor
+    block_index: Tensor  # ... and the block and offset it is written to
+    offset_index: Tensor
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        k_pool[self.block_index, :, self.offset_index] = k[self.row_index, :, self.col_index]
+        v_pool[self.block_index, :, self.offset_index] = v[self.row_index, :, self.col_index]
+        return k_pool, v_pool

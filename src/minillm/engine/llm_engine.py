@@ -1,0 +1,167 @@
+"""`LLMEngine`: continuous batching over a paged KV cache, driven one step at a time.
+
+add_request() queues a request, step() runs one scheduled forward pass and returns what every
+affected request produced (new tokens, new final text, whether it finished), abort() drops a
+request and frees its blocks at once. `LLM` and the server are built on this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from ..cache.paged_cache import bytes_per_block
+from ..model.transformer import MiniLLM
+from ..sampling_params import SamplingParams
+from ..text.detokenizer import IncrementalDetokenizer
+from ..text.tokenizer import Tokenizer
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+logger = logging.getLogger("minillm")
+
+
+@dataclass
+class RequestState:
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    end_ids: set[int]  # EOS ids (unless ignore_eos) and stop_token_ids
+
+
+@dataclass
+class StepOutput:
+    """What one request produced in one step."""
+
+    request_id: str
+    text: str  # newly final text (may be "")
+    token_ids: list[int]  # new tokens
+    finish_reason: str | None  # "stop" | "length" once finished
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for the paged K/V pools
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # tokens (rows x padded chunk) in one prefill step
+    enable_prefix_caching: bool = True
+    attention_backend: str = "sdpa"
+
+
+class LLMEngine:
+    def __init__(self, model: MiniLLM, tokenizer: Tokenizer, eos_token_ids: Seq[int],
+                 config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.config = config = config or EngineConfig()
+        block_bytes = bytes_per_block(model.config, config.block_size, model.dtype)
+        # No point holding more than every running sequence at full context could use.
+        useful = config.max_num_seqs * -(-model.config.max_seq_len // config.block_size)
+        num_blocks = min(config.kv_cache_memory // block_bytes, useful)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes cannot hold one block of "
+                             f"{config.block_size} tokens ({block_bytes} bytes)")
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend)
+        self.requests: dict[str, Sequence] = {}
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens at most, %.1f MiB",
+                    num_blocks, config.block_size, self.max_cached_tokens, self.runner.cache.nbytes / 2**20)
+
+    @property
+    def max_cached_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; a prompt that can never run is refused here with a ValueError."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self.check_prompt(ids, params)
+        if request_id is not None and request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(ids, params, request_id)
+        generator = None if params.seed is None else torch.Generator(self.model.device).manual_seed(params.seed)
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        seq.state = RequestState(IncrementalDetokenizer(self.tokenizer, params.stop), generator, ends)
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        vocab, context = self.model.config.vocab_size, self.model.config.max_seq_len
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        total = len(ids) + params.max_tokens
+        need = f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}"
+        if total > context:
+            raise ValueError(f"{need}, beyond the model's context of {context} tokens")
+        if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
+            raise ValueError(f"{need}, more than the whole KV cache holds ({self.max_cached_tokens} tokens)")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (a client went away); its blocks are free when this returns."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        tokens = self.runner.run(step)
+        outputs = []
+        for seq, count, token in zip(step.seqs, step.num_tokens, tokens):
+            seq.num_computed += count
+            self.blocks.register_computed(seq)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            outputs.append(self._process_token(seq, token))
+        return outputs
+
+    def _process_token(self, seq: Sequence, token: int) -> StepOutput:
+        state: RequestState = seq.state
+        reason = None
+        if token in state.end_ids:  # EOS or a stop token: it ends the text and adds none
+            text, reason = state.detokenizer.finish(), "stop"
+        else:
+            text = state.detokenizer.add(token)
+            if state.detokenizer.stopped:
+                reason = "stop"
+            elif seq.num_outputs >= seq.params.max_tokens:
+                text += state.detokenizer.finish()
+                reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.requests.pop(seq.request_id, None)
+        return StepOutput(seq.request_id, text, [token], reason, seq.num_prompt_tokens, seq.num_outputs)
+
+    def stats(self) -> dict[str, float]:
+        queries = self.blocks.prefix_queries
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.blocks.usage,
+            "free_blocks": self.blocks.num_free,
+            "num_blocks": self.blocks.num_blocks,
+            "prefix_cache_hit_rate": self.blocks.prefix_hits / queries if queries else 0.0,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
