@@ -1,0 +1,148 @@
+"""The continuous-batching engine on the bundled model: batched equals alone, prefix caching,
+preemption, seeds, aborts, bad requests."""
+
+import random
+
+import pytest
+import torch
+
+from minillm import SamplingParams
+from minillm.attention import flash_attention_with_kv_cache, sdpa_attention, standard_attention
+from minillm.attention.common import gather_pages
+from minillm.engine import EngineConfig, LLMEngine
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+SYSTEM = "You are a helpful assistant who answers in one short sentence. Be precise and friendly. "
+
+
+def prompts(tokenizer, n=32):
+    rng = random.Random(0)
+    words = "the cat sat on a mat while seven quick foxes jumped over lazy dogs near rivers and hills".split()
+    out = []
+    for i in range(n):
+        body = " ".join(rng.choice(words) for _ in range(rng.randint(1, 60)))
+        text = (SYSTEM if i % 3 == 0 else "") + f"Story {i}: {body}"
+        out.append(tokenizer.encode(text))
+    return out
+
+
+def engine(smollm, **options):
+    return LLMEngine(smollm.model, smollm.tokenizer, smollm.eos_token_ids, EngineConfig(**options))
+
+
+def run_all(eng, prompt_ids, params):
+    ids = [eng.add_request(p, params) for p in prompt_ids]
+    tokens = {i: [] for i in ids}
+    while eng.has_unfinished():
+        for out in eng.step():
+            tokens[out.request_id] += out.token_ids
+    return [tokens[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def alone(smollm):
+    """Each prompt run by itself (a fresh engine, no prefix cache)."""
+    eng = engine(smollm, enable_prefix_caching=False)
+    return [run_all(eng, [p], GREEDY)[0] for p in prompts(smollm.tokenizer)]
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_batched_equals_alone(smollm, alone, prefix_caching):
+    eng = engine(smollm, enable_prefix_caching=prefix_caching, max_num_batched_tokens=256)
+    assert run_all(eng, prompts(smollm.tokenizer), GREEDY) == alone
+    stats = eng.stats()
+    assert stats["running"] == stats["waiting"] == 0 and stats["free_blocks"] == stats["num_blocks"]
+    if prefix_caching:
+        assert stats["prefix_cache_hit_rate"] > 0.05  # the shared system prompt was reused
+    else:
+        assert stats["prefix_cache_hit_rate"] == 0
+
+
+def test_preemption_under_a_tiny_cache(smollm, alone):
+    # 24 blocks of 16 tokens: the 32 prompts cannot all run at once, so sequences get preempted.
+    block_bytes = 2 * 30 * 3 * 16 * 64 * 4
+    eng = engine(smollm, kv_cache_memory=24 * block_bytes, block_size=16, max_num_batched_tokens=256)
+    assert eng.blocks.num_blocks == 24
+    assert run_all(eng, prompts(smollm.tokenizer), GREEDY) == alone
+    assert eng.stats()["num_preemptions"] > 0
+    assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+def test_seeded_request_same_alone_and_in_a_busy_batch(smollm):
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    target = smollm.tokenizer.encode("Write a short poem about autumn:")
+    eng = engine(smollm)
+    alone = run_all(eng, [target], params)[0]
+    others = prompts(smollm.tokenizer, 8)
+    mixed = [SamplingParams(max_tokens=10, temperature=0.7, top_k=20, seed=i) for i in range(8)]
+    ids = [eng.add_request(p, sp) for p, sp in zip(others[:4], mixed[:4])]
+    target_id = eng.add_request(target, params)
+    ids += [eng.add_request(p, sp) for p, sp in zip(others[4:], mixed[4:])]
+    got = []
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.request_id == target_id:
+                got += out.token_ids
+    assert got == alone
+
+
+def test_abort_frees_blocks_and_others_finish(smollm):
+    eng = engine(smollm)
+    a = eng.add_request("Tell me about the ocean.", SamplingParams(max_tokens=50, temperature=0))
+    b = eng.add_request("Tell me about the desert.", SamplingParams(max_tokens=6, temperature=0))
+    eng.step()
+    eng.step()
+    used = eng.blocks.num_blocks - eng.blocks.num_free
+    eng.abort(a)
+    assert eng.blocks.num_blocks - eng.blocks.num_free < used
+    finished = []
+    while eng.has_unfinished():
+        finished += [o.request_id for o in eng.step() if o.finished]
+    assert finished == [b] and eng.blocks.num_free == eng.blocks.num_blocks
+
+
+def test_requests_that_can_never_run_are_refused(smollm):
+    eng = engine(smollm, kv_cache_memory=8 * 2 * 30 * 3 * 16 * 64 * 4)  # 8 blocks = 128 tokens
+    ok = eng.add_request("Hello there", SamplingParams(max_tokens=4, temperature=0))
+    with pytest.raises(ValueError, match="more than the whole KV cache holds \\(128 tokens\\)"):
+        eng.add_request([5] * 120, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="beyond the model's context of 8192 tokens"):
+        eng.add_request([5] * 8190, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        eng.add_request([], SamplingParams())
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert outs[-1].request_id == ok and outs[-1].finished
+
+
+@pytest.mark.parametrize("heads,kv_heads,page", [(4, 4, 16), (6, 2, 16), (8, 1, 32)])
+@pytest.mark.parametrize("q_len", [1, 5, 40])
+def test_paged_attention_equals_contiguous(heads, kv_heads, page, q_len):
+    g = torch.Generator().manual_seed(0)
+    lengths = [q_len + 3, 77, q_len + 100]
+    pages = [(n + page - 1) // page for n in lengths]
+    num_blocks = sum(pages) + 5
+    k_pool = torch.randn(num_blocks, kv_heads, page, 64, generator=g)
+    v_pool = torch.randn(num_blocks, kv_heads, page, 64, generator=g)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, start = [], 0
+    for n in pages:
+        tables.append(order[start:start + n] + [0] * (max(pages) - n))
+        start += n
+    table = torch.tensor(tables)
+    q = torch.randn(3, heads, q_len, 64, generator=g)
+    # the contiguous copy, built slot by slot
+    k = torch.zeros(3, kv_heads, max(pages) * page, 64)
+    v = torch.zeros_like(k)
+    for b in range(3):
+        for j in range(lengths[b]):
+            k[b, :, j] = k_pool[tables[b][j // page], :, j % page]
+            v[b, :, j] = v_pool[tables[b][j // page], :, j % page]
+    assert torch.equal(gather_pages(k_pool, table)[:, :, :lengths[0]][0], k[0, :, :lengths[0]])
+    ref = standard_attention(q, k, v, lengths)
+    for block_size in (16, 64):
+        paged = flash_attention_with_kv_cache(q, k_pool, v_pool, lengths, block_size=block_size, block_table=table)
+        assert (paged - ref).abs().max() <= 1e-5
+    assert (flash_attention_with_kv_cache(q, k, v, lengths, block_size=32) - ref).abs().max() <= 1e-5
+    assert (sdpa_attention(q, k, v, lengths) - ref).abs().max() <= 1e-5
