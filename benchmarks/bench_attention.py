@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, environment_markdown, median_seconds  # noqa: E402
+from minillm.bench.common import environment, environment_markdown, median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, HEADS, HEAD_DIM = 1, 8, 64

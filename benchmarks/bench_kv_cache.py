@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, environment_markdown, median_seconds  # noqa: E402
+from minillm.bench.common import environment, environment_markdown, median_seconds
 
-from minillm import Configs, MiniLLM, TextGenerator  # noqa: E402
+from minillm import Configs, MiniLLM, TextGenerator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -123,8 +123,8 @@ def test_paged_attention_equals_contiguous(heads, kv_heads, page, q_len):
     lengths = [q_len + 3, 77, q_len + 100]
     pages = [(n + page - 1) // page for n in lengths]
     num_blocks = sum(pages) + 5
-    k_pool = torch.randn(num_blocks, kv_heads, page, 64, generator=g)
-    v_pool = torch.randn(num_blocks, kv_heads, page, 64, generator=g)
+    k_pool = torch.randn(num_blocks, page, kv_heads, 64, generator=g)
+    v_pool = torch.randn(num_blocks, page, kv_heads, 64, generator=g)
     order = torch.randperm(num_blocks, generator=g).tolist()
     tables, start = [], 0
     for n in pages:
@@ -137,8 +137,8 @@ def test_paged_attention_equals_contiguous(heads, kv_heads, page, q_len):
     v = torch.zeros_like(k)
     for b in range(3):
         for j in range(lengths[b]):
-            k[b, :, j] = k_pool[tables[b][j // page], :, j % page]
-            v[b, :, j] = v_pool[tables[b][j // page], :, j % page]
+            k[b, :, j] = k_pool[tables[b][j // page], j % page]
+            v[b, :, j] = v_pool[tables[b][j // page], j % page]
     assert torch.equal(gather_pages(k_pool, table)[:, :, :lengths[0]][0], k[0, :, :lengths[0]])
     ref = standard_attention(q, k, v, lengths)
     for block_size in (16, 64):

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text to continue")
     gen.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
     _model_options(gen)
+    bench = commands.add_parser("bench", help="benchmarks", add_help=False)
+    bench.add_argument("--throughput", action="store_true",
+                       help="offline throughput of the batching engine vs HF transformers")
     chat = commands.add_parser("chat", help="interactive chat (reads lines from stdin; /reset, /exit)")
     chat.add_argument("--system", default=None, help="a system message")
     _model_options(chat)
@@ -93,7 +96,17 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "bench":
+        if not args.throughput:
+            print("minillm bench: choose a benchmark: --throughput (see --throughput --help)", file=sys.stderr)
+            return 2
+        from .bench.throughput import main as throughput
+
+        throughput(rest)
+        return 0
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         (_generate if args.command == "generate" else _chat)(args)
     except (ValueError, OSError, CacheOverflowError) as err:  # user errors: one line, no traceback

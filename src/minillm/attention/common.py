@@ -22,21 +22,27 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int]:
 
 
 def check_paged_shapes(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor) -> tuple[int, int]:
-    """Validate block pools [num_blocks, Hkv, page, D] and a [B, pages] table; return (Hkv, page)."""
+    """Validate block pools [num_blocks, page, Hkv, D] and a [B, pages] table; return (Hkv, page)."""
     if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
-        raise ValueError(f"paged k/v must be equal [num_blocks, Hkv, page, D] pools, got {list(k_pool.shape)}, {list(v_pool.shape)}")
+        raise ValueError(f"paged k/v must be equal [num_blocks, page, Hkv, D] pools, got {list(k_pool.shape)}, {list(v_pool.shape)}")
     if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
         raise ValueError(f"block_table must be [B={q.shape[0]}, pages], got {list(block_table.shape)}")
-    if q.dim() != 4 or q.shape[3] != k_pool.shape[3] or q.shape[1] % k_pool.shape[1]:
+    if q.dim() != 4 or q.shape[3] != k_pool.shape[3] or q.shape[1] % k_pool.shape[2]:
         raise ValueError(f"q {list(q.shape)} does not fit the K/V pool {list(k_pool.shape)}")
-    return k_pool.shape[1], k_pool.shape[2]
+    return k_pool.shape[2], k_pool.shape[1]
 
 
 def gather_pages(pool: Tensor, block_table: Tensor) -> Tensor:
-    """Rows' pages [B, n] from a pool [num_blocks, Hkv, page, D] as contiguous [B, Hkv, n * page, D]."""
-    pages = pool[block_table]  # [B, n, Hkv, page, D]
-    batch, n, heads, page, dim = pages.shape
-    return pages.transpose(1, 2).reshape(batch, heads, n * page, dim)
+    """Rows' pages [B, n] from a pool [num_blocks, page, Hkv, D], as a [B, Hkv, n * page, D] view.
+
+    Token-major pages make the gather one contiguous copy per page and the head-major result a
+    free transpose (the backends accept strided K/V).
+    """
+    batch, n = block_table.shape
+    _, page, heads, dim = pool.shape
+    # index_select, not pool[block_table]: several times faster for this gather on CPU
+    pages = pool.index_select(0, block_table.reshape(-1))  # [B * n, page, Hkv, D]
+    return pages.view(batch, n * page, heads, dim).transpose(1, 2)
 
 
 def seqlens_tensor(cache_seqlens: Tensor | Sequence[int] | None, batch: int, kv_len: int, device) -> Tensor:

@@ -53,8 +53,8 @@ def flash_attention_with_kv_cache(
     block_size: tile edge for queries and keys.
     softmax_scale: defaults to 1/sqrt(D).
     return_lse: also return the log-sum-exp of the scaled scores, [B, Hq, Tq], float32.
-    block_table: paged K/V. k_cache and v_cache are then block pools [num_blocks, Hkv, page, D]
-      and row b's key j lives at pool[block_table[b, j // page], :, j % page]; key tiles are whole
+    block_table: paged K/V. k_cache and v_cache are then block pools [num_blocks, page, Hkv, D]
+      and row b's key j lives at pool[block_table[b, j // page], j % page]; key tiles are whole
       pages (block_size // page of them), gathered per row.
 
     Returns the output [B, Hq, Tq, D] in q's dtype (and the LSE if asked).

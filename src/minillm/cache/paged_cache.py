@@ -1,6 +1,6 @@
 """Paged KV cache: one pool of fixed-size blocks per layer, shared by every sequence.
 
-Pools are [num_blocks, Hkv, block_size, D]; a sequence's keys are found through its block table
+Pools are [num_blocks, block_size, Hkv, D] (token-major pages, as vLLM's); a sequence's keys are found through its block table
 (which blocks, in order). The block manager (engine/block_manager.py) decides who owns what; this
 file only holds the tensors and writes a step's new K/V into the right slots.
 """
@@ -27,7 +27,7 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.dtype = resolve_dtype(config.dtype if dtype is None else dtype)
         self.device = torch.device(device)
-        shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim)
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zero-filled: masked slots still meet a 0-weight multiply, and 0 * NaN is NaN.
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
@@ -64,6 +64,6 @@ class PagedStep:
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        k_pool[self.block_index, :, self.offset_index] = k[self.row_index, :, self.col_index]
-        v_pool[self.block_index, :, self.offset_index] = v[self.row_index, :, self.col_index]
+        k_pool[self.block_index, self.offset_index] = k[self.row_index, :, self.col_index]
+        v_pool[self.block_index, self.offset_index] = v[self.row_index, :, self.col_index]
         return k_pool, v_pool

@@ -15,6 +15,7 @@ import torch
 
 from ..cache.paged_cache import bytes_per_block
 from ..model.transformer import MiniLLM
+from ..runtime import tune_allocator
 from ..sampling_params import SamplingParams
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
@@ -62,6 +63,7 @@ class EngineConfig:
 class LLMEngine:
     def __init__(self, model: MiniLLM, tokenizer: Tokenizer, eos_token_ids: Seq[int],
                  config: EngineConfig | None = None) -> None:
+        tune_allocator()
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.config = config = config or EngineConfig()

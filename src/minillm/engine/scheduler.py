@@ -72,32 +72,31 @@ class Scheduler:
         return self._schedule_decode() if decoding else None
 
     def _schedule_prefill(self) -> ScheduledStep | None:
-        """Prompt chunks, padded to the longest in the step: rows x longest chunk stays in the budget."""
+        """Prompt chunks of one width, so little of the padded [rows, width] input is wasted.
+
+        The width is the largest remainder of the prompts already under way (or of the first new
+        prompt), capped by the token budget; every row then feeds up to that many tokens, and rows
+        are added while rows x width stays within the budget.
+        """
+        budget = self.max_num_batched_tokens
+        remaining = lambda s: len(s) - s.num_computed  # noqa: E731
+        ongoing = [s for s in self.running if s.in_prefill]
+        width = min(budget, max(map(remaining, ongoing))) if ongoing else 0
         seqs: list[Sequence] = []
         chunks: list[int] = []
-        budget = self.max_num_batched_tokens
-
-        def has_room() -> bool:  # one more row of at least one token still fits
-            return (len(seqs) + 1) * max(max(chunks, default=1), 1) <= budget
-
-        def add(seq: Sequence) -> None:
-            room = min(budget // (len(seqs) + 1), len(seq) - seq.num_computed)
+        for seq in ongoing[: max(1, budget // max(width, 1))]:
             seqs.append(seq)
-            chunks.append(room)
-
-        for seq in self.running:  # prompts already under way continue first
-            if seq.in_prefill:
-                if not has_room():
-                    break
-                add(seq)
-        while self.waiting and len(self.running) < self.max_num_seqs and has_room():
+            chunks.append(min(remaining(seq), width))
+        while self.waiting and len(self.running) < self.max_num_seqs and (not width or (len(seqs) + 1) * width <= budget):
             seq = self.waiting[0]
             if not self.blocks.allocate(seq):
                 break  # wait for blocks to free up
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            add(seq)
+            width = width or min(budget, remaining(seq))
+            seqs.append(seq)
+            chunks.append(min(remaining(seq), width))
         return ScheduledStep(seqs, chunks, is_prefill=True) if seqs else None
 
     def _schedule_decode(self) -> ScheduledStep:

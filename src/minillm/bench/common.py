@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 
 def environment() -> dict:
@@ -48,3 +49,7 @@ def median_seconds(fn: Callable[[], object], warmup: int = 1, runs: int = 5) -> 
 
 def environment_markdown(env: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in env.items() if v is not None)
+
+
+def progress_bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="req", leave=False)

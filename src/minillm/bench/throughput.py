@@ -1,0 +1,164 @@
+"""Offline throughput (nano-vllm's benchmark, scaled to a CPU): MiniLLM's engine vs HF transformers.
+
+N requests with input and output lengths drawn uniformly from the given ranges, `ignore_eos`, random
+token prompts; throughput = requested output tokens / wall time. HF transformers runs the same
+requests with batched `generate` (batches of similar input length, each generating its longest
+requested output; only requested tokens count). A second workload measures prefix caching: many
+requests sharing one long system prompt, with caching on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine import EngineConfig, LLMEngine
+from ..llm import LLM
+from ..sampling_params import SamplingParams
+from .common import environment, progress_bar
+
+
+def make_requests(n: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab: int,
+                  seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(100, vocab) for _ in range(rng.randint(*input_range))], rng.randint(*output_range))
+            for _ in range(n)]
+
+
+def run_engine(engine: LLMEngine, requests: list[tuple[list[int], int]], desc: str) -> float:
+    start = time.perf_counter()
+    for ids, out_len in requests:
+        engine.add_request(ids, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
+    with progress_bar(len(requests), desc) as bar:
+        while engine.has_unfinished():
+            bar.update(sum(o.finished for o in engine.step()))
+    return time.perf_counter() - start
+
+
+def run_hf(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int) -> float:
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
+    start = time.perf_counter()
+    with progress_bar(len(requests), "HF transformers") as bar, torch.inference_mode():
+        for first in range(0, len(order), batch_size):
+            batch = [requests[i] for i in order[first:first + batch_size]]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids, _ in batch])
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch])
+            new = max(n for _, n in batch)
+            model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=pad_id)
+            bar.update(len(batch))
+    return time.perf_counter() - start
+
+
+def prefix_workload(llm: LLM, n: int, system_tokens: int, out_len: int) -> dict:
+    rng = random.Random(1)
+    vocab = llm.model.config.vocab_size
+    system = [rng.randrange(100, vocab) for _ in range(system_tokens)]
+    requests = [(system + [rng.randrange(100, vocab) for _ in range(rng.randint(8, 32))], out_len) for _ in range(n)]
+    result = {}
+    for caching in (False, True):
+        engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids,
+                           EngineConfig(enable_prefix_caching=caching, max_num_seqs=n))
+        seconds = run_engine(engine, requests, f"shared prefix, caching {'on' if caching else 'off'}")
+        result["on" if caching else "off"] = {"seconds": seconds, "tok_s": n * out_len / seconds,
+                                              "hit_rate": engine.stats()["prefix_cache_hit_rate"]}
+    result["speedup"] = result["off"]["seconds"] / result["on"]["seconds"]
+    result.update(requests=n, system_tokens=system_tokens, output_tokens=out_len)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="minillm bench --throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for throughput.json/.md/.png")
+    args = parser.parse_args(argv)
+
+    llm = LLM(args.model, progress=False, max_num_seqs=args.max_num_seqs)
+    requests = make_requests(args.num_requests, tuple(args.input_len), tuple(args.output_len),
+                             llm.model.config.vocab_size)
+    output_tokens = sum(n for _, n in requests)
+    warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids)
+    run_engine(warm, requests[:4], "warm-up")
+    seconds = run_engine(llm.engine, requests, "MiniLLM engine")
+    results = {"env": environment(), "model": llm.name, "dtype": "float32", "requests": args.num_requests,
+               "input_len": args.input_len, "output_len": args.output_len, "output_tokens": output_tokens,
+               "minillm": {"seconds": seconds, "tok_s": output_tokens / seconds,
+                           "preemptions": llm.engine.stats()["num_preemptions"]}}
+    print(f"MiniLLM: {output_tokens} tokens in {seconds:.1f} s = {output_tokens / seconds:.1f} tok/s")
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        from ..loading import default_model_path
+
+        path = Path(args.model) if args.model else default_model_path()
+        kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+        hf = AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=torch.float32, **kwargs).eval()
+        hf_seconds = run_hf(hf, requests, args.hf_batch_size, pad_id=llm.eos_token_ids[0])
+        results["hf"] = {"seconds": hf_seconds, "tok_s": output_tokens / hf_seconds, "batch_size": args.hf_batch_size}
+        results["speedup_vs_hf"] = hf_seconds / seconds
+        print(f"HF transformers: {hf_seconds:.1f} s = {output_tokens / hf_seconds:.1f} tok/s; "
+              f"MiniLLM is {hf_seconds / seconds:.2f}x")
+    results["prefix_cache"] = prefix_workload(llm, n=32, system_tokens=512, out_len=16)
+    pc = results["prefix_cache"]
+    print(f"Shared 512-token prefix, 32 requests: hit rate {pc['on']['hit_rate']:.1%}, "
+          f"{pc['off']['seconds']:.1f} s without caching, {pc['on']['seconds']:.1f} s with: {pc['speedup']:.2f}x")
+    write_results(Path(args.out), results, argv)
+    return results
+
+
+def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(results, indent=2))
+    env = results["env"]
+    pc = results["prefix_cache"]
+    lines = [
+        "# Offline throughput", "",
+        f"{results['requests']} requests, input {results['input_len'][0]}-{results['input_len'][1]} tokens, "
+        f"output {results['output_len'][0]}-{results['output_len'][1]} tokens (uniform), ignore_eos, greedy, "
+        f"{results['dtype']}, model {results['model']}.",
+        f"Environment: {', '.join(f'{k}: {v}' for k, v in env.items() if v is not None)}.", "",
+        f"Command: `minillm bench --throughput {' '.join(argv or [])}`".rstrip() + "", "",
+        "| engine | wall time (s) | output tok/s |", "|---|---|---|",
+        f"| MiniLLM (continuous batching) | {results['minillm']['seconds']:.1f} | {results['minillm']['tok_s']:.1f} |",
+    ]
+    if "hf" in results:
+        lines.append(f"| HF transformers `generate`, batches of {results['hf']['batch_size']} | "
+                     f"{results['hf']['seconds']:.1f} | {results['hf']['tok_s']:.1f} |")
+        lines += ["", f"MiniLLM / HF: **{results['speedup_vs_hf']:.2f}x**."]
+    lines += ["", f"Prefix caching: {pc['requests']} requests sharing a {pc['system_tokens']}-token prefix, "
+                  f"{pc['output_tokens']} output tokens each:", "",
+              "| prefix caching | wall time (s) | hit rate |", "|---|---|---|",
+              f"| off | {pc['off']['seconds']:.1f} | {pc['off']['hit_rate']:.1%} |",
+              f"| on | {pc['on']['seconds']:.1f} | {pc['on']['hit_rate']:.1%} |", "",
+              f"Speed-up from prefix caching: **{pc['speedup']:.2f}x**.", "", "![throughput](throughput.png)", ""]
+    (out / "throughput.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["MiniLLM"] + (["HF transformers"] if "hf" in results else [])
+    left.bar(names, [results["minillm"]["tok_s"]] + ([results["hf"]["tok_s"]] if "hf" in results else []),
+             color=["tab:blue", "tab:orange"][: len(names)])
+    left.set_ylabel("output tokens / s")
+    left.set_title(f"{results['requests']} requests, offline throughput")
+    right.bar(["caching off", "caching on"], [pc["off"]["seconds"], pc["on"]["seconds"]], color=["tab:gray", "tab:green"])
+    right.set_ylabel("wall time (s)")
+    right.set_title(f"shared {pc['system_tokens']}-token prefix, {pc['requests']} requests")
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)

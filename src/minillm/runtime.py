@@ -1,0 +1,31 @@
+"""Process-level settings that matter for speed on CPU."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_tuned = False
+
+
+def tune_allocator() -> bool:
+    """Keep freed activation buffers in the heap instead of returning them to the OS.
+
+    glibc serves allocations above 128 KiB with fresh mmap()s, so every per-layer temporary of a
+    batched decode step (gathered K/V pages, MLP activations) is page-faulted in again: measured
+    here, a 64-sequence decode step ran at 0.49 s instead of 0.30 s. Raising the mmap and trim
+    thresholds (as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would) lets the heap reuse them.
+    A no-op off glibc. Returns whether the setting was applied.
+    """
+    global _tuned
+    if _tuned or not sys.platform.startswith("linux"):
+        return _tuned
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
+    _tuned = ok
+    return ok
