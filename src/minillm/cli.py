@@ -30,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text to continue")
     gen.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
     _model_options(gen)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    serve.add_argument("--model", default=None, help="a GGUF file or a Hugging Face folder (default: bundled SmolLM2)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--max-concurrency", type=int, default=64, help="sequences batched at once (more wait)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
     bench = commands.add_parser("bench", help="benchmarks", add_help=False)
     bench.add_argument("--throughput", action="store_true",
                        help="offline throughput of the batching engine vs HF transformers")
@@ -95,6 +103,32 @@ def _chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    import uvicorn
+
+    from .llm import LLM
+    from .loading import default_model_path
+    from .server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        path = Path(args.model) if args.model else default_model_path()
+    except ValueError as err:
+        print(f"minillm: error: {err}", file=sys.stderr)
+        return 1
+    if not path.exists():
+        print(f"minillm: error: no such model file or folder: {path}", file=sys.stderr)
+        return 1
+    name = args.served_model_name or path.stem
+    app = create_app(lambda: LLM(str(path), dtype=args.dtype, progress=False, max_num_seqs=args.max_concurrency),
+                     name, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.command == "bench":
@@ -107,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "serve":
+        return _serve(args)
     try:
         (_generate if args.command == "generate" else _chat)(args)
     except (ValueError, OSError, CacheOverflowError) as err:  # user errors: one line, no traceback

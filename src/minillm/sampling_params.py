@@ -10,7 +10,10 @@ class SamplingParams:
     """max_tokens: new tokens at most. temperature 0 is greedy. top_k None/0/-1 and top_p 1.0
     disable those filters. seed makes sampling reproducible. stop: strings that end the output
     (not included in it); stop_token_ids: extra ids that end it like EOS; ignore_eos: keep going
-    past the model's EOS ids (for benchmarks)."""
+    past the model's EOS ids (for benchmarks). presence_penalty / frequency_penalty: OpenAI's
+    penalties on tokens already generated (once / per occurrence), in [-2, 2]. logprobs: return
+    the sampled token's log-probability and this many top alternatives (0-20), from the model's
+    raw distribution."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -21,6 +24,9 @@ class SamplingParams:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -37,6 +43,13 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -20,7 +20,7 @@ from ..sampling_params import SamplingParams
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, TokenLogprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -44,6 +44,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" once finished
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprobs] | None = None  # for token_ids, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -128,18 +129,19 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        tokens = self.runner.run(step)
+        sampled = self.runner.run(step)
         outputs = []
-        for seq, count, token in zip(step.seqs, step.num_tokens, tokens):
+        for seq, count, result in zip(step.seqs, step.num_tokens, sampled):
             seq.num_computed += count
             self.blocks.register_computed(seq)
-            if token is None:
+            if result is None:
                 continue
+            token, logprobs = result
             seq.token_ids.append(token)
-            outputs.append(self._process_token(seq, token))
+            outputs.append(self._process_token(seq, token, logprobs))
         return outputs
 
-    def _process_token(self, seq: Sequence, token: int) -> StepOutput:
+    def _process_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
         state: RequestState = seq.state
         reason = None
         if token in state.end_ids:  # EOS or a stop token: it ends the text and adds none
@@ -154,7 +156,8 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.requests.pop(seq.request_id, None)
-        return StepOutput(seq.request_id, text, [token], reason, seq.num_prompt_tokens, seq.num_outputs)
+        return StepOutput(seq.request_id, text, [token], reason, seq.num_prompt_tokens, seq.num_outputs,
+                          [logprobs] if logprobs else None)
 
     def stats(self) -> dict[str, float]:
         queries = self.blocks.prefix_queries

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..cache.paged_cache import PagedKVCache
@@ -17,9 +19,9 @@ class ModelRunner:
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep) -> list[int | None]:
-        """Feed each sequence its tokens; return the sampled token for sequences that reached
-        their last token (None for prompts still being prefilled in chunks)."""
+    def run(self, step: ScheduledStep) -> list[tuple[int, TokenLogprobs | None] | None]:
+        """Feed each sequence its tokens; return (sampled token, its logprobs if asked) for sequences
+        that reached their last token (None for prompts still being prefilled in chunks)."""
         seqs, counts = step.seqs, step.num_tokens
         width = max(counts)
         rows = [[0] * (width - n) + s.token_ids[s.num_computed:s.num_computed + n] for s, n in zip(seqs, counts)]
@@ -31,7 +33,7 @@ class ModelRunner:
         if not sampling:
             return [None] * len(seqs)
         picked = [seqs[i] for i in sampling]
-        logits = logits[sampling] if len(sampling) < len(seqs) else logits
+        logits = raw = logits[sampling] if len(sampling) < len(seqs) else logits
         params = [s.params for s in picked]
         penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if penalised:
@@ -40,9 +42,33 @@ class ModelRunner:
                 seen[i, picked[i].token_ids] = True
             penalty = torch.tensor([p.repetition_penalty for p in params], device=device).view(-1, 1)
             logits = apply_repetition_penalty(logits, seen, penalty)
+        counted = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+        if counted:  # OpenAI's penalties, on the tokens generated so far
+            counts = torch.zeros_like(logits)
+            for i in counted:
+                ids = torch.tensor(picked[i].output_ids, dtype=torch.long, device=device)
+                counts[i].index_add_(0, ids, torch.ones(len(ids), device=device))
+            presence = torch.tensor([p.presence_penalty for p in params], device=device).view(-1, 1)
+            frequency = torch.tensor([p.frequency_penalty for p in params], device=device).view(-1, 1)
+            logits = logits - frequency * counts - presence * (counts > 0)
         tokens = sample(logits, [p.temperature for p in params], [p.top_k for p in params],
                         [p.top_p for p in params], [s.state.generator for s in picked]).tolist()
-        out: list[int | None] = [None] * len(seqs)
-        for i, token in zip(sampling, tokens):
-            out[i] = token
+        out: list[tuple[int, TokenLogprobs | None] | None] = [None] * len(seqs)
+        for row, (i, token) in enumerate(zip(sampling, tokens)):
+            out[i] = (token, None if params[row].logprobs is None else _logprobs(raw[row], token, params[row].logprobs))
         return out
+
+
+@dataclass
+class TokenLogprobs:
+    """A sampled token's log-probability under the model's raw distribution, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0].long())
+    return TokenLogprobs(token, logprobs[token].item(), list(zip(ids.tolist(), values.tolist())))

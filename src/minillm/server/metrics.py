@@ -1,0 +1,39 @@
+"""Prometheus metrics for /metrics (prometheus-client), one registry per server."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..engine import LLMEngine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("minillm_num_requests_running", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("minillm_num_requests_waiting", "Sequences waiting for admission", registry=r)
+        self.kv_usage = Gauge("minillm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
+        self.free_blocks = Gauge("minillm_kv_cache_free_blocks", "Free KV-cache blocks", registry=r)
+        self.total_blocks = Gauge("minillm_kv_cache_blocks", "KV-cache blocks in all", registry=r)
+        self.prefix_hit_rate = Gauge("minillm_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache", registry=r)
+        self.preemptions = Gauge("minillm_num_preemptions", "Sequences preempted so far", registry=r)
+        self.prompt_tokens = Counter("minillm_prompt_tokens", "Prompt tokens received", registry=r)
+        self.generation_tokens = Counter("minillm_generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("minillm_requests", "Requests finished, by outcome", ["outcome"], registry=r)
+        self.ttft = Histogram("minillm_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("minillm_inter_token_latency_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r)
+
+    def render(self, engine: LLMEngine | None) -> bytes:
+        if engine is not None:
+            stats = engine.stats()
+            self.running.set(stats["running"])
+            self.waiting.set(stats["waiting"])
+            self.kv_usage.set(stats["kv_cache_usage"])
+            self.free_blocks.set(stats["free_blocks"])
+            self.total_blocks.set(stats["num_blocks"])
+            self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
+            self.preemptions.set(stats["num_preemptions"])
+        return generate_latest(self.registry)

@@ -1,0 +1,119 @@
+"""The OpenAI request shapes we accept, and their translation into `SamplingParams`.
+
+Unknown extra fields are accepted and ignored (clients send them); known OpenAI fields that MiniLLM
+does not implement are refused with a 400 naming the field, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    user: str | None = None
+    # OpenAI fields MiniLLM does not implement: refused when set to anything but their default.
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_unsupported(self) -> None:
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        if self.tools or self.functions:
+            raise APIError(400, "tool and function calling are not supported", "tools" if self.tools else "functions")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
+        if not 1 <= self.n <= 16:
+            raise APIError(400, f"n must be between 1 and 16, got {self.n}", "n")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options needs stream=true", "stream_options")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty, stop=self.stop, ignore_eos=self.ignore_eos,
+                seed=None if self.seed is None else self.seed + seed_offset, logprobs=logprobs)
+        except ValueError as err:
+            message = str(err)
+            raise APIError(400, message, message.split(" ", 1)[0]) from None
+
+    def requested_max_tokens(self) -> int | None:
+        value = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if value is not None and value < 1:
+            name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise APIError(400, f"{name} must be at least 1, got {value}", name)
+        return value
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.echo:
+            raise APIError(400, "echo is not supported", "echo")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", "suffix")
+        if self.best_of not in (None, self.n):
+            raise APIError(400, "best_of other than n is not supported", "best_of")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
