@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks", add_help=False)
     bench.add_argument("--throughput", action="store_true",
                        help="offline throughput of the batching engine vs HF transformers")
+    bench.add_argument("--serve", action="store_true", help="load test of `minillm serve` on loopback")
     chat = commands.add_parser("chat", help="interactive chat (reads lines from stdin; /reset, /exit)")
     chat.add_argument("--system", default=None, help="a system message")
     _model_options(chat)
@@ -132,12 +133,14 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.command == "bench":
-        if not args.throughput:
-            print("minillm bench: choose a benchmark: --throughput (see --throughput --help)", file=sys.stderr)
+        if args.throughput == args.serve:
+            print("minillm bench: choose one benchmark: --throughput or --serve (then --help)", file=sys.stderr)
             return 2
-        from .bench.throughput import main as throughput
-
-        throughput(rest)
+        if args.serve:
+            from .bench.serving import main as run
+        else:
+            from .bench.throughput import main as run
+        run(rest)
         return 0
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
