@@ -74,15 +74,16 @@ async def _level(base: str, prompts: list[list[int]], output_len: int, concurren
             "itl_s": _summary([x for r in results for x in r["itl"]]), "e2e_s": _summary([r["e2e"] for r in results])}
 
 
-def _start_server(model: str | None) -> tuple[subprocess.Popen, str]:
+def _start_server(model: str | None, wait_policy: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "minillm", "serve", "--port", str(port)] + (["--model", model] if model else [])
-    # The server shares the cores with this client: passive OpenMP waits avoid spinning threads.
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    # The server shares the cores with this client; PASSIVE OpenMP waits stop threads spinning for a
+    # descheduled partner, at a cost when the machine is otherwise idle (both are measured).
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": wait_policy},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -109,12 +110,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input-len", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per level at most")
+    parser.add_argument("--omp-wait-policy", default="ACTIVE", choices=["ACTIVE", "PASSIVE"],
+                        help="OMP_WAIT_POLICY of the server this benchmark starts")
     parser.add_argument("--out", default="benchmarks/results", help="folder for serving.json/.md/.png")
     args = parser.parse_args(argv)
     if args.url and not args.url.split("//")[-1].startswith(("127.", "localhost", "[::1]")):
         parser.error("--url must be a loopback address (127.0.0.0/8, localhost or [::1])")
 
-    proc, base = (None, args.url.rstrip("/")) if args.url else _start_server(args.model)
+    proc, base = (None, args.url.rstrip("/")) if args.url else _start_server(args.model, args.omp_wait_policy)
     try:
         rng = random.Random(0)
         levels = []
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    results = {"env": environment(), "requests_per_level": args.num_requests, "input_len": args.input_len,
+    results = {"env": environment(), "omp_wait_policy": None if args.url else args.omp_wait_policy,
+               "requests_per_level": args.num_requests, "input_len": args.input_len,
                "output_len": args.output_len, "levels": levels}
     _write(Path(args.out), results, argv)
     return results
@@ -146,7 +150,7 @@ def _write(out: Path, results: dict, argv: list[str] | None) -> None:
              f"`minillm serve` (bundled SmolLM2-135M-Instruct, float32) on loopback; {results['requests_per_level']} "
              f"streaming completion requests per level, prompts of {results['input_len'][0]}-{results['input_len'][1]} "
              f"random tokens, {results['output_len']} output tokens (ignore_eos), greedy. Client and server share "
-             "the machine; the server runs with OMP_WAIT_POLICY=PASSIVE.",
+             f"the machine; the server runs with OMP_WAIT_POLICY={results['omp_wait_policy']}.",
              f"Environment: {', '.join(f'{k}: {v}' for k, v in results['env'].items() if v is not None)}.", "",
              f"Command: `minillm bench --serve {' '.join(argv or [])}`".rstrip(), "",
              "| concurrency | req/s | output tok/s | TTFT mean / median / p99 (ms) | TPOT mean / median / p99 (ms) "
