@@ -181,3 +181,14 @@ def test_invalid_arguments():
         flash_attention_with_kv_cache(q[0], k, v)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention(q, k, v, backend="magic")
+
+
+def test_bf16_decode_with_row_lengths():
+    """One query per row in bf16 (a CPU fast path in the SDPA backend), rows of 300, 17 and 0 keys."""
+    q, k, v = qkv(3, 9, 3, 1, 300, 64, dtype=torch.bfloat16)
+    lengths = [300, 17, 0]
+    ref = standard_attention(q.float(), k.float(), v.float(), lengths)
+    for out in (sdpa_attention(q, k, v, lengths), flash_attention_with_kv_cache(q, k, v, lengths, block_size=64)):
+        assert out.dtype == torch.bfloat16 and not out.isnan().any()
+        assert max_err(out, ref) <= BF16_TOL
+        assert out[2].abs().max() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,6 +28,8 @@ def sdpa_attention(
     """
     num_kv_heads, kv_len = check_shapes(q, k, v)
     batch, num_heads, q_len, _ = q.shape
+    if q_len == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+        return _cpu_low_precision_decode(q, k, v, cache_seqlens, softmax_scale)
     gqa = num_heads != num_kv_heads
     if cache_seqlens is None and (not causal or q_len == 1):
         return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale, enable_gqa=gqa)
@@ -34,3 +37,19 @@ def sdpa_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale, enable_gqa=gqa)
     mask = dense_visibility(q_len, kv_len, seqlens_tensor(cache_seqlens, batch, kv_len, q.device), causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=gqa)
+
+
+def _cpu_low_precision_decode(q: Tensor, k: Tensor, v: Tensor, cache_seqlens, softmax_scale: float | None) -> Tensor:
+    """One query per row, bf16/fp16 on CPU: PyTorch's fused kernel was measured 6x slower here than
+    in float32 (2.4 ms vs 0.4 ms for 16 rows x 272 keys), while two grouped matmuls in the input
+    dtype with a float32 softmax take 0.45 ms."""
+    batch, num_heads, _, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    q_grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = (q_grouped @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
+    if cache_seqlens is not None:
+        lengths = seqlens_tensor(cache_seqlens, batch, kv_len, q.device).view(batch, 1, 1, 1)
+        scores = scores.masked_fill(torch.arange(kv_len, device=q.device) >= lengths, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no keys outputs zeros
+    return (probs.to(v.dtype) @ v).view(batch, num_heads, 1, head_dim)

@@ -82,18 +82,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both engines")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--out", default="benchmarks/results", help="folder for throughput.json/.md/.png")
     args = parser.parse_args(argv)
 
-    llm = LLM(args.model, progress=False, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, dtype=args.dtype, progress=False, max_num_seqs=args.max_num_seqs)
     requests = make_requests(args.num_requests, tuple(args.input_len), tuple(args.output_len),
                              llm.model.config.vocab_size)
     output_tokens = sum(n for _, n in requests)
     warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids)
     run_engine(warm, requests[:4], "warm-up")
     seconds = run_engine(llm.engine, requests, "MiniLLM engine")
-    results = {"env": environment(), "model": llm.name, "dtype": "float32", "requests": args.num_requests,
+    results = {"env": environment(), "model": llm.name, "dtype": args.dtype, "requests": args.num_requests,
                "input_len": args.input_len, "output_len": args.output_len, "output_tokens": output_tokens,
                "minillm": {"seconds": seconds, "tok_s": output_tokens / seconds,
                            "preemptions": llm.engine.stats()["num_preemptions"]}}
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         path = Path(args.model) if args.model else default_model_path()
         kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-        hf = AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=torch.float32, **kwargs).eval()
+        hf = AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=getattr(torch, args.dtype),
+                                                  **kwargs).eval()
         hf_seconds = run_hf(hf, requests, args.hf_batch_size, pad_id=llm.eos_token_ids[0])
         results["hf"] = {"seconds": hf_seconds, "tok_s": output_tokens / hf_seconds, "batch_size": args.hf_batch_size}
         results["speedup_vs_hf"] = hf_seconds / seconds
@@ -121,11 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(results, indent=2))
+    suffix = "" if results["dtype"] == "float32" else f"_{results['dtype']}"
+    (out / f"throughput{suffix}.json").write_text(json.dumps(results, indent=2))
     env = results["env"]
     pc = results["prefix_cache"]
     lines = [
-        "# Offline throughput", "",
+        f"# Offline throughput ({results['dtype']})", "",
         f"{results['requests']} requests, input {results['input_len'][0]}-{results['input_len'][1]} tokens, "
         f"output {results['output_len'][0]}-{results['output_len'][1]} tokens (uniform), ignore_eos, greedy, "
         f"{results['dtype']}, model {results['model']}.",
@@ -143,8 +146,8 @@ def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
               "| prefix caching | wall time (s) | hit rate |", "|---|---|---|",
               f"| off | {pc['off']['seconds']:.1f} | {pc['off']['hit_rate']:.1%} |",
               f"| on | {pc['on']['seconds']:.1f} | {pc['on']['hit_rate']:.1%} |", "",
-              f"Speed-up from prefix caching: **{pc['speedup']:.2f}x**.", "", "![throughput](throughput.png)", ""]
-    (out / "throughput.md").write_text("\n".join(lines))
+              f"Speed-up from prefix caching: **{pc['speedup']:.2f}x**.", "", f"![throughput](throughput{suffix}.png)", ""]
+    (out / f"throughput{suffix}.md").write_text("\n".join(lines))
 
     import matplotlib
 
@@ -161,4 +164,4 @@ def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
     right.set_ylabel("wall time (s)")
     right.set_title(f"shared {pc['system_tokens']}-token prefix, {pc['requests']} requests")
     fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=120)
+    fig.savefig(out / f"throughput{suffix}.png", dpi=120)
