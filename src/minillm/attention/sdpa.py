@@ -47,6 +47,7 @@ def _cpu_low_precision_decode(q: Tensor, k: Tensor, v: Tensor, cache_seqlens, so
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     q_grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    k, v = k.contiguous(), v.contiguous()  # gathered pages arrive strided; bmm would copy them slower
     scores = (q_grouped @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
     if cache_seqlens is not None:
         lengths = seqlens_tensor(cache_seqlens, batch, kv_len, q.device).view(batch, 1, 1, 1)
