@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .engine import EngineConfig, LLMEngine, StepOutput
 from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
+from .quantization import quantize_model
 from .sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -36,10 +37,14 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu", progress: bool = True, **engine_options: Any) -> None:
-        """engine_options: the fields of `EngineConfig` (block_size, kv_cache_memory in bytes,
-        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, attention_backend)."""
+                 device: str | torch.device = "cpu", quantization: str | None = None, progress: bool = True,
+                 **engine_options: Any) -> None:
+        """quantization: None (the checkpoint's weights, dequantized to `dtype`) or "int8"
+        (weight-only, see minillm.quantization). engine_options: the fields of `EngineConfig`
+        (block_size, kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens,
+        enable_prefix_caching, attention_backend)."""
         loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress)
+        quantize_model(loaded.model, quantization)
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{loaded.name} has no tokenizer (tokenizer.json); LLM needs one")
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
