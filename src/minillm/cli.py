@@ -14,8 +14,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a GGUF file or a Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    parser.add_argument("--quantization", default=None, choices=["int8"],
-                        help="weight-only int8 (faster decode on CPU; default: the checkpoint's weights)")
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                        help="weight-only int8 or int4 (faster decode on CPU; default: the checkpoint's weights)")
     parser.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default 256)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
     serve.add_argument("--model", default=None, help="a GGUF file or a Hugging Face folder (default: bundled SmolLM2)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    serve.add_argument("--quantization", default=None, choices=["int8"], help="weight-only int8")
+    serve.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only int8 or int4")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")

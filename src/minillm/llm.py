@@ -39,7 +39,7 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", quantization: str | None = None, progress: bool = True,
                  **engine_options: Any) -> None:
-        """quantization: None (the checkpoint's weights, dequantized to `dtype`) or "int8"
+        """quantization: None (the checkpoint's weights, dequantized to `dtype`), "int8" or "int4"
         (weight-only, see minillm.quantization). engine_options: the fields of `EngineConfig`
         (block_size, kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens,
         enable_prefix_caching, attention_backend)."""
