@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .engine import EngineConfig, LLMEngine, StepOutput
 from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
+from .model.transposed_linear import transpose_widening_linears
 from .quantization import quantize_model
 from .sampling_params import SamplingParams
 
@@ -44,7 +45,10 @@ class LLM:
         (block_size, kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens,
         enable_prefix_caching, attention_backend)."""
         loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress)
-        quantize_model(loaded.model, quantization)
+        if quantization is not None:
+            quantize_model(loaded.model, quantization)
+        elif loaded.model.device.type == "cpu" and loaded.model.dtype == torch.float32:
+            transpose_widening_linears(loaded.model)  # measured 60 -> 47 ms per decode token on CPU
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{loaded.name} has no tokenizer (tokenizer.json); LLM needs one")
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name

@@ -20,15 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from .model.transformer import MiniLLM
+from .model.transposed_linear import TransposedLinear
 
 QUANTIZATION_MODES = ("int8", "int4")
 INT4_GROUP_SIZE = 32
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear | TransposedLinear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
+        weight = linear.weight.detach().float().contiguous()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
@@ -47,9 +48,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> None:
+    def __init__(self, linear: nn.Linear | TransposedLinear, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
+        weight = linear.weight.detach().float().contiguous()
         rows, cols = weight.shape
         if cols % group_size:
             raise ValueError(f"int4 needs input sizes divisible by {group_size}, got {cols}")
@@ -92,7 +93,7 @@ def quantize_model(model: MiniLLM, mode: str | None) -> MiniLLM:
 
 def _swap_linears(module: nn.Module, quantized: type[nn.Module]) -> None:
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
+        if isinstance(child, (nn.Linear, TransposedLinear)):
             setattr(module, name, quantized(child))
         else:
             _swap_linears(child, quantized)
