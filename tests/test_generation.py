@@ -68,8 +68,8 @@ def test_tokenizer_text_in_and_out(tiny_model):
 
 @pytest.mark.parametrize("prompt,kwargs,message", [
     ([], {}, "no prompt given"),
-    ([[]], {}, "prompt 0 is empty"),
-    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([[]], {}, "prompt 0: the prompt is empty"),
+    ([[1, 2], []], {}, "prompt 1: the prompt is empty"),
     ([1, 2, 99999], {}, "outside the vocabulary"),
     ([1, -1], {}, "outside the vocabulary"),
     ([1] * 250, dict(max_new_tokens=10), "beyond the model's context of 256 tokens"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.paged_cache import bytes_per_block
+from ..generation.batch import check_prompt
 from ..model.transformer import MiniLLM
 from ..runtime import tune_allocator
 from ..sampling_params import SamplingParams
@@ -103,18 +104,12 @@ class LLMEngine:
         return seq.request_id
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        vocab, context = self.model.config.vocab_size, self.model.config.max_seq_len
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        config = self.model.config
+        check_prompt(ids, params.max_tokens, config.vocab_size, config.max_seq_len, budget_name="max_tokens")
         total = len(ids) + params.max_tokens
-        need = f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}"
-        if total > context:
-            raise ValueError(f"{need}, beyond the model's context of {context} tokens")
         if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
-            raise ValueError(f"{need}, more than the whole KV cache holds ({self.max_cached_tokens} tokens)")
+            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}, "
+                             f"more than the whole KV cache holds ({self.max_cached_tokens} tokens)")
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away); its blocks are free when this returns."""

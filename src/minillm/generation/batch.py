@@ -24,17 +24,26 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
 
 
+def check_prompt(ids: Sequence[int], max_new_tokens: int, vocab_size: int, max_seq_len: int,
+                 budget_name: str = "max_new_tokens") -> None:
+    """A prompt must be non-empty, inside the vocabulary, and leave room for its new tokens."""
+    if not ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    total = len(ids) + max_new_tokens
+    if total > max_seq_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; with {budget_name}={max_new_tokens} that is {total}, "
+                         f"beyond the model's context of {max_seq_len} tokens")
+
+
 def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int, max_seq_len: int) -> None:
     for i, ids in enumerate(prompts):
-        if not ids:
-            raise ValueError(f"prompt {i} is empty")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-        if len(ids) + max_new_tokens > max_seq_len:
-            raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{len(ids) + max_new_tokens}, beyond the model's context of {max_seq_len} tokens")
+        try:
+            check_prompt(ids, max_new_tokens, vocab_size, max_seq_len)
+        except ValueError as err:
+            raise ValueError(f"prompt {i}: {err}") from None
 
 
 class DecodeBatch:
