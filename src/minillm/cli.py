@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--max-concurrency", type=int, default=64, help="sequences batched at once (more wait)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
-    bench = commands.add_parser("bench", help="benchmarks", add_help=False)
+    bench = commands.add_parser("bench", help="benchmarks (default: prefill/decode speed vs HF transformers)",
+                                add_help=False)
     bench.add_argument("--throughput", action="store_true",
                        help="offline throughput of the batching engine vs HF transformers")
     bench.add_argument("--serve", action="store_true", help="load test of `minillm serve` on loopback")
@@ -137,13 +138,15 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.command == "bench":
-        if args.throughput == args.serve:
-            print("minillm bench: choose one benchmark: --throughput or --serve (then --help)", file=sys.stderr)
+        if args.throughput and args.serve:
+            print("minillm bench: choose one of --throughput and --serve", file=sys.stderr)
             return 2
         if args.serve:
             from .bench.serving import main as run
-        else:
+        elif args.throughput:
             from .bench.throughput import main as run
+        else:  # prefill, decode and batched decode vs HF transformers
+            from .bench.speed import main as run
         run(rest)
         return 0
     if rest:
