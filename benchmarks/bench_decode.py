@@ -48,7 +48,6 @@ def main() -> None:
         rows[name] = per_token_ms(lambda n: llm.generate(
             [PROMPT], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
         print(f"{name}: {rows[name]:.1f} ms/token", flush=True)
-        del llm
 
     from transformers import AutoModelForCausalLM
 

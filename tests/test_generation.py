@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minillm import KVCache, TextGenerator
+from minillm import TextGenerator
 
 
 def naive_greedy(model, prompt, steps):

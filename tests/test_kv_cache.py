@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minillm import CacheOverflowError, Configs, KVCache, MiniLLM
+from minillm import CacheOverflowError, Configs, KVCache
 
 
 def test_shapes_and_nbytes():
