@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,19 +18,13 @@ import torch
 from ..llm import LLM
 from ..loading import default_model_path
 from ..sampling_params import SamplingParams
-from .common import environment
+from .common import environment, median_seconds
 
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 512, 128, 16
 
 
 def median_time(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, warmup=1, runs=runs)[0]
 
 
 def machine_bandwidth() -> float:
