@@ -7,15 +7,23 @@ import sys
 from collections.abc import Sequence
 
 from .cache import CacheOverflowError
+from .quantization import QUANTIZATION_MODES
 from .sampling_params import SamplingParams
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a GGUF file or a Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                        help="weight-only int8 or int4 (faster decode on CPU; default: the checkpoint's weights)")
+    parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
+                        help="gguf: a GGUF file's own 4-bit blocks as stored (fastest); int8/int4: weight-only, "
+                             "re-quantized (default: the checkpoint's weights in --dtype)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step at start-up (about 1.5 min, seconds once cached)")
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    _weights_options(parser)
     parser.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default 256)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
@@ -33,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
     _model_options(gen)
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
-    serve.add_argument("--model", default=None, help="a GGUF file or a Hugging Face folder (default: bundled SmolLM2)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    serve.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only int8 or int4")
+    _weights_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -61,7 +67,8 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _load(args: argparse.Namespace):
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, progress=sys.stderr.isatty())
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, progress=sys.stderr.isatty(),
+               compile=args.compile)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -129,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     name = args.served_model_name or path.stem
     app = create_app(lambda: LLM(str(path), dtype=args.dtype, quantization=args.quantization, progress=False,
-                                 max_num_seqs=args.max_concurrency),
+                                 max_num_seqs=args.max_concurrency, compile=args.compile),
                      name, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

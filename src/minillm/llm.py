@@ -40,13 +40,15 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", quantization: str | None = None, progress: bool = True,
                  **engine_options: Any) -> None:
-        """quantization: None (the checkpoint's weights, dequantized to `dtype`), "int8" or "int4"
-        (weight-only, see minillm.quantization). engine_options: the fields of `EngineConfig`
-        (block_size, kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens,
-        enable_prefix_caching, attention_backend)."""
+        """quantization: None (the checkpoint's weights, dequantized to `dtype`; the default, and the
+        only setting whose greedy tokens equal HF transformers' float32 ones), "gguf" (a GGUF file's
+        own 4-bit blocks as they are: the fastest), "int8" or "int4" (weight-only, re-quantized;
+        see minillm.quantization). engine_options: the fields of `EngineConfig` (block_size,
+        kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
+        attention_backend, compile)."""
         loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress)
         if quantization is not None:
-            quantize_model(loaded.model, quantization)
+            quantize_model(loaded.model, quantization, loaded.stored)
         elif loaded.model.device.type == "cpu" and loaded.model.dtype == torch.float32:
             transpose_widening_linears(loaded.model)  # measured 60 -> 47 ms per decode token on CPU
         if loaded.tokenizer is None:

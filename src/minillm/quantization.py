@@ -6,9 +6,12 @@ kernels are fast only with bf16 activations, so inputs are cast to bf16 and outp
 
 "int8": int8 weights with one bfloat16 scale per output row (symmetric), `_weight_int8pack_mm`.
 "int4": 4-bit weights in groups of 32 along the input, each with a scale and a zero point
-  (asymmetric, min/max), `_weight_int4pack_mm_for_cpu`. GGUF Q4_0/Q4_1 blocks are exactly this
-  shape: re-quantizing their dequantized weights recovers the same grid (Q4_1 puts a block's
-  minimum at 0 and maximum at 15), up to the kernel's bf16 scales.
+  (asymmetric, min/max), `_weight_int4pack_mm_for_cpu`, every layer re-quantized.
+"gguf": compute with a GGUF file's own weights as stored: GGUF Q4_0/Q4_1 blocks are exactly the
+  int4 kernel's shape (groups of 32, weight = (code - 8) * scale + offset), so their codes are used
+  as they are (only the fp16 scales are rounded to the kernel's bf16); other quantized types get
+  int8, float tensors stay float. For the bundled Q4_1 SmolLM2 that is int4 everywhere but the
+  tied LM head, which the file stores as Q8_0 (int8 here).
 
 Batch-1 decode of the bundled SmolLM2-135M through the engine on the 2-core CI machine
 (measured): float32 59.8 ms, int8 25.5 ms, int4 16.4 ms per token.
@@ -16,13 +19,25 @@ Batch-1 decode of the bundled SmolLM2-135M through the engine on the 2-core CI m
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
 from .model.transformer import MiniLLM
 from .model.transposed_linear import TransposedLinear
 
-QUANTIZATION_MODES = ("int8", "int4")
+QUANTIZATION_MODES = ("int8", "int4", "gguf")
+
+
+class StoredWeights(Protocol):
+    """How a checkpoint stores each linear layer (by module name, e.g. "layers.0.attention.wqkv")."""
+
+    def int4_blocks(self, module: str) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(codes, scales, offsets) of a layer stored in 4-bit blocks of 32, else None."""
+
+    def is_float(self, module: str) -> bool:
+        """Whether the layer is stored unquantized (F32/F16/BF16)."""
 INT4_GROUP_SIZE = 32
 
 
@@ -48,22 +63,29 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    def __init__(self, linear: nn.Linear | TransposedLinear, group_size: int = INT4_GROUP_SIZE) -> None:
+    """4-bit codes [out, in] (0..15) in groups along the input, weight = (code - 8) * scale + offset."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, offsets: Tensor, bias: Tensor | None,
+                 group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
+        rows, cols = codes.shape
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2))
+        # the kernel wants [in / group, out, (scale, offset)]
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.group_size, self.in_features, self.out_features = group_size, cols, rows
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear | TransposedLinear, group_size: int = INT4_GROUP_SIZE) -> Int4WeightOnlyLinear:
+        """Quantize a float layer: each group's minimum is code 0 and its maximum code 15."""
         weight = linear.weight.detach().float().contiguous()
         rows, cols = weight.shape
-        if cols % group_size:
-            raise ValueError(f"int4 needs input sizes divisible by {group_size}, got {cols}")
         groups = weight.view(rows, cols // group_size, group_size)
         low = groups.amin(dim=-1)
         scales = ((groups.amax(dim=-1) - low) / 15).clamp(min=1e-12)
-        codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
-        # The kernel computes (code - 8) * scale + zero, so zero = low + 8 * scale; [cols/g, rows, 2].
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(rows, cols), 2))
-        self.register_buffer("scales_and_zeros",
-                             torch.stack([scales, low + 8 * scales], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.group_size, self.in_features, self.out_features = group_size, cols, rows
+        codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
+        return cls(codes.view(rows, cols), scales, low + 8 * scales, linear.bias, group_size)
 
     def dequantized_weight(self) -> Tensor:
         """The float32 weight the kernel computes with: identity input through the kernel."""
@@ -79,21 +101,39 @@ class Int4WeightOnlyLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def quantize_model(model: MiniLLM, mode: str | None) -> MiniLLM:
-    """Swap the model's linear layers for quantized ones, in place; None leaves it as it is."""
+def quantize_model(model: MiniLLM, mode: str | None, stored: StoredWeights | None = None) -> MiniLLM:
+    """Swap the model's linear layers for quantized ones, in place; None leaves it as it is.
+
+    "gguf" needs `stored`, the GGUF file's own layout of each layer (see StoredWeights)."""
     if mode is None:
         return model
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization {mode!r}; expected one of {QUANTIZATION_MODES} or None")
     if model.device.type != "cpu":
         raise ValueError(f"quantization {mode!r} uses CPU kernels; the model is on {model.device}")
-    _swap_linears(model, Int8WeightOnlyLinear if mode == "int8" else Int4WeightOnlyLinear)
+    if mode == "gguf" and stored is None:
+        raise ValueError("quantization 'gguf' computes with a GGUF file's own quantized weights; this checkpoint is not a GGUF file")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Linear, TransposedLinear)):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, _quantized(name, module, mode, stored))
     return model
 
 
-def _swap_linears(module: nn.Module, quantized: type[nn.Module]) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, (nn.Linear, TransposedLinear)):
-            setattr(module, name, quantized(child))
-        else:
-            _swap_linears(child, quantized)
+def int4_fits(linear: nn.Module) -> bool:
+    return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
+
+
+def _quantized(name: str, linear: nn.Linear | TransposedLinear, mode: str, stored: StoredWeights | None) -> nn.Module:
+    if mode == "int8":
+        return Int8WeightOnlyLinear(linear)
+    if not int4_fits(linear):  # the packed int4 kernel's shape limits; int8 has none
+        return Int8WeightOnlyLinear(linear)
+    if mode == "int4":
+        return Int4WeightOnlyLinear.from_linear(linear)
+    blocks = stored.int4_blocks(name)
+    if blocks is not None:
+        return Int4WeightOnlyLinear(*blocks, linear.bias)
+    # gguf: other stored types stay as loaded when they are floats; 8-bit and larger blocks
+    # (Q8_0, Q5_x, K-quants) keep 8 bits, one scale per output row
+    return linear if stored.is_float(name) else Int8WeightOnlyLinear(linear)

@@ -36,17 +36,17 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int], width: int) -> "PagedStep":
+    def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int], width: int) -> PagedStep:
         """A [B, width] step: row b feeds counts[b] right-aligned tokens from position starts[b]."""
         positions, rows, cols, token_pos = left_padded_layout(starts, counts, width)
         size = self.block_size
         seqlens = [s + n for s, n in zip(starts, counts)]
         pages = (max(seqlens) + size - 1) // size
         table = torch.tensor([(t[:pages] + [0] * pages)[:pages] for t in block_tables], dtype=torch.long)
-        blocks = [block_tables[b][p // size] for b, p in zip(rows, token_pos)]
+        slots = [block_tables[b][p // size] * size + p % size for b, p in zip(rows, token_pos)]
         index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return PagedStep(self, positions.to(self.device), seqlens, table.to(self.device), index(rows), index(cols),
-                         index(blocks), index([p % size for p in token_pos]))
+        return PagedStep(self, positions.to(self.device), index(seqlens), table.to(self.device), index(rows),
+                         index(cols), index(slots))
 
 
 @dataclass
@@ -55,15 +55,15 @@ class PagedStep:
 
     cache: PagedKVCache
     positions: Tensor
-    seqlens: list[int]
+    seqlens: Tensor  # [B]; a tensor, so a compiled step does not specialise on lengths
     block_table: Tensor
     row_index: Tensor  # one entry per real token: its row and column in the input ...
     col_index: Tensor
-    block_index: Tensor  # ... and the block and offset it is written to
-    offset_index: Tensor
+    slot_index: Tensor  # ... and its slot in the pool seen as [num_blocks * block_size, Hkv, D]
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        k_pool[self.block_index, self.offset_index] = k[self.row_index, :, self.col_index]
-        v_pool[self.block_index, self.offset_index] = v[self.row_index, :, self.col_index]
-        return k_pool, v_pool
+        # index_copy_ on flat slots: one kernel, and (unlike an index_put) nothing for a compiled
+        # step to specialise when a single token is written
+        for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, self.slot_index, new[self.row_index, :, self.col_index])
+        return self.cache.k[layer], self.cache.v[layer]

@@ -18,7 +18,7 @@ class CacheStep(Protocol):
     """
 
     positions: Tensor
-    seqlens: list[int] | None
+    seqlens: Tensor | list[int] | None
     block_table: Tensor | None
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...

@@ -8,6 +8,7 @@ request and frees its blocks at once. `LLM` and the server are built on this loo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens (rows x padded chunk) in one prefill step
     enable_prefix_caching: bool = True
     attention_backend: str = DEFAULT_ATTENTION_BACKEND
+    compile: bool = False  # torch.compile the decode step (engine/compiled_step.py), at start-up
 
 
 class LLMEngine:
@@ -79,7 +81,13 @@ class LLMEngine:
                              f"{config.block_size} tokens ({block_bytes} bytes)")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend, config.compile)
+        self.compile_seconds = 0.0
+        if config.compile:
+            start = time.perf_counter()
+            self.runner.warmup()
+            self.compile_seconds = time.perf_counter() - start
+            logger.info("compiled the decode step in %.1f s", self.compile_seconds)
         self.requests: dict[str, Sequence] = {}
         logger.info("KV cache: %d blocks of %d tokens = %d tokens at most, %.1f MiB",
                     num_blocks, config.block_size, self.max_cached_tokens, self.runner.cache.nbytes / 2**20)

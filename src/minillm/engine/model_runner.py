@@ -9,14 +9,33 @@ import torch
 from ..cache.paged_cache import PagedKVCache
 from ..generation.sampler import apply_repetition_penalty, sample
 from ..model.transformer import MiniLLM
+from .compiled_step import compile_decode_step
 from .scheduler import ScheduledStep
 
 
 class ModelRunner:
-    def __init__(self, model: MiniLLM, num_blocks: int, block_size: int, attention_backend: str) -> None:
+    def __init__(self, model: MiniLLM, num_blocks: int, block_size: int, attention_backend: str,
+                 compile: bool = False) -> None:
         self.model = model
         self.backend = attention_backend
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
+        self.decode_step = model.forward_step
+        if compile:
+            if attention_backend != "sdpa":
+                raise ValueError(f"compile=True supports the 'sdpa' attention backend, not {attention_backend!r}")
+            self.decode_step = compile_decode_step(model.forward_step, [*self.cache.k, *self.cache.v])
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Run decode steps on scratch slots so a compiled step is traced now, not by the first request.
+        Only for a fresh cache: it writes into blocks 0 and 1, which must hold nothing yet."""
+        if self.cache.num_blocks < 2:
+            return
+        size = self.cache.block_size
+        for batch in (1, 2):
+            plan = self.cache.plan([[0, 1]] * batch, [size] * batch, [1] * batch, 1)
+            ids = torch.zeros(batch, 1, dtype=torch.long, device=self.model.device)
+            self.decode_step(ids, plan, self.backend, last_token_only=True)
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> list[tuple[int, TokenLogprobs | None] | None]:
@@ -27,7 +46,8 @@ class ModelRunner:
         rows = [[0] * (width - n) + s.token_ids[s.num_computed:s.num_computed + n] for s, n in zip(seqs, counts)]
         device = self.model.device
         plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts, width)
-        logits = self.model.forward_step(torch.tensor(rows, device=device), plan, self.backend, last_token_only=True)[:, -1]
+        forward = self.decode_step if width == 1 else self.model.forward_step
+        logits = forward(torch.tensor(rows, device=device), plan, self.backend, last_token_only=True)[:, -1]
 
         sampling = [i for i, done in enumerate(step.samples) if done]
         if not sampling:

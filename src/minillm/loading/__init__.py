@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model.transformer import MiniLLM
+from ..quantization import StoredWeights
 from ..text.tokenizer import Tokenizer
-from .gguf_file import GGUFCheckpoint
+from .gguf_file import GGUFCheckpoint, GGUFStoredWeights
 from .hf_folder import HFCheckpoint
 from .weights import ModelLoadError, build_model
 
@@ -25,6 +26,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     eos_token_ids: list[int]
     name: str
+    stored: StoredWeights | None = None  # how a GGUF file stores each layer (for quantization="gguf")
 
 
 def default_model_path() -> Path:
@@ -52,7 +54,9 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype = "
               leave=False) as bar:
         model = build_model(config, lambda name: checkpoint.tensor(names[name], config) if name in names else None,
                             device=device, progress=lambda: bar.update())
+    stored = None
     if isinstance(checkpoint, GGUFCheckpoint):
+        stored = GGUFStoredWeights(checkpoint, config)
         has_tokenizer = checkpoint.meta("tokenizer.ggml.model") is not None
         tokenizer = Tokenizer.from_gguf(checkpoint) if has_tokenizer else None
         eos = tokenizer.eos_token_ids if tokenizer else []
@@ -61,7 +65,7 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype = "
         has_tokenizer = (path / "tokenizer.json").is_file()
         tokenizer = Tokenizer.from_hf_folder(path, eos) if has_tokenizer else None
         eos = tokenizer.eos_token_ids if tokenizer else eos
-    return LoadedModel(model, tokenizer, eos, path.name)
+    return LoadedModel(model, tokenizer, eos, path.name, stored)
 
 
 __all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_checkpoint"]

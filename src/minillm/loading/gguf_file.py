@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from .weights import ModelLoadError, checkpoint_names
+from .weights import ModelLoadError, checkpoint_names, linear_sources
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -120,6 +120,53 @@ class GGUFCheckpoint:
             heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
             tensor = unpermute_rope_rows(tensor, heads)
         return tensor
+
+
+    def int4_blocks(self, name: str, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q4_0/Q4_1 tensor's own 4-bit codes [out, in] (int32, 0..15) and per-block scale and
+        offset [out, in / 32] (float32) such that weight = (code - 8) * scale + offset; None for any
+        other type. This is the stored grid itself, so computing with it adds no rounding."""
+        info = self.tensors.get(name)
+        kind = None if info is None else info.tensor_type.name
+        if kind not in ("Q4_0", "Q4_1"):
+            return None
+        rows = int(info.shape[1])
+        block_bytes = 18 if kind == "Q4_0" else 20  # fp16 scale [, fp16 minimum], 16 bytes of nibbles
+        raw = np.ascontiguousarray(info.data, dtype=np.uint8).reshape(rows, -1, block_bytes)
+        scale = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        nibbles = raw[..., block_bytes - 16:]
+        # byte j holds element j in its low nibble and element j + 16 in its high one
+        codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, -1).astype(np.int32)
+        if kind == "Q4_0":  # weight = (code - 8) * scale
+            offset = np.zeros_like(scale)
+        else:  # weight = code * scale + minimum
+            offset = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * scale
+        tensors = [torch.from_numpy(a) for a in (codes, scale, offset)]
+        if self.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
+            tensors = [unpermute_rope_rows(t, heads) for t in tensors]
+        return tensors[0], tensors[1], tensors[2]
+
+
+class GGUFStoredWeights:
+    """The `StoredWeights` of a GGUF checkpoint: which linear layers it keeps in 4-bit blocks."""
+
+    def __init__(self, checkpoint: GGUFCheckpoint, config: ModelConfig) -> None:
+        self.checkpoint, self.config = checkpoint, config
+        self.names = checkpoint.canonical_names(config.num_layers)
+
+    def _sources(self, module: str) -> list[str]:
+        return [self.names[n] for n in linear_sources(module, self.config.tie_embeddings)]
+
+    def int4_blocks(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        parts = [self.checkpoint.int4_blocks(name, self.config) for name in self._sources(module)]
+        if any(p is None for p in parts):
+            return None
+        return tuple(torch.cat(tensors) for tensors in zip(*parts))  # stacked along the output rows
+
+    def is_float(self, module: str) -> bool:
+        return all(self.checkpoint.tensors[name].tensor_type.name in ("F32", "F16", "BF16")
+                   for name in self._sources(module))
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -34,6 +34,17 @@ def layer_names(i: int) -> dict[str, str]:
     }
 
 
+def linear_sources(module: str, tie_embeddings: bool) -> list[str]:
+    """Canonical names of the checkpoint tensors a linear layer of the built model is made of
+    (wqkv is wq, wk and wv stacked; a tied LM head is the embedding table)."""
+    if module.endswith(".wqkv"):
+        prefix = module.removesuffix("wqkv")
+        return [prefix + "wq.weight", prefix + "wk.weight", prefix + "wv.weight"]
+    if module == "output" and tie_embeddings:
+        return ["tok_embeddings.weight"]
+    return [module + ".weight"]
+
+
 def checkpoint_names(global_names: dict[str, str], layer_templates: dict[str, str], num_layers: int) -> dict[str, str]:
     """Canonical name -> the checkpoint's own name, from its global names and per-layer templates ({i})."""
     names = dict(global_names)

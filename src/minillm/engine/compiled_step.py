@@ -1,0 +1,37 @@
+"""`torch.compile` of the decode step (one new token per sequence), as gpt-fast compiles its
+decode_one_token.
+
+Only decode is compiled: prefill shapes vary with every chunk and its time goes to large matmuls
+that compiling does not speed up, while a decode step of a small model is hundreds of small
+operations whose per-op cost (Python, dispatch, one pass over memory each) is most of its time;
+inductor fuses the elementwise ones into a few C++ loops.
+
+One graph serves every batch size and page count: shapes are dynamic, the KV pools are marked
+static, and sizes of 1 are not specialised (`backed_size_oblivious`) nor equated with other sizes
+that happen to match (`use_duck_shape`). Warm-up traces two graphs, batch 1 and batch > 1 (a
+reshape in the paged gather guards on it), and no request shape recompiles them.
+Compiling costs about a minute and a half on the 2-core CI machine (seconds once inductor's
+on-disk cache is warm), so it is opt-in (`LLM(..., compile=True)`, `--compile`) and is paid
+when the engine starts, never by the first request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import Tensor
+
+
+def compile_decode_step(forward_step: Callable[..., Tensor], static_tensors: Iterable[Tensor]) -> Callable[..., Tensor]:
+    for tensor in static_tensors:
+        torch._dynamo.mark_static(tensor)
+    # size_asserts off: inductor's per-call checks of every input's sizes and strides cost ~0.7 ms a step
+    compiled = torch.compile(forward_step, dynamic=True, fullgraph=True, options={"size_asserts": False})
+
+    def step(*args, **kwargs) -> Tensor:
+        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+            return compiled(*args, **kwargs)
+
+    return step
