@@ -1,5 +1,5 @@
 """`minillm bench`: prefill, batch-1 decode, TTFT and batched decode, side by side with HF
-transformers on the same weights. (llama.cpp through llama-cpp-python is not wired in yet.)
+transformers on the same weights and llama.cpp (llama-cpp-python, when installed) on the same GGUF.
 
 Every figure is the median of several runs after a warm-up, measured in this one run. Achieved
 memory bandwidth = bytes of weights read per decode step x steps/s, against the machine's own
@@ -9,6 +9,7 @@ bandwidth, measured here by streaming a 1 GiB buffer.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from ..llm import LLM
 from ..loading import default_model_path
+from ..quantization import QUANTIZATION_MODES
 from ..sampling_params import SamplingParams
 from .common import environment, median_seconds
 
@@ -77,6 +79,29 @@ def bench_hf(model, batches: list[int], runs: int, vocab: int) -> dict:
     return _measure(run, batches, runs)
 
 
+def bench_llama_cpp(path: Path, runs: int, threads: int) -> dict:
+    """llama.cpp on the same GGUF file, same thread count; batch 1 only (llama-cpp-python's API decodes
+    one sequence). Weights read per token: every tensor's stored bytes (the tied head is the Q8_0
+    embedding, read whole)."""
+    import gguf
+    from llama_cpp import Llama
+
+    model = Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=PREFILL_TOKENS + DECODE_TOKENS + 16,
+                  n_batch=PREFILL_TOKENS, verbose=False)
+    vocab = model.n_vocab()
+
+    def run(batch: int, length: int, new: int) -> None:
+        model.reset()
+        model.eval(prompts(1, length, vocab)[0])
+        for _ in range(new - 1):  # greedy: the argmax of the last logits, fed back
+            model.eval([int(model.scores[model.n_tokens - 1].argmax())])
+
+    figures = _measure(run, [], runs)
+    reader = gguf.GGUFReader(path)
+    figures["weight_bytes"] = sum(int(t.n_bytes) for t in reader.tensors)
+    return figures
+
+
 def greedy_matches_hf(llm: LLM, hf) -> bool:
     ids = llm.tokenizer.encode("The capital of France is")
     ours = llm.generate([ids], SamplingParams(max_tokens=32, temperature=0))[0].token_ids
@@ -86,45 +111,72 @@ def greedy_matches_hf(llm: LLM, hf) -> bool:
     return ours == theirs
 
 
+def parse_engine(spec: str) -> tuple[str | None, bool]:
+    """"float32", "gguf", "int4:compile", ... -> (quantization, compile)."""
+    name, _, flag = spec.partition(":")
+    if name not in ("float32", *QUANTIZATION_MODES) or flag not in ("", "compile"):
+        raise argparse.ArgumentTypeError(f"not an engine: {spec!r} (float32|{'|'.join(QUANTIZATION_MODES)}[:compile])")
+    return (None if name == "float32" else name), flag == "compile"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="minillm bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a GGUF file (default: the bundled SmolLM2)")
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4"], help="MiniLLM's weights")
+    parser.add_argument("--engines", nargs="+", default=["float32", "gguf:compile"], metavar="SPEC",
+                        help="MiniLLM settings to measure: float32, gguf, int8 or int4, each optionally :compile "
+                             "(default: float32 gguf:compile)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 32])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--out", default="benchmarks/results", help="folder for speed.json/.md/.png")
     args = parser.parse_args(argv)
+    specs = [parse_engine(spec) for spec in args.engines]
 
     from tqdm.auto import tqdm
 
     path = Path(args.model) if args.model else default_model_path()
-    steps = tqdm(total=3, desc="minillm bench", unit="stage")
-    bandwidth = machine_bandwidth()
-    steps.update()
-    # No prefix caching: the runs repeat the same prompts, and this measures computing them.
-    llm = LLM(str(path), quantization=args.quantization, progress=False, enable_prefix_caching=False)
-    engines = {f"MiniLLM {args.quantization or 'float32'}": bench_minillm(llm, args.batch_sizes, args.runs)}
-    head = getattr(llm.model.output, "weight", None)
-    engines[next(iter(engines))]["weight_bytes"] = weight_bytes(llm.model, llm.model.tok_embeddings.weight, head)
-    steps.update()
-    results: dict = {"env": environment(), "model": path.name, "machine_bandwidth_gb_s": bandwidth / 1e9}
+    threads = torch.get_num_threads()
+    steps = tqdm(total=len(specs) + 3, desc="minillm bench", unit="engine")
+    results: dict = {"env": environment(), "model": path.name, "threads": threads}
+    engines: dict[str, dict] = {}
+    for quantization, compiled in specs:
+        # No prefix caching: the runs repeat the same prompts, and this measures computing them.
+        llm = LLM(str(path), quantization=quantization, progress=False, enable_prefix_caching=False, compile=compiled)
+        name = f"MiniLLM {quantization or 'float32'}" + (" compiled" if compiled else "")
+        engines[name] = bench_minillm(llm, args.batch_sizes, args.runs)
+        head = getattr(llm.model.output, "weight", None)
+        engines[name]["weight_bytes"] = weight_bytes(llm.model, llm.model.tok_embeddings.weight, head)
+        engines[name]["compile_s"] = llm.engine.compile_seconds
+        del llm
+        # Compiled graphs are cached per code object (forward_step), so the next engine's calls
+        # would first try this model's graphs and their guards; start it from a clean slate.
+        torch._dynamo.reset()
+        steps.update()
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        reference = llm if args.quantization is None else LLM(str(path), progress=False)
-        results["greedy_matches_hf_float32"] = greedy_matches_hf(reference, hf)
-        engines["HF transformers float32"] = bench_hf(hf, args.batch_sizes, args.runs, llm.config.vocab_size)
+        results["greedy_matches_hf_float32"] = greedy_matches_hf(LLM(str(path), progress=False), hf)
+        engines["HF transformers float32"] = bench_hf(hf, args.batch_sizes, args.runs, hf.config.vocab_size)
         engines["HF transformers float32"]["weight_bytes"] = weight_bytes(
             hf, hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)
+        del hf
+    steps.update()
+    if not args.no_llama_cpp and path.suffix == ".gguf":
+        if importlib.util.find_spec("llama_cpp") is None:
+            results["llama_cpp"] = "not installed (see docs/BENCHMARKS.md: pip install 'minillm[llama-cpp]')"
+        else:
+            engines["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(path, args.runs, threads)
+    steps.update()
+    # Measured last: streaming a 1 GiB buffer first was seen to slow every later decode by ~30 %.
+    results["machine_bandwidth_gb_s"] = machine_bandwidth() / 1e9
     steps.update()
     steps.close()
     for name, figures in engines.items():
         figures["prefill_tok_s"] = PREFILL_TOKENS / figures["prefill_s"]
-        if "weight_bytes" in figures:
-            figures["bandwidth_gb_s"] = figures["weight_bytes"] * figures["decode_b1_tok_s"] / 1e9
+        figures["bandwidth_gb_s"] = figures["weight_bytes"] * figures["decode_b1_tok_s"] / 1e9
     results["engines"] = engines
     _write(Path(args.out), results, args)
     return results
@@ -135,25 +187,25 @@ def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
     (out / "speed.json").write_text(json.dumps(results, indent=2))
     batches = [1, *args.batch_sizes]
     header = ("| engine | prefill 512 (tok/s) | TTFT (ms) | " + " | ".join(f"decode b{b} (tok/s)" for b in batches)
-              + " | weights read / token (MB) | achieved bandwidth at b1 (GB/s) |")
+              + " | weights read / token (MB) | achieved bandwidth at b1 (GB/s) | compile (s) |")
     lines = ["# `minillm bench`", "",
              f"Model {results['model']}; prefill of a {PREFILL_TOKENS}-token prompt, TTFT for a {PROMPT_TOKENS}-token "
              f"prompt, decode of {DECODE_TOKENS} tokens (batch b, aggregate tokens/s, prefill excluded); median of "
              f"{args.runs} runs after a warm-up. Machine bandwidth (measured): "
-             f"{results['machine_bandwidth_gb_s']:.1f} GB/s.",
+             f"{results['machine_bandwidth_gb_s']:.1f} GB/s. Threads: {results['threads']} for every engine.",
              f"Environment: {', '.join(f'{k}: {v}' for k, v in results['env'].items() if v is not None)}.", "",
-             f"Command: `{' '.join(['minillm bench'] + ([f'--quantization {args.quantization}'] if args.quantization else []))}`",
-             "", header, "|---" * (5 + len(batches)) + "|"]
+             f"Command: `minillm bench --engines {' '.join(args.engines)}`", "", header, "|---" * (6 + len(batches)) + "|"]
     for name, f in results["engines"].items():
         cells = [f"{f['prefill_tok_s']:.0f}", f"{f['ttft_s'] * 1e3:.0f}"]
         cells += [f"{f[f'decode_b{b}_tok_s']:.1f}" if f"decode_b{b}_tok_s" in f else "—" for b in batches]
-        cells += [f"{f['weight_bytes'] / 1e6:.0f}" if "weight_bytes" in f else "—",
-                  f"{f['bandwidth_gb_s']:.1f}" if "bandwidth_gb_s" in f else "—"]
+        cells += [f"{f['weight_bytes'] / 1e6:.0f}", f"{f['bandwidth_gb_s']:.1f}",
+                  f"{f['compile_s']:.0f}" if f.get("compile_s") else "—"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "greedy_matches_hf_float32" in results:
         lines += ["", f"Greedy tokens of MiniLLM float32 equal HF transformers' (32 tokens): "
                       f"**{results['greedy_matches_hf_float32']}**."]
-    lines += ["", "llama.cpp is not measured by this tool yet."]
+    if "llama_cpp" in results:
+        lines += ["", f"llama.cpp: {results['llama_cpp']}."]
     lines += ["", "![speed](speed.png)", ""]
     (out / "speed.md").write_text("\n".join(lines))
 

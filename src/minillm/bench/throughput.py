@@ -19,6 +19,7 @@ import torch
 
 from ..engine import EngineConfig, LLMEngine
 from ..llm import LLM
+from ..quantization import QUANTIZATION_MODES
 from ..sampling_params import SamplingParams
 from .common import environment, progress_bar
 
@@ -83,18 +84,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both engines")
+    parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
+                        help="MiniLLM's weights (HF transformers always runs the dequantized checkpoint in --dtype)")
+    parser.add_argument("--compile", action="store_true", help="MiniLLM's decode step through torch.compile")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--out", default="benchmarks/results", help="folder for throughput.json/.md/.png")
     args = parser.parse_args(argv)
 
-    llm = LLM(args.model, dtype=args.dtype, progress=False, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, progress=False,
+              max_num_seqs=args.max_num_seqs, compile=args.compile)
     requests = make_requests(args.num_requests, tuple(args.input_len), tuple(args.output_len),
                              llm.model.config.vocab_size)
     output_tokens = sum(n for _, n in requests)
     warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids)
     run_engine(warm, requests[:4], "warm-up")
     seconds = run_engine(llm.engine, requests, "MiniLLM engine")
-    results = {"env": environment(), "model": llm.name, "dtype": args.dtype, "requests": args.num_requests,
+    variant = "".join(f"_{v}" for v in (args.quantization, "compiled" if args.compile else None) if v)
+    results = {"env": environment(), "model": llm.name, "dtype": args.dtype, "variant": variant,
+               "requests": args.num_requests,
                "input_len": args.input_len, "output_len": args.output_len, "output_tokens": output_tokens,
                "minillm": {"seconds": seconds, "tok_s": output_tokens / seconds,
                            "preemptions": llm.engine.stats()["num_preemptions"]}}
@@ -123,12 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if results["dtype"] == "float32" else f"_{results['dtype']}"
+    suffix = ("" if results["dtype"] == "float32" else f"_{results['dtype']}") + results["variant"]
     (out / f"throughput{suffix}.json").write_text(json.dumps(results, indent=2))
     env = results["env"]
     pc = results["prefix_cache"]
     lines = [
-        f"# Offline throughput ({results['dtype']})", "",
+        f"# Offline throughput ({results['dtype']}{results['variant'].replace('_', ', ')})", "",
         f"{results['requests']} requests, input {results['input_len'][0]}-{results['input_len'][1]} tokens, "
         f"output {results['output_len'][0]}-{results['output_len'][1]} tokens (uniform), ignore_eos, greedy, "
         f"{results['dtype']}, model {results['model']}.",
