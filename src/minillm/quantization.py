@@ -28,6 +28,7 @@ from .model.transformer import MiniLLM
 from .model.transposed_linear import TransposedLinear
 
 QUANTIZATION_MODES = ("int8", "int4", "gguf")
+INT4_GROUP_SIZE = 32
 
 
 class StoredWeights(Protocol):
@@ -38,7 +39,6 @@ class StoredWeights(Protocol):
 
     def is_float(self, module: str) -> bool:
         """Whether the layer is stored unquantized (F32/F16/BF16)."""
-INT4_GROUP_SIZE = 32
 
 
 class Int8WeightOnlyLinear(nn.Module):

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import environment
+from .common import environment, environment_markdown
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -151,7 +151,7 @@ def _write(out: Path, results: dict, argv: list[str] | None) -> None:
              f"streaming completion requests per level, prompts of {results['input_len'][0]}-{results['input_len'][1]} "
              f"random tokens, {results['output_len']} output tokens (ignore_eos), greedy. Client and server share "
              f"the machine; the server runs with OMP_WAIT_POLICY={results['omp_wait_policy']}.",
-             f"Environment: {', '.join(f'{k}: {v}' for k, v in results['env'].items() if v is not None)}.", "",
+             f"Environment: {environment_markdown(results['env'])}.", "",
              f"Command: `minillm bench --serve {' '.join(argv or [])}`".rstrip(), "",
              "| concurrency | req/s | output tok/s | TTFT mean / median / p99 (ms) | TPOT mean / median / p99 (ms) "
              "| ITL mean / median / p99 (ms) | E2E mean / median / p99 (ms) |",

@@ -20,7 +20,7 @@ from ..llm import LLM
 from ..loading import default_model_path
 from ..quantization import QUANTIZATION_MODES
 from ..sampling_params import SamplingParams
-from .common import environment, median_seconds
+from .common import environment, environment_markdown, median_seconds
 
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 512, 128, 16
 
@@ -193,7 +193,7 @@ def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
              f"prompt, decode of {DECODE_TOKENS} tokens (batch b, aggregate tokens/s, prefill excluded); median of "
              f"{args.runs} runs after a warm-up. Machine bandwidth (measured): "
              f"{results['machine_bandwidth_gb_s']:.1f} GB/s. Threads: {results['threads']} for every engine.",
-             f"Environment: {', '.join(f'{k}: {v}' for k, v in results['env'].items() if v is not None)}.", "",
+             f"Environment: {environment_markdown(results['env'])}.", "",
              f"Command: `minillm bench --engines {' '.join(args.engines)}`", "", header, "|---" * (6 + len(batches)) + "|"]
     for name, f in results["engines"].items():
         cells = [f"{f['prefill_tok_s']:.0f}", f"{f['ttft_s'] * 1e3:.0f}"]

@@ -21,7 +21,7 @@ from ..engine import EngineConfig, LLMEngine
 from ..llm import LLM
 from ..quantization import QUANTIZATION_MODES
 from ..sampling_params import SamplingParams
-from .common import environment, progress_bar
+from .common import environment, environment_markdown, progress_bar
 
 
 def make_requests(n: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab: int,
@@ -139,7 +139,7 @@ def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
         f"{results['requests']} requests, input {results['input_len'][0]}-{results['input_len'][1]} tokens, "
         f"output {results['output_len'][0]}-{results['output_len'][1]} tokens (uniform), ignore_eos, greedy, "
         f"{results['dtype']}, model {results['model']}.",
-        f"Environment: {', '.join(f'{k}: {v}' for k, v in env.items() if v is not None)}.", "",
+        f"Environment: {environment_markdown(env)}.", "",
         f"Command: `minillm bench --throughput {' '.join(argv or [])}`".rstrip() + "", "",
         "| engine | wall time (s) | output tok/s |", "|---|---|---|",
         f"| MiniLLM (continuous batching) | {results['minillm']['seconds']:.1f} | {results['minillm']['tok_s']:.1f} |",

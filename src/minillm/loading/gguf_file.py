@@ -115,12 +115,13 @@ class GGUFCheckpoint:
         data = np.ascontiguousarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(info.shape)))
         if not data.flags.writeable:  # F32 tensors are views of the read-only memory map
             data = data.copy()
-        tensor = torch.from_numpy(data)
-        if self.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
-            heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
-            tensor = unpermute_rope_rows(tensor, heads)
-        return tensor
+        return self._rope_rows_in_hf_order(name, torch.from_numpy(data), config)
 
+    def _rope_rows_in_hf_order(self, name: str, rows: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+        """Undo llama.cpp's Q/K row permutation on anything laid out by output row (weights, codes, scales)."""
+        if self.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+            return unpermute_rope_rows(rows, config.num_heads if ".attn_q." in name else config.num_kv_heads)
+        return rows
 
     def int4_blocks(self, name: str, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """A Q4_0/Q4_1 tensor's own 4-bit codes [out, in] (int32, 0..15) and per-block scale and
@@ -141,11 +142,9 @@ class GGUFCheckpoint:
             offset = np.zeros_like(scale)
         else:  # weight = code * scale + minimum
             offset = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * scale
-        tensors = [torch.from_numpy(a) for a in (codes, scale, offset)]
-        if self.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
-            heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
-            tensors = [unpermute_rope_rows(t, heads) for t in tensors]
-        return tensors[0], tensors[1], tensors[2]
+        codes_t, scale_t, offset_t = (self._rope_rows_in_hf_order(name, torch.from_numpy(a), config)
+                                      for a in (codes, scale, offset))
+        return codes_t, scale_t, offset_t
 
 
 class GGUFStoredWeights:
