@@ -39,3 +39,12 @@ def test_bench_engine_specs():
     assert parse_engine("gguf:compile") == ("gguf", True)
     with pytest.raises(Exception, match="not an engine"):
         parse_engine("int3:fast")
+
+
+def test_bench_refuses_an_unknown_engine(capsys):
+    from minillm.bench.speed import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--engines", "int3"])
+    assert exit_info.value.code == 2
+    assert "not an engine: 'int3'" in capsys.readouterr().err

@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--out", default="benchmarks/results", help="folder for speed.json/.md/.png")
     args = parser.parse_args(argv)
-    specs = [parse_engine(spec) for spec in args.engines]
+    try:
+        specs = [parse_engine(spec) for spec in args.engines]
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))  # one line and exit status 2, as for any other bad option
 
     from tqdm.auto import tqdm
 
