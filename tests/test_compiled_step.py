@@ -11,7 +11,7 @@ from minillm.engine.model_runner import ModelRunner
 def compiled_runner():
     torch.manual_seed(0)
     model = MiniLLM(Configs.tiny()).eval()
-    runner = ModelRunner(model, num_blocks=64, block_size=16, attention_backend="sdpa", compile=True)
+    runner = ModelRunner(model, num_blocks=64, block_size=16, attention_backend="paged", compile=True)
     for pool in (*runner.cache.k, *runner.cache.v):  # earlier tokens' keys and values
         pool.normal_()
     runner.warmup()
@@ -26,9 +26,9 @@ def test_compiled_decode_equals_eager_without_recompiling(compiled_runner, lengt
     with torch.inference_mode():  # as the engine runs (inference tensors have their own guards)
         plan = runner.cache.plan(tables, [n - 1 for n in lengths], [1] * batch, 1)
         ids = torch.randint(0, model.config.vocab_size, (batch, 1))
-        eager = model.forward_step(ids, plan, "sdpa", last_token_only=True)
+        eager = model.forward_step(ids, plan, "paged", last_token_only=True)
         with torch.compiler.set_stance("fail_on_recompile"):  # one graph for every batch and length
-            compiled = runner.decode_step(ids, plan, "sdpa", last_token_only=True)
+            compiled = runner.decode_step(ids, plan, "paged", last_token_only=True)
     assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
 
 

@@ -3,7 +3,8 @@
 N requests with input and output lengths drawn uniformly from the given ranges, `ignore_eos`, random
 token prompts; throughput = requested output tokens / wall time. HF transformers runs the same
 requests with batched `generate` (batches of similar input length, each generating its longest
-requested output; only requested tokens count). A second workload measures prefix caching: many
+requested output; only requested tokens count), in float32 (what `from_pretrained` gives for the
+bundled GGUF by default) and in MiniLLM's dtype when that differs. A second workload measures prefix caching: many
 requests sharing one long system prompt, with caching on and off.
 """
 
@@ -41,10 +42,10 @@ def run_engine(engine: LLMEngine, requests: list[tuple[list[int], int]], desc: s
     return time.perf_counter() - start
 
 
-def run_hf(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int) -> float:
+def run_hf(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int, dtype: str) -> float:
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
     start = time.perf_counter()
-    with progress_bar(len(requests), "HF transformers") as bar, torch.inference_mode():
+    with progress_bar(len(requests), f"HF transformers {dtype}") as bar, torch.inference_mode():
         for first in range(0, len(order), batch_size):
             batch = [requests[i] for i in order[first:first + batch_size]]
             width = max(len(ids) for ids, _ in batch)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both engines")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="MiniLLM's dtype; HF transformers runs in float32 (its default here) and in this one")
     parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
                         help="MiniLLM's weights (HF transformers always runs the dequantized checkpoint in --dtype)")
     parser.add_argument("--compile", action="store_true", help="MiniLLM's decode step through torch.compile")
@@ -113,13 +115,16 @@ def main(argv: list[str] | None = None) -> dict:
 
         path = Path(args.model) if args.model else default_model_path()
         kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-        hf = AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=getattr(torch, args.dtype),
-                                                  **kwargs).eval()
-        hf_seconds = run_hf(hf, requests, args.hf_batch_size, pad_id=llm.eos_token_ids[0])
-        results["hf"] = {"seconds": hf_seconds, "tok_s": output_tokens / hf_seconds, "batch_size": args.hf_batch_size}
-        results["speedup_vs_hf"] = hf_seconds / seconds
-        print(f"HF transformers: {hf_seconds:.1f} s = {output_tokens / hf_seconds:.1f} tok/s; "
-              f"MiniLLM is {hf_seconds / seconds:.2f}x")
+        results["hf"] = []
+        for dtype in dict.fromkeys(["float32", args.dtype]):
+            hf = AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=getattr(torch, dtype),
+                                                      **kwargs).eval()
+            hf_seconds = run_hf(hf, requests, args.hf_batch_size, pad_id=llm.eos_token_ids[0], dtype=dtype)
+            del hf
+            results["hf"].append({"dtype": dtype, "seconds": hf_seconds, "tok_s": output_tokens / hf_seconds,
+                                  "batch_size": args.hf_batch_size, "minillm_speedup": hf_seconds / seconds})
+            print(f"HF transformers {dtype}: {hf_seconds:.1f} s = {output_tokens / hf_seconds:.1f} tok/s; "
+                  f"MiniLLM is {hf_seconds / seconds:.2f}x")
     results["prefix_cache"] = prefix_workload(llm, n=32, system_tokens=512, out_len=16)
     pc = results["prefix_cache"]
     print(f"Shared 512-token prefix, 32 requests: hit rate {pc['on']['hit_rate']:.1%}, "
@@ -144,10 +149,11 @@ def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
         "| engine | wall time (s) | output tok/s |", "|---|---|---|",
         f"| MiniLLM (continuous batching) | {results['minillm']['seconds']:.1f} | {results['minillm']['tok_s']:.1f} |",
     ]
-    if "hf" in results:
-        lines.append(f"| HF transformers `generate`, batches of {results['hf']['batch_size']} | "
-                     f"{results['hf']['seconds']:.1f} | {results['hf']['tok_s']:.1f} |")
-        lines += ["", f"MiniLLM / HF: **{results['speedup_vs_hf']:.2f}x**."]
+    for hf in results.get("hf", []):
+        lines.append(f"| HF transformers `generate` {hf['dtype']}, batches of {hf['batch_size']} | "
+                     f"{hf['seconds']:.1f} | {hf['tok_s']:.1f} |")
+    lines += [""] + [f"MiniLLM ({results['dtype']}) / HF transformers {hf['dtype']}: **{hf['minillm_speedup']:.2f}x**."
+                     for hf in results.get("hf", [])]
     lines += ["", f"Prefix caching: {pc['requests']} requests sharing a {pc['system_tokens']}-token prefix, "
                   f"{pc['output_tokens']} output tokens each:", "",
               "| prefix caching | wall time (s) | hit rate |", "|---|---|---|",
@@ -162,9 +168,9 @@ def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["MiniLLM"] + (["HF transformers"] if "hf" in results else [])
-    left.bar(names, [results["minillm"]["tok_s"]] + ([results["hf"]["tok_s"]] if "hf" in results else []),
-             color=["tab:blue", "tab:orange"][: len(names)])
+    names = ["MiniLLM"] + [f"HF {hf['dtype']}" for hf in results.get("hf", [])]
+    left.bar(names, [results["minillm"]["tok_s"]] + [hf["tok_s"] for hf in results.get("hf", [])],
+             color=["tab:blue", "tab:orange", "tab:red"][: len(names)])
     left.set_ylabel("output tokens / s")
     left.set_title(f"{results['requests']} requests, offline throughput")
     right.bar(["caching off", "caching on"], [pc["off"]["seconds"], pc["on"]["seconds"]], color=["tab:gray", "tab:green"])

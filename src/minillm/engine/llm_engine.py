@@ -16,7 +16,6 @@ import torch
 
 from ..cache.paged_cache import bytes_per_block
 from ..generation.batch import check_prompt
-from ..generation.generator import DEFAULT_ATTENTION_BACKEND
 from ..model.transformer import MiniLLM
 from ..runtime import tune_allocator
 from ..sampling_params import SamplingParams
@@ -61,7 +60,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens (rows x padded chunk) in one prefill step
     enable_prefix_caching: bool = True
-    attention_backend: str = DEFAULT_ATTENTION_BACKEND
+    attention_backend: str = "paged"  # decode over the pages in place (C++ kernel on CPU), SDPA otherwise
     compile: bool = False  # torch.compile the decode step (engine/compiled_step.py), at start-up
 
 

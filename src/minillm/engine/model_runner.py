@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention import paged_cpu
 from ..cache.paged_cache import PagedKVCache
 from ..generation.sampler import apply_repetition_penalty, sample
 from ..model.transformer import MiniLLM
@@ -18,11 +19,13 @@ class ModelRunner:
                  compile: bool = False) -> None:
         self.model = model
         self.backend = attention_backend
+        if attention_backend == "paged" and model.device.type == "cpu":
+            paged_cpu.available()  # build the kernel now, not inside the first step (or a traced one)
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
         self.decode_step = model.forward_step
         if compile:
-            if attention_backend != "sdpa":
-                raise ValueError(f"compile=True supports the 'sdpa' attention backend, not {attention_backend!r}")
+            if attention_backend not in ("sdpa", "paged"):
+                raise ValueError(f"compile=True supports the 'sdpa' and 'paged' attention backends, not {attention_backend!r}")
             self.decode_step = compile_decode_step(model.forward_step, [*self.cache.k, *self.cache.v])
 
     @torch.inference_mode()
