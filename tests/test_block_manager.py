@@ -183,3 +183,24 @@ def test_hits_are_capped_below_the_prompt_length(n):
     b = seq(range(4 * n))
     bm.allocate(b)
     assert b.num_cached == 4 * (n - 1)
+
+
+def test_prefill_rows_are_not_mostly_padding_and_every_prompt_finishes():
+    bm, sched = make_scheduler(num_blocks=256, block_size=4, max_num_seqs=16, budget=256)
+    lengths = [40, 5, 38, 6, 60, 3, 33, 17]
+    seqs = [seq(range(i * 100, i * 100 + n), max_tokens=2) for i, n in enumerate(lengths)]
+    for s in seqs:
+        sched.add(s)
+    padded = real = steps = 0
+    while sched.has_unfinished():
+        step = sched.schedule()
+        if step.is_prefill:
+            padded += max(step.num_tokens) * len(step.seqs)
+            real += sum(step.num_tokens)
+        run_step(bm, sched, step)
+        steps += 1
+        assert steps < 200, "a prompt starved"
+    assert all(s.num_outputs == 2 for s in seqs)
+    # one width for every row (the old rule) would pad 5, 6, 3 up to ~40: well over 25 %
+    assert padded <= 1.25 * real
+    assert all_free(bm)
