@@ -3,7 +3,7 @@
 Decode is where continuous batching spends its time, and in PyTorch ops paged decode attention is
 a gather of every sequence's pages plus many tiny matmuls: at 64 sequences it cost more than all
 the linear layers. The kernel reads each sequence's pages in place. It is compiled for this machine
-on first use (about a minute; cached by PyTorch under ~/.cache/torch_extensions) and registered as
+on first use (about 35 s on the 2-core CI machine; cached by PyTorch under ~/.cache/torch_extensions) and registered as
 a custom op, so a compiled decode step (torch.compile) calls it as one node.
 Without a C++ compiler the engine keeps the PyTorch path (`available()` is False).
 """
