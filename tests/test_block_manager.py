@@ -146,21 +146,22 @@ def test_preempted_request_is_readmitted_and_nothing_leaks():
     assert all_free(bm)
 
 
-def test_long_prompt_is_chunked_and_decodes_interleave():
+def test_long_prompt_is_chunked_while_others_decode_in_the_same_steps():
     bm, sched = make_scheduler(num_blocks=64, block_size=4, budget=16)
     short = seq(range(3), max_tokens=20)
     sched.add(short)
     run_step(bm, sched, sched.schedule())  # short prefilled, now decoding
-    long = seq(range(100, 160), max_tokens=2)  # 60 tokens: 4 chunks of 16 at most
+    long = seq(range(100, 160), max_tokens=2)  # 60 tokens: chunks of 15 beside short's token
     sched.add(long)
-    kinds = []
+    chunks = []
     while long.in_prefill or long.status is Status.WAITING:
         step = sched.schedule()
-        kinds.append(("prefill" if step.is_prefill else "decode", max(step.num_tokens)))
+        assert sum(step.num_tokens) <= 16
+        assert short in step.seqs and step.num_tokens[step.seqs.index(short)] == 1  # never stalled
+        chunks.append(step.num_tokens[step.seqs.index(long)])
         run_step(bm, sched, step)
-    assert all(n <= 16 for _, n in kinds)
-    assert [k for k, _ in kinds].count("decode") >= 3  # the short sequence kept decoding meanwhile
-    assert short.num_outputs >= 4
+    assert chunks == [15, 15, 15, 15]
+    assert short.num_outputs == 5
 
 
 def test_abort_frees_blocks_at_once():
@@ -185,22 +186,23 @@ def test_hits_are_capped_below_the_prompt_length(n):
     assert b.num_cached == 4 * (n - 1)
 
 
-def test_prefill_rows_are_not_mostly_padding_and_every_prompt_finishes():
-    bm, sched = make_scheduler(num_blocks=256, block_size=4, max_num_seqs=16, budget=256)
+def test_steps_fill_the_token_budget_and_every_prompt_finishes():
+    bm, sched = make_scheduler(num_blocks=256, block_size=4, max_num_seqs=16, budget=64)
     lengths = [40, 5, 38, 6, 60, 3, 33, 17]
-    seqs = [seq(range(i * 100, i * 100 + n), max_tokens=2) for i, n in enumerate(lengths)]
+    seqs = [seq(range(i * 100, i * 100 + n), max_tokens=3) for i, n in enumerate(lengths)]
     for s in seqs:
         sched.add(s)
-    padded = real = steps = 0
+    steps = 0
     while sched.has_unfinished():
+        decoding = [s for s in sched.running if not s.in_prefill]
+        prompt_tokens_left = sum(len(s) - s.num_computed for s in sched.running + list(sched.waiting) if s.in_prefill
+                                 or s.status is Status.WAITING)
         step = sched.schedule()
-        if step.is_prefill:
-            padded += max(step.num_tokens) * len(step.seqs)
-            real += sum(step.num_tokens)
+        assert all(s in step.seqs for s in decoding)  # every decoding sequence moves on every step
+        assert sum(step.num_tokens) == min(64, len(decoding) + prompt_tokens_left)  # no budget left idle
         run_step(bm, sched, step)
         steps += 1
-        assert steps < 200, "a prompt starved"
-    assert all(s.num_outputs == 2 for s in seqs)
-    # one width for every row (the old rule) would pad 5, 6, 3 up to ~40: well over 25 %
-    assert padded <= 1.25 * real
+        assert steps < 50, "a prompt starved"
+    assert all(s.num_outputs == 3 for s in seqs)
+    assert steps == 6  # 202 prompt tokens + decodes in steps of 64, then the last decodes
     assert all_free(bm)

@@ -1,4 +1,4 @@
-"""The compiled decode step (EngineConfig.compile) against the eager one, and no recompiles."""
+"""The compiled engine step (EngineConfig.compile) against the eager one, and no recompiles."""
 
 import pytest
 import torch
@@ -18,17 +18,21 @@ def compiled_runner():
     return runner
 
 
-@pytest.mark.parametrize("lengths", [[1], [40], [3, 17, 50], [16, 33, 7, 90, 2, 64, 128, 31]])
-def test_compiled_decode_equals_eager_without_recompiling(compiled_runner, lengths):
+@pytest.mark.parametrize("starts,counts", [
+    ([0], [1]), ([39], [1]), ([2, 16, 49], [1, 1, 1]), ([15, 32, 6, 89, 1, 63, 127, 30], [1] * 8),  # decode
+    ([0], [5]), ([3, 0], [1, 9]), ([10, 20, 0, 40], [1, 1, 30, 17]),  # prompts and chunks beside decode rows
+])
+def test_compiled_step_equals_eager_without_recompiling(compiled_runner, starts, counts):
     runner, model = compiled_runner, compiled_runner.model
-    batch = len(lengths)
-    tables = [[b * 8 + p for p in range(8)] for b in range(batch)]  # 8 pages of 16 per row, no sharing
+    batch = len(starts)
+    tables = [[b * 8 + p for p in range(8)] for b in range(batch)]  # 8 pages of 16 per sequence, no sharing
     with torch.inference_mode():  # as the engine runs (inference tensors have their own guards)
-        plan = runner.cache.plan(tables, [n - 1 for n in lengths], [1] * batch, 1)
-        ids = torch.randint(0, model.config.vocab_size, (batch, 1))
+        plan = runner.cache.plan(tables, starts, counts)
+        ids = torch.randint(0, model.config.vocab_size, (1, sum(counts)))  # packed
         eager = model.forward_step(ids, plan, "paged", last_token_only=True)
-        with torch.compiler.set_stance("fail_on_recompile"):  # one graph for every batch and length
-            compiled = runner.decode_step(ids, plan, "paged", last_token_only=True)
+        with torch.compiler.set_stance("fail_on_recompile"):  # one graph for every step
+            compiled = runner.forward(ids, plan, "paged", last_token_only=True)
+    assert compiled.shape == (batch, 1, model.config.vocab_size)
     assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
 
 

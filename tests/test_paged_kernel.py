@@ -1,5 +1,6 @@
-"""Our C++ paged decode attention kernel (attention/paged_cpu.py) against standard attention on the
-same keys gathered into a contiguous copy, and the fallback when it cannot be built."""
+"""Our C++ paged attention kernel (attention/paged_cpu.py) against standard attention on the same keys
+gathered into a contiguous copy: decode rows, and packed steps mixing decode rows with prefill
+chunks; and the fallback when it cannot be built."""
 
 import pytest
 import torch
@@ -63,7 +64,59 @@ def test_fallback_without_the_kernel_gives_the_same_result(monkeypatch):
     assert (with_kernel - without).abs().max() <= 1e-5
 
 
-def test_kernel_rejects_mismatched_dtypes():
-    q, k_pool, v_pool, table, seqlens = paged_case(1, 4, 2, 64, 16, [10], torch.float32)
+def packed_case(heads, kv_heads, head_dim, page, lengths, q_lens, dtype):
+    """A packed step: sequence b feeds its last q_lens[b] of lengths[b] keys as queries."""
+    _, k_pool, v_pool, table, seqlens = paged_case(len(lengths), heads, kv_heads, head_dim, page, lengths, dtype)
+    q = torch.randn(1, heads, sum(q_lens), head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+    return q, k_pool, v_pool, table, seqlens, starts
+
+
+def packed_reference(q, k_pool, v_pool, table, seqlens, starts):
+    """Each sequence alone: its queries as one row, causal and bottom-right aligned, over its keys."""
+    out = []
+    for b in range(len(seqlens)):
+        rows = q[:, :, starts[b]:starts[b + 1]].float()
+        k, v = gather_pages(k_pool, table[b:b + 1]).float(), gather_pages(v_pool, table[b:b + 1]).float()
+        out.append(standard_attention(rows, k, v, seqlens[b:b + 1].tolist(), causal=True))
+    return torch.cat(out, dim=2)
+
+
+MIXED = ([1, 40, 100, 7, 300, 17], [1, 40, 9, 1, 57, 16])  # decode rows, whole prompts, chunks after a prefix
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (6, 2, 80), (10, 2, 32)])
+@pytest.mark.parametrize("page", [16, 7])
+def test_packed_step_equals_each_sequence_alone_fp32(heads, kv_heads, head_dim, page):
+    case = packed_case(heads, kv_heads, head_dim, page, *MIXED, torch.float32)
+    ref = packed_reference(*case)
+    q, k_pool, v_pool, table, seqlens, starts = case
+    out = attention(q, k_pool, v_pool, seqlens, backend="paged", block_table=table, query_start=starts)
+    assert out.shape == q.shape
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_packed_step_bf16():
+    q, k_pool, v_pool, table, seqlens, starts = case = packed_case(9, 3, 64, 16, *MIXED, torch.bfloat16)
+    out = attention(q, k_pool, v_pool, seqlens, backend="paged", block_table=table, query_start=starts)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - packed_reference(*case)).abs().max() <= 2e-2
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash", "standard"])
+def test_packed_step_on_other_backends_goes_through_rows(backend, monkeypatch):
+    q, k_pool, v_pool, table, seqlens, starts = case = packed_case(6, 2, 64, 16, *MIXED, torch.float32)
+    monkeypatch.setattr(paged_cpu, "_available", False)  # "paged" without the kernel too
+    for name in (backend, "paged"):
+        out = attention(q, k_pool, v_pool, seqlens, backend=name, block_table=table, query_start=starts)
+        assert (out - packed_reference(*case)).abs().max() <= 1e-5
+
+
+def test_kernel_rejects_bad_inputs():
+    q, k_pool, v_pool, table, seqlens, starts = packed_case(4, 2, 64, 16, [10, 20], [1, 5], torch.float32)
     with pytest.raises(RuntimeError, match="dtypes differ"):
-        paged_cpu.paged_decode(q[:, :, 0].bfloat16(), k_pool, v_pool, table, seqlens, 0.125)
+        paged_cpu.paged_attention(q[0].transpose(0, 1).bfloat16(), k_pool, v_pool, table, seqlens, starts, 0.125)
+    with pytest.raises(RuntimeError, match="query_start does not end"):
+        paged_cpu.paged_attention(q[0].transpose(0, 1), k_pool, v_pool, table, seqlens, starts - 1, 0.125)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        paged_cpu.paged_attention(q[0].transpose(0, 1), k_pool, v_pool, table + 1000, seqlens, starts, 0.125)

@@ -19,7 +19,7 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
                         help="gguf: a GGUF file's own 4-bit blocks as stored (fastest); int8/int4: weight-only, "
                              "re-quantized (default: the checkpoint's weights in --dtype)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step at start-up (1-2.5 min on 2 cores; faster once cached)")
+                        help="torch.compile the engine step at start-up (1-2.5 min on 2 cores; faster once cached)")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:

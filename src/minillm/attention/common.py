@@ -21,12 +21,15 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int]:
     return k.shape[1], k.shape[2]
 
 
-def check_paged_shapes(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor) -> tuple[int, int]:
-    """Validate block pools [num_blocks, page, Hkv, D] and a [B, pages] table; return (Hkv, page)."""
+def check_paged_shapes(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
+                       batch: int | None = None) -> tuple[int, int]:
+    """Validate block pools [num_blocks, page, Hkv, D] and a [B, pages] table (B: q's rows, or `batch`
+    sequences for packed queries); return (Hkv, page)."""
+    batch = q.shape[0] if batch is None else batch
     if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(f"paged k/v must be equal [num_blocks, page, Hkv, D] pools, got {list(k_pool.shape)}, {list(v_pool.shape)}")
-    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
-        raise ValueError(f"block_table must be [B={q.shape[0]}, pages], got {list(block_table.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be [B={batch}, pages], got {list(block_table.shape)}")
     if q.dim() != 4 or q.shape[3] != k_pool.shape[3] or q.shape[1] % k_pool.shape[2]:
         raise ValueError(f"q {list(q.shape)} does not fit the K/V pool {list(k_pool.shape)}")
     return k_pool.shape[2], k_pool.shape[1]
@@ -43,6 +46,23 @@ def gather_pages(pool: Tensor, block_table: Tensor) -> Tensor:
     # index_select, not pool[block_table]: several times faster for this gather on CPU
     pages = pool.index_select(0, block_table.reshape(-1))  # [B * n, page, Hkv, D]
     return pages.view(batch, n * page, heads, dim).transpose(1, 2)
+
+
+def packed_to_padded(q: Tensor, query_start: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed queries [1, H, N, D] (sequence b's at query_start[b]:query_start[b + 1]) as right-aligned
+    rows [B, H, width, D], for the backends that take rows; also each token's index in those rows
+    seen flat ([B * width]), which `padded_to_packed` undoes."""
+    starts = query_start.tolist()
+    counts = [end - start for start, end in zip(starts, starts[1:])]
+    width, (_, heads, _, dim) = max(counts), q.shape
+    index = torch.tensor([b * width + width - n + j for b, n in enumerate(counts) for j in range(n)], device=q.device)
+    rows = q.new_zeros(len(counts) * width, heads, dim).index_copy_(0, index, q[0].transpose(0, 1))
+    return rows.view(len(counts), width, heads, dim).transpose(1, 2), index
+
+
+def padded_to_packed(rows: Tensor, index: Tensor) -> Tensor:
+    """[B, H, width, D] rows back to packed [1, H, N, D]."""
+    return rows.transpose(1, 2).reshape(-1, *rows.shape[1:2], rows.shape[3])[index].transpose(0, 1).unsqueeze(0)
 
 
 def seqlens_tensor(cache_seqlens: Tensor | Sequence[int] | None, batch: int, kv_len: int, device) -> Tensor:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="MiniLLM's dtype; HF transformers runs in float32 (its default here) and in this one")
     parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
                         help="MiniLLM's weights (HF transformers always runs the dequantized checkpoint, in float32 and --dtype)")
-    parser.add_argument("--compile", action="store_true", help="MiniLLM's decode step through torch.compile")
+    parser.add_argument("--compile", action="store_true", help="MiniLLM's step through torch.compile")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--out", default="benchmarks/results", help="folder for throughput.json/.md/.png")
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ class CacheWrite:
     slot_index: Tensor | None
     token_index: Tensor | None
     block_table = None  # contiguous rows, not pages
+    query_start = None  # [B, T] rows, not packed
 
     @property
     def kv_len(self) -> int:

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig, resolve_dtype
-from .step import left_padded_layout
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: str | torch.dtype) -> int:
@@ -36,34 +35,36 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int], width: int) -> PagedStep:
-        """A [B, width] step: row b feeds counts[b] right-aligned tokens from position starts[b]."""
-        positions, rows, cols, token_pos = left_padded_layout(starts, counts, width)
+    def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int]) -> PagedStep:
+        """A packed step: sequence b feeds counts[b] tokens from position starts[b]; the input is
+        [1, sum(counts)], the sequences' tokens one after another (no padding)."""
         size = self.block_size
         seqlens = [s + n for s, n in zip(starts, counts)]
         pages = (max(seqlens) + size - 1) // size
-        table = torch.tensor([(t[:pages] + [0] * pages)[:pages] for t in block_tables], dtype=torch.long)
-        slots = [block_tables[b][p // size] * size + p % size for b, p in zip(rows, token_pos)]
+        table = [(t[:pages] + [0] * pages)[:pages] for t in block_tables]
+        positions = [p for s, n in zip(starts, counts) for p in range(s, s + n)]
+        slots = [t[p // size] * size + p % size for t, s, n in zip(block_tables, starts, counts) for p in range(s, s + n)]
+        query_start = [0]
+        for n in counts:
+            query_start.append(query_start[-1] + n)
         index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return PagedStep(self, positions.to(self.device), index(seqlens), table.to(self.device), index(rows),
-                         index(cols), index(slots))
+        return PagedStep(self, index(positions).view(1, -1), index(seqlens), index(table), index(query_start), index(slots))
 
 
 @dataclass
 class PagedStep:
-    """The `CacheStep` of one engine step over the paged pools."""
+    """The `CacheStep` of one engine step over the paged pools (packed: the input is [1, N])."""
 
     cache: PagedKVCache
-    positions: Tensor
-    seqlens: Tensor  # [B]; a tensor, so a compiled step does not specialise on lengths
-    block_table: Tensor
-    row_index: Tensor  # one entry per real token: its row and column in the input ...
-    col_index: Tensor
-    slot_index: Tensor  # ... and its slot in the pool seen as [num_blocks * block_size, Hkv, D]
+    positions: Tensor  # [1, N]
+    seqlens: Tensor  # [B]; tensors, so a compiled step does not specialise on lengths
+    block_table: Tensor  # [B, pages]
+    query_start: Tensor  # [B + 1]
+    slot_index: Tensor  # [N]: each token's slot in the pool seen as [num_blocks * block_size, Hkv, D]
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # index_copy_ on flat slots: one kernel, and (unlike an index_put) nothing for a compiled
         # step to specialise when a single token is written
         for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, self.slot_index, new[self.row_index, :, self.col_index])
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, self.slot_index, new[0].transpose(0, 1))
         return self.cache.k[layer], self.cache.v[layer]

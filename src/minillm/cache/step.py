@@ -14,12 +14,15 @@ class CacheStep(Protocol):
     positions:   [B, T] RoPE position of every input token
     seqlens:     keys per row once the step's tokens are written (None: every row has them all)
     block_table: None for a contiguous cache; for a paged one, [B, pages] ids into the block pool
+    query_start: None for [B, T] rows; for a packed step (the input is [1, N], sequence b's tokens
+                 at query_start[b]:query_start[b + 1]), [B + 1] offsets
     write():     store a layer's new K/V [B, Hkv, T, D] and return what attention reads
     """
 
     positions: Tensor
     seqlens: Tensor | list[int] | None
     block_table: Tensor | None
+    query_start: Tensor | None
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 

@@ -61,7 +61,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens (rows x padded chunk) in one prefill step
     enable_prefix_caching: bool = True
     attention_backend: str = "paged"  # decode over the pages in place (C++ kernel on CPU), SDPA otherwise
-    compile: bool = False  # torch.compile the decode step (engine/compiled_step.py), at start-up
+    compile: bool = False  # torch.compile the step (engine/compiled_step.py), at start-up
 
 
 class LLMEngine:
@@ -86,7 +86,7 @@ class LLMEngine:
             start = time.perf_counter()
             self.runner.warmup()
             self.compile_seconds = time.perf_counter() - start
-            logger.info("compiled the decode step in %.1f s", self.compile_seconds)
+            logger.info("compiled the engine step in %.1f s", self.compile_seconds)
         self.requests: dict[str, Sequence] = {}
         logger.info("KV cache: %d blocks of %d tokens = %d tokens at most, %.1f MiB",
                     num_blocks, config.block_size, self.max_cached_tokens, self.runner.cache.nbytes / 2**20)

@@ -10,7 +10,7 @@ from ..attention import paged_cpu
 from ..cache.paged_cache import PagedKVCache
 from ..generation.sampler import apply_repetition_penalty, sample
 from ..model.transformer import MiniLLM
-from .compiled_step import compile_decode_step
+from .compiled_step import compile_step
 from .scheduler import ScheduledStep
 
 
@@ -22,35 +22,34 @@ class ModelRunner:
         if attention_backend == "paged" and model.device.type == "cpu":
             paged_cpu.available()  # build the kernel now, not inside the first step (or a traced one)
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
-        self.decode_step = model.forward_step
+        self.forward = model.forward_step
         if compile:
             if attention_backend not in ("sdpa", "paged"):
                 raise ValueError(f"compile=True supports the 'sdpa' and 'paged' attention backends, not {attention_backend!r}")
-            self.decode_step = compile_decode_step(model.forward_step, [*self.cache.k, *self.cache.v])
+            self.forward = compile_step(model.forward_step, [*self.cache.k, *self.cache.v])
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Run decode steps on scratch slots so a compiled step is traced now, not by the first request.
+        """Run steps on scratch slots so a compiled step is traced now, not by the first request.
         Only for a fresh cache: it writes into blocks 0 and 1, which must hold nothing yet."""
         if self.cache.num_blocks < 2:
             return
         size = self.cache.block_size
         for batch in (1, 2):
-            plan = self.cache.plan([[0, 1]] * batch, [size] * batch, [1] * batch, 1)
-            ids = torch.zeros(batch, 1, dtype=torch.long, device=self.model.device)
-            self.decode_step(ids, plan, self.backend, last_token_only=True)
+            plan = self.cache.plan([[0, 1]] * batch, [size] * batch, [1] * batch)
+            ids = torch.zeros(1, batch, dtype=torch.long, device=self.model.device)
+            self.forward(ids, plan, self.backend, last_token_only=True)
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> list[tuple[int, TokenLogprobs | None] | None]:
-        """Feed each sequence its tokens; return (sampled token, its logprobs if asked) for sequences
-        that reached their last token (None for prompts still being prefilled in chunks)."""
+        """Feed each sequence its tokens, all packed into one [1, N] input; return (sampled token, its
+        logprobs if asked) for sequences that reached their last token (None for prompts still being
+        prefilled in chunks)."""
         seqs, counts = step.seqs, step.num_tokens
-        width = max(counts)
-        rows = [[0] * (width - n) + s.token_ids[s.num_computed:s.num_computed + n] for s, n in zip(seqs, counts)]
+        ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed:s.num_computed + n]]
         device = self.model.device
-        plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts, width)
-        forward = self.decode_step if width == 1 else self.model.forward_step
-        logits = forward(torch.tensor(rows, device=device), plan, self.backend, last_token_only=True)[:, -1]
+        plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts)
+        logits = self.forward(torch.tensor([ids], device=device), plan, self.backend, last_token_only=True)[:, -1]
 
         sampling = [i for i, done in enumerate(step.samples) if done]
         if not sampling:

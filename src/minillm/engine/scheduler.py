@@ -1,10 +1,11 @@
 """Which sequences run in the next step, and how many tokens each. Plain Python, no torch.
 
-A step is either a prefill step (prompt chunks: new requests, long prompts in pieces, recomputes
-after preemption) or a decode step (one token for every running sequence). When both kinds of work
-are pending they alternate, so a long prompt never stalls the sequences that are decoding. When a
-decode step finds no free block for a sequence, the newest running sequence is preempted: its
-blocks are freed and it goes back to the front of the queue, to be recomputed later.
+Every step is mixed, as in vLLM: each decoding sequence feeds its next token, and the rest of the
+token budget goes to prompt chunks (prompts under way first, then new requests in arrival order), so a
+long prompt is prefilled in pieces while the others keep decoding, and no step is spent on a few
+decode rows alone. The model runner packs the step's tokens into one input, so chunks of any length
+cost no padding. When a decoding sequence finds no free block, the newest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from .sequence import Sequence, Status
 class ScheduledStep:
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens each sequence feeds, from its num_computed on
-    is_prefill: bool
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -39,7 +39,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
-        self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -61,58 +60,32 @@ class Scheduler:
         self.abort(seq)
 
     def schedule(self) -> ScheduledStep | None:
-        decoding = [s for s in self.running if not s.in_prefill]
-        prefill_pending = bool(self.waiting) or any(s.in_prefill for s in self.running)
-        if prefill_pending and (not decoding or not self._last_was_prefill):
-            step = self._schedule_prefill()
-            if step is not None:
-                self._last_was_prefill = True
-                return step
-        self._last_was_prefill = False
-        return self._schedule_decode() if decoding else None
-
-    def _schedule_prefill(self) -> ScheduledStep | None:
-        """Prompt chunks of one width, so little of the padded [rows, width] input is wasted.
-
-        A row joins only if it fills at least 3/4 of the width (longer prompts are chunked to it),
-        and rows are added while rows x width stays within the token budget. The width is the
-        remainder of one prompt under way, the one that lets the most tokens through among those
-        the oldest prompt under way fits (so it always moves on and none starves), or of the first
-        new prompt when none is under way; new prompts keep their order: the first that does not fit
-        stops admission until a later prefill step. Padding was 23 % of prefill compute on
-        `minillm bench --throughput`'s requests with one width for all rows, 0.6 % with this rule.
-        """
-        budget = self.max_num_batched_tokens
+        step = self._schedule_decode()
+        budget = self.max_num_batched_tokens - len(step.seqs)
         remaining = lambda s: len(s) - s.num_computed  # noqa: E731
-        ongoing = [s for s in self.running if s.in_prefill]
-        fits = lambda s, width: min(remaining(s), width) * 4 >= width * 3  # noqa: E731
-
-        def rows(width: int) -> list[Sequence]:  # the ongoing prompts a step of this width takes
-            return [s for s in ongoing if fits(s, width)][: budget // width]
-
-        widths = {min(budget, remaining(s)) for s in ongoing}
-        width = max((w for w in widths if fits(ongoing[0], w)),
-                    key=lambda w: sum(min(remaining(s), w) for s in rows(w)), default=0)
-        seqs: list[Sequence] = rows(width) if ongoing else []
-        chunks = [min(remaining(s), width) for s in seqs]
-        while self.waiting and len(self.running) < self.max_num_seqs and (not width or (len(seqs) + 1) * width <= budget):
-            seq = self.waiting[0]
-            if width and not fits(seq, width):  # judged by its length before any prefix-cache hit
+        for seq in [s for s in self.running if s.in_prefill]:
+            if budget <= 0:
                 break
+            step.seqs.append(seq)
+            step.num_tokens.append(min(remaining(seq), budget))
+            budget -= step.num_tokens[-1]
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
             if not self.blocks.allocate(seq):
                 break  # wait for blocks to free up
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            width = width or min(budget, remaining(seq))
-            seqs.append(seq)
-            chunks.append(min(remaining(seq), width))
-        return ScheduledStep(seqs, chunks, is_prefill=True) if seqs else None
+            step.seqs.append(seq)
+            step.num_tokens.append(min(remaining(seq), budget))  # after any prefix-cache hit
+            budget -= step.num_tokens[-1]
+        return step if step.seqs else None
 
     def _schedule_decode(self) -> ScheduledStep:
+        """One token for every decoding sequence, preempting the newest running ones for blocks."""
         preempted: list[Sequence] = []
         scheduled: list[Sequence] = []
-        for seq in [s for s in self.running if not s.in_prefill][: self.max_num_seqs]:
+        for seq in [s for s in self.running if not s.in_prefill]:
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an older sequence
             while not self.blocks.ensure_capacity(seq, len(seq)):
@@ -123,8 +96,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 scheduled.append(seq)
-        return ScheduledStep(scheduled, [1] * len(scheduled), is_prefill=False, preempted=preempted)
-
+        return ScheduledStep(scheduled, [1] * len(scheduled), preempted=preempted)
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)

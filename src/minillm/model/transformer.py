@@ -50,12 +50,13 @@ class Attention(nn.Module):
         k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        seqlens = block_table = None
+        seqlens = block_table = query_start = None
         if ctx.cache_step is not None:
             k, v = ctx.cache_step.write(self.layer_idx, k, v)
-            seqlens, block_table = ctx.cache_step.seqlens, ctx.cache_step.block_table
+            step = ctx.cache_step
+            seqlens, block_table, query_start = step.seqlens, step.block_table, step.query_start
         out = attention(q, k, v, seqlens, block_table=block_table, backend=ctx.backend, causal=True,
-                        block_size=ctx.block_size)
+                        block_size=ctx.block_size, query_start=query_start)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -153,7 +154,11 @@ class MiniLLM(nn.Module):
 
     def forward_step(self, input_ids: Tensor, cache_step: CacheStep | None, backend: str, block_size: int = 128,
                      last_token_only: bool = False) -> Tensor:
-        """The forward pass proper, against any cache step (contiguous or paged) or none (plain causal)."""
+        """The forward pass proper, against any cache step (contiguous or paged) or none (plain causal).
+
+        With a packed step (`cache_step.query_start`: the engine's), input_ids are [1, N] and
+        `last_token_only` gives each sequence's last token: logits [B, 1, vocab].
+        """
         if cache_step is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         else:
@@ -164,5 +169,6 @@ class MiniLLM(nn.Module):
         for layer in self.layers:
             h = layer(h, ctx)
         if last_token_only:
-            h = h[:, -1:]
+            packed = cache_step is not None and cache_step.query_start is not None
+            h = h[0, cache_step.query_start[1:] - 1].unsqueeze(1) if packed else h[:, -1:]
         return self.output(self.norm(h)).float()
