@@ -175,6 +175,20 @@ def test_abort_frees_blocks_at_once():
     assert all_free(bm) and not sched.has_unfinished()
 
 
+def test_reset_prefix_cache_forgets_free_blocks_only():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a, b = seq(range(9)), seq(range(100, 109))
+    for s in (a, b):
+        bm.allocate(s)
+        compute(bm, s)
+    bm.free(a)  # a's blocks are free but findable; b's are in use
+    bm.reset_prefix_cache()
+    again_a, again_b = seq(range(9)), seq(range(100, 109))
+    bm.allocate(again_a)
+    bm.allocate(again_b)
+    assert again_a.num_cached == 0 and again_b.num_cached == 8
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_hits_are_capped_below_the_prompt_length(n):
     bm = BlockManager(num_blocks=10, block_size=4)

@@ -4,8 +4,10 @@ N requests with input and output lengths drawn uniformly from the given ranges, 
 token prompts; throughput = requested output tokens / wall time. HF transformers runs the same
 requests with batched `generate` (batches of similar input length, each generating its longest
 requested output; only requested tokens count), in float32 (what `from_pretrained` gives for the
-bundled GGUF by default) and in MiniLLM's dtype when that differs. A second workload measures prefix caching: many
-requests sharing one long system prompt, with caching on and off.
+bundled GGUF by default) and in MiniLLM's dtype when that differs. Each engine runs `--repeats` times,
+the engines taking turns (so a slow spell of a shared machine hits them alike), after a warm-up;
+medians are reported, and MiniLLM's prefix cache is emptied before each run. A second workload
+measures prefix caching: many requests sharing one long system prompt, with caching on and off.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -42,10 +45,10 @@ def run_engine(engine: LLMEngine, requests: list[tuple[list[int], int]], desc: s
     return time.perf_counter() - start
 
 
-def run_hf(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int, dtype: str) -> float:
+def run_hf(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int, desc: str) -> float:
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
     start = time.perf_counter()
-    with progress_bar(len(requests), f"HF transformers {dtype}") as bar, torch.inference_mode():
+    with progress_bar(len(requests), f"HF transformers {desc}") as bar, torch.inference_mode():
         for first in range(0, len(order), batch_size):
             batch = [requests[i] for i in order[first:first + batch_size]]
             width = max(len(ids) for ids, _ in batch)
@@ -56,6 +59,19 @@ def run_hf(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id
                            do_sample=False, pad_token_id=pad_id)
             bar.update(len(batch))
     return time.perf_counter() - start
+
+
+def load_hf(model: str | None, dtypes: list[str]) -> dict:
+    """HF transformers' model of the same checkpoint, once per dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from ..loading import default_model_path
+
+    path = Path(model) if model else default_model_path()
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    return {dtype: AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=getattr(torch, dtype),
+                                                        **kwargs).eval()
+            for dtype in dict.fromkeys(dtypes)}
 
 
 def prefix_workload(llm: LLM, n: int, system_tokens: int, out_len: int) -> dict:
@@ -90,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="MiniLLM's weights (HF transformers always runs the dequantized checkpoint, in float32 and --dtype)")
     parser.add_argument("--compile", action="store_true", help="MiniLLM's step through torch.compile")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each engine, taking turns (medians)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for throughput.json/.md/.png")
     args = parser.parse_args(argv)
 
@@ -100,37 +117,46 @@ def main(argv: list[str] | None = None) -> dict:
     output_tokens = sum(n for _, n in requests)
     warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids)
     run_engine(warm, requests[:4], "warm-up")
-    seconds = run_engine(llm.engine, requests, "MiniLLM engine")
+    hf_models = {} if args.no_hf else load_hf(args.model, ["float32", args.dtype])
+    pad_id = llm.eos_token_ids[0]
+    for hf in hf_models.values():
+        run_hf(hf, requests[:4], args.hf_batch_size, pad_id, "warm-up")
+    runs: dict[str, list[float]] = {"minillm": [], **{dtype: [] for dtype in hf_models}}
+    for r in range(args.repeats):
+        llm.engine.reset_prefix_cache()  # the same prompts again must be computed again
+        runs["minillm"].append(run_engine(llm.engine, requests, f"MiniLLM engine ({r + 1}/{args.repeats})"))
+        for dtype, hf in hf_models.items():
+            runs[dtype].append(run_hf(hf, requests, args.hf_batch_size, pad_id, f"{dtype} ({r + 1}/{args.repeats})"))
+    seconds = statistics.median(runs["minillm"])
     variant = "".join(f"_{v}" for v in (args.quantization, "compiled" if args.compile else None) if v)
     results = {"env": environment(), "model": llm.name, "dtype": args.dtype, "variant": variant,
-               "requests": args.num_requests,
+               "requests": args.num_requests, "repeats": args.repeats,
                "input_len": args.input_len, "output_len": args.output_len, "output_tokens": output_tokens,
-               "minillm": {"seconds": seconds, "tok_s": output_tokens / seconds,
+               "minillm": {"seconds": seconds, "tok_s": output_tokens / seconds, "runs": runs["minillm"],
+                           "compile_s": llm.engine.compile_seconds,
                            "preemptions": llm.engine.stats()["num_preemptions"]}}
-    print(f"MiniLLM: {output_tokens} tokens in {seconds:.1f} s = {output_tokens / seconds:.1f} tok/s")
-    if not args.no_hf:
-        from transformers import AutoModelForCausalLM
-
-        from ..loading import default_model_path
-
-        path = Path(args.model) if args.model else default_model_path()
-        kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    print(f"MiniLLM: {output_tokens} tokens in {seconds:.1f} s (median of {_seconds(runs['minillm'])}) = "
+          f"{output_tokens / seconds:.1f} tok/s")
+    if hf_models:
         results["hf"] = []
-        for dtype in dict.fromkeys(["float32", args.dtype]):
-            hf = AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=getattr(torch, dtype),
-                                                      **kwargs).eval()
-            hf_seconds = run_hf(hf, requests, args.hf_batch_size, pad_id=llm.eos_token_ids[0], dtype=dtype)
-            del hf
+        for dtype in hf_models:
+            hf_seconds = statistics.median(runs[dtype])
             results["hf"].append({"dtype": dtype, "seconds": hf_seconds, "tok_s": output_tokens / hf_seconds,
-                                  "batch_size": args.hf_batch_size, "minillm_speedup": hf_seconds / seconds})
-            print(f"HF transformers {dtype}: {hf_seconds:.1f} s = {output_tokens / hf_seconds:.1f} tok/s; "
-                  f"MiniLLM is {hf_seconds / seconds:.2f}x")
+                                  "runs": runs[dtype], "batch_size": args.hf_batch_size,
+                                  "minillm_speedup": hf_seconds / seconds})
+            print(f"HF transformers {dtype}: {hf_seconds:.1f} s (median of {_seconds(runs[dtype])}) = "
+                  f"{output_tokens / hf_seconds:.1f} tok/s; MiniLLM is {hf_seconds / seconds:.2f}x")
+        hf_models.clear()
     results["prefix_cache"] = prefix_workload(llm, n=32, system_tokens=512, out_len=16)
     pc = results["prefix_cache"]
     print(f"Shared 512-token prefix, 32 requests: hit rate {pc['on']['hit_rate']:.1%}, "
           f"{pc['off']['seconds']:.1f} s without caching, {pc['on']['seconds']:.1f} s with: {pc['speedup']:.2f}x")
     write_results(Path(args.out), results, argv)
     return results
+
+
+def _seconds(runs: list[float]) -> str:
+    return ", ".join(f"{s:.1f}" for s in runs)
 
 
 def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
@@ -146,12 +172,13 @@ def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
         f"{results['dtype']}, model {results['model']}.",
         f"Environment: {environment_markdown(env)}.", "",
         f"Command: `minillm bench --throughput {' '.join(argv or [])}`".rstrip() + "", "",
-        "| engine | wall time (s) | output tok/s |", "|---|---|---|",
-        f"| MiniLLM (continuous batching) | {results['minillm']['seconds']:.1f} | {results['minillm']['tok_s']:.1f} |",
+        f"| engine | wall time (s), median of {results['repeats']} | runs (s) | output tok/s |", "|---|---|---|---|",
+        f"| MiniLLM (continuous batching) | {results['minillm']['seconds']:.1f} | {_seconds(results['minillm']['runs'])} | "
+        f"{results['minillm']['tok_s']:.1f} |",
     ]
     for hf in results.get("hf", []):
         lines.append(f"| HF transformers `generate` {hf['dtype']}, batches of {hf['batch_size']} | "
-                     f"{hf['seconds']:.1f} | {hf['tok_s']:.1f} |")
+                     f"{hf['seconds']:.1f} | {_seconds(hf['runs'])} | {hf['tok_s']:.1f} |")
     lines += [""] + [f"MiniLLM ({results['dtype']}) / HF transformers {hf['dtype']}: **{hf['minillm_speedup']:.2f}x**."
                      for hf in results.get("hf", [])]
     lines += ["", f"Prefix caching: {pc['requests']} requests sharing a {pc['system_tokens']}-token prefix, "

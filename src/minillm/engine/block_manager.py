@@ -125,6 +125,14 @@ class BlockManager:
             self.hash_to_block[block.hash] = block.block_id
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix of the free blocks (blocks in use keep theirs), as vLLM's
+        `reset_prefix_cache`: a benchmark repeating the same prompts must compute them again."""
+        for block in self.blocks:
+            if block.ref_count == 0:
+                block.hash = block.token_ids = None
+        self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.blocks[b].ref_count}
+
     # -- internals -------------------------------------------------------------------------------
 
     def _take(self, block_id: int) -> None:
