@@ -1,7 +1,8 @@
-"""Shape checks and the position-based visibility rule shared by every attention backend."""
+"""Shape checks, the position-based visibility rule and the packed <-> rows layout shared by the backends."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -53,7 +54,7 @@ def packed_to_padded(q: Tensor, query_start: Tensor) -> tuple[Tensor, Tensor]:
     rows [B, H, width, D], for the backends that take rows; also each token's index in those rows
     seen flat ([B * width]), which `padded_to_packed` undoes."""
     starts = query_start.tolist()
-    counts = [end - start for start, end in zip(starts, starts[1:])]
+    counts = [end - start for start, end in itertools.pairwise(starts)]
     width, (_, heads, _, dim) = max(counts), q.shape
     index = torch.tensor([b * width + width - n + j for b, n in enumerate(counts) for j in range(n)], device=q.device)
     rows = q.new_zeros(len(counts) * width, heads, dim).index_copy_(0, index, q[0].transpose(0, 1))

@@ -52,16 +52,18 @@ def run_hf(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id
         for first in range(0, len(order), batch_size):
             batch = [requests[i] for i in order[first:first + batch_size]]
             width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids, _ in batch])
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch])
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids, _ in batch], device=model.device)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch], device=model.device)
             new = max(n for _, n in batch)
             model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=pad_id)
             bar.update(len(batch))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def load_hf(model: str | None, dtypes: list[str]) -> dict:
+def load_hf(model: str | None, dtypes: list[str], device: str) -> dict:
     """HF transformers' model of the same checkpoint, once per dtype."""
     from transformers import AutoModelForCausalLM
 
@@ -70,7 +72,7 @@ def load_hf(model: str | None, dtypes: list[str]) -> dict:
     path = Path(model) if model else default_model_path()
     kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     return {dtype: AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=getattr(torch, dtype),
-                                                        **kwargs).eval()
+                                                        **kwargs).eval().to(device)
             for dtype in dict.fromkeys(dtypes)}
 
 
@@ -105,19 +107,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
                         help="MiniLLM's weights (HF transformers always runs the dequantized checkpoint, in float32 and --dtype)")
     parser.add_argument("--compile", action="store_true", help="MiniLLM's step through torch.compile")
+    parser.add_argument("--device", default="cpu", help="where both engines run (cpu, cuda)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each engine, taking turns (medians)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for throughput.json/.md/.png")
     args = parser.parse_args(argv)
 
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, progress=False,
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization, progress=False,
               max_num_seqs=args.max_num_seqs, compile=args.compile)
     requests = make_requests(args.num_requests, tuple(args.input_len), tuple(args.output_len),
                              llm.model.config.vocab_size)
     output_tokens = sum(n for _, n in requests)
     warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids)
     run_engine(warm, requests[:4], "warm-up")
-    hf_models = {} if args.no_hf else load_hf(args.model, ["float32", args.dtype])
+    hf_models = {} if args.no_hf else load_hf(args.model, ["float32", args.dtype], args.device)
     pad_id = llm.eos_token_ids[0]
     for hf in hf_models.values():
         run_hf(hf, requests[:4], args.hf_batch_size, pad_id, "warm-up")
