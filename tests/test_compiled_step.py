@@ -36,6 +36,12 @@ def test_compiled_step_equals_eager_without_recompiling(compiled_runner, starts,
     assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
 
 
+def test_compile_needs_the_paged_kernel():
+    model = MiniLLM(Configs.tiny()).eval()
+    with pytest.raises(ValueError, match="compile=True needs the 'paged' attention backend"):
+        ModelRunner(model, num_blocks=8, block_size=16, attention_backend="sdpa", compile=True)
+
+
 def test_bench_engine_specs():
     from minillm.bench.speed import parse_engine
 

@@ -9,7 +9,7 @@ match (`use_duck_shape`). Warm-up traces two graphs, one sequence and several (a
 paged gather guards on it), and no later step recompiles them (tests/test_compiled_step.py).
 On `minillm bench --throughput` (bf16, 2 cores) compiling cut the engine's wall time from 24.9 s to
 15.3 s. Compiling SmolLM2's step was measured at 119-139 s on the 2-core CI machine with an empty
-inductor cache and 46-73 s with a warm one, so it is opt-in (`LLM(..., compile=True)`, `--compile`)
+inductor cache and 46-73 s with a warm one, so it is opt-in (`LLM(..., compile=True)`, `--compile`; CPU, with the "paged" kernel)
 and is paid when the engine starts, never by the first request.
 """
 

@@ -24,8 +24,10 @@ class ModelRunner:
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
         self.forward = model.forward_step
         if compile:
-            if attention_backend not in ("sdpa", "paged"):
-                raise ValueError(f"compile=True supports the 'sdpa' and 'paged' attention backends, not {attention_backend!r}")
+            # the other backends turn a packed step into padded rows, whose width is known only at run time
+            if attention_backend != "paged" or model.device.type != "cpu" or not paged_cpu.available():
+                raise ValueError("compile=True needs the 'paged' attention backend's C++ kernel (CPU, built with g++); "
+                                 f"here: backend {attention_backend!r} on {model.device.type}")
             self.forward = compile_step(model.forward_step, [*self.cache.k, *self.cache.v])
 
     @torch.inference_mode()
