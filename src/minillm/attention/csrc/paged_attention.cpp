@@ -53,13 +53,23 @@ struct Problem {
   float scale;
 };
 
-// Call fn(t, offset) for keys t < count of one sequence, offset being key t's element offset in a
-// pool for KV head h: walks the block table a page at a time (no division per key).
+// Call fn(t, row) for keys t < count of one sequence, row pointing at key t's KV head h in `pool`:
+// walks the block table a page at a time (no division per key), and asks for the next page while
+// working on this one (pages are scattered over the pool, so the hardware prefetcher cannot guess
+// them; measured over 30 layers of 10 MB of K/V each: 1.5-1.9 ms per layer without, at ~6 GB/s).
 template <typename T, typename Fn>
-static inline void for_each_key(const Problem<T>& p, const int64_t* pages, int64_t h, int64_t dim, int64_t count, Fn fn) {
+static inline void for_each_key(const Problem<T>& p, const T* pool, const int64_t* pages, int64_t h, int64_t dim,
+                                int64_t count, Fn fn) {
   const int64_t token_stride = p.num_kv_heads * dim;
   for (int64_t first = 0, n = 0; first < count; first += p.page, ++n) {
-    const int64_t base = pages[n] * p.page * token_stride + h * dim, end = std::min(p.page, count - first);
+    const T* base = pool + pages[n] * p.page * token_stride + h * dim;
+    if (first + p.page < count) {
+      const char* next = reinterpret_cast<const char*>(pool + pages[n + 1] * p.page * token_stride + h * dim);
+      for (int64_t i = 0; i < p.page; ++i)
+        for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += 64)
+          __builtin_prefetch(next + i * token_stride * static_cast<int64_t>(sizeof(T)) + byte);
+    }
+    const int64_t end = std::min(p.page, count - first);
     for (int64_t i = 0; i < end; ++i) fn(first + i, base + i * token_stride);
   }
 }
@@ -101,9 +111,9 @@ struct VectorHead {
         query[g][c] = load(q_row + g * DIM + c * W) * fVec(p.scale);
         acc[g][c] = fVec(0.f);
       }
-    for_each_key(p, pages, h, DIM, len, [&](int64_t t, int64_t offset) {
+    for_each_key(p, p.k, pages, h, DIM, len, [&](int64_t t, const T* key) {
       fVec k[C];
-      for (int64_t c = 0; c < C; ++c) k[c] = load(p.k + offset + c * W);
+      for (int64_t c = 0; c < C; ++c) k[c] = load(key + c * W);
       for (int64_t g = 0; g < GROUPS; ++g) {
         fVec s = query[g][0] * k[0];
         for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(query[g][c], k[c], s);
@@ -111,9 +121,9 @@ struct VectorHead {
       }
     });
     softmax_rows(scores.data(), GROUPS, len, stride);
-    for_each_key(p, pages, h, DIM, len, [&](int64_t t, int64_t offset) {
+    for_each_key(p, p.v, pages, h, DIM, len, [&](int64_t t, const T* value) {
       fVec v[C];
-      for (int64_t c = 0; c < C; ++c) v[c] = load(p.v + offset + c * W);
+      for (int64_t c = 0; c < C; ++c) v[c] = load(value + c * W);
       for (int64_t g = 0; g < GROUPS; ++g) {
         const fVec weight(scores[g * stride + t]);
         for (int64_t c = 0; c < C; ++c) acc[g][c] = at::vec::fmadd(weight, v[c], acc[g][c]);
@@ -135,17 +145,17 @@ struct AnyHead {
     const int64_t dim = p.dim, groups = p.num_heads / p.num_kv_heads, stride = (len + W - 1) / W * W;
     scores.resize(groups * stride);
     std::vector<float> acc(groups * dim, 0.f);
-    for_each_key(p, pages, h, dim, len, [&](int64_t t, int64_t offset) {
+    for_each_key(p, p.k, pages, h, dim, len, [&](int64_t t, const T* key) {
       for (int64_t g = 0; g < groups; ++g) {
         float s = 0.f;
-        for (int64_t d = 0; d < dim; ++d) s += to_float(q_row[g * dim + d]) * to_float(p.k[offset + d]);
+        for (int64_t d = 0; d < dim; ++d) s += to_float(q_row[g * dim + d]) * to_float(key[d]);
         scores[g * stride + t] = s * p.scale;
       }
     });
     softmax_rows(scores.data(), groups, len, stride);
-    for_each_key(p, pages, h, dim, len, [&](int64_t t, int64_t offset) {
+    for_each_key(p, p.v, pages, h, dim, len, [&](int64_t t, const T* value) {
       for (int64_t g = 0; g < groups; ++g)
-        for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += scores[g * stride + t] * to_float(p.v[offset + d]);
+        for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += scores[g * stride + t] * to_float(value[d]);
     });
     for (int64_t i = 0; i < groups * dim; ++i) o_row[i] = static_cast<T>(acc[i]);
   }
