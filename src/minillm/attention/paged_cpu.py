@@ -4,7 +4,7 @@ In PyTorch ops, paged attention is a gather of every sequence's pages into a pad
 masked SDPA (or many tiny matmuls) over it: at 64 decoding sequences it cost more than all the
 linear layers. The kernel reads each sequence's pages in place, for a packed batch of any mix of
 decode rows and prefill chunks (the engine's step). It is compiled for this machine
-on first use (about 35 s on the 2-core CI machine; cached by PyTorch under ~/.cache/torch_extensions) and registered as
+on first use (about 40 s on the 2-core CI machine; cached by PyTorch under ~/.cache/torch_extensions) and registered as
 a custom op, so a compiled step (torch.compile) calls it as one node.
 Without a C++ compiler the engine keeps the PyTorch path (`available()` is False).
 """
