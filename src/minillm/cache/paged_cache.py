@@ -7,6 +7,7 @@ file only holds the tensors and writes a step's new K/V into the right slots.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +45,7 @@ class PagedKVCache:
         table = [(t[:pages] + [0] * pages)[:pages] for t in block_tables]
         positions = [p for s, n in zip(starts, counts) for p in range(s, s + n)]
         slots = [t[p // size] * size + p % size for t, s, n in zip(block_tables, starts, counts) for p in range(s, s + n)]
-        query_start = [0]
-        for n in counts:
-            query_start.append(query_start[-1] + n)
+        query_start = list(itertools.accumulate(counts, initial=0))
         index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return PagedStep(self, index(positions).view(1, -1), index(seqlens), index(table), index(query_start), index(slots))
 

@@ -5,12 +5,12 @@ pass over memory each) is much of its time; inductor fuses the elementwise ones 
 loops. Every engine step is packed ([1, N] tokens of B sequences, decode rows and prompt chunks
 alike), so one graph serves them all: shapes are dynamic, the KV pools are marked static, and
 sizes of 1 are not specialised (`backed_size_oblivious`) nor equated with other sizes that happen to
-match (`use_duck_shape`). Warm-up traces two graphs, one sequence and several (a reshape in the
-paged gather guards on it), and no later step recompiles them (tests/test_compiled_step.py).
+match (`use_duck_shape`). Warm-up traces the two graphs dynamo makes, one for a single sequence
+and one for several, and no later step recompiles them (tests/test_compiled_step.py).
 On `minillm bench --throughput` (bf16, 2 cores) compiling cut the engine's wall time from 24.9 s to
 15.3 s. Compiling SmolLM2's step was measured at 119-139 s on the 2-core CI machine with an empty
-inductor cache and 46-73 s with a warm one, so it is opt-in (`LLM(..., compile=True)`, `--compile`; CPU, with the "paged" kernel)
-and is paid when the engine starts, never by the first request.
+inductor cache and 46-73 s with a warm one, so it is opt-in (`LLM(..., compile=True)`, `--compile`;
+CPU, with the "paged" kernel) and is paid when the engine starts, never by the first request.
 """
 
 from __future__ import annotations

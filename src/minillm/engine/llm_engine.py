@@ -58,9 +58,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for the paged K/V pools
     max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 512  # tokens (rows x padded chunk) in one prefill step
+    max_num_batched_tokens: int = 512  # tokens in one step: every decode token plus prompt chunks
     enable_prefix_caching: bool = True
-    attention_backend: str = "paged"  # decode over the pages in place (C++ kernel on CPU), SDPA otherwise
+    attention_backend: str = "paged"  # the pages read in place (C++ kernel, CPU); SDPA on padded rows otherwise
     compile: bool = False  # torch.compile the step (engine/compiled_step.py), at start-up
 
 
