@@ -1,5 +1,5 @@
 """Offline throughput: MiniLLM's continuous-batching engine vs HF transformers (same as
-`minillm bench --throughput`). Writes results/throughput.{json,md,png}."""
+`minillm bench --throughput`). Writes results/throughput[_bfloat16][_compiled].{json,md,png} (dtype and variant in the name)."""
 
 import sys
 
