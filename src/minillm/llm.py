@@ -14,7 +14,7 @@ from .engine import EngineConfig, LLMEngine, StepOutput
 from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
 from .model.transposed_linear import transpose_widening_linears
-from .quantization import quantize_model
+from .quantization import QUANTIZATION_MODES, quantize_model
 from .sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -37,23 +37,35 @@ class LLM:
     LLM("hf_folder")           config.json + *.safetensors + tokenizer.json
     """
 
-    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "float32",
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
                  device: str | torch.device = "cpu", quantization: str | None = None, progress: bool = True,
                  **engine_options: Any) -> None:
-        """quantization: None (the checkpoint's weights, dequantized to `dtype`; the default, and the
-        only setting whose greedy tokens equal HF transformers' float32 ones), "gguf" (a GGUF file's
-        own 4-bit blocks as they are: the fastest), "int8" or "int4" (weight-only, re-quantized;
-        see minillm.quantization). engine_options: the fields of `EngineConfig` (block_size,
-        kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
-        attention_backend, compile)."""
-        loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress)
-        if quantization is not None:
-            quantize_model(loaded.model, quantization, loaded.stored)
-        elif loaded.model.device.type == "cpu" and loaded.model.dtype == torch.float32:
+        """dtype None (the default): a GGUF file computes with its own quantized blocks through our C++
+        kernels (float32 activations and KV cache; the fastest setting, as llama.cpp runs the file),
+        other checkpoints in float32. dtype "float32" or "bfloat16": every weight dequantized to it;
+        float32 is the setting whose greedy tokens equal HF transformers'. quantization: None, "gguf"
+        (insists on the file's blocks: a GGUF file, dtype None) or "int8" / "int4" (weight-only,
+        re-quantized from float; see minillm.quantization). engine_options: the fields of
+        `EngineConfig` (block_size, kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens,
+        enable_prefix_caching, attention_backend, compile)."""
+        if quantization == "gguf" and dtype is not None:
+            raise ValueError("quantization='gguf' computes with the file's blocks in float32; leave dtype unset")
+        if quantization not in (None, *QUANTIZATION_MODES):
+            raise ValueError(f"unknown quantization {quantization!r}; expected one of {QUANTIZATION_MODES} or None")
+        requantize = quantization in ("int8", "int4")
+        loaded = load_checkpoint(model, dtype=dtype if dtype is not None or not requantize else "float32",
+                                 device=device, progress=progress)
+        if quantization == "gguf" and not loaded.quantized:
+            raise ValueError(f"quantization='gguf' needs a GGUF file on the CPU and the C++ kernels; {loaded.name} "
+                             "was loaded dequantized instead")
+        if requantize:
+            quantize_model(loaded.model, quantization)
+        elif not loaded.quantized and loaded.model.device.type == "cpu" and loaded.model.dtype == torch.float32:
             transpose_widening_linears(loaded.model)  # measured 60 -> 47 ms per decode token on CPU
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{loaded.name} has no tokenizer (tokenizer.json); LLM needs one")
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
+        self.quantized = loaded.quantized
         self.eos_token_ids = loaded.eos_token_ids
         self.progress = progress
         self.engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, EngineConfig(**engine_options))

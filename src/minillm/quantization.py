@@ -7,19 +7,14 @@ kernels are fast only with bf16 activations, so inputs are cast to bf16 and outp
 "int8": int8 weights with one bfloat16 scale per output row (symmetric), `_weight_int8pack_mm`.
 "int4": 4-bit weights in groups of 32 along the input, each with a scale and a zero point
   (asymmetric, min/max), `_weight_int4pack_mm_for_cpu`, every layer re-quantized.
-"gguf": compute with a GGUF file's own weights as stored: GGUF Q4_0/Q4_1 blocks are exactly the
-  int4 kernel's shape (groups of 32, weight = (code - 8) * scale + offset), so their codes are used
-  as they are (only the fp16 scales are rounded to the kernel's bf16); other quantized types get
-  int8, float tensors stay float. For the bundled Q4_1 SmolLM2 that is int4 everywhere but the
-  tied LM head, which the file stores as Q8_0 (int8 here).
+"gguf" (a GGUF file's own quantized blocks, our C++ kernels) is not a swap: it is built at load
+(loading/quantized.py, kernels/ggml.py).
 
 Batch-1 decode of the bundled SmolLM2-135M through the engine on the 2-core CI machine
 (measured): float32 59.8 ms, int8 25.5 ms, int4 16.4 ms per token.
 """
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,16 +24,6 @@ from .model.transposed_linear import TransposedLinear
 
 QUANTIZATION_MODES = ("int8", "int4", "gguf")
 INT4_GROUP_SIZE = 32
-
-
-class StoredWeights(Protocol):
-    """How a checkpoint stores each linear layer (by module name, e.g. "layers.0.attention.wqkv")."""
-
-    def int4_blocks(self, module: str) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(codes, scales, offsets) of a layer stored in 4-bit blocks of 32, else None."""
-
-    def is_float(self, module: str) -> bool:
-        """Whether the layer is stored unquantized (F32/F16/BF16)."""
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -101,22 +86,19 @@ class Int4WeightOnlyLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def quantize_model(model: MiniLLM, mode: str | None, stored: StoredWeights | None = None) -> MiniLLM:
-    """Swap the model's linear layers for quantized ones, in place; None leaves it as it is.
-
-    "gguf" needs `stored`, the GGUF file's own layout of each layer (see StoredWeights)."""
+def quantize_model(model: MiniLLM, mode: str | None) -> MiniLLM:
+    """Swap the model's linear layers for re-quantized ones ("int8", "int4"), in place; None leaves it as it is."""
     if mode is None:
         return model
-    if mode not in QUANTIZATION_MODES:
-        raise ValueError(f"unknown quantization {mode!r}; expected one of {QUANTIZATION_MODES} or None")
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"unknown quantization {mode!r} for a built model; expected 'int8', 'int4' or None "
+                         "('gguf' is chosen when loading a GGUF file)")
     if model.device.type != "cpu":
         raise ValueError(f"quantization {mode!r} uses CPU kernels; the model is on {model.device}")
-    if mode == "gguf" and stored is None:
-        raise ValueError("quantization 'gguf' computes with a GGUF file's own quantized weights; this checkpoint is not a GGUF file")
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, TransposedLinear)):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, _quantized(name, module, mode, stored))
+            setattr(model.get_submodule(parent), attr, _quantized(module, mode))
     return model
 
 
@@ -124,16 +106,7 @@ def int4_fits(linear: nn.Module) -> bool:
     return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
 
 
-def _quantized(name: str, linear: nn.Linear | TransposedLinear, mode: str, stored: StoredWeights | None) -> nn.Module:
-    if mode == "int8":
-        return Int8WeightOnlyLinear(linear)
-    if not int4_fits(linear):  # the packed int4 kernel's shape limits; int8 has none
-        return Int8WeightOnlyLinear(linear)
-    if mode == "int4":
+def _quantized(linear: nn.Linear | TransposedLinear, mode: str) -> nn.Module:
+    if mode == "int4" and int4_fits(linear):  # the packed int4 kernel's shape limits; int8 has none
         return Int4WeightOnlyLinear.from_linear(linear)
-    blocks = stored.int4_blocks(name)
-    if blocks is not None:
-        return Int4WeightOnlyLinear(*blocks, linear.bias)
-    # gguf: other stored types stay as loaded when they are floats; 8-bit and larger blocks
-    # (Q8_0, Q5_x, K-quants) keep 8 bits, one scale per output row
-    return linear if stored.is_float(name) else Int8WeightOnlyLinear(linear)
+    return Int8WeightOnlyLinear(linear)

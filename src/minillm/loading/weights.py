@@ -16,7 +16,7 @@ class ModelLoadError(ValueError):
 
 
 def layer_names(i: int) -> dict[str, str]:
-    """Canonical per-layer tensor names (q/k/v separate; they are fused into wqkv here)."""
+    """Canonical per-layer tensor names (q/k/v and w1/w3 separate; they are fused into wqkv and w13 here)."""
     p = f"layers.{i}."
     return {
         "attention_norm": p + "attention_norm.weight",
@@ -36,10 +36,13 @@ def layer_names(i: int) -> dict[str, str]:
 
 def linear_sources(module: str, tie_embeddings: bool) -> list[str]:
     """Canonical names of the checkpoint tensors a linear layer of the built model is made of
-    (wqkv is wq, wk and wv stacked; a tied LM head is the embedding table)."""
+    (wqkv is wq, wk and wv stacked, w13 is w1 and w3; a tied LM head is the embedding table)."""
     if module.endswith(".wqkv"):
         prefix = module.removesuffix("wqkv")
         return [prefix + "wq.weight", prefix + "wk.weight", prefix + "wv.weight"]
+    if module.endswith(".w13"):
+        prefix = module.removesuffix("w13")
+        return [prefix + "w1.weight", prefix + "w3.weight"]
     if module == "output" and tie_embeddings:
         return ["tok_embeddings.weight"]
     return [module + ".weight"]
@@ -83,8 +86,8 @@ def build_model(
             state[p + "attention.wqkv.bias"] = torch.cat([need(n["bq"]), need(n["bk"]), need(n["bv"])])
         state[p + "attention.wo.weight"] = need(n["wo"])
         state[p + "ffn_norm.weight"] = need(n["ffn_norm"])
-        for w in ("w1", "w2", "w3"):
-            state[p + f"feed_forward.{w}.weight"] = need(n[w])
+        state[p + "feed_forward.w13.weight"] = torch.cat([need(n["w1"]), need(n["w3"])])
+        state[p + "feed_forward.w2.weight"] = need(n["w2"])
         progress()
 
     with torch.device("meta"):

@@ -1,7 +1,7 @@
 """The MiniLLM decoder: a Llama-family transformer (RMSNorm, RoPE, GQA, SwiGLU, optional qkv bias).
 
 Module names follow gpt-fast/Llama: tok_embeddings, layers[i].{attention_norm, attention.{wqkv, wo},
-ffn_norm, feed_forward.{w1, w2, w3}}, norm, output.
+ffn_norm, feed_forward.{w13, w2}}, norm, output (w13: w1 and w3, gate and up, stacked).
 """
 
 from __future__ import annotations
@@ -61,17 +61,20 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(x W1^T) * x W3^T), with W1 (gate) and W3 (up) stacked in one `w13` matmul."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         dtype = config.torch_dtype
-        self.w1 = nn.Linear(config.dim_model, config.hidden_dim, bias=False, dtype=dtype)
-        self.w3 = nn.Linear(config.dim_model, config.hidden_dim, bias=False, dtype=dtype)
+        self.w13 = nn.Linear(config.dim_model, 2 * config.hidden_dim, bias=False, dtype=dtype)
         self.w2 = nn.Linear(config.hidden_dim, config.dim_model, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h = self.w13(x)
+        if not getattr(self.w13, "applies_swiglu", False):  # fused kernels (kernels.ggml) apply it themselves
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.w2(h)
 
 
 class TransformerBlock(nn.Module):
@@ -105,11 +108,12 @@ class MiniLLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        """The dtype of activations and the KV cache (weights may be quantized)."""
+        return self.norm.weight.dtype
 
     def forward(
         self,

@@ -22,7 +22,8 @@
 #else
 #define CPU_CAPABILITY DEFAULT
 #endif
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -222,8 +223,8 @@ static void dispatch(const Problem<T>& p) {
   run<T, AnyHead<T>>(p);
 }
 
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor block_table,
-                              torch::Tensor seqlens, torch::Tensor query_start, double scale) {
+at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor block_table,
+                              at::Tensor seqlens, at::Tensor query_start, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes(), "paged_attention: bad shapes");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && q.scalar_type() == v_pool.scalar_type(),
               "paged_attention: dtypes differ");
@@ -234,9 +235,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
   q = q.contiguous();
   k_pool = k_pool.contiguous();
   v_pool = v_pool.contiguous();
-  auto table = block_table.to(torch::kLong).contiguous();
-  auto lens = seqlens.to(torch::kLong).contiguous();
-  auto starts = query_start.to(torch::kLong).contiguous();
+  auto table = block_table.to(at::kLong).contiguous();
+  auto lens = seqlens.to(at::kLong).contiguous();
+  auto starts = query_start.to(at::kLong).contiguous();
   // cheap checks that keep every read inside the pools, whatever the caller passed
   const int64_t* start = starts.data_ptr<int64_t>();
   const int64_t* len = lens.data_ptr<int64_t>();
@@ -250,7 +251,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
       TORCH_CHECK(ids[b * max_pages + i] >= 0 && ids[b * max_pages + i] < k_pool.size(0),
                   "paged_attention: block_table names a block outside the pool");
   }
-  auto out = torch::zeros_like(q);
+  auto out = at::zeros_like(q);
   auto problem = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     return Problem<T>{q.data_ptr<T>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(), out.data_ptr<T>(),
@@ -258,9 +259,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
                       block_table.size(0), q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), block_table.size(1),
                       static_cast<float>(scale)};
   };
-  if (q.scalar_type() == torch::kFloat) {
+  if (q.scalar_type() == at::kFloat) {
     dispatch(problem(static_cast<float*>(nullptr)));
-  } else if (q.scalar_type() == torch::kBFloat16) {
+  } else if (q.scalar_type() == at::kBFloat16) {
     dispatch(problem(static_cast<at::BFloat16*>(nullptr)));
   } else {
     TORCH_CHECK(false, "paged_attention: float32 or bfloat16 only");
@@ -268,4 +269,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_attention", &paged_attention); }
+TORCH_LIBRARY_FRAGMENT(minillm, m) {
+  m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor seqlens, "
+        "Tensor query_start, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("paged_attention", &paged_attention); }

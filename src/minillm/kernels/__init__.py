@@ -1,0 +1,93 @@
+"""Our C++ CPU kernels, registered as `torch.ops.minillm.*` (one op each for eager and torch.compile).
+
+- csrc/ggml_matmul.cpp: matmul on GGUF quantized blocks (`ggml_linear`), built for plain x86-64 with
+  its AVX2 and AVX-512 VNNI paths picked at run time from the CPU's flags (`isa()`; MINILLM_ISA pins a
+  lower one);
+- csrc/paged_attention.cpp: attention over the paged KV cache, built with -march=native.
+
+`pip install --no-build-isolation -e .` compiles both (setup.py) into this folder. Without that (a
+plain `pip install`, whose isolated build has no torch), the first use compiles them into PyTorch's
+extension cache: about 15 s and 40 s on 2 cores, once per machine. Without a C++ compiler `load`
+returns False after one warning, and callers keep their PyTorch paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("minillm")
+
+HERE = Path(__file__).parent
+# name -> compiler flags (also read by setup.py)
+EXTENSIONS = {
+    "ggml_matmul": ["-O3", "-fopenmp"],
+    "paged_attention": ["-O3", "-march=native", "-fopenmp"],  # built on the machine that runs it
+}
+
+
+def source(name: str) -> Path:
+    return HERE / "csrc" / f"{name}.cpp"
+
+
+@functools.cache
+def load(name: str) -> bool:
+    """Load one extension (prebuilt at install, else compiled now); False, after one warning, if it cannot be."""
+    built = [p for p in HERE.glob(f"_{name}.*.so") if p.stat().st_mtime >= source(name).stat().st_mtime]
+    try:
+        if built:
+            torch.ops.load_library(str(built[0]))
+            _register_fakes(name)
+            return True
+        from torch.utils.cpp_extension import load as build
+
+        logger.warning("compiling the %s kernel for this machine (once; `pip install --no-build-isolation -e .` "
+                       "does it at install)", name)
+        flags = EXTENSIONS[name]
+        build(f"minillm_{name}", [str(source(name))], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+              is_python_module=False)
+        _register_fakes(name)
+        return True
+    except Exception as error:  # no compiler, no ninja, a build error: say why in one line
+        logger.warning("the %s kernel is unavailable, using PyTorch ops instead: %s", name,
+                       (str(error).strip().splitlines() or [type(error).__name__])[0])
+        return False
+
+
+def _register_fakes(name: str) -> None:
+    """Output shapes of each op, for torch.compile (the kernels themselves come from the C++ library)."""
+    if name == "paged_attention":
+        # contiguous, as the kernel returns it (empty_like would copy q's strides)
+        torch.library.register_fake("minillm::paged_attention", lambda q, *_: q.new_empty(q.shape))
+        return
+
+    @torch.library.register_fake("minillm::ggml_linear")
+    def _(x, weight, fmt, in_features, bias, swiglu):
+        return x.new_empty((*x.shape[:-1], weight.shape[0] // (2 if swiglu else 1)))
+
+    @torch.library.register_fake("minillm::ggml_dequantize_rows")
+    def _(weight, fmt, in_features, ids):
+        return weight.new_empty((ids.numel(), in_features), dtype=torch.float32)
+
+
+def ops_available() -> bool:
+    """Whether the GGUF matmul kernels are loaded (built and loaded on first call)."""
+    return load("ggml_matmul")
+
+
+def isa() -> str:
+    """The vector path the GGUF kernels use: "avx512_vnni", "avx2" or "portable"."""
+    return torch.ops.minillm.ggml_isa() if ops_available() else "unavailable"
+
+
+def set_isa(name: str) -> None:
+    """Pin the GGUF kernels' path for this process (the CPU must have it)."""
+    ops_available()
+    torch.ops.minillm.ggml_set_isa(name)
+
+
+def best_isa() -> str:
+    return torch.ops.minillm.ggml_best_isa() if ops_available() else "unavailable"

@@ -1,0 +1,354 @@
+// Matrix multiplication with GGUF (llama.cpp) quantized weights on CPU: y = x W^T (+ bias).
+//
+// The weights stay in their block layout, one row of blocks per output feature:
+//   Q4_0  (18 B / 32 weights): fp16 d, 16 B of nibbles;           w = (q - 8) d
+//   Q4_1  (20 B / 32):         fp16 d, fp16 m, 16 B of nibbles;   w = q d + m
+//   Q8_0  (34 B / 32):         fp16 d, 32 int8;                   w = q d
+//   Q4F   (24 B / 32):         f32 d, f32 m, 16 B of nibbles;     w = q d + m      (Q4_K repacked at load)
+//   I8S16 (48 B / 32):         f32 d[2], f32 m[2], 32 int8;       w = q d[h] + m[h] per half h of 16
+//                                                                  (Q5_0, Q5_1, Q5_K, Q6_K repacked at load)
+// In nibble blocks byte j holds weight j in its low half and weight j + 16 in its high half.
+//
+// The activations are quantized per row to 8 bits in blocks of 32 (scale dx = max|x| / 127, as llama.cpp's
+// Q8_0), so every block's dot product is an integer one: sum_j w_j x_j = dx (d sum_j q_j xq_j) + m dx sum_j xq_j,
+// with dx sum_j xq_j kept per half block. The integer dot runs on AVX-512 VNNI (vpdpbusd), on AVX2
+// (vpmaddubsw + vpmaddwd) or in plain C++, chosen at run time from the CPU's flags (see `isa`); the file
+// itself is compiled for plain x86-64, each vector path in functions marked with its target.
+//
+// Work is split over output rows (at::parallel_for, PyTorch's thread pool and count). A thread takes a
+// chunk of rows small enough to stay in L1 and runs every activation row against it, four at a time,
+// so a weight block is decoded once per four tokens during prefill and batched decode.
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace {
+
+enum Format : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4F = 100, I8S16 = 101 };  // GGML's ids where they exist
+constexpr int64_t QK = 32;
+
+int64_t block_bytes(int64_t fmt) {
+  switch (fmt) {
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q8_0: return 34;
+    case Q4F: return 24;
+    case I8S16: return 48;
+  }
+  TORCH_CHECK(false, "ggml_linear: unknown weight format ", fmt);
+}
+
+// Activations of one row: blocks of 32 int8 codes, their scale, and dx * (sum of codes) per half block.
+struct XRow {
+  const int8_t* q;   // [K]
+  const float* d;    // [K / 32]
+  const float* s;    // [K / 32 * 2]
+};
+
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline float load_f32(const uint8_t* p) { float v; std::memcpy(&v, p, 4); return v; }
+
+// ---------------------------------------------------------------- portable path
+// The reference for the vector paths: same block arithmetic, integer dots in int32.
+template <int NR>
+void dot_scalar(int64_t fmt, const uint8_t* w, int64_t nb, const XRow* x, float* out) {
+  const int64_t bb = block_bytes(fmt);
+  float acc[NR] = {};
+  for (int64_t b = 0; b < nb; ++b, w += bb) {
+    int8_t q[QK];
+    float d[2], m[2];
+    if (fmt == Q8_0 || fmt == I8S16) {
+      const uint8_t* codes = w + (fmt == Q8_0 ? 2 : 16);
+      std::memcpy(q, codes, QK);
+      if (fmt == Q8_0) { d[0] = d[1] = half_to_float(load_u16(w)); m[0] = m[1] = 0.f; }
+      else { d[0] = load_f32(w); d[1] = load_f32(w + 4); m[0] = load_f32(w + 8); m[1] = load_f32(w + 12); }
+    } else {
+      const uint8_t* nib = w + (fmt == Q4_0 ? 2 : fmt == Q4_1 ? 4 : 8);
+      for (int j = 0; j < 16; ++j) { q[j] = nib[j] & 15; q[j + 16] = nib[j] >> 4; }
+      if (fmt == Q4F) { d[0] = load_f32(w); m[0] = load_f32(w + 4); }
+      else { d[0] = half_to_float(load_u16(w)); m[0] = fmt == Q4_1 ? half_to_float(load_u16(w + 2)) : -8.f * d[0]; }
+      d[1] = d[0]; m[1] = m[0];
+    }
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* xq = x[r].q + b * QK;
+      int32_t lo = 0, hi = 0;
+      for (int j = 0; j < 16; ++j) lo += int32_t(q[j]) * xq[j];
+      for (int j = 16; j < 32; ++j) hi += int32_t(q[j]) * xq[j];
+      const float dx = x[r].d[b];
+      acc[r] += dx * (d[0] * lo + d[1] * hi) + m[0] * x[r].s[2 * b] + m[1] * x[r].s[2 * b + 1];
+    }
+  }
+  for (int r = 0; r < NR; ++r) out[r] = acc[r];
+}
+
+// ---------------------------------------------------------------- AVX2 / AVX-512 VNNI
+// One template for both: the only difference is the u8 x s8 -> int32 dot of 32 bytes.
+#define VEC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VEC_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+VEC_TARGET_AVX2 inline __m256i udot_avx2(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+VEC_TARGET_VNNI inline __m256i udot_vnni(__m256i u, __m256i s) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+}
+
+#define DEFINE_VEC_PATH(NAME, TARGET, UDOT)                                                                  \
+  TARGET inline float hsum_##NAME(__m256 v) {                                                                \
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                           \
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                                  \
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                                   \
+    return _mm_cvtss_f32(s);                                                                                 \
+  }                                                                                                          \
+  template <int NR>                                                                                          \
+  TARGET void dot_##NAME(int64_t fmt, const uint8_t* w, int64_t nb, const XRow* x, float* out) {            \
+    const int64_t bb = block_bytes(fmt);                                                                     \
+    __m256 acc[NR];                                                                                          \
+    float macc[NR];                                                                                          \
+    for (int r = 0; r < NR; ++r) { acc[r] = _mm256_setzero_ps(); macc[r] = 0.f; }                            \
+    const __m256i low4 = _mm256_set1_epi8(15);                                                               \
+    for (int64_t b = 0; b < nb; ++b, w += bb) {                                                              \
+      __m256i codes;                                                                                         \
+      __m256 dv;                                                                                             \
+      float m0, m1;                                                                                          \
+      bool is_signed = fmt == Q8_0 || fmt == I8S16;                                                          \
+      if (is_signed) {                                                                                       \
+        codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (fmt == Q8_0 ? 2 : 16)));           \
+        if (fmt == Q8_0) { dv = _mm256_set1_ps(_cvtsh_ss(load_u16(w))); m0 = m1 = 0.f; }                    \
+        else {                                                                                               \
+          dv = _mm256_set_m128(_mm_set1_ps(load_f32(w + 4)), _mm_set1_ps(load_f32(w)));                     \
+          m0 = load_f32(w + 8); m1 = load_f32(w + 12);                                                       \
+        }                                                                                                    \
+      } else {                                                                                               \
+        const int64_t off = fmt == Q4_0 ? 2 : fmt == Q4_1 ? 4 : 8;                                          \
+        __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + off));                             \
+        codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(n, 4), n), low4);                          \
+        float d0;                                                                                            \
+        if (fmt == Q4F) { d0 = load_f32(w); m0 = load_f32(w + 4); }                                         \
+        else { d0 = _cvtsh_ss(load_u16(w)); m0 = fmt == Q4_1 ? _cvtsh_ss(load_u16(w + 2)) : -8.f * d0; }    \
+        dv = _mm256_set1_ps(d0); m1 = m0;                                                                    \
+      }                                                                                                      \
+      /* signed codes: |w| (unsigned) times x with w's sign, as llama.cpp does */                           \
+      const __m256i u = is_signed ? _mm256_sign_epi8(codes, codes) : codes;                                  \
+      for (int r = 0; r < NR; ++r) {                                                                         \
+        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r].q + b * QK));                 \
+        if (is_signed) xq = _mm256_sign_epi8(xq, codes);                                                     \
+        const __m256 dot = _mm256_cvtepi32_ps(UDOT(u, xq));                                                  \
+        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dv, _mm256_set1_ps(x[r].d[b])), acc[r]);               \
+        macc[r] += m0 * x[r].s[2 * b] + m1 * x[r].s[2 * b + 1];                                              \
+      }                                                                                                      \
+    }                                                                                                        \
+    for (int r = 0; r < NR; ++r) out[r] = hsum_##NAME(acc[r]) + macc[r];                                     \
+  }
+
+DEFINE_VEC_PATH(avx2, VEC_TARGET_AVX2, udot_avx2)
+DEFINE_VEC_PATH(vnni, VEC_TARGET_VNNI, udot_vnni)
+
+// ---------------------------------------------------------------- dispatch
+enum class Isa { Portable = 0, Avx2 = 1, Avx512Vnni = 2 };
+
+Isa best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return Isa::Avx512Vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::Avx2;
+  return Isa::Portable;
+}
+
+// The path in use: the best one this CPU has, unless MINILLM_ISA (portable | avx2 | avx512_vnni) asks for
+// a lower one, or set_isa() pins one (tests force every path the CPU can run).
+Isa supported = best_isa();
+Isa current = [] {
+  const char* env = std::getenv("MINILLM_ISA");
+  if (env == nullptr) return supported;
+  const std::string s(env);
+  Isa want = s == "portable" ? Isa::Portable : s == "avx2" ? Isa::Avx2 : s == "avx512_vnni" ? Isa::Avx512Vnni : supported;
+  return std::min(want, supported);
+}();
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::Avx512Vnni ? "avx512_vnni" : isa == Isa::Avx2 ? "avx2" : "portable";
+}
+
+template <int NR>
+void dot(int64_t fmt, const uint8_t* w, int64_t nb, const XRow* x, float* out) {
+  switch (current) {
+    case Isa::Avx512Vnni: return dot_vnni<NR>(fmt, w, nb, x, out);
+    case Isa::Avx2: return dot_avx2<NR>(fmt, w, nb, x, out);
+    default: return dot_scalar<NR>(fmt, w, nb, x, out);
+  }
+}
+
+// ---------------------------------------------------------------- activations
+void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, float* s) {
+  const int64_t nb = k / QK;
+  at::parallel_for(0, rows * nb, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* src = x + i * QK;  // rows are contiguous, so block i of the flat array
+      float amax = 0.f;
+      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(src[j]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t lo = 0, hi = 0;
+      for (int j = 0; j < QK; ++j) {
+        const int v = static_cast<int>(std::nearbyint(src[j] * inv));
+        q[i * QK + j] = static_cast<int8_t>(v);
+        (j < 16 ? lo : hi) += v;
+      }
+      d[i] = scale;
+      s[2 * i] = scale * lo;
+      s[2 * i + 1] = scale * hi;
+    }
+  });
+}
+
+void check_weight(const at::Tensor& weight, int64_t fmt, int64_t in_features) {
+  TORCH_CHECK(weight.dtype() == at::kByte && weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
+              "ggml_linear: weight must be a contiguous uint8 CPU tensor [out, bytes per row]");
+  TORCH_CHECK(in_features > 0 && in_features % QK == 0, "ggml_linear: in_features ", in_features,
+              " is not a positive multiple of 32");
+  TORCH_CHECK(weight.size(1) == in_features / QK * block_bytes(fmt), "ggml_linear: a row of ", in_features,
+              " weights in format ", fmt, " has ", in_features / QK * block_bytes(fmt), " bytes, the tensor has ",
+              weight.size(1));
+}
+
+// x [..., K] float32 -> [..., N]; with swiglu, N = 2H outputs become silu(y[:H]) * y[H:] ([..., H]).
+at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt, int64_t in_features,
+                       const std::optional<at::Tensor>& bias, bool swiglu) {
+  check_weight(weight, fmt, in_features);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(), "ggml_linear: x must be float32 on CPU");
+  TORCH_CHECK(x_in.size(-1) == in_features, "ggml_linear: x has ", x_in.size(-1), " features, the weight ", in_features);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.numel() / in_features, n = weight.size(0), nb = in_features / QK, row_bytes = weight.size(1);
+  TORCH_CHECK(!swiglu || n % 2 == 0, "ggml_linear: swiglu needs an even number of outputs");
+  const float* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value()) {
+    bias_c = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_c.numel() == n, "ggml_linear: bias has ", bias_c.numel(), " values for ", n, " outputs");
+    b = bias_c.data_ptr<float>();
+  }
+  at::Tensor qbuf = at::empty({rows * in_features}, x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({rows * nb * 3}, x.options());
+  int8_t* xq = qbuf.data_ptr<int8_t>();
+  float* xd = scales.data_ptr<float>();
+  float* xs = xd + rows * nb;
+  quantize_rows(x.data_ptr<float>(), rows, in_features, xq, xd, xs);
+
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options());
+  float* out = y.data_ptr<float>();
+  const uint8_t* wbase = weight.data_ptr<uint8_t>();
+  // ~16 KB of weight rows per chunk: they stay in L1/L2 while every activation row passes over them
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, 16384 / row_bytes));
+  at::parallel_for(0, n, chunk, [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = begin; c0 < end; c0 += chunk) {
+      const int64_t c1 = std::min(end, c0 + chunk);
+      for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        const int nr = static_cast<int>(std::min<int64_t>(4, rows - r0));
+        XRow xr[4];
+        for (int i = 0; i < nr; ++i)
+          xr[i] = {xq + (r0 + i) * in_features, xd + (r0 + i) * nb, xs + (r0 + i) * nb * 2};
+        for (int64_t o = c0; o < c1; ++o) {
+          float res[4];
+          const uint8_t* w = wbase + o * row_bytes;
+          switch (nr) {
+            case 4: dot<4>(fmt, w, nb, xr, res); break;
+            case 3: dot<3>(fmt, w, nb, xr, res); break;
+            case 2: dot<2>(fmt, w, nb, xr, res); break;
+            default: dot<1>(fmt, w, nb, xr, res);
+          }
+          for (int i = 0; i < nr; ++i) out[(r0 + i) * n + o] = res[i] + (b ? b[o] : 0.f);
+        }
+      }
+    }
+  });
+  if (!swiglu) return y;
+  const int64_t h = n / 2;
+  shape.back() = h;
+  at::Tensor act = at::empty(shape, x.options());
+  float* a = act.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t j = 0; j < h; ++j) {
+        const float g = out[r * n + j];
+        a[r * h + j] = g / (1.f + std::exp(-g)) * out[r * n + h + j];
+      }
+  });
+  return act;
+}
+
+// Rows `ids` of a quantized table dequantized to float32 (token embeddings that the file stores quantized).
+at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t fmt, int64_t in_features, const at::Tensor& ids_in) {
+  check_weight(weight, fmt, in_features);
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t count = ids.numel(), nb = in_features / QK, rows = weight.size(0), bb = block_bytes(fmt);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < rows, "ggml_dequantize_rows: row ", id[i], " outside [0, ", rows, ")");
+  at::Tensor y = at::empty({count, in_features}, weight.options().dtype(at::kFloat));
+  float* out = y.data_ptr<float>();
+  // each weight through the portable dot with a one-hot activation would be slow; decode blocks directly
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* w = weight.data_ptr<uint8_t>() + id[i] * weight.size(1);
+      for (int64_t b = 0; b < nb; ++b, w += bb) {
+        float* dst = out + i * in_features + b * QK;
+        if (fmt == Q8_0) {
+          const float d = half_to_float(load_u16(w));
+          for (int j = 0; j < QK; ++j) dst[j] = d * static_cast<int8_t>(w[2 + j]);
+        } else if (fmt == I8S16) {
+          for (int j = 0; j < QK; ++j)
+            dst[j] = load_f32(w + 4 * (j / 16)) * static_cast<int8_t>(w[16 + j]) + load_f32(w + 8 + 4 * (j / 16));
+        } else {
+          float d, m;
+          const uint8_t* nib = w + (fmt == Q4_0 ? 2 : fmt == Q4_1 ? 4 : 8);
+          if (fmt == Q4F) { d = load_f32(w); m = load_f32(w + 4); }
+          else { d = half_to_float(load_u16(w)); m = fmt == Q4_1 ? half_to_float(load_u16(w + 2)) : -8.f * d; }
+          for (int j = 0; j < 16; ++j) { dst[j] = d * (nib[j] & 15) + m; dst[j + 16] = d * (nib[j] >> 4) + m; }
+        }
+      }
+    }
+  });
+  return y;
+}
+
+std::string ggml_isa() { return isa_name(current); }
+std::string ggml_best_isa() { return isa_name(supported); }
+
+// Pin a path for this process (tests); asking for one the CPU lacks is an error, not a SIGILL.
+void ggml_set_isa(const std::string& name) {
+  Isa want = name == "portable" ? Isa::Portable : name == "avx2" ? Isa::Avx2 : name == "avx512_vnni" ? Isa::Avx512Vnni : Isa(-1);
+  TORCH_CHECK(want != Isa(-1), "unknown ISA path '", name, "' (portable, avx2, avx512_vnni)");
+  TORCH_CHECK(want <= supported, "this CPU cannot run the ", name, " path (best: ", isa_name(supported), ")");
+  current = want;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(minillm, m) {
+  m.def("ggml_linear(Tensor x, Tensor weight, int fmt, int in_features, Tensor? bias, bool swiglu) -> Tensor");
+  m.def("ggml_dequantize_rows(Tensor weight, int fmt, int in_features, Tensor ids) -> Tensor");
+  m.def("ggml_isa() -> str", &ggml_isa);
+  m.def("ggml_best_isa() -> str", &ggml_best_isa);
+  m.def("ggml_set_isa(str name) -> ()", &ggml_set_isa);
+}
+
+TORCH_LIBRARY_IMPL(minillm, CPU, m) {
+  m.impl("ggml_linear", &ggml_linear);
+  m.impl("ggml_dequantize_rows", &ggml_dequantize_rows);
+}
