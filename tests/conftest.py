@@ -14,8 +14,14 @@ def tiny_model() -> MiniLLM:
 
 @pytest.fixture(scope="session")
 def smollm() -> LLM:
-    """The bundled SmolLM2-135M-Instruct in float32, loaded once per test session."""
+    """The bundled SmolLM2-135M-Instruct in the default setting (its own quantized blocks), loaded once."""
     return LLM(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm_f32() -> LLM:
+    """The same file dequantized to float32: the HF-parity setting, loaded once."""
+    return LLM(dtype="float32", progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -49,14 +49,14 @@ def test_gguf_llama_matches_transformers_on_the_same_weights(tmp_path, qtype):
     """Q/K rows are permuted as llama.cpp does on the way in; the loader must undo it."""
     hf = hf_model("llama")
     path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", hf, qtype=qtype)
-    loaded = load_checkpoint(path, progress=False)
+    loaded = load_checkpoint(path, dtype="float32", progress=False)
     assert max_logit_diff(loaded.model, dequantized_copy(hf, qtype)) <= 1e-4
 
 
 def test_gguf_qwen2_with_bias_and_tied_embeddings(tmp_path):
     hf = hf_model("qwen2", tie_word_embeddings=True)
     path = write_gguf(tmp_path / "qwen.gguf", hf, arch="qwen2")
-    loaded = load_checkpoint(path, progress=False)
+    loaded = load_checkpoint(path, dtype="float32", progress=False)
     assert loaded.model.config.qkv_bias and loaded.model.config.tie_embeddings
     assert max_logit_diff(loaded.model, hf) <= 1e-4
 

@@ -19,14 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .flags import EXTENSIONS
+
 logger = logging.getLogger("minillm")
 
 HERE = Path(__file__).parent
-# name -> compiler flags (also read by setup.py)
-EXTENSIONS = {
-    "ggml_matmul": ["-O3", "-fopenmp"],
-    "paged_attention": ["-O3", "-march=native", "-fopenmp"],  # built on the machine that runs it
-}
 
 
 def source(name: str) -> Path:
@@ -42,10 +39,11 @@ def load(name: str) -> bool:
             torch.ops.load_library(str(built[0]))
             _register_fakes(name)
             return True
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import get_default_build_root, load as build
 
-        logger.warning("compiling the %s kernel for this machine (once; `pip install --no-build-isolation -e .` "
-                       "does it at install)", name)
+        if not (Path(get_default_build_root()) / f"minillm_{name}" / f"minillm_{name}.so").exists():
+            logger.warning("compiling the %s kernel for this machine, once (`pip install --no-build-isolation -e .` "
+                           "compiles it at install)", name)
         flags = EXTENSIONS[name]
         build(f"minillm_{name}", [str(source(name))], extra_cflags=flags, extra_ldflags=["-fopenmp"],
               is_python_module=False)

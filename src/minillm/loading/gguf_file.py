@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from .gguf_reader import GGUFFile
 from .weights import ModelLoadError, checkpoint_names, linear_sources
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -44,14 +45,12 @@ class GGUFCheckpoint:
     """An open GGUF file: its metadata as plain values and its tensors by name."""
 
     def __init__(self, path: str | Path) -> None:
-        import gguf
-
         self.path = Path(path)
         try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as err:  # the reader raises ValueError, IndexError, ... on damaged files
+            self.reader = GGUFFile(self.path)
+        except Exception as err:  # struct.error, ValueError, ... on damaged files
             raise ModelLoadError(f"{self.path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.tensors = self.reader.tensors
         self.architecture = self.meta("general.architecture")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
@@ -59,8 +58,7 @@ class GGUFCheckpoint:
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
     def meta(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.reader.fields.get(key, default)
 
     def arch_meta(self, key: str, default: Any = None) -> Any:
         return self.meta(f"{self.architecture}.{key}", default)
@@ -132,7 +130,7 @@ class GGUFCheckpoint:
             return None
         import gguf
 
-        cols, rows = (int(d) for d in info.shape[:2])
+        cols, rows = (int(d) for d in (*info.shape, 1)[:2])
         per, size = gguf.GGML_QUANT_SIZES[info.tensor_type]
         if len(info.shape) != 2 or cols % per or info.data.size != rows * cols // per * size:
             raise ModelLoadError(f"{self.path.name}: tensor {name} ({info.tensor_type.name}, shape "

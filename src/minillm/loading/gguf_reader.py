@@ -1,0 +1,95 @@
+"""A lean reader of GGUF headers: metadata as plain Python values, tensors as views of a memory map.
+
+`gguf.GGUFReader` builds numpy views for every element of every metadata array (the bundled model's
+vocabulary and merges are 98k strings): 4.6 s of its 5.2 s load on the 2-core CI machine. This reads
+the same layout (GGUF v2/v3, little-endian) in one pass of `struct`; type ids, block sizes and
+dequantization still come from the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: list[int]  # innermost first, as GGUF lists dimensions
+    data: np.ndarray  # floats in numpy's order, or quantized blocks as uint8 [rows, bytes per row]
+
+
+class GGUFFile:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.buffer = memoryview(self.map)
+        self.pos = 0
+        magic, version = self._unpack("<4sI")
+        if magic != b"GGUF" or version not in (2, 3):
+            raise ValueError(f"not a GGUF v2/v3 file (magic {magic!r}, version {version})")
+        n_tensors, n_fields = self._unpack("<QQ")
+        self.fields: dict[str, Any] = {}
+        for _ in range(n_fields):
+            key = self._string()
+            self.fields[key] = self._value(self._unpack("<I")[0])
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            (dims,) = self._unpack("<I")
+            shape = list(self._unpack(f"<{dims}Q"))
+            kind, offset = self._unpack("<IQ")
+            infos.append((name, shape, gguf.GGMLQuantizationType(kind), offset))
+        alignment = int(self.fields.get("general.alignment", 32))
+        start = (self.pos + alignment - 1) // alignment * alignment
+        self.tensors = {name: self._tensor(name, shape, kind, start + offset) for name, shape, kind, offset in infos}
+
+    def _unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self.buffer, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def _string(self) -> str:
+        (length,) = self._unpack("<Q")
+        text = bytes(self.buffer[self.pos:self.pos + length]).decode("utf-8", errors="replace")
+        self.pos += length
+        return text
+
+    def _value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self._string()
+        if kind == _ARRAY:
+            item, count = self._unpack("<IQ")
+            if item == _STRING:
+                return [self._string() for _ in range(count)]
+            if item == _ARRAY:
+                return [self._value(_ARRAY) for _ in range(count)]
+            return list(self._unpack(f"<{count}{_SCALARS[item]}"))
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return self._unpack("<" + _SCALARS[kind])[0]
+
+    def _tensor(self, name: str, shape: list[int], kind: gguf.GGMLQuantizationType, at: int) -> TensorInfo:
+        count = int(np.prod(shape))
+        if kind.name in _FLOAT_DTYPES:
+            dtype = np.dtype(_FLOAT_DTYPES[kind.name])
+            data = self.map[at:at + count * dtype.itemsize].view(dtype).reshape(list(reversed(shape)))
+        else:
+            per, size = gguf.GGML_QUANT_SIZES[kind]  # BF16 too: (1, 2), dequantized by gguf
+            if shape[0] % per:
+                raise ValueError(f"tensor {name}: {shape[0]} values per row is not a multiple of {per}")
+            row_bytes = shape[0] // per * size
+            data = self.map[at:at + count // per * size].reshape(-1, row_bytes)
+        if at + data.nbytes > len(self.map) or data.size * data.itemsize != data.nbytes:
+            raise ValueError(f"tensor {name} runs past the end of the file")
+        return TensorInfo(name, kind, shape, data)
