@@ -14,10 +14,13 @@ from .sampling_params import SamplingParams
 def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a GGUF file or a Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="dequantize every weight to this dtype (float32: the setting that matches HF transformers "
+                             "exactly). Default: a GGUF file computes with its own quantized blocks (our C++ kernels, "
+                             "the fastest), other checkpoints in float32")
     parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
-                        help="gguf: a GGUF file's own 4-bit blocks as stored (fastest); int8/int4: weight-only, "
-                             "re-quantized (default: the checkpoint's weights in --dtype)")
+                        help="gguf: insist on a GGUF file's own blocks (the default for GGUF files); int8/int4: "
+                             "weight-only, re-quantized from float")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the engine step at start-up (1-2.5 min on 2 cores; faster once cached)")
 

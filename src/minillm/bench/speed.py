@@ -18,7 +18,7 @@ import torch
 
 from ..llm import LLM
 from ..loading import default_model_path
-from ..quantization import QUANTIZATION_MODES
+from .. import kernels
 from ..sampling_params import SamplingParams
 from .common import environment, environment_markdown, median_seconds
 
@@ -48,11 +48,16 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int
     return torch.randint(100, vocab, (batch, length), generator=g).tolist()
 
 
+def decode_batches(batches: list[int]) -> list[int]:
+    """Batch 1 always (TTFT and bandwidth come from it), each size once, in order."""
+    return sorted({1, *batches})
+
+
 def _measure(run: Callable[[int, int, int], None], batches: list[int], runs: int) -> dict:
     """Prefill time, TTFT, and aggregate decode tokens/s per batch size (each batch's own prefill
     subtracted), for an engine given as run(batch, prompt_length, new_tokens)."""
     out = {"prefill_s": median_time(lambda: run(1, PREFILL_TOKENS, 1), runs)}
-    for batch in [1, *batches]:
+    for batch in decode_batches(batches):
         first = median_time(lambda: run(batch, PROMPT_TOKENS, 1), runs)
         total = median_time(lambda: run(batch, PROMPT_TOKENS, DECODE_TOKENS), runs)
         out.setdefault("ttft_s", first)
@@ -111,21 +116,35 @@ def greedy_matches_hf(llm: LLM, hf) -> bool:
     return ours == theirs
 
 
-def parse_engine(spec: str) -> tuple[str | None, bool]:
-    """"float32", "gguf", "int4:compile", ... -> (quantization, compile)."""
+ENGINE_NAMES = ("default", "float32", "bfloat16", "int8", "int4")
+
+
+def parse_engine(spec: str) -> tuple[str, bool]:
+    """"default", "float32", "int4:compile", ... -> (setting, compile). "default" is what `LLM(path)` does
+    (a GGUF file on its own blocks); float32 / bfloat16 dequantize; int8 / int4 re-quantize."""
     name, _, flag = spec.partition(":")
-    if name not in ("float32", *QUANTIZATION_MODES) or flag not in ("", "compile"):
-        raise argparse.ArgumentTypeError(f"not an engine: {spec!r} (float32|{'|'.join(QUANTIZATION_MODES)}[:compile])")
-    return (None if name == "float32" else name), flag == "compile"
+    if name == "gguf":
+        name = "default"
+    if name not in ENGINE_NAMES or flag not in ("", "compile"):
+        raise argparse.ArgumentTypeError(f"not an engine: {spec!r} ({'|'.join(ENGINE_NAMES)}[:compile])")
+    return name, flag == "compile"
+
+
+def load_engine(path: Path, setting: str, compiled: bool) -> LLM:
+    kwargs = {"dtype": setting} if setting in ("float32", "bfloat16") else {}
+    if setting in ("int8", "int4"):
+        kwargs["quantization"] = setting
+    # No prefix caching: the runs repeat the same prompts, and this measures computing them.
+    return LLM(str(path), progress=False, enable_prefix_caching=False, compile=compiled, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="minillm bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a GGUF file (default: the bundled SmolLM2)")
-    parser.add_argument("--engines", nargs="+", default=["float32", "gguf:compile"], metavar="SPEC",
-                        help="MiniLLM settings to measure: float32, gguf, int8 or int4, each optionally :compile "
-                             "(default: float32 gguf:compile)")
+    parser.add_argument("--engines", nargs="+", default=["default", "float32"], metavar="SPEC",
+                        help="MiniLLM settings to measure: default (a GGUF file on its own blocks), float32, bfloat16, "
+                             "int8 or int4, each optionally :compile (default: default float32)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 32])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true")
@@ -144,10 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
     steps = tqdm(total=len(specs) + 3, desc="minillm bench", unit="engine")
     results: dict = {"env": environment(), "model": path.name, "threads": threads}
     engines: dict[str, dict] = {}
-    for quantization, compiled in specs:
-        # No prefix caching: the runs repeat the same prompts, and this measures computing them.
-        llm = LLM(str(path), quantization=quantization, progress=False, enable_prefix_caching=False, compile=compiled)
-        name = f"MiniLLM {quantization or 'float32'}" + (" compiled" if compiled else "")
+    for setting, compiled in specs:
+        llm = load_engine(path, setting, compiled)
+        label = f"default ({'gguf blocks, ' + kernels.isa() if llm.quantized else 'float32'})" if setting == "default" else setting
+        name = f"MiniLLM {label}" + (" compiled" if compiled else "")
         engines[name] = bench_minillm(llm, args.batch_sizes, args.runs)
         head = getattr(llm.model.output, "weight", None)
         engines[name]["weight_bytes"] = weight_bytes(llm.model, llm.model.tok_embeddings.weight, head)
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        results["greedy_matches_hf_float32"] = greedy_matches_hf(LLM(str(path), progress=False), hf)
+        results["greedy_matches_hf_float32"] = greedy_matches_hf(LLM(str(path), dtype="float32", progress=False), hf)
         engines["HF transformers float32"] = bench_hf(hf, args.batch_sizes, args.runs, hf.config.vocab_size)
         engines["HF transformers float32"]["weight_bytes"] = weight_bytes(
             hf, hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)
@@ -188,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(results, indent=2))
-    batches = [1, *args.batch_sizes]
+    batches = decode_batches(args.batch_sizes)
     header = ("| engine | prefill 512 (tok/s) | TTFT (ms) | " + " | ".join(f"decode b{b} (tok/s)" for b in batches)
               + " | weights read / token (MB) | achieved bandwidth at b1 (GB/s) | compile (s) |")
     lines = ["# `minillm bench`", "",
