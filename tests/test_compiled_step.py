@@ -45,8 +45,9 @@ def test_compile_needs_the_paged_kernel():
 def test_bench_engine_specs():
     from minillm.bench.speed import parse_engine
 
-    assert parse_engine("float32") == (None, False)
-    assert parse_engine("gguf:compile") == ("gguf", True)
+    assert parse_engine("float32") == ("float32", False)
+    assert parse_engine("default:compile") == ("default", True)
+    assert parse_engine("gguf") == ("default", False)  # the old name of the default
     with pytest.raises(Exception, match="not an engine"):
         parse_engine("int3:fast")
 

@@ -56,9 +56,9 @@ def test_tiny_model(mode, overrides):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_smollm(smollm, mode):
-    ids = torch.tensor([smollm.tokenizer.encode("The capital of France is Paris. The capital of Germany is")])
-    rel, agree = check(smollm.model, ids, mode)
+def test_smollm(smollm_f32, mode):
+    ids = torch.tensor([smollm_f32.tokenizer.encode("The capital of France is Paris. The capital of Germany is")])
+    rel, agree = check(smollm_f32.model, ids, mode)
     print(f"{mode} vs dequantized float32: {rel:.2%} of the largest logit; top-1 agreement with float32 {agree:.0%}")
     assert rel <= RELATIVE_TOL
     assert agree >= 0.9
