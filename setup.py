@@ -19,9 +19,9 @@ if importlib.util.find_spec("torch") is not None:
     spec = importlib.util.spec_from_file_location("_flags", Path("src/minillm/kernels/flags.py"))
     flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flags)
-    ext_modules = [CppExtension(f"minillm.kernels._{name}", [f"src/minillm/kernels/csrc/{name}.cpp"],
+    ext_modules = [CppExtension(f"minillm.kernels._{name}", [f"src/minillm/kernels/csrc/{s}" for s in sources],
                                 extra_compile_args=cflags, extra_link_args=["-fopenmp"])
-                   for name, cflags in flags.EXTENSIONS.items()]
+                   for name, (sources, cflags) in flags.EXTENSIONS.items()]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 else:
     print("minillm: torch is not importable here, so the C++ kernels will be compiled on first use "

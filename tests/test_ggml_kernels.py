@@ -127,3 +127,38 @@ def test_env_pins_a_lower_path(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "MINILLM_ISA": "portable"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "portable"
+
+
+def test_fused_rms_norm_matches_pytorch():
+    from minillm.model.norm import RMSNorm
+
+    norm = RMSNorm(96, eps=1e-5)
+    norm.weight.data = torch.randn(96)
+    x = torch.randn(3, 5, 96) * 4
+    reference = norm(x)
+    norm.fused = True
+    torch.testing.assert_close(norm(x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_rope_and_cache_write_match_pytorch():
+    """q rotated and returned token-major; k rotated and v copied into their pool slots; nothing else touched."""
+    from minillm.model.rope import RotaryEmbedding, apply_rotary
+
+    hq, hkv, d, n = 6, 2, 32, 5
+    rope = RotaryEmbedding(d, 64, 10000.0)
+    positions = torch.tensor([[3, 4, 10, 0, 63]])
+    cos, sin = rope.tables(positions)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d)
+    k_pool, v_pool = torch.zeros(4, 16, hkv, d), torch.zeros(4, 16, hkv, d)
+    slots = torch.tensor([3, 4, 37, 16, 63])
+    q = torch.ops.minillm.rope_cache_write(qkv, cos, sin, k_pool, v_pool, slots, hq, hkv)
+    q_ref, k_ref, v_ref = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    as_heads = lambda t, h: t.view(1, n, h, d).transpose(1, 2)  # noqa: E731
+    torch.testing.assert_close(q, apply_rotary(as_heads(q_ref, hq), cos, sin)[0].transpose(0, 1))
+    expected_k, expected_v = torch.zeros(64, hkv, d), torch.zeros(64, hkv, d)
+    expected_k[slots] = apply_rotary(as_heads(k_ref, hkv), cos, sin)[0].transpose(0, 1)
+    expected_v[slots] = v_ref.view(n, hkv, d)
+    torch.testing.assert_close(k_pool.view(64, hkv, d), expected_k)
+    torch.testing.assert_close(v_pool.view(64, hkv, d), expected_v)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        torch.ops.minillm.rope_cache_write(qkv, cos, sin, k_pool, v_pool, slots + 64, hq, hkv)

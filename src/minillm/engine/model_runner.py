@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..attention import paged_cpu
 from ..cache.paged_cache import PagedKVCache
 from ..generation.sampler import apply_repetition_penalty, sample
@@ -20,7 +21,8 @@ class ModelRunner:
         self.model = model
         self.backend = attention_backend
         if attention_backend == "paged" and model.device.type == "cpu":
-            paged_cpu.available()  # build the kernel now, not inside the first step (or a traced one)
+            paged_cpu.available()  # load the kernels now, not inside the first step (or a traced one)
+            kernels.ops_available()
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
         self.forward = model.forward_step
         if compile:

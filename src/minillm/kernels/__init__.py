@@ -2,7 +2,7 @@
 
 - csrc/ggml_matmul.cpp: matmul on GGUF quantized blocks (`ggml_linear`), built for plain x86-64 with
   its AVX2 and AVX-512 VNNI paths picked at run time from the CPU's flags (`isa()`; MINILLM_ISA pins a
-  lower one);
+  lower one); csrc/layer_ops.cpp: fused RMSNorm and RoPE + KV-cache write (same library, "ggml");
 - csrc/paged_attention.cpp: attention over the paged KV cache, built with -march=native.
 
 `pip install --no-build-isolation -e .` compiles both (setup.py) into this folder. Without that (a
@@ -13,7 +13,6 @@ returns False after one warning, and callers keep their PyTorch paths.
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
@@ -26,14 +25,23 @@ logger = logging.getLogger("minillm")
 HERE = Path(__file__).parent
 
 
-def source(name: str) -> Path:
-    return HERE / "csrc" / f"{name}.cpp"
+def sources(name: str) -> list[Path]:
+    return [HERE / "csrc" / source for source in EXTENSIONS[name][0]]
 
 
-@functools.cache
+_loaded: dict[str, bool] = {}  # a plain dict, so a compiled step reads it without tracing a load
+
+
 def load(name: str) -> bool:
     """Load one extension (prebuilt at install, else compiled now); False, after one warning, if it cannot be."""
-    built = [p for p in HERE.glob(f"_{name}.*.so") if p.stat().st_mtime >= source(name).stat().st_mtime]
+    if name not in _loaded:
+        _loaded[name] = _load(name)
+    return _loaded[name]
+
+
+def _load(name: str) -> bool:
+    newest_source = max(source.stat().st_mtime for source in sources(name))
+    built = [p for p in HERE.glob(f"_{name}.*.so") if p.stat().st_mtime >= newest_source]  # never a stale build
     try:
         if built:
             torch.ops.load_library(str(built[0]))
@@ -44,9 +52,8 @@ def load(name: str) -> bool:
         if not (Path(get_default_build_root()) / f"minillm_{name}" / f"minillm_{name}.so").exists():
             logger.warning("compiling the %s kernel for this machine, once (`pip install --no-build-isolation -e .` "
                            "compiles it at install)", name)
-        flags = EXTENSIONS[name]
-        build(f"minillm_{name}", [str(source(name))], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-              is_python_module=False)
+        build(f"minillm_{name}", [str(source) for source in sources(name)], extra_cflags=EXTENSIONS[name][1],
+              extra_ldflags=["-fopenmp"], is_python_module=False)
         _register_fakes(name)
         return True
     except Exception as error:  # no compiler, no ninja, a build error: say why in one line
@@ -66,14 +73,22 @@ def _register_fakes(name: str) -> None:
     def _(x, weight, fmt, in_features, bias, swiglu):
         return x.new_empty((*x.shape[:-1], weight.shape[0] // (2 if swiglu else 1)))
 
+    @torch.library.register_fake("minillm::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("minillm::rope_cache_write")
+    def _(qkv, cos, sin, k_pool, v_pool, slots, num_heads, num_kv_heads):
+        return qkv.new_empty((slots.numel(), num_heads, k_pool.shape[-1]))
+
     @torch.library.register_fake("minillm::ggml_dequantize_rows")
     def _(weight, fmt, in_features, ids):
         return weight.new_empty((ids.numel(), in_features), dtype=torch.float32)
 
 
 def ops_available() -> bool:
-    """Whether the GGUF matmul kernels are loaded (built and loaded on first call)."""
-    return load("ggml_matmul")
+    """Whether the GGUF matmul kernels and fused layer ops are loaded (built and loaded on first call)."""
+    return load("ggml")
 
 
 def isa() -> str:

@@ -1,6 +1,7 @@
-"""Compiler flags of each C++ extension (read by setup.py and by first-use builds; no imports here)."""
+"""Our C++ extensions: sources (in csrc/) and compiler flags (read by setup.py and by first-use builds)."""
 
 EXTENSIONS = {
-    "ggml_matmul": ["-O3", "-fopenmp"],  # plain x86-64: its vector paths carry their own target attributes
-    "paged_attention": ["-O3", "-march=native", "-fopenmp"],  # built on the machine that runs it
+    # plain x86-64: the matmul's vector paths carry their own target attributes, chosen at run time
+    "ggml": (["ggml_matmul.cpp", "layer_ops.cpp"], ["-O3", "-fopenmp"]),
+    "paged_attention": (["paged_attention.cpp"], ["-O3", "-march=native", "-fopenmp"]),  # built where it runs
 }

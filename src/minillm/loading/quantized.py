@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..kernels.ggml import KERNEL_TYPES, GGMLEmbedding, GGMLLinear, kernel_weights
+from ..model.norm import RMSNorm
 from ..model.transformer import MiniLLM
 from .gguf_file import GGUFCheckpoint
 from .weights import ModelLoadError, linear_sources
@@ -83,6 +84,9 @@ def build_quantized_model(checkpoint: GGUFCheckpoint, config: ModelConfig,
         progress()
     for kind in sorted(without_kernel):
         logger.warning("%s: %s tensors have no quantized kernel; they are dequantized to float32", checkpoint.path.name, kind)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):  # one kernel call instead of ~8 ops (summation order differs: float32 mode keeps PyTorch's)
+            module.fused = True
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ModelLoadError(f"{checkpoint.path.name}: no weights for {', '.join(left)}")

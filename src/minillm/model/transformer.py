@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import BACKENDS, attention
+from .. import kernels
+from ..attention import BACKENDS, attention, paged_cpu
 from ..cache.kv_cache import KVCache
 from ..cache.step import CacheStep
 from ..config import ModelConfig
@@ -30,6 +31,9 @@ class StepContext:
     backend: str
     block_size: int
     cache_step: CacheStep | None = None
+    # the engine's packed step over float32 paged pools on CPU with our kernels loaded: RoPE and the
+    # cache write in one op, q token-major straight into the paged kernel (see Attention.forward)
+    fused: bool = False
 
 
 class Attention(nn.Module):
@@ -44,6 +48,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
         batch, seq_len, _ = x.shape
+        if ctx.fused:
+            return self._fused(x, ctx)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -58,6 +64,17 @@ class Attention(nn.Module):
         out = attention(q, k, v, seqlens, block_table=block_table, backend=ctx.backend, causal=True,
                         block_size=ctx.block_size, query_start=query_start)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def _fused(self, x: Tensor, ctx: StepContext) -> Tensor:
+        """The same computation in two kernel calls: the unfused path costs ~30 small ops per layer."""
+        step = ctx.cache_step
+        k_pool, v_pool = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+        qkv = self.wqkv(x)
+        q = torch.ops.minillm.rope_cache_write(qkv.view(-1, qkv.shape[-1]), ctx.cos, ctx.sin, k_pool, v_pool,
+                                               step.slot_index, self.num_heads, self.num_kv_heads)
+        out = torch.ops.minillm.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
+                                                self.head_dim ** -0.5)
+        return self.wo(out.view(*x.shape[:-1], -1))
 
 
 class FeedForward(nn.Module):
@@ -156,6 +173,10 @@ class MiniLLM(nn.Module):
         kv_cache.commit(step)
         return logits
 
+    def _fusable(self, step: CacheStep | None, backend: str) -> bool:
+        return (backend == "paged" and getattr(step, "query_start", None) is not None and self.device.type == "cpu"
+                and self.dtype == torch.float32 and kernels.ops_available() and paged_cpu.available())
+
     def forward_step(self, input_ids: Tensor, cache_step: CacheStep | None, backend: str, block_size: int = 128,
                      last_token_only: bool = False) -> Tensor:
         """The forward pass proper, against any cache step (contiguous or paged) or none (plain causal).
@@ -168,7 +189,7 @@ class MiniLLM(nn.Module):
         else:
             positions = cache_step.positions.to(input_ids.device)
         cos, sin = self.rope.tables(positions)
-        ctx = StepContext(cos, sin, backend, block_size, cache_step)
+        ctx = StepContext(cos, sin, backend, block_size, cache_step, fused=self._fusable(cache_step, backend))
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, ctx)
