@@ -29,7 +29,7 @@ def restore_isa():
 
 
 def random_blocks(kind: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    per, size = ggml.FILE_BLOCKS[kind]
+    per, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
     for offset in SCALE_FIELDS[kind]:
@@ -65,7 +65,7 @@ def test_repacked_weights_equal_gguf_dequantization(name):
 @pytest.mark.parametrize("batch", [1, 3, 9])  # one token, a ragged tile of rows, several tiles
 def test_matmul_matches_float64_reference(name, isa, batch):
     kind = ggml.KERNEL_TYPES[name]
-    cols = 512 if ggml.FILE_BLOCKS[kind][0] == 256 else 96  # odd numbers of blocks too
+    cols = 512 if gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] == 256 else 96  # odd block counts too
     out_rows = 37
     raw = random_blocks(kind, out_rows, cols, seed=batch)
     weight = reference_weight(raw, kind)

@@ -53,8 +53,9 @@ class LLM:
         if quantization not in (None, *QUANTIZATION_MODES):
             raise ValueError(f"unknown quantization {quantization!r}; expected one of {QUANTIZATION_MODES} or None")
         requantize = quantization in ("int8", "int4")
-        loaded = load_checkpoint(model, dtype=dtype if dtype is not None or not requantize else "float32",
-                                 device=device, progress=progress)
+        if requantize and dtype is None:
+            dtype = "float32"  # int8 / int4 re-quantize float weights
+        loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress)
         if quantization == "gguf" and not loaded.quantized:
             raise ValueError(f"quantization='gguf' needs a GGUF file on the CPU and the C++ kernels; {loaded.name} "
                              "was loaded dequantized instead")

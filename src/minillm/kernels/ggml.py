@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 
+import gguf
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from . import ops_available
 
 logger = logging.getLogger("minillm")
 
@@ -26,9 +25,6 @@ KERNEL_TYPES = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_0": 
                 "Q5_K": Q5_K, "Q6_K": Q6_K}
 NATIVE = (Q4_0, Q4_1, Q8_0)  # computed on the file's own bytes
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4F: 24, I8S16: 48}
-# bytes per block of the file's layout: (weights per block, bytes)
-FILE_BLOCKS = {Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q5_0: (32, 22), Q5_1: (32, 24),
-               Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -50,7 +46,7 @@ def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def decode_codes(raw: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of blocks [rows, bytes] -> codes int8 [rows, K], scale and minimum [rows, K / 16] (float32)
     such that weight = code * scale + minimum for each run of 16 weights."""
-    per, size = FILE_BLOCKS[kind]
+    per, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]  # weights, bytes per block
     rows = raw.shape[0]
     b = raw.reshape(rows, -1, size)
     if kind in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
@@ -156,4 +152,4 @@ class GGMLEmbedding(nn.Module):
         return rows.view(*ids.shape, self.embedding_dim)
 
 
-__all__ = ["GGMLEmbedding", "GGMLLinear", "KERNEL_TYPES", "decode_codes", "encode", "kernel_weights", "ops_available"]
+__all__ = ["GGMLEmbedding", "GGMLLinear", "KERNEL_TYPES", "decode_codes", "encode", "kernel_weights"]

@@ -72,8 +72,8 @@ class Attention(nn.Module):
         qkv = self.wqkv(x)
         q = torch.ops.minillm.rope_cache_write(qkv.view(-1, qkv.shape[-1]), ctx.cos, ctx.sin, k_pool, v_pool,
                                                step.slot_index, self.num_heads, self.num_kv_heads)
-        out = torch.ops.minillm.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
-                                                self.head_dim ** -0.5)
+        out = paged_cpu.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
+                                        self.head_dim ** -0.5)
         return self.wo(out.view(*x.shape[:-1], -1))
 
 

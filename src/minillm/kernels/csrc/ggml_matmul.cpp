@@ -60,6 +60,22 @@ inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_v
 inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 inline float load_f32(const uint8_t* p) { float v; std::memcpy(&v, p, 4); return v; }
 
+// One block in plain C++: its 32 codes, and scale d and minimum m per half (weight j = q[j] d[h] + m[h]).
+// Shared by the portable dot and by dequantization, so both read every layout the same way.
+void decode_block(int64_t fmt, const uint8_t* w, int8_t* q, float* d, float* m) {
+  if (fmt == Q8_0 || fmt == I8S16) {
+    std::memcpy(q, w + (fmt == Q8_0 ? 2 : 16), QK);
+    if (fmt == Q8_0) { d[0] = d[1] = half_to_float(load_u16(w)); m[0] = m[1] = 0.f; }
+    else { d[0] = load_f32(w); d[1] = load_f32(w + 4); m[0] = load_f32(w + 8); m[1] = load_f32(w + 12); }
+    return;
+  }
+  const uint8_t* nib = w + (fmt == Q4_0 ? 2 : fmt == Q4_1 ? 4 : 8);
+  for (int j = 0; j < 16; ++j) { q[j] = nib[j] & 15; q[j + 16] = nib[j] >> 4; }
+  if (fmt == Q4F) { d[0] = load_f32(w); m[0] = load_f32(w + 4); }
+  else { d[0] = half_to_float(load_u16(w)); m[0] = fmt == Q4_1 ? half_to_float(load_u16(w + 2)) : -8.f * d[0]; }
+  d[1] = d[0]; m[1] = m[0];
+}
+
 // ---------------------------------------------------------------- portable path
 // The reference for the vector paths: same block arithmetic, integer dots in int32.
 template <int NR>
@@ -69,18 +85,7 @@ void dot_scalar(int64_t fmt, const uint8_t* w, int64_t nb, const XRow* x, float*
   for (int64_t b = 0; b < nb; ++b, w += bb) {
     int8_t q[QK];
     float d[2], m[2];
-    if (fmt == Q8_0 || fmt == I8S16) {
-      const uint8_t* codes = w + (fmt == Q8_0 ? 2 : 16);
-      std::memcpy(q, codes, QK);
-      if (fmt == Q8_0) { d[0] = d[1] = half_to_float(load_u16(w)); m[0] = m[1] = 0.f; }
-      else { d[0] = load_f32(w); d[1] = load_f32(w + 4); m[0] = load_f32(w + 8); m[1] = load_f32(w + 12); }
-    } else {
-      const uint8_t* nib = w + (fmt == Q4_0 ? 2 : fmt == Q4_1 ? 4 : 8);
-      for (int j = 0; j < 16; ++j) { q[j] = nib[j] & 15; q[j + 16] = nib[j] >> 4; }
-      if (fmt == Q4F) { d[0] = load_f32(w); m[0] = load_f32(w + 4); }
-      else { d[0] = half_to_float(load_u16(w)); m[0] = fmt == Q4_1 ? half_to_float(load_u16(w + 2)) : -8.f * d[0]; }
-      d[1] = d[0]; m[1] = m[0];
-    }
+    decode_block(fmt, w, q, d, m);
     for (int r = 0; r < NR; ++r) {
       const int8_t* xq = x[r].q + b * QK;
       int32_t lo = 0, hi = 0;
@@ -302,25 +307,16 @@ at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t fmt, int64_t i
     TORCH_CHECK(id[i] >= 0 && id[i] < rows, "ggml_dequantize_rows: row ", id[i], " outside [0, ", rows, ")");
   at::Tensor y = at::empty({count, in_features}, weight.options().dtype(at::kFloat));
   float* out = y.data_ptr<float>();
-  // each weight through the portable dot with a one-hot activation would be slow; decode blocks directly
+  const uint8_t* wbase = weight.data_ptr<uint8_t>();
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const uint8_t* w = weight.data_ptr<uint8_t>() + id[i] * weight.size(1);
+      const uint8_t* w = wbase + id[i] * weight.size(1);
       for (int64_t b = 0; b < nb; ++b, w += bb) {
+        int8_t q[QK];
+        float d[2], m[2];
+        decode_block(fmt, w, q, d, m);
         float* dst = out + i * in_features + b * QK;
-        if (fmt == Q8_0) {
-          const float d = half_to_float(load_u16(w));
-          for (int j = 0; j < QK; ++j) dst[j] = d * static_cast<int8_t>(w[2 + j]);
-        } else if (fmt == I8S16) {
-          for (int j = 0; j < QK; ++j)
-            dst[j] = load_f32(w + 4 * (j / 16)) * static_cast<int8_t>(w[16 + j]) + load_f32(w + 8 + 4 * (j / 16));
-        } else {
-          float d, m;
-          const uint8_t* nib = w + (fmt == Q4_0 ? 2 : fmt == Q4_1 ? 4 : 8);
-          if (fmt == Q4F) { d = load_f32(w); m = load_f32(w + 4); }
-          else { d = half_to_float(load_u16(w)); m = fmt == Q4_1 ? half_to_float(load_u16(w + 2)) : -8.f * d; }
-          for (int j = 0; j < 16; ++j) { dst[j] = d * (nib[j] & 15) + m; dst[j + 16] = d * (nib[j] >> 4) + m; }
-        }
+        for (int j = 0; j < QK; ++j) dst[j] = d[j / 16] * q[j] + m[j / 16];
       }
     }
   });
