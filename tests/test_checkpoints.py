@@ -103,6 +103,11 @@ def test_bad_gguf_files(tmp_path):
     with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
         load_checkpoint(truncated, progress=False)
 
+    cut = write_gguf(tmp_path / "cut.gguf", hf, qtype="Q8_0")  # the last tensor's blocks end early
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match=r"tensor \S+ \(Q8_0, \d+ bytes\) runs past the end of the file"):
+        load_checkpoint(cut, progress=False)
+
     missing = write_gguf(tmp_path / "missing.gguf", hf, skip=("blk.1.ffn_up.weight",))
     with pytest.raises(ModelLoadError, match="layers.1.feed_forward.w3.weight"):
         load_checkpoint(missing, progress=False)

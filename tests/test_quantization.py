@@ -118,6 +118,23 @@ def test_gguf_default_on_smollm():
     assert agree >= 0.9
 
 
+def test_gguf_types_without_a_kernel_are_dequantized_with_one_warning(tmp_path, monkeypatch, caplog):
+    import minillm.loading.quantized as quantized
+
+    hf = hf_model("llama", intermediate_size=128, vocab_size=320)
+    path = write_gguf(tmp_path / "tiny.gguf", hf, qtype="Q8_0")
+    monkeypatch.setattr(quantized, "KERNEL_TYPES", {"Q4_0": 2})  # as if Q8_0 had no kernel
+    with caplog.at_level("WARNING", logger="minillm"):
+        loaded = load_checkpoint(path, progress=False)
+    assert [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()] == [
+        "tiny.gguf: Q8_0 tensors have no quantized kernel; they are dequantized to float32"]
+    assert not any(isinstance(m, (GGMLLinear, GGMLEmbedding)) for m in loaded.model.modules())
+    reference = load_checkpoint(path, dtype="float32", progress=False).model
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), reference(ids), rtol=1e-4, atol=1e-4)
+
+
 def test_gguf_mode_needs_a_gguf_file():
     with pytest.raises(ValueError, match="gguf"):
         quantize_model(MiniLLM(Configs.tiny()), "gguf")

@@ -83,13 +83,12 @@ class GGUFFile:
         count = int(np.prod(shape))
         if kind.name in _FLOAT_DTYPES:
             dtype = np.dtype(_FLOAT_DTYPES[kind.name])
-            data = self.map[at:at + count * dtype.itemsize].view(dtype).reshape(list(reversed(shape)))
+            nbytes, rows = count * dtype.itemsize, list(reversed(shape))
         else:
             per, size = gguf.GGML_QUANT_SIZES[kind]  # BF16 too: (1, 2), dequantized by gguf
             if shape[0] % per:
                 raise ValueError(f"tensor {name}: {shape[0]} values per row is not a multiple of {per}")
-            row_bytes = shape[0] // per * size
-            data = self.map[at:at + count // per * size].reshape(-1, row_bytes)
-        if at + data.nbytes > len(self.map) or data.size * data.itemsize != data.nbytes:
-            raise ValueError(f"tensor {name} runs past the end of the file")
-        return TensorInfo(name, kind, shape, data)
+            dtype, nbytes, rows = np.dtype(np.uint8), count // per * size, [-1, shape[0] // per * size]
+        if at + nbytes > len(self.map):
+            raise ValueError(f"tensor {name} ({kind.name}, {nbytes} bytes) runs past the end of the file")
+        return TensorInfo(name, kind, shape, self.map[at:at + nbytes].view(dtype).reshape(rows))
