@@ -38,15 +38,13 @@ namespace {
 enum Format : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4F = 100, I8S16 = 101 };  // GGML's ids where they exist
 constexpr int64_t QK = 32;
 
+constexpr int64_t block_size(int64_t fmt) {  // bytes per block of 32 weights; 0 for an unknown format
+  return fmt == Q4_0 ? 18 : fmt == Q4_1 ? 20 : fmt == Q8_0 ? 34 : fmt == Q4F ? 24 : fmt == I8S16 ? 48 : 0;
+}
+
 int64_t block_bytes(int64_t fmt) {
-  switch (fmt) {
-    case Q4_0: return 18;
-    case Q4_1: return 20;
-    case Q8_0: return 34;
-    case Q4F: return 24;
-    case I8S16: return 48;
-  }
-  TORCH_CHECK(false, "ggml_linear: unknown weight format ", fmt);
+  TORCH_CHECK(block_size(fmt) > 0, "ggml_linear: unknown weight format ", fmt);
+  return block_size(fmt);
 }
 
 // Activations of one row: blocks of 32 int8 codes, their scale, and dx * (sum of codes) per half block.
@@ -110,6 +108,10 @@ VEC_TARGET_VNNI inline __m256i udot_vnni(__m256i u, __m256i s) {
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 }
 
+// The format is a template parameter, so each layout's block decode compiles to straight-line code, and
+// blocks alternate between two accumulator sets: one chain of dependent FMAs per row would wait on the
+// FMA latency every block (measured on Zen 4, one token: Q4_1 matmuls 1.4-1.8x faster than one chain with
+// a run-time format switch; 16 tokens 1.2x).
 #define DEFINE_VEC_PATH(NAME, TARGET, UDOT)                                                                  \
   TARGET inline float hsum_##NAME(__m256 v) {                                                                \
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                           \
@@ -117,45 +119,57 @@ VEC_TARGET_VNNI inline __m256i udot_vnni(__m256i u, __m256i s) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                                   \
     return _mm_cvtss_f32(s);                                                                                 \
   }                                                                                                          \
-  template <int NR>                                                                                          \
-  TARGET void dot_##NAME(int64_t fmt, const uint8_t* w, int64_t nb, const XRow* x, float* out) {            \
-    const int64_t bb = block_bytes(fmt);                                                                     \
-    __m256 acc[NR];                                                                                          \
-    float macc[NR];                                                                                          \
-    for (int r = 0; r < NR; ++r) { acc[r] = _mm256_setzero_ps(); macc[r] = 0.f; }                            \
-    const __m256i low4 = _mm256_set1_epi8(15);                                                               \
-    for (int64_t b = 0; b < nb; ++b, w += bb) {                                                              \
-      __m256i codes;                                                                                         \
-      __m256 dv;                                                                                             \
-      float m0, m1;                                                                                          \
-      bool is_signed = fmt == Q8_0 || fmt == I8S16;                                                          \
-      if (is_signed) {                                                                                       \
-        codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (fmt == Q8_0 ? 2 : 16)));           \
-        if (fmt == Q8_0) { dv = _mm256_set1_ps(_cvtsh_ss(load_u16(w))); m0 = m1 = 0.f; }                    \
-        else {                                                                                               \
-          dv = _mm256_set_m128(_mm_set1_ps(load_f32(w + 4)), _mm_set1_ps(load_f32(w)));                     \
-          m0 = load_f32(w + 8); m1 = load_f32(w + 12);                                                       \
-        }                                                                                                    \
-      } else {                                                                                               \
-        const int64_t off = fmt == Q4_0 ? 2 : fmt == Q4_1 ? 4 : 8;                                          \
-        __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + off));                             \
-        codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(n, 4), n), low4);                          \
-        float d0;                                                                                            \
-        if (fmt == Q4F) { d0 = load_f32(w); m0 = load_f32(w + 4); }                                         \
-        else { d0 = _cvtsh_ss(load_u16(w)); m0 = fmt == Q4_1 ? _cvtsh_ss(load_u16(w + 2)) : -8.f * d0; }    \
-        dv = _mm256_set1_ps(d0); m1 = m0;                                                                    \
-      }                                                                                                      \
-      /* signed codes: |w| (unsigned) times x with w's sign, as llama.cpp does */                           \
-      const __m256i u = is_signed ? _mm256_sign_epi8(codes, codes) : codes;                                  \
-      for (int r = 0; r < NR; ++r) {                                                                         \
-        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r].q + b * QK));                 \
-        if (is_signed) xq = _mm256_sign_epi8(xq, codes);                                                     \
-        const __m256 dot = _mm256_cvtepi32_ps(UDOT(u, xq));                                                  \
-        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dv, _mm256_set1_ps(x[r].d[b])), acc[r]);               \
-        macc[r] += m0 * x[r].s[2 * b] + m1 * x[r].s[2 * b + 1];                                              \
-      }                                                                                                      \
+  template <int64_t FMT, int NR>                                                                             \
+  TARGET inline __attribute__((always_inline)) void block_##NAME(const uint8_t* w, int64_t b, const XRow* x, \
+                                                                  __m256* acc, float* macc) {                \
+    constexpr bool is_signed = FMT == Q8_0 || FMT == I8S16;                                                  \
+    __m256i codes;                                                                                           \
+    __m256 dv;                                                                                               \
+    float m0 = 0.f, m1 = 0.f;                                                                                \
+    if constexpr (FMT == Q8_0) {                                                                             \
+      codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));                                   \
+      dv = _mm256_set1_ps(_cvtsh_ss(load_u16(w)));                                                           \
+    } else if constexpr (FMT == I8S16) {                                                                     \
+      codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));                                  \
+      dv = _mm256_set_m128(_mm_set1_ps(load_f32(w + 4)), _mm_set1_ps(load_f32(w)));                         \
+      m0 = load_f32(w + 8); m1 = load_f32(w + 12);                                                           \
+    } else {                                                                                                 \
+      constexpr int64_t off = FMT == Q4_0 ? 2 : FMT == Q4_1 ? 4 : 8;                                         \
+      const __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + off));                          \
+      codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(n, 4), n), _mm256_set1_epi8(15));             \
+      float d0;                                                                                              \
+      if constexpr (FMT == Q4F) { d0 = load_f32(w); m0 = load_f32(w + 4); }                                  \
+      else if constexpr (FMT == Q4_1) { d0 = _cvtsh_ss(load_u16(w)); m0 = _cvtsh_ss(load_u16(w + 2)); }      \
+      else { d0 = _cvtsh_ss(load_u16(w)); m0 = -8.f * d0; }                                                  \
+      dv = _mm256_set1_ps(d0); m1 = m0;                                                                      \
     }                                                                                                        \
-    for (int r = 0; r < NR; ++r) out[r] = hsum_##NAME(acc[r]) + macc[r];                                     \
+    /* signed codes: |w| (unsigned) times x with w's sign, as llama.cpp does */                             \
+    const __m256i u = is_signed ? _mm256_sign_epi8(codes, codes) : codes;                                    \
+    for (int r = 0; r < NR; ++r) {                                                                           \
+      __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r].q + b * QK));                   \
+      if constexpr (is_signed) xq = _mm256_sign_epi8(xq, codes);                                             \
+      const __m256 dot = _mm256_cvtepi32_ps(UDOT(u, xq));                                                    \
+      acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dv, _mm256_set1_ps(x[r].d[b])), acc[r]);                 \
+      if constexpr (FMT != Q8_0) macc[r] += m0 * x[r].s[2 * b] + m1 * x[r].s[2 * b + 1];                     \
+    }                                                                                                        \
+  }                                                                                                          \
+  template <int64_t FMT, int NR>                                                                             \
+  TARGET void dot_##NAME(const uint8_t* w, int64_t nb, const XRow* x, float* out) {                          \
+    constexpr int64_t bb = block_size(FMT);                                                                  \
+    __m256 acc0[NR], acc1[NR];                                                                               \
+    float macc0[NR], macc1[NR];                                                                              \
+    for (int r = 0; r < NR; ++r) {                                                                           \
+      acc0[r] = acc1[r] = _mm256_setzero_ps();                                                               \
+      macc0[r] = macc1[r] = 0.f;                                                                             \
+    }                                                                                                        \
+    int64_t b = 0;                                                                                           \
+    for (; b + 1 < nb; b += 2) {                                                                             \
+      block_##NAME<FMT, NR>(w + b * bb, b, x, acc0, macc0);                                                  \
+      block_##NAME<FMT, NR>(w + (b + 1) * bb, b + 1, x, acc1, macc1);                                        \
+    }                                                                                                        \
+    if (b < nb) block_##NAME<FMT, NR>(w + b * bb, b, x, acc0, macc0);                                        \
+    for (int r = 0; r < NR; ++r)                                                                             \
+      out[r] = hsum_##NAME(_mm256_add_ps(acc0[r], acc1[r])) + (macc0[r] + macc1[r]);                         \
   }
 
 DEFINE_VEC_PATH(avx2, VEC_TARGET_AVX2, udot_avx2)
@@ -189,12 +203,23 @@ const char* isa_name(Isa isa) {
   return isa == Isa::Avx512Vnni ? "avx512_vnni" : isa == Isa::Avx2 ? "avx2" : "portable";
 }
 
+template <int64_t FMT, int NR>
+void dot_fmt(const uint8_t* w, int64_t nb, const XRow* x, float* out) {
+  switch (current) {
+    case Isa::Avx512Vnni: return dot_vnni<FMT, NR>(w, nb, x, out);
+    case Isa::Avx2: return dot_avx2<FMT, NR>(w, nb, x, out);
+    default: return dot_scalar<NR>(FMT, w, nb, x, out);
+  }
+}
+
 template <int NR>
 void dot(int64_t fmt, const uint8_t* w, int64_t nb, const XRow* x, float* out) {
-  switch (current) {
-    case Isa::Avx512Vnni: return dot_vnni<NR>(fmt, w, nb, x, out);
-    case Isa::Avx2: return dot_avx2<NR>(fmt, w, nb, x, out);
-    default: return dot_scalar<NR>(fmt, w, nb, x, out);
+  switch (fmt) {
+    case Q4_0: return dot_fmt<Q4_0, NR>(w, nb, x, out);
+    case Q4_1: return dot_fmt<Q4_1, NR>(w, nb, x, out);
+    case Q8_0: return dot_fmt<Q8_0, NR>(w, nb, x, out);
+    case Q4F: return dot_fmt<Q4F, NR>(w, nb, x, out);
+    default: return dot_fmt<I8S16, NR>(w, nb, x, out);  // formats were checked by check_weight
   }
 }
 
