@@ -52,6 +52,10 @@ struct XRow {
   const int8_t* q;   // [K]
   const float* d;    // [K / 32]
   const float* s;    // [K / 32 * 2]
+  // the same per vector lane of the 512-bit path: d 8 times per block, and s / 4 4 times per half
+  // (a lane of vpdpbusd covers 4 weights, so lanes 0-3 are a block's first half, 4-7 its second)
+  const float* d8;   // [K / 32 * 8]
+  const float* s8;   // [K / 32 * 8]
 };
 
 inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
@@ -175,6 +179,81 @@ VEC_TARGET_VNNI inline __m256i udot_vnni(__m256i u, __m256i s) {
 DEFINE_VEC_PATH(avx2, VEC_TARGET_AVX2, udot_avx2)
 DEFINE_VEC_PATH(vnni, VEC_TARGET_VNNI, udot_vnni)
 
+// AVX-512 VNNI on 512-bit registers: two blocks per instruction. A block pair's codes, scales and minima
+// are decoded once into vectors (lanes as in XRow::d8 / s8) and reused for every activation row; per
+// row and pair: one load of 64 codes, vpdpbusd, a convert, and two FMAs (scaled dot, minimum term).
+VEC_TARGET_VNNI inline __m512 pair_vector(float a0, float a1, float b0, float b1) {  // 4 lanes each
+  const __m256 lo = _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0));
+  const __m256 hi = _mm256_set_m128(_mm_set1_ps(b1), _mm_set1_ps(b0));
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+
+template <int64_t FMT, int NR>
+VEC_TARGET_VNNI void dot_vnni512(const uint8_t* w, int64_t nb, const XRow* x, float* out) {
+  constexpr int64_t bb = block_size(FMT);
+  constexpr bool is_signed = FMT == Q8_0 || FMT == I8S16;
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    const uint8_t* w0 = w + b * bb;
+    const uint8_t* w1 = w0 + bb;
+    __m512i codes;
+    float d[4], m[4] = {0.f, 0.f, 0.f, 0.f};  // per half: block b (0, 1), block b + 1 (2, 3)
+    if constexpr (is_signed) {
+      constexpr int64_t off = FMT == Q8_0 ? 2 : 16;
+      codes = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + off))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + off)), 1);
+      if constexpr (FMT == Q8_0) {
+        d[0] = d[1] = _cvtsh_ss(load_u16(w0));
+        d[2] = d[3] = _cvtsh_ss(load_u16(w1));
+      } else {
+        d[0] = load_f32(w0); d[1] = load_f32(w0 + 4); m[0] = load_f32(w0 + 8); m[1] = load_f32(w0 + 12);
+        d[2] = load_f32(w1); d[3] = load_f32(w1 + 4); m[2] = load_f32(w1 + 8); m[3] = load_f32(w1 + 12);
+      }
+    } else {
+      constexpr int64_t off = FMT == Q4_0 ? 2 : FMT == Q4_1 ? 4 : 8;
+      const __m256i n = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w1 + off)),
+                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(w0 + off)));
+      const __m256i mask = _mm256_set1_epi8(15);
+      // [low nibbles of b, of b + 1, high of b, of b + 1] -> [low b, high b, low b + 1, high b + 1]
+      const __m512i parts = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(n, mask)),
+                                               _mm256_and_si256(_mm256_srli_epi16(n, 4), mask), 1);
+      codes = _mm512_shuffle_i64x2(parts, parts, _MM_SHUFFLE(3, 1, 2, 0));
+      for (int k = 0; k < 2; ++k) {
+        const uint8_t* wk = k ? w1 : w0;
+        float dk, mk;
+        if constexpr (FMT == Q4F) { dk = load_f32(wk); mk = load_f32(wk + 4); }
+        else if constexpr (FMT == Q4_1) { dk = _cvtsh_ss(load_u16(wk)); mk = _cvtsh_ss(load_u16(wk + 2)); }
+        else { dk = _cvtsh_ss(load_u16(wk)); mk = -8.f * dk; }
+        d[2 * k] = d[2 * k + 1] = dk;
+        m[2 * k] = m[2 * k + 1] = mk;
+      }
+    }
+    const __m512 dv = pair_vector(d[0], d[1], d[2], d[3]);
+    const __m512 mv = pair_vector(m[0], m[1], m[2], m[3]);
+    const __m512i u = is_signed ? _mm512_abs_epi8(codes) : codes;
+    const __mmask64 negative = is_signed ? _mm512_movepi8_mask(codes) : 0;
+    for (int r = 0; r < NR; ++r) {
+      __m512i xq = _mm512_loadu_si512(x[r].q + b * QK);
+      if constexpr (is_signed) xq = _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq);
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xq));
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_loadu_ps(x[r].d8 + b * 8)), acc[r]);
+      if constexpr (FMT != Q8_0) acc[r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(x[r].s8 + b * 8), acc[r]);
+    }
+  }
+  float tail[NR] = {};
+  if (b < nb) {  // an odd block count: the last block on 256-bit registers
+    __m256 acc8[NR];
+    float macc[NR] = {};
+    for (int r = 0; r < NR; ++r) acc8[r] = _mm256_setzero_ps();
+    block_vnni<FMT, NR>(w + b * bb, b, x, acc8, macc);
+    for (int r = 0; r < NR; ++r) tail[r] = hsum_vnni(acc8[r]) + macc[r];
+  }
+  for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+}
+
 // ---------------------------------------------------------------- dispatch
 enum class Isa { Portable = 0, Avx2 = 1, Avx512Vnni = 2 };
 
@@ -206,7 +285,7 @@ const char* isa_name(Isa isa) {
 template <int64_t FMT, int NR>
 void dot_fmt(const uint8_t* w, int64_t nb, const XRow* x, float* out) {
   switch (current) {
-    case Isa::Avx512Vnni: return dot_vnni<FMT, NR>(w, nb, x, out);
+    case Isa::Avx512Vnni: return dot_vnni512<FMT, NR>(w, nb, x, out);
     case Isa::Avx2: return dot_avx2<FMT, NR>(w, nb, x, out);
     default: return dot_scalar<NR>(FMT, w, nb, x, out);
   }
@@ -224,7 +303,7 @@ void dot(int64_t fmt, const uint8_t* w, int64_t nb, const XRow* x, float* out) {
 }
 
 // ---------------------------------------------------------------- activations
-void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, float* s) {
+void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, float* s, float* d8, float* s8) {
   const int64_t nb = k / QK;
   at::parallel_for(0, rows * nb, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -241,6 +320,10 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d,
       d[i] = scale;
       s[2 * i] = scale * lo;
       s[2 * i + 1] = scale * hi;
+      for (int j = 0; j < 8; ++j) {
+        d8[i * 8 + j] = scale;
+        s8[i * 8 + j] = s[2 * i + j / 4] * 0.25f;
+      }
     }
   });
 }
@@ -272,11 +355,13 @@ at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t
     b = bias_c.data_ptr<float>();
   }
   at::Tensor qbuf = at::empty({rows * in_features}, x.options().dtype(at::kChar));
-  at::Tensor scales = at::empty({rows * nb * 3}, x.options());
+  at::Tensor scales = at::empty({rows * nb * 19}, x.options());
   int8_t* xq = qbuf.data_ptr<int8_t>();
   float* xd = scales.data_ptr<float>();
   float* xs = xd + rows * nb;
-  quantize_rows(x.data_ptr<float>(), rows, in_features, xq, xd, xs);
+  float* xd8 = xs + rows * nb * 2;
+  float* xs8 = xd8 + rows * nb * 8;
+  quantize_rows(x.data_ptr<float>(), rows, in_features, xq, xd, xs, xd8, xs8);
 
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
@@ -292,7 +377,8 @@ at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t
         const int nr = static_cast<int>(std::min<int64_t>(4, rows - r0));
         XRow xr[4];
         for (int i = 0; i < nr; ++i)
-          xr[i] = {xq + (r0 + i) * in_features, xd + (r0 + i) * nb, xs + (r0 + i) * nb * 2};
+          xr[i] = {xq + (r0 + i) * in_features, xd + (r0 + i) * nb, xs + (r0 + i) * nb * 2,
+                   xd8 + (r0 + i) * nb * 8, xs8 + (r0 + i) * nb * 8};
         for (int64_t o = c0; o < c1; ++o) {
           float res[4];
           const uint8_t* w = wbase + o * row_bytes;
