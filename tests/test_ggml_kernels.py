@@ -162,3 +162,17 @@ def test_fused_rope_and_cache_write_match_pytorch():
     torch.testing.assert_close(v_pool.view(64, hkv, d), expected_v)
     with pytest.raises(RuntimeError, match="outside the pool"):
         torch.ops.minillm.rope_cache_write(qkv, cos, sin, k_pool, v_pool, slots + 64, hq, hkv)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q6_K"])
+def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
+    """Rows are tiled 4 at a time; a token's output must not depend on its neighbours (batched == alone)."""
+    kind = ggml.KERNEL_TYPES[name]
+    rows, fmt = ggml.kernel_weights([(random_blocks(kind, 24, 768), kind)])  # 3 blocks of 256 / 24 of 32: odd pairs too
+    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 768)
+    x = torch.randn(7, 768, generator=torch.Generator().manual_seed(0))
+    kernels.set_isa(isa)
+    full = layer(x)
+    for start, end in [(0, 1), (3, 4), (2, 5), (1, 7)]:
+        assert torch.equal(layer(x[start:end]), full[start:end])

@@ -282,6 +282,8 @@ const char* isa_name(Isa isa) {
   return isa == Isa::Avx512Vnni ? "avx512_vnni" : isa == Isa::Avx2 ? "avx2" : "portable";
 }
 
+// Every row takes the same arithmetic whatever tile it falls in (NR), so a sequence's logits do not depend on
+// which other sequences share its step: batched equals alone, bit for bit.
 template <int64_t FMT, int NR>
 void dot_fmt(const uint8_t* w, int64_t nb, const XRow* x, float* out) {
   switch (current) {
