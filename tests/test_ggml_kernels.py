@@ -169,7 +169,7 @@ def test_fused_rope_and_cache_write_match_pytorch():
 def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
     """Rows are tiled 4 at a time; a token's output must not depend on its neighbours (batched == alone)."""
     kind = ggml.KERNEL_TYPES[name]
-    rows, fmt = ggml.kernel_weights([(random_blocks(kind, 24, 768), kind)])  # 3 blocks of 256 / 24 of 32: odd pairs too
+    rows, fmt = ggml.kernel_weights([(random_blocks(kind, 24, 768), kind)])  # 3 super-blocks of 256 = 24 blocks of 32
     layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 768)
     x = torch.randn(7, 768, generator=torch.Generator().manual_seed(0))
     kernels.set_isa(isa)
