@@ -3,6 +3,7 @@ import torch
 
 from minillm import LLM, Configs, MiniLLM
 from minillm.loading import default_model_path
+from serving import API_KEY, start_server
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +34,9 @@ def hf_smollm():
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One `minillm serve` (bundled model, --api-key) for every server test module."""
+    yield from start_server("--api-key", API_KEY, "--served-model-name", "smollm2")

@@ -3,53 +3,13 @@
 
 import asyncio
 import json
-import os
-import re
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # the server shares 2 cores with the test clients
-    proc = subprocess.Popen([sys.executable, "-m", "minillm", "serve", "--port", str(port), "--api-key", API_KEY,
-                             "--served-model-name", "smollm2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    seen_loading = False
-    while time.time() < deadline:
-        try:
-            status = httpx.get(f"{base}/health", timeout=2).status_code
-            if status == 200:
-                break
-            seen_loading |= status == 503
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not become healthy")
-    yield {"base": base, "seen_loading": seen_loading}
-    proc.terminate()
-    proc.wait(timeout=30)
+from serving import API_KEY, metric, post, wait_until_idle
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +17,11 @@ def client(server):
     return openai.OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def post(server, path, body, key=API_KEY, raw=None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if raw is not None:
-        headers["Content-Type"] = "application/json"
-        return httpx.post(server["base"] + path, content=raw, headers=headers, timeout=120)
-    return httpx.post(server["base"] + path, json=body, headers=headers, timeout=120)
-
-
-def metric(server, name) -> float:
-    text = httpx.get(server["base"] + "/metrics", timeout=10).text
-    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-    assert match, f"{name} missing from /metrics"
-    return float(match.group(1))
-
-
 def test_health_models_and_metrics(server, client):
     assert server["seen_loading"]  # /health said 503 while the model loaded
     assert httpx.get(server["base"] + "/health").json() == {"status": "ok"}
     assert [m.id for m in client.models.list().data] == ["smollm2"]
-    text = httpx.get(server["base"] + "/metrics").text
+    text = httpx.get(server["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in ("minillm_num_requests_running", "minillm_num_requests_waiting", "minillm_kv_cache_usage_ratio",
                  "minillm_prefix_cache_hit_rate", "minillm_prompt_tokens_total", "minillm_generation_tokens_total",
                  "minillm_time_to_first_token_seconds_bucket", "minillm_inter_token_latency_seconds_bucket"):
@@ -231,14 +176,7 @@ def test_disconnected_clients_free_their_blocks(server):
             return await asyncio.gather(*(impatient(client, i, i % 2 == 0) for i in range(12)))
 
     assert all(asyncio.run(run_all()))
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if metric(server, "minillm_num_requests_running") == 0 and metric(server, "minillm_num_requests_waiting") == 0:
-            break
-        time.sleep(0.2)
-    assert metric(server, "minillm_num_requests_running") == 0
-    assert metric(server, "minillm_num_requests_waiting") == 0
-    assert metric(server, "minillm_kv_cache_free_blocks") == metric(server, "minillm_kv_cache_blocks")
+    wait_until_idle(server, timeout=20)
     start = time.time()
     assert post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 4}).status_code == 200
     assert time.time() - start < 10

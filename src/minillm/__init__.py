@@ -2,6 +2,7 @@
 
 from .cache import CacheOverflowError, KVCache
 from .config import Configs, ModelConfig
+from .engine import RequestFailed
 from .generation import Generation, TextGenerator
 from .llm import LLM, RequestOutput
 from .loading import ModelLoadError
@@ -12,5 +13,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM", "CacheOverflowError", "Configs", "Generation", "KVCache", "MiniLLM", "ModelConfig", "ModelLoadError",
-    "RequestOutput", "SamplingParams", "TextGenerator",
+    "RequestFailed", "RequestOutput", "SamplingParams", "TextGenerator",
 ]

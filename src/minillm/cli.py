@@ -7,8 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from .cache import CacheOverflowError
+from .engine import RequestFailed
 from .quantization import QUANTIZATION_MODES
 from .sampling_params import SamplingParams
+from .text.unicode import check_text
 
 
 def _weights_options(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +25,20 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
                              "weight-only, re-quantized from float")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the engine step at start-up (1-2.5 min on 2 cores; faster once cached)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {value}")
+    return value
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
     _weights_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--max-concurrency", type=int, default=64, help="sequences batched at once (more wait)")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every path but /health (/metrics and /docs too)")
+    serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    serve.add_argument("--stream-timeout", type=float, default=30.0,
+                       help="abort a stream whose client has read nothing for this many seconds once its buffer "
+                            "(64 outputs) is full; it is paused meanwhile (default 30)")
+    serve.add_argument("--max-concurrency", type=_positive, default=64, help="sequences batched at once (more wait)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
     bench = commands.add_parser("bench", help="benchmarks (default: prefill/decode speed vs HF transformers)",
                                 add_help=False)
@@ -76,9 +97,13 @@ def _load(args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> None:
     params = _sampling(args)
+    check_text(args.prompt, "the prompt")
     llm = _load(args)
     if args.no_stream:
-        print(llm.generate(args.prompt, params)[0].text)
+        out = llm.generate(args.prompt, params)[0]
+        if out.error is not None:
+            raise RequestFailed(out.error)
+        print(out.text)
         return
     sys.stdout.write(args.prompt)
     for delta in llm.stream(args.prompt, params):
@@ -89,6 +114,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _chat(args: argparse.Namespace) -> None:
     params = _sampling(args)
+    if args.system is not None:
+        check_text(args.system, "--system")
     llm = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
@@ -108,18 +135,23 @@ def _chat(args: argparse.Namespace) -> None:
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
         reply = []
-        for delta in llm.stream_chat(history, params):
-            reply.append(delta.text)
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
+        try:
+            for delta in llm.stream_chat([*history, {"role": "user", "content": line}], params):
+                reply.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        except (ValueError, RequestFailed) as err:  # this turn fails (say, past the context); the chat goes on
+            sys.stdout.write("\n")
+            print(f"minillm: error: {err}", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]
 
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
+    import socket
     from pathlib import Path
 
     import uvicorn
@@ -137,11 +169,26 @@ def _serve(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"minillm: error: no such model file or folder: {path}", file=sys.stderr)
         return 1
+    if args.api_key is not None and not args.api_key.strip():
+        print("minillm: error: --api-key must not be empty", file=sys.stderr)
+        return 1
+    if not 0 < args.stream_timeout < float("inf"):
+        print(f"minillm: error: --stream-timeout must be a positive number of seconds, got {args.stream_timeout}",
+              file=sys.stderr)
+        return 1
     name = args.served_model_name or path.stem
     app = create_app(lambda: LLM(str(path), dtype=args.dtype, quantization=args.quantization, progress=False,
                                  max_num_seqs=args.max_concurrency, compile=args.compile),
-                     name, api_key=args.api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                     name, api_key=args.api_key, public_metrics=args.public_metrics, stream_timeout=args.stream_timeout)
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as err:
+        print(f"minillm: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    # Accepted connections inherit this: a stream's unread output waits in at most ~64 KiB of kernel
+    # buffer (Linux would grow it to 4 MiB), then backs up into the engine, which pauses the stream.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 
@@ -165,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     try:
         (_generate if args.command == "generate" else _chat)(args)
-    except (ValueError, OSError, CacheOverflowError) as err:  # user errors: one line, no traceback
+    except (ValueError, OSError, CacheOverflowError, RequestFailed) as err:  # one line, no traceback
         print(f"minillm: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .engine import EngineConfig, LLMEngine, StepOutput
+from .engine import EngineConfig, LLMEngine, RequestFailed, StepOutput
 from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
 from .model.transposed_linear import transpose_widening_linears
@@ -26,7 +26,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str  # "stop" (EOS, stop token or stop string), "length", or "error" (see `error`)
+    error: str | None = None  # why this request failed; the others in the batch are unaffected
 
 
 class LLM:
@@ -122,6 +123,7 @@ class LLM:
         pieces: list[list[str]] = [[] for _ in ids]
         tokens: list[list[int]] = [[] for _ in ids]
         reasons: list[str] = [""] * len(ids)
+        errors: list[str | None] = [None] * len(ids)
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not self.progress or len(ids) < 2,
                   leave=False) as bar:
             while any(not r for r in reasons):
@@ -132,9 +134,9 @@ class LLM:
                     pieces[i].append(out.text)
                     tokens[i] += out.token_ids
                     if out.finish_reason:
-                        reasons[i] = out.finish_reason
+                        reasons[i], errors[i] = out.finish_reason, out.error
                         bar.update()
-        return [RequestOutput(t, p, "".join(s), k, r) for t, p, s, k, r in zip(texts, ids, pieces, tokens, reasons)]
+        return [RequestOutput(*fields) for fields in zip(texts, ids, ["".join(p) for p in pieces], tokens, reasons, errors)]
 
     def _stream(self, ids: list[int], params: SamplingParams | None) -> Iterator[StepOutput]:
         request_id = self.engine.add_request(ids, params or SamplingParams())
@@ -144,6 +146,8 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id == request_id:
                         finished = out.finished
+                        if out.error is not None:
+                            raise RequestFailed(out.error)
                         yield out
         finally:
             if not finished:  # the consumer stopped early: free the request's blocks now

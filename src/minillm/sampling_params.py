@@ -1,16 +1,29 @@
-"""`SamplingParams`: how one request is decoded (the vLLM names), validated up front."""
+"""`SamplingParams`: how one request is decoded (the vLLM names), validated up front.
+
+Every numeric rule lives here; the server and the CLI build a `SamplingParams` and report its
+ValueError, whose message starts with the field's name.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from .text.unicode import check_text
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's rule): logits / 1e-300 overflow
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it every seen token is banned or forced anyway
+MAX_STOP_STRINGS = 16
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
 class SamplingParams:
-    """max_tokens: new tokens at most. temperature 0 is greedy. top_k None/0/-1 and top_p 1.0
-    disable those filters. seed makes sampling reproducible. stop: strings that end the output
-    (not included in it); stop_token_ids: extra ids that end it like EOS; ignore_eos: keep going
-    past the model's EOS ids (for benchmarks). presence_penalty / frequency_penalty: OpenAI's
+    """max_tokens: new tokens at most. temperature 0 is greedy (and so is anything below 1e-5).
+    top_k None/0/-1 and top_p 1.0 disable those filters. seed makes sampling reproducible.
+    stop: up to 16 strings that end the output (not included in it); stop_token_ids: extra ids
+    that end it like EOS; ignore_eos: keep going past the model's EOS ids (for benchmarks).
+    repetition_penalty: HF's, in [0.01, 100]. presence_penalty / frequency_penalty: OpenAI's
     penalties on tokens already generated (once / per occurrence), in [-2, 2]. logprobs: return
     the sampled token's log-probability and this many top alternatives (0-20), from the model's
     raw distribution."""
@@ -29,31 +42,44 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_number("temperature", self.temperature, 0, math.inf, "a number >= 0 (0 is greedy)")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+        _check_number("top_p", self.top_p, 0, 1, "in (0, 1]", low_open=True)
         if self.top_k in (0, -1):
             self.top_k = None
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer (or 0 / -1 / None to disable), got {self.top_k!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        low, high = REPETITION_PENALTY_RANGE
+        _check_number("repetition_penalty", self.repetition_penalty, low, high, f"in [{low}, {high:g}] (1 is none)")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= 20):
+            _check_number(name, getattr(self, name), -2, 2, "in [-2, 2]")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        for i, s in enumerate(self.stop):
+            check_text(s, f"stop[{i}]")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: object, low: float, high: float, rule: str, low_open: bool = False) -> None:
+    """A finite real in [low, high] (or (low, high]); NaN and infinities are refused by name."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")

@@ -22,8 +22,8 @@ from ..sampling_params import SamplingParams
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .model_runner import ModelRunner, TokenLogprobs
-from .scheduler import Scheduler
+from .model_runner import ModelRunner, RowError, TokenLogprobs
+from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 
 logger = logging.getLogger("minillm")
@@ -43,14 +43,19 @@ class StepOutput:
     request_id: str
     text: str  # newly final text (may be "")
     token_ids: list[int]  # new tokens
-    finish_reason: str | None  # "stop" | "length" once finished
+    finish_reason: str | None  # "stop" | "length" | "error" once finished
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprobs] | None = None  # for token_ids, when the request asked
+    error: str | None = None  # why the request failed (finish_reason "error"); the others go on
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class RequestFailed(RuntimeError):
+    """A request that failed while it ran (the others in its steps went on)."""
 
 
 @dataclass
@@ -88,6 +93,7 @@ class LLMEngine:
             self.compile_seconds = time.perf_counter() - start
             logger.info("compiled the engine step in %.1f s", self.compile_seconds)
         self.requests: dict[str, Sequence] = {}
+        self.stalled = False
         logger.info("KV cache: %d blocks of %d tokens = %d tokens at most, %.1f MiB",
                     num_blocks, config.block_size, self.max_cached_tokens, self.runner.cache.nbytes / 2**20)
 
@@ -125,6 +131,12 @@ class LLMEngine:
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
 
+    def pause(self, request_id: str, paused: bool = True) -> None:
+        """Hold (or release) a request's decoding while its consumer is not reading; it keeps its blocks."""
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            seq.paused = paused
+
     def reset_prefix_cache(self) -> None:
         self.blocks.reset_prefix_cache()
 
@@ -132,12 +144,24 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[StepOutput]:
+        """One scheduled forward pass. A failure is the failing request's alone: a row whose logits
+        are non-finite fails by itself, and if the whole step raises, each sequence is run again on
+        its own (the same cache slots are rewritten, no random draw was made) and only those that
+        still fail are failed, so every other request gets the tokens it would have had alone."""
         step = self.scheduler.schedule()
+        self.stalled = step is None  # unfinished work that cannot run now (paused, or waiting for blocks)
         if step is None:
             return []
-        sampled = self.runner.run(step)
+        try:
+            sampled = self.runner.run(step)
+        except Exception:
+            logger.exception("a step of %d sequences failed; running each alone", len(step.seqs))
+            sampled = [self._run_alone(seq, count) for seq, count in zip(step.seqs, step.num_tokens)]
         outputs = []
         for seq, count, result in zip(step.seqs, step.num_tokens, sampled):
+            if isinstance(result, RowError):
+                outputs.append(self._fail(seq, result.message))
+                continue
             seq.num_computed += count
             self.blocks.register_computed(seq)
             if result is None:
@@ -146,6 +170,18 @@ class LLMEngine:
             seq.token_ids.append(token)
             outputs.append(self._process_token(seq, token, logprobs))
         return outputs
+
+    def _run_alone(self, seq: Sequence, count: int) -> tuple[int, TokenLogprobs | None] | RowError | None:
+        try:
+            return self.runner.run(ScheduledStep([seq], [count]))[0]
+        except Exception as err:
+            logger.exception("request %s failed", seq.request_id)
+            return RowError(f"internal error while running this request: {type(err).__name__}: {err}")
+
+    def _fail(self, seq: Sequence, message: str) -> StepOutput:
+        self.scheduler.finish(seq, "error")
+        self.requests.pop(seq.request_id, None)
+        return StepOutput(seq.request_id, "", [], "error", seq.num_prompt_tokens, seq.num_outputs, error=message)
 
     def _process_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
         state: RequestState = seq.state
@@ -169,6 +205,7 @@ class LLMEngine:
         queries = self.blocks.prefix_queries
         return {
             "running": len(self.scheduler.running),
+            "paused": sum(s.paused for s in self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.blocks.usage,
             "free_blocks": self.blocks.num_free,

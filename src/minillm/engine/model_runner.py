@@ -45,10 +45,10 @@ class ModelRunner:
             self.forward(ids, plan, self.backend, last_token_only=True)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep) -> list[tuple[int, TokenLogprobs | None] | None]:
+    def run(self, step: ScheduledStep) -> list[tuple[int, TokenLogprobs | None] | RowError | None]:
         """Feed each sequence its tokens, all packed into one [1, N] input; return (sampled token, its
-        logprobs if asked) for sequences that reached their last token (None for prompts still being
-        prefilled in chunks)."""
+        logprobs if asked) for sequences that reached their last token, None for prompts still being
+        prefilled in chunks, and a RowError for a row whose logits came out non-finite."""
         seqs, counts = step.seqs, step.num_tokens
         ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed:s.num_computed + n]]
         device = self.model.device
@@ -79,10 +79,23 @@ class ModelRunner:
             logits = logits - frequency * counts - presence * (counts > 0)
         tokens = sample(logits, [p.temperature for p in params], [p.top_k for p in params],
                         [p.top_p for p in params], [s.state.generator for s in picked]).tolist()
-        out: list[tuple[int, TokenLogprobs | None] | None] = [None] * len(seqs)
+        out: list[tuple[int, TokenLogprobs | None] | RowError | None] = [None] * len(seqs)
         for row, (i, token) in enumerate(zip(sampling, tokens)):
-            out[i] = (token, None if params[row].logprobs is None else _logprobs(raw[row], token, params[row].logprobs))
+            p = params[row]
+            if token < 0:
+                out[i] = RowError(f"the logits became non-finite after penalties and temperature (temperature="
+                                  f"{p.temperature}, repetition_penalty={p.repetition_penalty}, presence_penalty="
+                                  f"{p.presence_penalty}, frequency_penalty={p.frequency_penalty})")
+            else:
+                out[i] = (token, None if p.logprobs is None else _logprobs(raw[row], token, p.logprobs))
         return out
+
+
+@dataclass
+class RowError:
+    """Why one sequence of a step could not go on; the step's other sequences are unaffected."""
+
+    message: str
 
 
 @dataclass

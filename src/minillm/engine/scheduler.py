@@ -4,7 +4,8 @@ Every step is mixed, as in vLLM: each decoding sequence feeds its next token, an
 token budget goes to prompt chunks (prompts under way first, then new requests in arrival order), so a
 long prompt is prefilled in pieces while the others keep decoding, and no step is spent on a few
 decode rows alone. The model runner packs the step's tokens into one input, so chunks of any length
-cost no padding. When a decoding sequence finds no free block, the newest running sequence is
+cost no padding. A paused sequence (its stream's reader fell behind) keeps its blocks but gets no
+decode token until it is resumed. When a decoding sequence finds no free block, the newest running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
@@ -85,7 +86,7 @@ class Scheduler:
         """One token for every decoding sequence, preempting the newest running ones for blocks."""
         preempted: list[Sequence] = []
         scheduled: list[Sequence] = []
-        for seq in [s for s in self.running if not s.in_prefill]:
+        for seq in [s for s in self.running if not s.in_prefill and not s.paused]:
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an older sequence
             while not self.blocks.ensure_capacity(seq, len(seq)):

@@ -35,6 +35,7 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.paused = False  # its consumer is not reading: no decode steps until it catches up
         self.state: Any = None  # per-request data of the layers above (sampler, detokenizer)
 
     def __len__(self) -> int:

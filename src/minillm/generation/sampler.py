@@ -53,7 +53,8 @@ def filter_top_p(logits: Tensor, top_p: float | Tensor) -> Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-    drop_sorted = mass_before >= top_p  # the most likely token has 0 before it, so it always stays
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -68,18 +69,22 @@ def sample(
     """Next token per row from float32 logits [B, V]; temperature 0 is greedy.
 
     `generators` gives each row its own random stream (a per-request seed), so a row draws the
-    same tokens whatever else is in the batch.
+    same tokens whatever else is in the batch. A row whose logits (after temperature) hold a NaN
+    or +inf, or nothing finite, gets -1 and draws nothing: one broken row never breaks the others.
     """
     rows, vocab = logits.shape
     temps = per_row(temperature, rows)
-    if all(t == 0 for t in temps):
-        return logits.argmax(dim=-1)
+    greedy = all(t == 0 for t in temps)
     device = logits.device
-    scaled = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device).view(-1, 1)
-    ks = per_row(top_k, rows)
-    if any(k is not None and k < vocab for k in ks):
-        k_values = [vocab if k is None else k for k in ks]
-        scaled = filter_top_k(scaled, k_values[0] if len(set(k_values)) == 1 else torch.tensor(k_values, device=device))
+    scaled = logits if greedy else logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device).view(-1, 1)
+    broken = ~torch.isfinite(scaled.amax(dim=-1))  # amax propagates NaN
+    if broken.any():
+        scaled = scaled.masked_fill(broken.view(-1, 1), 0.0)
+    if greedy:
+        return scaled.argmax(dim=-1).masked_fill(broken, -1)
+    ks = [vocab if k is None else min(k, vocab) for k in per_row(top_k, rows)]
+    if any(k < vocab for k in ks):
+        scaled = filter_top_k(scaled, ks[0] if len(set(ks)) == 1 else torch.tensor(ks, device=device))
     ps = per_row(top_p, rows)
     if any(p is not None and p < 1 for p in ps):
         p_values = [2.0 if p is None or p >= 1 else float(p) for p in ps]  # 2.0: the row keeps everything
@@ -89,6 +94,6 @@ def sample(
         drawn = torch.multinomial(probs, 1).squeeze(-1)
     else:
         drawn = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
-    if not any(t == 0 for t in temps):
-        return drawn
-    return torch.where(torch.tensor([t == 0 for t in temps], device=device), logits.argmax(dim=-1), drawn)
+    if any(t == 0 for t in temps):
+        drawn = torch.where(torch.tensor([t == 0 for t in temps], device=device), scaled.argmax(dim=-1), drawn)
+    return drawn.masked_fill(broken, -1)

@@ -17,18 +17,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import StepOutput
+from ..engine import RequestFailed, StepOutput
 from ..llm import LLM
-from ..text.chat_template import ChatTemplateError
 from .async_engine import AsyncEngine
+from .guard import Guard
 from .metrics import Metrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .protocol import MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest
 
 
 @dataclass
 class ServerState:
     model_name: str
-    api_key: str | None
     llm: LLM | None = None
     engine: AsyncEngine | None = None
     load_error: str | None = None
@@ -48,14 +47,17 @@ class Choice:
     finish_reason: str | None = None
 
 
-def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = None) -> FastAPI:
-    """`load` builds the LLM; it runs in a thread at start-up, and /health says 503 until it is done."""
-    state = ServerState(model_name, api_key)
+def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = None, public_metrics: bool = False,
+               max_body_bytes: int = 16 << 20, stream_timeout: float = 30.0) -> FastAPI:
+    """`load` builds the LLM; it runs in a thread at start-up, and /health says 503 until it is done.
+    With `api_key`, every path but /health (and /metrics if `public_metrics`) answers 401 without it.
+    A stream whose client reads nothing for `stream_timeout` seconds once its buffer is full is aborted."""
+    state = ServerState(model_name)
 
     def load_in_background() -> None:
         try:
             llm = load()
-            state.llm, state.engine = llm, AsyncEngine(llm.engine)
+            state.llm, state.engine = llm, AsyncEngine(llm.engine, stall_timeout=stream_timeout)
         except Exception as err:  # reported by /health
             state.load_error = f"{type(err).__name__}: {err}"
 
@@ -65,6 +67,8 @@ def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = N
 
     app = FastAPI(title="MiniLLM", lifespan=lifespan)
     app.state.minillm = state
+    app.add_middleware(Guard, api_key=api_key, public={"/health"} | ({"/metrics"} if public_metrics else set()),
+                       max_body_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -86,9 +90,7 @@ def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = N
         message = f"no route {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
         return JSONResponse(APIError(err.status_code, message, kind=kind).body(), status_code=err.status_code)
 
-    def ready(request: Request) -> AsyncEngine:
-        if state.api_key is not None and request.headers.get("authorization") != f"Bearer {state.api_key}":
-            raise APIError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+    def ready() -> AsyncEngine:
         if state.engine is None:
             raise APIError(503, state.load_error or "the model is still loading", kind="service_unavailable")
         return state.engine
@@ -111,29 +113,27 @@ def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = N
                         media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        ready(request)
+    async def models() -> dict:
+        ready()
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "minillm"}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        engine = ready(request)
+        engine = ready()
+        body.check()
         check_model(body.model)
-        body.check_unsupported()
         prompts = _prompt_ids(body.prompt, state.llm)
         return await _respond(request, engine, state, body, prompts, chat=False, logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        engine = ready(request)
+        engine = ready()
+        body.check()
         check_model(body.model)
-        body.check_unsupported()
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             ids = state.llm.tokenizer.encode_chat(messages)
-        except ChatTemplateError as err:
+        except ValueError as err:  # the template refused the conversation
             raise APIError(400, str(err), "messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await _respond(request, engine, state, body, [ids], chat=True, logprobs=logprobs)
@@ -150,7 +150,10 @@ def _prompt_ids(prompt: Any, llm: LLM) -> list[list[int]]:
         prompts = list(prompt)
     if not prompts:
         raise APIError(400, "prompt must not be empty", "prompt")
-    ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    try:
+        ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    except ValueError as err:
+        raise APIError(400, str(err), "prompt") from None
     if any(not p for p in ids):
         raise APIError(400, "prompt must not be empty", "prompt")
     return ids
@@ -160,6 +163,9 @@ async def _respond(request: Request, engine: AsyncEngine, state: ServerState, bo
                    chat: bool, logprobs: int | None) -> Response:
     context = state.llm.config.max_seq_len
     asked = body.requested_max_tokens()
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} choices in one request",
+                       "prompt" if len(prompts) > 1 else "n")
     choices: list[Choice] = []
     try:
         for p, ids in enumerate(prompts):
@@ -199,7 +205,11 @@ async def _respond(request: Request, engine: AsyncEngine, state: ServerState, bo
                 collector.cancel()
                 state.metrics.requests.labels("aborted").inc(len(choices))
                 return Response(status_code=499)
-        collector.result()
+        try:
+            collector.result()
+        except APIError:
+            state.metrics.requests.labels("failed").inc(len(choices))
+            raise
     finally:
         for choice in choices:
             if choice.finish_reason is None:
@@ -222,6 +232,9 @@ async def _next(state: ServerState, choice: Choice, started: float, last: list[f
     item = await choice.outputs.get()
     if isinstance(item, ValueError):
         raise APIError(400, str(item))
+    if isinstance(item, RequestFailed) or isinstance(item, StepOutput) and item.error is not None:
+        raise APIError(500, f"the request failed: {item if isinstance(item, RequestFailed) else item.error}",
+                       kind="server_error")
     if isinstance(item, BaseException):
         raise APIError(500, f"internal error: {item}", kind="server_error")
     now = time.perf_counter()
@@ -252,7 +265,7 @@ async def _collect_all(state: ServerState, choices: list[Choice]) -> None:
 async def _stream(engine: AsyncEngine, state: ServerState, choices: list[Choice], chat: bool, response_id: str,
                   created: int, usage, include_usage: bool, want_logprobs: bool, tokenizer) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
-    merged: asyncio.Queue = asyncio.Queue()
+    merged: asyncio.Queue = asyncio.Queue(maxsize=4)  # a slow reader's backlog stays in the engine's queues
 
     async def pump(choice: Choice) -> None:
         started, last = time.perf_counter(), [0.0]

@@ -14,6 +14,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge("minillm_num_requests_running", "Sequences in the running batch", registry=r)
+        self.paused = Gauge("minillm_num_requests_paused", "Running streams paused for a reader that fell behind", registry=r)
         self.waiting = Gauge("minillm_num_requests_waiting", "Sequences waiting for admission", registry=r)
         self.kv_usage = Gauge("minillm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
         self.free_blocks = Gauge("minillm_kv_cache_free_blocks", "Free KV-cache blocks", registry=r)
@@ -30,6 +31,7 @@ class Metrics:
         if engine is not None:
             stats = engine.stats()
             self.running.set(stats["running"])
+            self.paused.set(stats["paused"])
             self.waiting.set(stats["waiting"])
             self.kv_usage.set(stats["kv_cache_usage"])
             self.free_blocks.set(stats["free_blocks"])

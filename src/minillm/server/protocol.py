@@ -6,11 +6,15 @@ does not implement are refused with a 400 naming the field, never silently dropp
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..sampling_params import SamplingParams
+from ..text.unicode import find_invalid_text
+
+MAX_CHOICES = 128  # prompts x n in one request
 
 
 class APIError(Exception):
@@ -20,7 +24,13 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return {"error": {"message": _printable(self.message), "type": self.kind,
+                          "param": None if self.param is None else _printable(self.param), "code": self.code}}
+
+
+def _printable(text: str) -> str:
+    """Error texts may quote the client's input; a lone surrogate in it must not break the response."""
+    return text.encode("utf-8", "replace").decode()
 
 
 class StreamOptions(BaseModel):
@@ -53,7 +63,13 @@ class _Request(BaseModel):
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    def check_unsupported(self) -> None:
+    def check(self) -> None:
+        """Refusals that pydantic's types do not express: text that is not valid Unicode (checked
+        first: nothing else may quote it), then fields MiniLLM does not implement."""
+        bad = find_invalid_text(self.model_dump())
+        if bad is not None:
+            raise APIError(400, f"{bad} is not valid Unicode (it holds a lone surrogate such as \\ud800)",
+                           bad.split(".", 1)[0])
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if self.tools or self.functions:
@@ -71,10 +87,11 @@ class _Request(BaseModel):
                 max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                 repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, stop=self.stop, ignore_eos=self.ignore_eos,
-                seed=None if self.seed is None else self.seed + seed_offset, logprobs=logprobs)
-        except ValueError as err:
+                seed=self.seed if self.seed is None or not seed_offset else (self.seed + seed_offset) % 2**64,
+                logprobs=logprobs)
+        except ValueError as err:  # its message starts with the field's name
             message = str(err)
-            raise APIError(400, message, message.split(" ", 1)[0]) from None
+            raise APIError(400, message, re.match(r"\w*", message).group()) from None
 
     def requested_max_tokens(self) -> int | None:
         value = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -91,8 +108,8 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     best_of: int | None = None
 
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
+    def check(self) -> None:
+        super().check()
         if self.echo:
             raise APIError(400, "echo is not supported", "echo")
         if self.suffix:
@@ -117,3 +134,10 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise APIError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")

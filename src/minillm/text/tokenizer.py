@@ -11,6 +11,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from .chat_template import ChatTemplateError, render_chat_template
+from .unicode import check_text, find_invalid_text
 
 # Pre-tokenizer split patterns, by llama.cpp's `tokenizer.ggml.pre` name.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -55,6 +56,7 @@ class Tokenizer:
         return self.backend.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text, "the prompt")
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
@@ -74,6 +76,9 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Template-rendered ids; the template decides where BOS goes, so none is added twice."""
+        bad = find_invalid_text(messages, "messages")
+        if bad is not None:
+            raise ValueError(f"{bad} is not valid Unicode (it holds a lone surrogate)")
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=True)
 
     # -- construction -------------------------------------------------------------------------
