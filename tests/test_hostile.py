@@ -206,13 +206,13 @@ def test_a_stream_nobody_reads_is_paused_then_resumed(server):
     engine stops generating for it (it keeps its place); when it reads again, the stream finishes."""
     request = json.dumps({"prompt": "Story:", "max_tokens": 600, "ignore_eos": True, "stream": True,
                           "temperature": 0, "logprobs": 5}).encode()  # ~0.5 KB per chunk: buffers fill sooner
+    before = metric(server, "minillm_generation_tokens_total")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server["port"]))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: "
                  + str(len(request)).encode() + b"\r\n\r\n" + request)
-    before = metric(server, "minillm_generation_tokens_total")
     deadline, last, paused = time.time() + 60, -1.0, False
     while time.time() < deadline:
         time.sleep(1.0)

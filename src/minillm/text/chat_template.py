@@ -68,3 +68,5 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], add_gene
         raise
     except TemplateError as err:
         raise ChatTemplateError(f"the chat template failed to render: {err}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:  # the messages' shape, in the template
+        raise ChatTemplateError(f"the chat template failed to render these messages: {type(err).__name__}: {err}") from None
