@@ -261,6 +261,8 @@ def run_cli(*args):
     (["serve", "--port", "70000"], 2, b"--port"),
     (["serve", "--max-concurrency", "0"], 2, b"--max-concurrency"),
     (["serve", "--api-key", ""], 1, b"--api-key"),
+    (["bench", "--runs", "0"], 2, b"--runs"),
+    (["bench", "--serve", "--concurrency", "0"], 2, b"--concurrency"),
 ])
 def test_cli_user_errors_are_one_line(args, code, message):
     result = run_cli(*args)

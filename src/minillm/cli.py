@@ -27,7 +27,7 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the engine step at start-up (1-2.5 min on 2 cores; faster once cached)")
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stream-timeout", type=float, default=30.0,
                        help="abort a stream whose client has read nothing for this many seconds once its buffer "
                             "(64 outputs) is full; it is paused meanwhile (default 30)")
-    serve.add_argument("--max-concurrency", type=_positive, default=64, help="sequences batched at once (more wait)")
+    serve.add_argument("--max-concurrency", type=positive_int, default=64, help="sequences batched at once (more wait)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
     bench = commands.add_parser("bench", help="benchmarks (default: prefill/decode speed vs HF transformers)",
                                 add_help=False)
@@ -204,7 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench.throughput import main as run
         else:  # prefill, decode and batched decode vs HF transformers
             from .bench.speed import main as run
-        run(rest)
+        try:
+            run(rest)
+        except (ValueError, OSError) as err:
+            print(f"minillm bench: error: {err}", file=sys.stderr)
+            return 1
         return 0
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import positive_int
 from .common import environment, environment_markdown
 
 
@@ -105,10 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model for the server this benchmark starts")
     parser.add_argument("--url", default=None, help="benchmark a running server instead (loopback only)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--num-requests", type=int, default=16, help="requests per concurrency level")
-    parser.add_argument("--input-len", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--num-requests", type=positive_int, default=16, help="requests per concurrency level")
+    parser.add_argument("--input-len", type=positive_int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=positive_int, default=64)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per level at most")
     parser.add_argument("--omp-wait-policy", default="ACTIVE", choices=["ACTIVE", "PASSIVE"],
                         help="OMP_WAIT_POLICY of the server this benchmark starts")

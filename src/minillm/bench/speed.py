@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import positive_int
 from ..llm import LLM
 from ..loading import default_model_path
 from .. import kernels
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--engines", nargs="+", default=["default", "float32"], metavar="SPEC",
                         help="MiniLLM settings to measure: default (a GGUF file on its own blocks), float32, bfloat16, "
                              "int8 or int4, each optionally :compile (default: default float32)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 32])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[4, 16, 32])
+    parser.add_argument("--runs", type=positive_int, default=3)
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--out", default="benchmarks/results", help="folder for speed.json/.md/.png")

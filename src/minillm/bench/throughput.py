@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import positive_int
 from ..engine import EngineConfig, LLMEngine
 from ..llm import LLM
 from ..quantization import QUANTIZATION_MODES
@@ -97,11 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="minillm bench --throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--num-requests", type=positive_int, default=64)
+    parser.add_argument("--input-len", type=positive_int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=positive_int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    parser.add_argument("--max-num-seqs", type=positive_int, default=64)
+    parser.add_argument("--hf-batch-size", type=positive_int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="MiniLLM's dtype; HF transformers runs in float32 (its default here) and in this one")
     parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="MiniLLM's step through torch.compile")
     parser.add_argument("--device", default="cpu", help="where both engines run (cpu, cuda)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each engine, taking turns (medians)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each engine, taking turns (medians)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for throughput.json/.md/.png")
     args = parser.parse_args(argv)
 
