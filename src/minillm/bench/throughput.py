@@ -4,7 +4,8 @@ N requests with input and output lengths drawn uniformly from the given ranges, 
 token prompts; throughput = requested output tokens / wall time. HF transformers runs the same
 requests with batched `generate` (batches of similar input length, each generating its longest
 requested output; only requested tokens count), in float32 (what `from_pretrained` gives for the
-bundled GGUF by default) and in MiniLLM's dtype when that differs. Each engine runs `--repeats` times,
+bundled GGUF by default) and in bfloat16 (unless MiniLLM runs in float32). MiniLLM runs its default
+setting (a GGUF file's own quantized blocks) unless --dtype asks for dequantized weights. Each engine runs `--repeats` times,
 the engines taking turns (so a slow spell of a shared machine hits them alike), after a warm-up;
 medians are reported, and MiniLLM's prefix cache is emptied before each run. A second workload
 measures prefix caching: many requests sharing one long system prompt, with caching on and off.
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-len", type=positive_int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     parser.add_argument("--max-num-seqs", type=positive_int, default=64)
     parser.add_argument("--hf-batch-size", type=positive_int, default=16)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="MiniLLM's dtype; HF transformers runs in float32 (its default here) and in this one")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="MiniLLM's weights dequantized to this dtype (default: a GGUF file's own blocks); "
+                             "HF transformers runs in float32 and, unless this is float32, bfloat16")
     parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
                         help="MiniLLM's weights (HF transformers always runs the dequantized checkpoint, in float32 and --dtype)")
     parser.add_argument("--compile", action="store_true", help="MiniLLM's step through torch.compile")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     output_tokens = sum(n for _, n in requests)
     warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids)
     run_engine(warm, requests[:4], "warm-up")
-    hf_models = {} if args.no_hf else load_hf(args.model, ["float32", args.dtype], args.device)
+    hf_dtypes = ["float32"] + (["bfloat16"] if args.dtype != "float32" else [])
+    hf_models = {} if args.no_hf else load_hf(args.model, hf_dtypes, args.device)
     pad_id = llm.eos_token_ids[0]
     for hf in hf_models.values():
         run_hf(hf, requests[:4], args.hf_batch_size, pad_id, "warm-up")
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs[dtype].append(run_hf(hf, requests, args.hf_batch_size, pad_id, f"{dtype} ({r + 1}/{args.repeats})"))
     seconds = statistics.median(runs["minillm"])
     variant = "".join(f"_{v}" for v in (args.quantization, "compiled" if args.compile else None) if v)
-    results = {"env": environment(), "model": llm.name, "dtype": args.dtype, "variant": variant,
+    setting = args.dtype or ("default" if llm.quantized else "float32")  # "default": the file's own blocks
+    results = {"env": environment(), "model": llm.name, "dtype": setting, "variant": variant,
                "requests": args.num_requests, "repeats": args.repeats,
                "input_len": args.input_len, "output_len": args.output_len, "output_tokens": output_tokens,
                "minillm": {"seconds": seconds, "tok_s": output_tokens / seconds, "runs": runs["minillm"],
