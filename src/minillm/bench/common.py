@@ -13,16 +13,28 @@ import torch
 from tqdm.auto import tqdm
 
 
+_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx_vnni")
+
+
 def environment() -> dict:
-    cpu = platform.processor() or "unknown"
+    """What a figure was measured on: the CPU by name, family/model and the vector flags that pick our
+    kernels' path (the same "AMD EPYC" name covers AVX2-only and AVX-512 parts), and the versions."""
+    cpu, flags = platform.processor() or "unknown", []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
+        flags = [flag for flag in _FLAGS if flag in info.get("flags", "").split()]
+    except (OSError, KeyError):
         pass
+    from .. import kernels
+
     return {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu,
+        "cpu_flags": " ".join(flags) or None,
+        "kernel_isa": kernels.isa(),
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
