@@ -45,11 +45,13 @@ def test_compile_needs_the_paged_kernel():
 def test_bench_engine_specs():
     from minillm.bench.speed import parse_engine
 
-    assert parse_engine("float32") == ("float32", False)
-    assert parse_engine("default:compile") == ("default", True)
-    assert parse_engine("gguf") == ("default", False)  # the old name of the default
-    with pytest.raises(Exception, match="not an engine"):
-        parse_engine("int3:fast")
+    assert parse_engine("float32") == ("float32", set())
+    assert parse_engine("default:compile") == ("default", {"compile"})
+    assert parse_engine("default:fast_prefill:compile") == ("default", {"compile", "fast_prefill"})
+    assert parse_engine("gguf") == ("default", set())  # the old name of the default
+    for bad in ("int3", "default:fast"):
+        with pytest.raises(Exception, match="not an engine"):
+            parse_engine(bad)
 
 
 def test_bench_refuses_an_unknown_engine(capsys):

@@ -146,3 +146,20 @@ def test_paged_attention_equals_contiguous(heads, kv_heads, page, q_len):
         assert (paged - ref).abs().max() <= 1e-5
     assert (flash_attention_with_kv_cache(q, k, v, lengths, block_size=32) - ref).abs().max() <= 1e-5
     assert (sdpa_attention(q, k, v, lengths) - ref).abs().max() <= 1e-5
+
+
+def test_fast_prefill_runs_prompt_chunks_on_the_gemm_path(smollm, monkeypatch):
+    """EngineConfig(fast_prefill=True) tells the kernels where each step's prompt rows start (decode
+    rows first); its greedy tokens stay close to the exact default's."""
+    from minillm.engine import model_runner
+
+    seen = []
+    real = model_runner.ggml.prefill_rows
+    monkeypatch.setattr(model_runner.ggml, "prefill_rows", lambda first: seen.append(first) or real(first))
+    texts = prompts(smollm.tokenizer, 8)
+    fast = run_all(engine(smollm, fast_prefill=True), texts, GREEDY)
+    exact = run_all(engine(smollm), texts, GREEDY)
+    assert seen[0] == 0 and -1 not in seen[: len(seen) // 2]  # the first step is all prompt rows
+    assert -1 in seen  # the exact engine never asks for the GEMM path
+    agree = sum(a == b for f, e in zip(fast, exact) for a, b in zip(f, e)) / sum(len(e) for e in exact)
+    assert agree >= 0.75

@@ -176,3 +176,35 @@ def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
     full = layer(x)
     for start, end in [(0, 1), (3, 4), (2, 5), (1, 7)]:
         assert torch.equal(layer(x[start:end]), full[start:end])
+
+
+needs_bf16_gemm = pytest.mark.skipif(
+    kernels.best_isa() != "avx512_vnni" or "avx512_bf16" not in open("/proc/cpuinfo").read(),
+    reason="the bf16 GEMM prefill path needs AVX512-VNNI and AVX512-BF16")
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_prefill_rows_as_bf16_gemm(name, swiglu):
+    """Rows from `gemm_from` on (64 or more) run as a bf16 GEMM: close to the float64 product; the
+    rows before it are exactly the int8 kernel's, and fewer than 64 rows never leave it."""
+    kind = ggml.KERNEL_TYPES[name]
+    cols = 512 if gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] == 256 else 96
+    raw = random_blocks(kind, 38, cols, seed=7)
+    rows, fmt = ggml.kernel_weights([(raw, kind)])
+    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, cols, bias=torch.randn(38), swiglu=swiglu)
+    x = torch.randn(70, cols)
+    exact = layer(x)
+    with ggml.prefill_rows(5):
+        mixed = layer(x)
+    with ggml.prefill_rows(7):  # 63 prompt rows: below the threshold, all int8
+        assert torch.equal(layer(x), exact)
+    assert torch.equal(mixed[:5], exact[:5])
+    w = torch.from_numpy(reference_weight(raw, kind))
+    y = x.double() @ w.T + layer.bias.double()
+    if swiglu:
+        g, u = y.chunk(2, dim=-1)
+        y = g / (1 + torch.exp(-g)) * u
+    assert (mixed[5:] - y[5:]).abs().max() < 0.02 * y.abs().max()
+    assert not torch.equal(mixed[5:], exact[5:])  # the GEMM did run

@@ -48,7 +48,7 @@ class LLM:
         (insists on the file's blocks: a GGUF file, dtype None) or "int8" / "int4" (weight-only,
         re-quantized from float; see minillm.quantization). engine_options: the fields of
         `EngineConfig` (block_size, kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens,
-        enable_prefix_caching, attention_backend, compile)."""
+        enable_prefix_caching, attention_backend, compile, fast_prefill)."""
         if quantization == "gguf" and dtype is not None:
             raise ValueError("quantization='gguf' computes with the file's blocks in float32; leave dtype unset")
         if quantization not in (None, *QUANTIZATION_MODES):

@@ -120,23 +120,25 @@ def greedy_matches_hf(llm: LLM, hf) -> bool:
 ENGINE_NAMES = ("default", "float32", "bfloat16", "int8", "int4")
 
 
-def parse_engine(spec: str) -> tuple[str, bool]:
-    """"default", "float32", "int4:compile", ... -> (setting, compile). "default" is what `LLM(path)` does
-    (a GGUF file on its own blocks); float32 / bfloat16 dequantize; int8 / int4 re-quantize."""
-    name, _, flag = spec.partition(":")
+def parse_engine(spec: str) -> tuple[str, set[str]]:
+    """"default", "float32", "int4:compile", "default:fast_prefill" ... -> (setting, flags). "default" is what
+    `LLM(path)` does (a GGUF file on its own blocks); float32 / bfloat16 dequantize; int8 / int4 re-quantize;
+    flags: compile, fast_prefill (EngineConfig's)."""
+    name, *flags = spec.split(":")
     if name == "gguf":
         name = "default"
-    if name not in ENGINE_NAMES or flag not in ("", "compile"):
-        raise argparse.ArgumentTypeError(f"not an engine: {spec!r} ({'|'.join(ENGINE_NAMES)}[:compile])")
-    return name, flag == "compile"
+    if name not in ENGINE_NAMES or not set(flags) <= {"compile", "fast_prefill"}:
+        raise argparse.ArgumentTypeError(f"not an engine: {spec!r} ({'|'.join(ENGINE_NAMES)}[:compile][:fast_prefill])")
+    return name, set(flags)
 
 
-def load_engine(path: Path, setting: str, compiled: bool) -> LLM:
+def load_engine(path: Path, setting: str, flags: set[str]) -> LLM:
     kwargs = {"dtype": setting} if setting in ("float32", "bfloat16") else {}
     if setting in ("int8", "int4"):
         kwargs["quantization"] = setting
     # No prefix caching: the runs repeat the same prompts, and this measures computing them.
-    return LLM(str(path), progress=False, enable_prefix_caching=False, compile=compiled, **kwargs)
+    return LLM(str(path), progress=False, enable_prefix_caching=False, compile="compile" in flags,
+               fast_prefill="fast_prefill" in flags, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="a GGUF file (default: the bundled SmolLM2)")
     parser.add_argument("--engines", nargs="+", default=["default", "float32"], metavar="SPEC",
                         help="MiniLLM settings to measure: default (a GGUF file on its own blocks), float32, bfloat16, "
-                             "int8 or int4, each optionally :compile (default: default float32)")
+                             "int8 or int4, each optionally :compile and/or :fast_prefill (default: default float32)")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[4, 16, 32])
     parser.add_argument("--runs", type=positive_int, default=3)
     parser.add_argument("--no-hf", action="store_true")
@@ -164,10 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     steps = tqdm(total=len(specs) + 3, desc="minillm bench", unit="engine")
     results: dict = {"env": environment(), "model": path.name, "threads": threads}
     engines: dict[str, dict] = {}
-    for setting, compiled in specs:
-        llm = load_engine(path, setting, compiled)
+    for setting, flags in specs:
+        llm = load_engine(path, setting, flags)
         label = f"default ({'gguf blocks, ' + kernels.isa() if llm.quantized else 'float32'})" if setting == "default" else setting
-        name = f"MiniLLM {label}" + (" compiled" if compiled else "")
+        name = f"MiniLLM {label}" + "".join(f" {flag.replace('_', ' ')}" for flag in sorted(flags))
         engines[name] = bench_minillm(llm, args.batch_sizes, args.runs)
         head = getattr(llm.model.output, "weight", None)
         engines[name]["weight_bytes"] = weight_bytes(llm.model, llm.model.tok_embeddings.weight, head)

@@ -86,7 +86,8 @@ def prefix_workload(llm: LLM, n: int, system_tokens: int, out_len: int) -> dict:
     result = {}
     for caching in (False, True):
         engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids,
-                           EngineConfig(enable_prefix_caching=caching, max_num_seqs=n))
+                           EngineConfig(enable_prefix_caching=caching, max_num_seqs=n,
+                                        fast_prefill=llm.engine.config.fast_prefill))
         seconds = run_engine(engine, requests, f"shared prefix, caching {'on' if caching else 'off'}")
         result["on" if caching else "off"] = {"seconds": seconds, "tok_s": n * out_len / seconds,
                                               "hit_rate": engine.stats()["prefix_cache_hit_rate"]}
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
                         help="MiniLLM's weights (HF transformers always runs the dequantized checkpoint, in float32 and --dtype)")
     parser.add_argument("--compile", action="store_true", help="MiniLLM's step through torch.compile")
+    parser.add_argument("--fast-prefill", action="store_true",
+                        help="prompt chunks as bf16 GEMMs on the GGUF blocks (EngineConfig.fast_prefill)")
     parser.add_argument("--device", default="cpu", help="where both engines run (cpu, cuda)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each engine, taking turns (medians)")
@@ -117,11 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization, progress=False,
-              max_num_seqs=args.max_num_seqs, compile=args.compile)
+              max_num_seqs=args.max_num_seqs, compile=args.compile, fast_prefill=args.fast_prefill)
     requests = make_requests(args.num_requests, tuple(args.input_len), tuple(args.output_len),
                              llm.model.config.vocab_size)
     output_tokens = sum(n for _, n in requests)
-    warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids)
+    warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(fast_prefill=args.fast_prefill))
     run_engine(warm, requests[:4], "warm-up")
     hf_dtypes = ["float32"] + (["bfloat16"] if args.dtype != "float32" else [])
     hf_models = {} if args.no_hf else load_hf(args.model, hf_dtypes, args.device)
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         for dtype, hf in hf_models.items():
             runs[dtype].append(run_hf(hf, requests, args.hf_batch_size, pad_id, f"{dtype} ({r + 1}/{args.repeats})"))
     seconds = statistics.median(runs["minillm"])
-    variant = "".join(f"_{v}" for v in (args.quantization, "compiled" if args.compile else None) if v)
+    variant = "".join(f"_{v}" for v in (args.quantization, "compiled" if args.compile else None,
+                                         "fast_prefill" if args.fast_prefill else None) if v)
     setting = args.dtype or ("default" if llm.quantized else "float32")  # "default": the file's own blocks
     results = {"env": environment(), "model": llm.name, "dtype": setting, "variant": variant,
                "requests": args.num_requests, "repeats": args.repeats,

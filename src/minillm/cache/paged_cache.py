@@ -47,7 +47,9 @@ class PagedKVCache:
         slots = [t[p // size] * size + p % size for t, s, n in zip(block_tables, starts, counts) for p in range(s, s + n)]
         query_start = list(itertools.accumulate(counts, initial=0))
         index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return PagedStep(self, index(positions).view(1, -1), index(seqlens), index(table), index(query_start), index(slots))
+        decode = next((b for b, n in enumerate(counts) if n > 1), len(counts))  # the scheduler puts decode rows first
+        return PagedStep(self, index(positions).view(1, -1), index(seqlens), index(table), index(query_start), index(slots),
+                         query_start[decode])
 
 
 @dataclass
@@ -60,6 +62,7 @@ class PagedStep:
     block_table: Tensor  # [B, pages]
     query_start: Tensor  # [B + 1]
     slot_index: Tensor  # [N]: each token's slot in the pool seen as [num_blocks * block_size, Hkv, D]
+    first_prompt_row: int = 0  # rows before it are one-token sequences (decode); from it on, prompt chunks
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # index_copy_ on flat slots: one kernel, and (unlike an index_put) nothing for a compiled

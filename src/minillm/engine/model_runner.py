@@ -10,6 +10,7 @@ from .. import kernels
 from ..attention import paged_cpu
 from ..cache.paged_cache import PagedKVCache
 from ..generation.sampler import apply_repetition_penalty, sample
+from ..kernels import ggml
 from ..model.transformer import MiniLLM
 from .compiled_step import compile_step
 from .scheduler import ScheduledStep
@@ -17,9 +18,10 @@ from .scheduler import ScheduledStep
 
 class ModelRunner:
     def __init__(self, model: MiniLLM, num_blocks: int, block_size: int, attention_backend: str,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fast_prefill: bool = False) -> None:
         self.model = model
         self.backend = attention_backend
+        self.fast_prefill = fast_prefill and not compile
         if attention_backend == "paged" and model.device.type == "cpu":
             paged_cpu.available()  # load the kernels now, not inside the first step (or a traced one)
             kernels.ops_available()
@@ -53,7 +55,8 @@ class ModelRunner:
         ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed:s.num_computed + n]]
         device = self.model.device
         plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts)
-        logits = self.forward(torch.tensor([ids], device=device), plan, self.backend, last_token_only=True)[:, -1]
+        with ggml.prefill_rows(plan.first_prompt_row if self.fast_prefill else -1):
+            logits = self.forward(torch.tensor([ids], device=device), plan, self.backend, last_token_only=True)[:, -1]
 
         sampling = [i for i, done in enumerate(step.samples) if done]
         if not sampling:

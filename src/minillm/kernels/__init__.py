@@ -70,7 +70,7 @@ def _register_fakes(name: str) -> None:
         return
 
     @torch.library.register_fake("minillm::ggml_linear")
-    def _(x, weight, fmt, in_features, bias, swiglu):
+    def _(x, weight, fmt, in_features, bias, swiglu, gemm_from=-1):
         return x.new_empty((*x.shape[:-1], weight.shape[0] // (2 if swiglu else 1)))
 
     @torch.library.register_fake("minillm::rms_norm")

@@ -15,6 +15,11 @@
 // (vpmaddubsw + vpmaddwd) or in plain C++, chosen at run time from the CPU's flags (see `isa`); the file
 // itself is compiled for plain x86-64, each vector path in functions marked with its target.
 //
+// Prefill chunks: rows from `gemm_from` on, when there are at least 64 of them and the CPU has AVX512-BF16,
+// run instead as one bf16 GEMM (PyTorch's, oneDNN) on the weight dequantized for the call: at 512 tokens
+// 3-4x faster than the int8 dot (measured on Zen 4). The rows before it (a step's decode tokens) always take
+// the int8 path, so decode logits do not depend on what else is in the step.
+//
 // Work is split over output rows (at::parallel_for, PyTorch's thread pool and count). A thread takes a
 // chunk of rows small enough to stay in L1 and runs every activation row against it, four at a time,
 // so a weight block is decoded once per four tokens during prefill and batched decode.
@@ -24,6 +29,7 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -340,14 +346,44 @@ void check_weight(const at::Tensor& weight, int64_t fmt, int64_t in_features) {
               weight.size(1));
 }
 
+constexpr int64_t GEMM_MIN_ROWS = 64;  // below it the dequantization does not pay (measured: 64 rows ~1.7x)
+
+bool bf16_gemm_supported() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+// The whole weight as bf16 [N, K], for one GEMM call.
+at::Tensor dequantize_bf16(const at::Tensor& weight, int64_t fmt, int64_t in_features) {
+  const int64_t n = weight.size(0), nb = in_features / QK, bb = block_bytes(fmt);
+  at::Tensor out = at::empty({n, in_features}, weight.options().dtype(at::kBFloat16));
+  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+  const uint8_t* wbase = weight.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* w = wbase + o * weight.size(1);
+      for (int64_t b = 0; b < nb; ++b, w += bb) {
+        int8_t q[QK];
+        float d[2], m[2];
+        decode_block(fmt, w, q, d, m);
+        c10::BFloat16* row = dst + o * in_features + b * QK;
+        for (int j = 0; j < QK; ++j) row[j] = c10::BFloat16(d[j / 16] * q[j] + m[j / 16]);
+      }
+    }
+  });
+  return out;
+}
+
 // x [..., K] float32 -> [..., N]; with swiglu, N = 2H outputs become silu(y[:H]) * y[H:] ([..., H]).
+// gemm_from: rows from here on may run as a bf16 GEMM (see the top of this file); -1: none.
 at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt, int64_t in_features,
-                       const std::optional<at::Tensor>& bias, bool swiglu) {
+                       const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from) {
   check_weight(weight, fmt, in_features);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(), "ggml_linear: x must be float32 on CPU");
   TORCH_CHECK(x_in.size(-1) == in_features, "ggml_linear: x has ", x_in.size(-1), " features, the weight ", in_features);
   const at::Tensor x = x_in.contiguous();
-  const int64_t rows = x.numel() / in_features, n = weight.size(0), nb = in_features / QK, row_bytes = weight.size(1);
+  int64_t rows = x.numel() / in_features;
+  const int64_t n = weight.size(0), nb = in_features / QK, row_bytes = weight.size(1);
   TORCH_CHECK(!swiglu || n % 2 == 0, "ggml_linear: swiglu needs an even number of outputs");
   const float* b = nullptr;
   at::Tensor bias_c;
@@ -356,6 +392,10 @@ at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t
     TORCH_CHECK(bias_c.numel() == n, "ggml_linear: bias has ", bias_c.numel(), " values for ", n, " outputs");
     b = bias_c.data_ptr<float>();
   }
+  const bool gemm = gemm_from >= 0 && gemm_from < rows && rows - gemm_from >= GEMM_MIN_ROWS &&
+                    current == Isa::Avx512Vnni && bf16_gemm_supported();
+  const int64_t all_rows = rows;
+  if (gemm) rows = gemm_from;  // the int8 path below takes only the rows before it
   at::Tensor qbuf = at::empty({rows * in_features}, x.options().dtype(at::kChar));
   at::Tensor scales = at::empty({rows * nb * 19}, x.options());
   int8_t* xq = qbuf.data_ptr<int8_t>();
@@ -395,6 +435,15 @@ at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t
       }
     }
   });
+  if (gemm) {
+    const int64_t count = all_rows - rows;
+    at::Tensor tail = at::mm(x.view({all_rows, in_features}).narrow(0, rows, count).to(at::kBFloat16),
+                             dequantize_bf16(weight, fmt, in_features).t());
+    at::Tensor target = y.view({all_rows, n}).narrow(0, rows, count);
+    target.copy_(tail);
+    if (b) target.add_(bias_c);
+    rows = all_rows;
+  }
   if (!swiglu) return y;
   const int64_t h = n / 2;
   shape.back() = h;
@@ -450,7 +499,7 @@ void ggml_set_isa(const std::string& name) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
-  m.def("ggml_linear(Tensor x, Tensor weight, int fmt, int in_features, Tensor? bias, bool swiglu) -> Tensor");
+  m.def("ggml_linear(Tensor x, Tensor weight, int fmt, int in_features, Tensor? bias, bool swiglu, int gemm_from=-1) -> Tensor");
   m.def("ggml_dequantize_rows(Tensor weight, int fmt, int in_features, Tensor ids) -> Tensor");
   m.def("ggml_isa() -> str", &ggml_isa);
   m.def("ggml_best_isa() -> str", &ggml_best_isa);
