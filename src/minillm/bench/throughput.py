@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
         for dtype, hf in hf_models.items():
             runs[dtype].append(run_hf(hf, requests, args.hf_batch_size, pad_id, f"{dtype} ({r + 1}/{args.repeats})"))
     seconds = statistics.median(runs["minillm"])
-    variant = "".join(f"_{v}" for v in (args.quantization, "compiled" if args.compile else None,
-                                         "fast_prefill" if args.fast_prefill else None) if v)
+    variants = [v for v in (args.quantization, "compiled" if args.compile else None,
+                            "fast_prefill" if args.fast_prefill else None) if v]
+    variant = "".join(f"_{v}" for v in variants)
     setting = args.dtype or ("default" if llm.quantized else "float32")  # "default": the file's own blocks
-    results = {"env": environment(), "model": llm.name, "dtype": setting, "variant": variant,
+    results = {"env": environment(), "model": llm.name, "dtype": setting, "variant": variant, "variants": variants,
                "requests": args.num_requests, "repeats": args.repeats,
                "input_len": args.input_len, "output_len": args.output_len, "output_tokens": output_tokens,
                "minillm": {"seconds": seconds, "tok_s": output_tokens / seconds, "runs": runs["minillm"],
@@ -178,7 +179,7 @@ def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
     env = results["env"]
     pc = results["prefix_cache"]
     lines = [
-        f"# Offline throughput ({results['dtype']}{results['variant'].replace('_', ', ')})", "",
+        f"# Offline throughput ({', '.join([results['dtype'], *results['variants']])})", "",
         f"{results['requests']} requests, input {results['input_len'][0]}-{results['input_len'][1]} tokens, "
         f"output {results['output_len'][0]}-{results['output_len'][1]} tokens (uniform), ignore_eos, greedy, "
         f"{results['dtype']}, model {results['model']}.",

@@ -76,12 +76,13 @@ def sample(
     temps = per_row(temperature, rows)
     greedy = all(t == 0 for t in temps)
     device = logits.device
-    scaled = logits if greedy else logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device).view(-1, 1)
+    if greedy:  # argmax picks a NaN if there is one, so the picked logit tells whether the row is sound
+        best = logits.argmax(dim=-1)
+        return best.masked_fill(~torch.isfinite(logits.gather(-1, best.view(-1, 1)).view(-1)), -1)
+    scaled = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device).view(-1, 1)
     broken = ~torch.isfinite(scaled.amax(dim=-1))  # amax propagates NaN
     if broken.any():
         scaled = scaled.masked_fill(broken.view(-1, 1), 0.0)
-    if greedy:
-        return scaled.argmax(dim=-1).masked_fill(broken, -1)
     ks = [vocab if k is None else min(k, vocab) for k in per_row(top_k, rows)]
     if any(k < vocab for k in ks):
         scaled = filter_top_k(scaled, ks[0] if len(set(ks)) == 1 else torch.tensor(ks, device=device))
