@@ -163,3 +163,26 @@ def test_fast_prefill_runs_prompt_chunks_on_the_gemm_path(smollm, monkeypatch):
     assert -1 in seen  # the exact engine never asks for the GEMM path
     agree = sum(a == b for f, e in zip(fast, exact) for a, b in zip(f, e)) / sum(len(e) for e in exact)
     assert agree >= 0.75
+
+
+def test_one_op_layers_compute_the_same_bits_as_the_modules(smollm):
+    """The default setting runs each layer as one C++ op in engine steps; the modules' own path must
+    give the same logits, bit for bit (log-probabilities of 24 greedy tokens, prefill and decode)."""
+    assert all(layer.one_op for layer in smollm.model.layers)
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=5)
+
+    def run():
+        out = []
+        for delta in smollm.stream("The three laws of thermodynamics are", params):
+            out += [(lp.token_id, lp.logprob, lp.top) for lp in delta.logprobs or []]
+        return out
+
+    fused = run()
+    try:
+        for layer in smollm.model.layers:
+            layer.one_op = False
+        modules = run()
+    finally:
+        for layer in smollm.model.layers:
+            layer.one_op = True
+    assert len(fused) == 24 and fused == modules

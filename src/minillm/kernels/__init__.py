@@ -73,6 +73,10 @@ def _register_fakes(name: str) -> None:
     def _(x, weight, fmt, in_features, bias, swiglu, gemm_from=-1):
         return x.new_empty((*x.shape[:-1], weight.shape[0] // (2 if swiglu else 1)))
 
+    @torch.library.register_fake("minillm::decoder_layer")
+    def _(x, *_):
+        return torch.empty_like(x)
+
     @torch.library.register_fake("minillm::rms_norm")
     def _(x, weight, eps):
         return torch.empty_like(x)

@@ -132,6 +132,19 @@ def prefill_rows(first: int) -> Iterator[None]:
         _gemm_from = previous
 
 
+def decoder_layer(block: nn.Module, x: Tensor, ctx) -> Tensor:
+    """A TransformerBlock whose matmuls are all GGMLLinear, in the engine's fused step (`ctx`: the model's
+    StepContext), as one C++ op (csrc/decoder_layer.cpp): the same kernels in the same order, so the
+    same bits, without ~10 Python module calls and op dispatches a layer."""
+    attn, ffn, step = block.attention, block.feed_forward, ctx.cache_step
+    return torch.ops.minillm.decoder_layer(
+        x, block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps,
+        attn.wqkv.weight, attn.wqkv.fmt, attn.wqkv.bias, attn.wo.weight, attn.wo.fmt,
+        ffn.w13.weight, ffn.w13.fmt, ffn.w2.weight, ffn.w2.fmt, ctx.cos, ctx.sin,
+        step.cache.k[attn.layer_idx], step.cache.v[attn.layer_idx], step.slot_index, step.block_table,
+        step.seqlens, step.query_start, attn.num_heads, attn.num_kv_heads, attn.head_dim ** -0.5, _gemm_from)
+
+
 class GGMLLinear(nn.Module):
     """y = x W^T (+ b) on a GGUF file's quantized rows [out, bytes]; float32 in and out.
 

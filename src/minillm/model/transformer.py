@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
+from ..kernels import ggml
 from ..attention import BACKENDS, attention, paged_cpu
 from ..cache.kv_cache import KVCache
 from ..cache.step import CacheStep
@@ -102,8 +103,11 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype)
         self.feed_forward = FeedForward(config)
+        self.one_op = False  # set by loading/quantized.py when every matmul is on GGUF blocks
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
+        if ctx.fused and self.one_op:  # the same computation as below in one C++ op, for the Python overhead
+            return ggml.decoder_layer(self, x, ctx)
         h = x + self.attention(self.attention_norm(x), ctx)
         return h + self.feed_forward(self.ffn_norm(h))
 
