@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from minillm import LLM, SamplingParams
-from minillm.bench.common import environment, environment_markdown
+from minillm.bench.common import environment
+from minillm.bench.report import heading, table, write_report
 from minillm.loading import default_model_path
 
 PROMPTS = ["The history of the Roman Empire", "def quicksort(items):", "Ten tips for better sleep:",
@@ -84,18 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher_forced_top1_agreement": {f"{a} vs {b}": agreement(a, b) for a, b in pairs},
         "free_running_first_divergence": free,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Greedy agreement: {path.name}, {len(PROMPTS)} prompts x {args.tokens} tokens", "",
-             environment_markdown(result["environment"]), "",
-             "| teacher-forced top-1 agreement | share of positions |", "|---|---|"]
-    lines += [f"| {k} | {v:.2%} |" for k, v in result["teacher_forced_top1_agreement"].items()]
-    lines += ["", "| free-running greedy vs the default setting | first divergence per prompt (token index) |", "|---|---|"]
-    lines += [f"| {k} | {', '.join(map(str, v))} |" for k, v in free.items()]
+    lines = [*heading(f"Greedy agreement: {path.name}, {len(PROMPTS)} prompts x {args.tokens} tokens",
+                      "Top-1 agreement when every setting is fed the same (teacher-forced) tokens, and where free-running "
+                      "greedy output first departs from the default setting's.", result["environment"],
+                      "python benchmarks/bench_agreement.py"),
+             *table(["teacher-forced top-1 agreement", "share of positions"],
+                    [[k, f"{v:.2%}"] for k, v in result["teacher_forced_top1_agreement"].items()]), "",
+             *table(["free-running greedy vs the default setting", "first divergence per prompt (token index)"],
+                    [[k, ", ".join(map(str, v))] for k, v in free.items()])]
     if not have_llama:
         lines += ["", "llama.cpp: not installed (see docs/BENCHMARKS.md)."]
-    (out / "agreement.md").write_text("\n".join(lines) + "\n")
+    write_report(Path(args.out), "agreement", result, lines)
     print("\n".join(lines))
     return result
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.bench.common import environment, environment_markdown, median_seconds
+from minillm.bench.common import environment, median_seconds
+from minillm.bench.report import heading, write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
@@ -30,34 +31,37 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def run_case(backend: str, seq_len: int, block_size: int | None, runs: int) -> dict:
-    from minillm.attention import attention
+def run_case(backend: str, seq_len: int, tile_size: int | None, runs: int) -> dict:
+    from minillm.attention import flash_attention_with_kv_cache, sdpa_attention, standard_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(BATCH, HEADS, seq_len, HEAD_DIM) for _ in range(3))
-    kwargs = dict(backend=backend, causal=True, block_size=block_size or 128)
+    if backend == "flash":
+        attention, kwargs = flash_attention_with_kv_cache, dict(causal=True, tile_size=tile_size)
+    else:
+        attention, kwargs = (sdpa_attention if backend == "sdpa" else standard_attention), dict(causal=True)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
     before = _rss_kib("VmRSS")
     attention(q, k, v, **kwargs)
     extra = (_rss_kib("VmHWM") - before) * 1024
     median, times = median_seconds(lambda: attention(q, k, v, **kwargs), warmup=1, runs=runs)
-    return {"backend": backend, "block_size": block_size, "seq_len": seq_len,
+    return {"backend": backend, "tile_size": tile_size, "seq_len": seq_len,
             "median_s": median, "times_s": times, "peak_extra_bytes": extra}
 
 
-def theoretical_extra_bytes(backend: str, seq_len: int, block_size: int | None) -> int:
+def theoretical_extra_bytes(backend: str, seq_len: int, tile_size: int | None) -> int:
     """What the algorithm must hold beyond its inputs, float32."""
     if backend == "standard":  # scores and probabilities, N x N per head
         return 2 * BATCH * HEADS * seq_len * seq_len * 4
     if backend == "flash":  # one score tile + accumulators per query tile + the output
-        tile = block_size or 128
+        tile = tile_size or 128
         return BATCH * HEADS * (2 * tile * tile + tile * (HEAD_DIM + 2)) * 4 + BATCH * HEADS * seq_len * HEAD_DIM * 4
     return BATCH * HEADS * seq_len * HEAD_DIM * 4  # SDPA: the output (plus small per-thread tiles)
 
 
 def label(case: dict) -> str:
-    return f"flash (block {case['block_size']})" if case["backend"] == "flash" else case["backend"]
+    return f"flash (tile {case['tile_size']})" if case["backend"] == "flash" else case["backend"]
 
 
 def main() -> None:
@@ -84,19 +88,15 @@ def main() -> None:
     env = environment()
     meta = {"env": env, "shape": {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM},
             "dtype": "float32", "causal": True, "runs": "median of 5 (3 for N >= 4096) after 1 warm-up"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=2))
-    write_markdown(meta, cases, lengths)
-    plot(cases, lengths)
+    write_report(RESULTS, "attention", {"meta": meta, "cases": cases}, markdown(meta, cases, lengths),
+                 lambda plt: plot(plt, cases, lengths))
 
 
-def write_markdown(meta: dict, cases: list[dict], lengths: list[int]) -> None:
+def markdown(meta: dict, cases: list[dict], lengths: list[int]) -> list[str]:
     labels = list(dict.fromkeys(label(c) for c in cases))
     by = {(label(c), c["seq_len"]): c for c in cases}
-    lines = ["# Attention benchmark", "",
-             f"Causal prefill, B={BATCH}, H={HEADS}, D={HEAD_DIM}, float32; {meta['runs']}.",
-             f"Environment: {environment_markdown(meta['env'])}.", "",
-             "Command: `python benchmarks/bench_attention.py`", "",
+    lines = [*heading("Attention benchmark", f"Causal prefill, B={BATCH}, H={HEADS}, D={HEAD_DIM}, float32; {meta['runs']}.",
+                      meta["env"], "python benchmarks/bench_attention.py"),
              "## Time (ms, median)", "", "| N | " + " | ".join(labels) + " |",
              "|---|" + "---|" * len(labels)]
     for n in lengths:
@@ -113,17 +113,11 @@ def write_markdown(meta: dict, cases: list[dict], lengths: list[int]) -> None:
     std = by[("standard", n)]
     lines += ["", f"At N={n}: " + "; ".join(
         f"{lab} uses {by[(lab, n)]['peak_extra_bytes'] / std['peak_extra_bytes']:.2%} of standard's measured extra memory "
-        f"and {by[(lab, n)]['median_s'] / std['median_s']:.2f}x its time" for lab in labels if lab != "standard") + ".",
-        "", "![attention](attention.png)", ""]
-    (RESULTS / "attention.md").write_text("\n".join(lines))
+        f"and {by[(lab, n)]['median_s'] / std['median_s']:.2f}x its time" for lab in labels if lab != "standard") + "."]
+    return lines
 
 
-def plot(cases: list[dict], lengths: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(plt, cases: list[dict], lengths: list[int]):
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for lab in dict.fromkeys(label(c) for c in cases):
         rows = [c for c in cases if label(c) == lab]
@@ -138,8 +132,7 @@ def plot(cases: list[dict], lengths: list[int]) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend()
     fig.suptitle(f"Causal attention, B={BATCH}, H={HEADS}, D={HEAD_DIM}, float32, CPU")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "attention.png", dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ subtracted using a 1-token run). Writes results/decode.{json,md}.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 
 from minillm import LLM, SamplingParams
-from minillm.bench.common import environment, environment_markdown
+from minillm.bench.common import environment
+from minillm.bench.report import heading, table, write_report
 from minillm.loading import default_model_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,18 +63,13 @@ def main() -> None:
     print(f"HF transformers float32: {rows['HF transformers float32']:.1f} ms/token", flush=True)
 
     env = environment()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode.json").write_text(json.dumps({"env": env, "new_tokens": NEW, "runs": RUNS,
-                                                      "ms_per_token": rows}, indent=2))
     hf_ms = rows["HF transformers float32"]
-    lines = ["# Batch-1 decode (bundled SmolLM2-135M-Instruct)", "",
-             f"32-token prompt, {NEW} new tokens, greedy, ignore_eos; median of {RUNS} runs after a warm-up; "
-             "per-token time excludes the prefill.", f"Environment: {environment_markdown(env)}.", "",
-             "Command: `python benchmarks/bench_decode.py`", "",
-             "| engine | ms / token | tok/s | vs HF float32 |", "|---|---|---|---|"]
-    lines += [f"| {name} | {ms:.1f} | {1e3 / ms:.1f} | {hf_ms / ms:.2f}x |" for name, ms in rows.items()]
-    (RESULTS / "decode.md").write_text("\n".join(lines) + "\n")
-
+    lines = [*heading("Batch-1 decode (bundled SmolLM2-135M-Instruct)",
+                      f"32-token prompt, {NEW} new tokens, greedy, ignore_eos; median of {RUNS} runs after a warm-up; "
+                      "per-token time excludes the prefill.", env, "python benchmarks/bench_decode.py"),
+             *table(["engine", "ms / token", "tok/s", "vs HF float32"],
+                    [[name, f"{ms:.1f}", f"{1e3 / ms:.1f}", f"{hf_ms / ms:.2f}x"] for name, ms in rows.items()])]
+    write_report(RESULTS, "decode", {"env": env, "new_tokens": NEW, "runs": RUNS, "ms_per_token": rows}, lines)
 
 if __name__ == "__main__":
     main()

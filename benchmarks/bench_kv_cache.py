@@ -10,12 +10,12 @@ sequence again (what a model with no cache must do).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from minillm.bench.common import environment, environment_markdown, median_seconds
+from minillm.bench.common import environment, median_seconds
+from minillm.bench.report import heading, table, write_report
 
 from minillm import Configs, MiniLLM, TextGenerator
 
@@ -63,35 +63,25 @@ def main() -> None:
     meta = {"env": environment(), "model": "Configs.small() random weights, 60.0 M params", "dtype": "float32",
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "attention_backend": args.backend,
             "runs": f"median of {args.runs} after 1 warm-up", "note": "tokens/s include the prefill"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kv_cache.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["# KV cache benchmark", "",
-             f"{meta['model']}, {meta['dtype']}, greedy, prompt {args.prompt_len} tokens + {args.new_tokens} new "
-             f"tokens per row, attention backend `{args.backend}`; {meta['runs']}; tokens/s count new tokens "
-             "over the whole call (prefill included).",
-             f"Environment: {environment_markdown(meta['env'])}.", "",
-             "Command: `python benchmarks/bench_kv_cache.py`", "",
-             "| batch | with cache (tok/s) | recompute (tok/s) | speed-up |", "|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['cache_tok_s']:.1f} | {r['recompute_tok_s']:.1f} | {r['speedup']:.1f}x |" for r in rows]
-    lines += ["", "![kv cache](kv_cache.png)", ""]
-    (RESULTS / "kv_cache.md").write_text("\n".join(lines))
+    description = (f"{meta['model']}, {meta['dtype']}, greedy, prompt {args.prompt_len} tokens + {args.new_tokens} new "
+                   f"tokens per row, attention backend `{args.backend}`; {meta['runs']}; tokens/s count new tokens "
+                   "over the whole call (prefill included).")
+    lines = [*heading("KV cache benchmark", description, meta["env"], "python benchmarks/bench_kv_cache.py"),
+             *table(["batch", "with cache (tok/s)", "recompute (tok/s)", "speed-up"],
+                    [[r["batch"], f"{r['cache_tok_s']:.1f}", f"{r['recompute_tok_s']:.1f}", f"{r['speedup']:.1f}x"] for r in rows])]
 
-    import matplotlib
+    def plot(plt):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["cache_tok_s"] for r in rows], width=0.4, label="with KV cache")
+        ax.bar([x + 0.2 for x in xs], [r["recompute_tok_s"] for r in rows], width=0.4, label="recompute every step")
+        ax.set_xticks(list(xs), [f"batch {r['batch']}" for r in rows])
+        ax.set_ylabel("new tokens / s")
+        ax.set_title("Configs.small(), float32, CPU")
+        ax.legend()
+        return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["cache_tok_s"] for r in rows], width=0.4, label="with KV cache")
-    ax.bar([x + 0.2 for x in xs], [r["recompute_tok_s"] for r in rows], width=0.4, label="recompute every step")
-    ax.set_xticks(list(xs), [f"batch {r['batch']}" for r in rows])
-    ax.set_ylabel("new tokens / s")
-    ax.set_title("Configs.small(), float32, CPU")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "kv_cache.png", dpi=120)
-
+    write_report(RESULTS, "kv_cache", {"meta": meta, "rows": rows}, lines, plot)
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,7 @@ q = torch.randn(2, 8, 300, 64)
 k, v = torch.randn(2, 2, 300, 64), torch.randn(2, 2, 300, 64)
 ref = standard_attention(q, k, v)
 for block in (16, 64, 128):
-    err = (flash_attention_with_kv_cache(q, k, v, block_size=block) - ref).abs().max().item()
+    err = (flash_attention_with_kv_cache(q, k, v, tile_size=block) - ref).abs().max().item()
     print(f"  block {block:3d}: max |flash - standard| = {err:.1e}")
 print(f"  SDPA:      max |sdpa - standard|  = {(sdpa_attention(q, k, v) - ref).abs().max().item():.1e}")
 decode = flash_attention_with_kv_cache(q[:, :, -1:], k, v, cache_seqlens=[300, 120])

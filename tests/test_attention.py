@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minillm.attention import attention, flash_attention_with_kv_cache, sdpa_attention, standard_attention
+from minillm.attention import flash_attention_with_kv_cache, sdpa_attention, standard_attention
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -23,13 +23,13 @@ def max_err(a, b):
 
 
 @pytest.mark.parametrize("seq_len", [1, 7, 127, 129, 1000])
-@pytest.mark.parametrize("block_size", [16, 64, 256])
-def test_prefill_matches_references(seq_len, block_size):
-    if seq_len == 1000 and block_size == 16:
-        block_size = 32  # same coverage, a quarter of the Python tile loop
+@pytest.mark.parametrize("tile_size", [16, 64, 256])
+def test_prefill_matches_references(seq_len, tile_size):
+    if seq_len == 1000 and tile_size == 16:
+        tile_size = 32  # same coverage, a quarter of the Python tile loop
     q, k, v = qkv(1, 4, 4, seq_len, seq_len, 64)
     ref = standard_attention(q, k, v)
-    out = flash_attention_with_kv_cache(q, k, v, block_size=block_size)
+    out = flash_attention_with_kv_cache(q, k, v, tile_size=tile_size)
     assert max_err(out, ref) <= FP32_TOL
     assert max_err(sdpa_attention(q, k, v), ref) <= FP32_TOL
 
@@ -39,7 +39,7 @@ def test_prefill_matches_references(seq_len, block_size):
 def test_gqa_and_head_dims(heads, kv_heads, head_dim):
     q, k, v = qkv(2, heads, kv_heads, 70, 70, head_dim)
     ref = standard_attention(q, k, v)
-    assert max_err(flash_attention_with_kv_cache(q, k, v, block_size=32), ref) <= FP32_TOL
+    assert max_err(flash_attention_with_kv_cache(q, k, v, tile_size=32), ref) <= FP32_TOL
     assert max_err(sdpa_attention(q, k, v), ref) <= FP32_TOL
 
 
@@ -48,8 +48,8 @@ def test_queries_shorter_than_keys(q_len, kv_len):
     """Decode and chunked prefill: bottom-right aligned causal mask."""
     q, k, v = qkv(2, 6, 2, q_len, kv_len, 64)
     ref = standard_attention(q, k, v)
-    for block_size in (16, 128):
-        assert max_err(flash_attention_with_kv_cache(q, k, v, block_size=block_size), ref) <= FP32_TOL
+    for tile_size in (16, 128):
+        assert max_err(flash_attention_with_kv_cache(q, k, v, tile_size=tile_size), ref) <= FP32_TOL
     assert max_err(sdpa_attention(q, k, v), ref) <= FP32_TOL
 
 
@@ -59,7 +59,7 @@ def test_bottom_right_alignment_by_hand():
     scores = (q @ k.transpose(-1, -2)) / 8**0.5
     expected = torch.softmax(scores, dim=-1) @ v
     assert max_err(standard_attention(q, k, v), expected) <= 1e-6
-    assert max_err(flash_attention_with_kv_cache(q, k, v, block_size=2), expected) <= 1e-6
+    assert max_err(flash_attention_with_kv_cache(q, k, v, tile_size=2), expected) <= 1e-6
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -69,8 +69,8 @@ def test_per_row_key_lengths(as_tensor, causal):
     q, k, v = qkv(4, 6, 3, 4, 300, 64)
     seqlens = torch.tensor(lengths) if as_tensor else lengths
     ref = standard_attention(q, k, v, seqlens, causal=causal)
-    for block_size in (16, 64, 256):
-        out = flash_attention_with_kv_cache(q, k, v, seqlens, causal=causal, block_size=block_size)
+    for tile_size in (16, 64, 256):
+        out = flash_attention_with_kv_cache(q, k, v, seqlens, causal=causal, tile_size=tile_size)
         assert max_err(out, ref) <= FP32_TOL
     assert max_err(sdpa_attention(q, k, v, seqlens, causal=causal), ref) <= FP32_TOL
     # each row alone, sliced to its own length, gives the same answer
@@ -84,7 +84,7 @@ def test_slots_past_every_row_length_are_never_read():
     q, k, v = qkv(2, 4, 2, 3, 256, 64)
     k[:, :, 100:] = float("nan")
     v[:, :, 100:] = float("nan")
-    out = flash_attention_with_kv_cache(q, k, v, [100, 60], block_size=32)
+    out = flash_attention_with_kv_cache(q, k, v, [100, 60], tile_size=32)
     ref = standard_attention(q[:, :, :, :], k[:, :, :100], v[:, :, :100], [100, 60])
     assert not out.isnan().any()
     assert max_err(out, ref) <= FP32_TOL
@@ -106,10 +106,10 @@ def test_causal_tiles_above_diagonal_are_skipped(tiles):
     """n query tiles x n key tiles: only the n(n+1)/2 on or below the diagonal are computed (2 matmuls each)."""
     q, k, v = qkv(1, 2, 2, 16 * tiles, 16 * tiles, 16)
     with CountMatmuls() as counter:
-        flash_attention_with_kv_cache(q, k, v, block_size=16)
+        flash_attention_with_kv_cache(q, k, v, tile_size=16)
     assert counter.count == 2 * tiles * (tiles + 1) // 2
     with CountMatmuls() as counter:
-        flash_attention_with_kv_cache(q, k, v, block_size=16, causal=False)
+        flash_attention_with_kv_cache(q, k, v, tile_size=16, causal=False)
     assert counter.count == 2 * tiles * tiles
 
 
@@ -117,7 +117,7 @@ def test_rows_without_visible_keys_are_zero_not_nan():
     # More queries than keys: the first 40 queries of each row see nothing (as a padded row would),
     # and their first key tiles are fully masked.
     q, k, v = qkv(2, 4, 2, 60, 20, 64)
-    out, lse = flash_attention_with_kv_cache(q, k, v, block_size=16, return_lse=True)
+    out, lse = flash_attention_with_kv_cache(q, k, v, tile_size=16, return_lse=True)
     assert not out.isnan().any() and not lse.isnan().any()
     assert out[:, :, :40].abs().max() == 0
     assert torch.isinf(lse[:, :, :40]).all()
@@ -126,7 +126,7 @@ def test_rows_without_visible_keys_are_zero_not_nan():
     assert max_err(sdpa_attention(q, k, v), ref) <= FP32_TOL
     # A row of length 0 (empty padding) in a batch
     q, k, v = qkv(2, 2, 2, 1, 32, 64)
-    out = flash_attention_with_kv_cache(q, k, v, [0, 32], block_size=16)
+    out = flash_attention_with_kv_cache(q, k, v, [0, 32], tile_size=16)
     assert not out.isnan().any() and out[0].abs().max() == 0
     assert max_err(out[1], standard_attention(q[1:], k[1:], v[1:])[0]) <= FP32_TOL
 
@@ -134,14 +134,14 @@ def test_rows_without_visible_keys_are_zero_not_nan():
 def test_rows_next_to_fully_masked_ones():
     """In one tile, rows that see nothing sit beside rows that see a single key."""
     q, k, v = qkv(1, 2, 2, 40, 32, 64)  # queries 0..7 see nothing; query 8 sees only key 0
-    out = flash_attention_with_kv_cache(q, k, v, block_size=4)
+    out = flash_attention_with_kv_cache(q, k, v, tile_size=4)
     assert not out.isnan().any()
     assert max_err(out, standard_attention(q, k, v)) <= FP32_TOL
 
 
 def test_log_sum_exp():
     q, k, v = qkv(2, 4, 2, 33, 50, 64)
-    _, lse = flash_attention_with_kv_cache(q, k, v, block_size=16, return_lse=True)
+    _, lse = flash_attention_with_kv_cache(q, k, v, tile_size=16, return_lse=True)
     kk = k.repeat_interleave(2, dim=1)
     scores = (q @ kk.transpose(-1, -2)) / 8.0
     q_pos = torch.arange(33).view(-1, 1) + 50 - 33
@@ -153,7 +153,7 @@ def test_log_sum_exp():
 def test_bf16(seq_len, kv_heads):
     q, k, v = qkv(2, 8, kv_heads, seq_len, 300 if seq_len == 1 else seq_len, 64, dtype=torch.bfloat16)
     ref = standard_attention(q.float(), k.float(), v.float())
-    out = flash_attention_with_kv_cache(q, k, v, block_size=64)
+    out = flash_attention_with_kv_cache(q, k, v, tile_size=64)
     assert out.dtype == torch.bfloat16
     assert max_err(out, ref) <= BF16_TOL
     assert max_err(sdpa_attention(q, k, v), ref) <= BF16_TOL
@@ -165,7 +165,7 @@ def test_flash_detects_a_wrong_answer():
     ref = standard_attention(q, k, v)
     v2 = v.clone()
     v2[:, :, 10] += 1e-3
-    assert max_err(flash_attention_with_kv_cache(q, k, v2, block_size=16), ref) > FP32_TOL
+    assert max_err(flash_attention_with_kv_cache(q, k, v2, tile_size=16), ref) > FP32_TOL
 
 
 def test_invalid_arguments():
@@ -173,14 +173,12 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="multiple of KV heads"):
         flash_attention_with_kv_cache(q, k, v)
     q, k, v = qkv(1, 4, 2, 4, 4, 8)
-    with pytest.raises(ValueError, match="block_size"):
-        flash_attention_with_kv_cache(q, k, v, block_size=0)
+    with pytest.raises(ValueError, match="tile_size"):
+        flash_attention_with_kv_cache(q, k, v, tile_size=0)
     with pytest.raises(ValueError, match="cache_seqlens"):
         flash_attention_with_kv_cache(q, k, v, [5])
     with pytest.raises(ValueError, match="4-D"):
         flash_attention_with_kv_cache(q[0], k, v)
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        attention(q, k, v, backend="magic")
 
 
 def test_bf16_decode_with_row_lengths():
@@ -188,7 +186,7 @@ def test_bf16_decode_with_row_lengths():
     q, k, v = qkv(3, 9, 3, 1, 300, 64, dtype=torch.bfloat16)
     lengths = [300, 17, 0]
     ref = standard_attention(q.float(), k.float(), v.float(), lengths)
-    for out in (sdpa_attention(q, k, v, lengths), flash_attention_with_kv_cache(q, k, v, lengths, block_size=64)):
+    for out in (sdpa_attention(q, k, v, lengths), flash_attention_with_kv_cache(q, k, v, lengths, tile_size=64)):
         assert out.dtype == torch.bfloat16 and not out.isnan().any()
         assert max_err(out, ref) <= BF16_TOL
         assert out[2].abs().max() == 0

@@ -141,10 +141,10 @@ def test_paged_attention_equals_contiguous(heads, kv_heads, page, q_len):
             v[b, :, j] = v_pool[tables[b][j // page], j % page]
     assert torch.equal(gather_pages(k_pool, table)[:, :, :lengths[0]][0], k[0, :, :lengths[0]])
     ref = standard_attention(q, k, v, lengths)
-    for block_size in (16, 64):
-        paged = flash_attention_with_kv_cache(q, k_pool, v_pool, lengths, block_size=block_size, block_table=table)
+    for tile_size in (16, 64):
+        paged = flash_attention_with_kv_cache(q, k_pool, v_pool, lengths, tile_size=tile_size, block_table=table)
         assert (paged - ref).abs().max() <= 1e-5
-    assert (flash_attention_with_kv_cache(q, k, v, lengths, block_size=32) - ref).abs().max() <= 1e-5
+    assert (flash_attention_with_kv_cache(q, k, v, lengths, tile_size=32) - ref).abs().max() <= 1e-5
     assert (sdpa_attention(q, k, v, lengths) - ref).abs().max() <= 1e-5
 
 

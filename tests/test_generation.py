@@ -73,12 +73,13 @@ def test_tokenizer_text_in_and_out(tiny_model):
     ([1, 2, 99999], {}, "outside the vocabulary"),
     ([1, -1], {}, "outside the vocabulary"),
     ([1] * 250, dict(max_new_tokens=10), "beyond the model's context of 256 tokens"),
-    ([1], dict(temperature=-0.1), "temperature must be >= 0"),
+    # one validator for every API: SamplingParams (max_new_tokens is its max_tokens)
+    ([1], dict(temperature=-0.1), "temperature must be a number >= 0"),
     ([1], dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     ([1], dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    ([1], dict(top_k=0), "top_k must be a positive integer"),
-    ([1], dict(repetition_penalty=0), "repetition_penalty must be > 0"),
-    ([1], dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    ([1], dict(top_k=-5), "top_k must be a positive integer"),
+    ([1], dict(repetition_penalty=0), r"repetition_penalty must be in \[0.01, 100\]"),
+    ([1], dict(max_new_tokens=0), "max_tokens must be a positive integer"),
     ("text", {}, "needs a tokenizer"),
     ([[1], [2]], dict(seed=[1]), "seed has 1 entries for 2 rows"),
 ])

@@ -3,11 +3,11 @@
 from .cache import CacheOverflowError, KVCache
 from .config import Configs, ModelConfig
 from .engine import RequestFailed
-from .generation import Generation, TextGenerator
 from .llm import LLM, RequestOutput
 from .loading import ModelLoadError
 from .model import MiniLLM
 from .sampling_params import SamplingParams
+from .text_generator import Generation, TextGenerator
 
 __version__ = "0.1.0"
 

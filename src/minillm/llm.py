@@ -113,30 +113,11 @@ class LLM:
     def _collect(self, texts: list[str | None], ids: list[list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
         params = per_row(sampling_params or SamplingParams(), len(ids), "sampling_params")
-        for i, (prompt, p) in enumerate(zip(ids, params)):  # refuse before anything runs
-            try:
-                self.engine.check_prompt(prompt, p)
-            except ValueError as err:
-                raise ValueError(f"prompt {i}: {err}") from None
-        request_ids = [self.engine.add_request(prompt, p) for prompt, p in zip(ids, params)]
-        index = {rid: i for i, rid in enumerate(request_ids)}
-        pieces: list[list[str]] = [[] for _ in ids]
-        tokens: list[list[int]] = [[] for _ in ids]
-        reasons: list[str] = [""] * len(ids)
-        errors: list[str | None] = [None] * len(ids)
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not self.progress or len(ids) < 2,
                   leave=False) as bar:
-            while any(not r for r in reasons):
-                for out in self.engine.step():
-                    i = index.get(out.request_id)
-                    if i is None:
-                        continue
-                    pieces[i].append(out.text)
-                    tokens[i] += out.token_ids
-                    if out.finish_reason:
-                        reasons[i], errors[i] = out.finish_reason, out.error
-                        bar.update()
-        return [RequestOutput(*fields) for fields in zip(texts, ids, ["".join(p) for p in pieces], tokens, reasons, errors)]
+            results = self.engine.generate(ids, params, on_finish=bar.update)
+        return [RequestOutput(text, prompt, r.text, r.token_ids, r.finish_reason, r.error)
+                for text, prompt, r in zip(texts, ids, results)]
 
     def _stream(self, ids: list[int], params: SamplingParams | None) -> Iterator[StepOutput]:
         request_id = self.engine.add_request(ids, params or SamplingParams())

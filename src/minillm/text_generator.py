@@ -1,4 +1,4 @@
-"""`TextGenerator`: batched prefill once, then one token per step from the KV cache."""
+"""`TextGenerator`: the first release's generation API, a short wrapper over `LLMEngine`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from typing import Literal, Protocol
 
 import torch
 
-from ..model.transformer import MiniLLM
-from .batch import DecodeBatch
-from .sampler import per_row
+from .cache.paged_cache import bytes_per_block
+from .engine import EngineConfig, LLMEngine
+from .generation.sampler import per_row
+from .model.transformer import MiniLLM
+from .sampling_params import SamplingParams
+
+BLOCK_SIZE = 16
 
 
 class Tokenizer(Protocol):
@@ -27,16 +31,12 @@ class Generation:
     text: str | None = None
 
 
-# The fastest exact backend in benchmarks/results/attention.md: PyTorch's fused SDPA.
-# Our flash kernel computes the same result and is the readable, portable reference.
-DEFAULT_ATTENTION_BACKEND = "sdpa"
-
-
 class TextGenerator:
     def __init__(self, model: MiniLLM, tokenizer: Tokenizer | None = None, attention_backend: str | None = None) -> None:
+        """attention_backend: see `minillm.attention` (None: the engine's default)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.attention_backend = attention_backend or DEFAULT_ATTENTION_BACKEND
+        self.attention_backend = attention_backend
 
     @torch.inference_mode()
     def generate(
@@ -55,19 +55,23 @@ class TextGenerator:
         temperature 0 is greedy. `seed` (one for all rows, or one per prompt) makes sampling
         reproducible per prompt, whatever else is in the batch. Each row stops at one of
         `eos_token_ids` (finish reason "stop", the EOS id included) or after max_new_tokens ("length").
+        Arguments are checked as `SamplingParams` (max_new_tokens is its max_tokens).
         Returns one `Generation` for a single prompt, a list for a batch.
         """
         single, prompts = self._normalise_prompts(prompt_ids)
-        eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids or ())
-        batch = DecodeBatch(self.model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                            per_row(seed, len(prompts), "seed"), eos, self.attention_backend)
-        while not batch.done:
-            batch.step()
-        outputs, reasons = batch.outputs, batch.finish_reasons
-        results = [
-            Generation(ids, reason, self.tokenizer.decode(ids) if self.tokenizer else None)
-            for ids, reason in zip(outputs, reasons)
-        ]
+        eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or ())
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=1.0 if top_p is None else top_p,
+                                 repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, seed=s)
+                  for s in per_row(seed, len(prompts), "seed")]
+        # a cache that holds every prompt with its new tokens, so nothing is ever preempted
+        blocks = sum(-(-(len(p) + max_new_tokens) // BLOCK_SIZE) for p in prompts)
+        config = EngineConfig(block_size=BLOCK_SIZE, max_num_seqs=len(prompts), enable_prefix_caching=False,
+                              attention_backend=self.attention_backend,
+                              kv_cache_memory=blocks * bytes_per_block(self.model.config, BLOCK_SIZE, self.model.dtype))
+        engine = LLMEngine(self.model, None, eos, config)
+        results = [Generation(r.token_ids, r.finish_reason, self.tokenizer.decode(r.token_ids) if self.tokenizer else None)
+                   for r in engine.generate(prompts, params)]
         return results[0] if single else results
 
     def _normalise_prompts(self, prompt_ids) -> tuple[bool, list[list[int]]]:

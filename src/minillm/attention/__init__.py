@@ -1,85 +1,85 @@
-"""Attention backends with one interface: q [B, Hq, Tq, D] over k/v [B, Hkv, S, D].
+"""Attention over the paged KV cache, chosen once per engine (`select_attention`), and the reference
+implementations it is tested and measured against.
 
-- "flash":    our FlashAttention-2 (`flash_attention_with_kv_cache`), tiled, O(N) memory
-- "standard": the materialised softmax(QK^T)V reference, O(N^2) memory
-- "sdpa":     PyTorch's fused `scaled_dot_product_attention`
-- "paged":    over a paged cache on CPU, our C++ kernel (paged_cpu.py), which reads the pages in
-              place; everything else (contiguous caches, other devices, no kernel) as "sdpa"
+Every backend takes one step's packed, token-major queries q [N, Hq, D] (sequence b's at
+step.query_start[b]:step.query_start[b + 1], its last keys: causal, aligned bottom-right), one layer's
+pools [num_blocks, page, Hkv, D] and the step; it returns [N, Hq, D]:
 
-Packed steps (the engine's: q [1, Hq, N, D], sequence b's queries at query_start[b]:query_start[b+1])
-go to the kernel as they are; the other backends get them as right-aligned rows and back.
+- "paged_cpu": our C++ kernel (paged_cpu.py), which reads the pages in place (CPU, float32/bfloat16)
+- "flash":     our FlashAttention-2 in PyTorch (flash.py), O(N) memory, tiles of `tile_size`
+- "sdpa":      PyTorch's fused `scaled_dot_product_attention`
+- "standard":  softmax(QK^T)V materialised, the plain reference
+
+The last three take rows [B, H, T, D]: the step's queries are laid out as right-aligned rows (the
+layout is planned on the host with the step, so nothing synchronises) and sdpa/standard get each
+sequence's pages gathered into a contiguous copy; flash streams them tile by tile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import kernels
 from . import paged_cpu
-from .common import check_paged_shapes, gather_pages, packed_to_padded, padded_to_packed
+from .common import gather_pages
 from .flash import flash_attention_with_kv_cache
 from .reference import standard_attention
 from .sdpa import sdpa_attention
 
-BACKENDS = ("flash", "standard", "sdpa", "paged")
+BACKENDS = ("paged_cpu", "flash", "sdpa", "standard")
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cache_seqlens: Tensor | Sequence[int] | None = None,
-    *,
-    backend: str = "flash",
-    causal: bool = True,
-    block_size: int = 128,
-    softmax_scale: float | None = None,
-    block_table: Tensor | None = None,
-    query_start: Tensor | None = None,
-) -> Tensor:
-    """Dispatch to one backend; all of them compute the same (exact) result.
-
-    With `block_table`, k and v are paged block pools: our flash kernel (and, on CPU, the "paged"
-    kernel) reads the pages in place; the others get each row's pages gathered into a contiguous
-    copy first. With `query_start` (and a block table), q is a packed step.
-    """
-    if query_start is not None:
-        if block_table is None or q.shape[0] != 1:
-            raise ValueError("packed queries (query_start) are [1, H, N, D] over a paged cache (block_table)")
-        check_paged_shapes(q, k, v, block_table, batch=query_start.numel() - 1)
-        if backend == "paged" and causal and _paged_kernel_fits(q, cache_seqlens):
-            scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-            out = paged_cpu.paged_attention(q[0].transpose(0, 1), k, v, block_table, cache_seqlens, query_start, scale)
-            return out.transpose(0, 1).unsqueeze(0)
-        rows, index = packed_to_padded(q, query_start)
-        out = attention(rows, k, v, cache_seqlens, backend=backend, causal=causal, block_size=block_size,
-                        softmax_scale=softmax_scale, block_table=block_table)
-        return padded_to_packed(out, index)
-    if backend == "flash":
-        return flash_attention_with_kv_cache(q, k, v, cache_seqlens, causal=causal, block_size=block_size,
-                                             softmax_scale=softmax_scale, block_table=block_table)
-    if block_table is not None:
-        check_paged_shapes(q, k, v, block_table)
-        if backend == "paged" and (causal or q.shape[2] == 1) and _paged_kernel_fits(q, cache_seqlens):
-            batch, heads, q_len, dim = q.shape  # rows of q_len queries, packed one after another
-            starts = torch.arange(0, batch * q_len + 1, q_len, device=q.device)
-            packed = q.transpose(0, 1).reshape(1, heads, batch * q_len, dim)
-            out = attention(packed, k, v, cache_seqlens, backend=backend, softmax_scale=softmax_scale,
-                            block_table=block_table, query_start=starts)
-            return out.view(heads, batch, q_len, dim).transpose(0, 1)
-        k, v = gather_pages(k, block_table), gather_pages(v, block_table)
-    if backend == "standard":
-        return standard_attention(q, k, v, cache_seqlens, causal=causal, softmax_scale=softmax_scale)
-    if backend in ("sdpa", "paged"):
-        return sdpa_attention(q, k, v, cache_seqlens, causal=causal, softmax_scale=softmax_scale)
-    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    attend: Callable[[Tensor, Tensor, Tensor, Any], Tensor]  # (q [N, Hq, D], k_pool, v_pool, step) -> [N, Hq, D]
+    # float32 on CPU with our kernels: RoPE and the cache write run as one op before the paged kernel,
+    # and a layer whose weights are all GGUF blocks runs as one op (kernels/csrc/decoder_layer.cpp)
+    fused_cpu: bool = False
 
 
-def _paged_kernel_fits(q: Tensor, cache_seqlens: Tensor | Sequence[int] | None) -> bool:
-    return (isinstance(cache_seqlens, Tensor) and q.device.type == "cpu"
-            and q.dtype in (torch.float32, torch.bfloat16) and paged_cpu.available())
+def select_attention(backend: str | None, device: str | torch.device, dtype: torch.dtype,
+                     tile_size: int = 128) -> AttentionBackend:
+    """The backend by name, or None for the fastest that runs here: "paged_cpu" where the C++ kernel
+    loads (CPU, float32 or bfloat16), "sdpa" elsewhere."""
+    kernel = torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and paged_cpu.available()
+    name = backend if backend is not None else "paged_cpu" if kernel else "sdpa"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    if name == "paged_cpu":
+        if not kernel:
+            raise ValueError(f"the 'paged_cpu' attention backend needs our C++ kernel on the CPU in float32 or bfloat16 "
+                             f"(built with g++); here: {torch.device(device).type}, {dtype}")
+        return AttentionBackend(name, _paged_cpu, dtype == torch.float32 and kernels.ops_available())
+    if name == "flash":
+        return AttentionBackend(name, partial(_flash, tile_size))
+    return AttentionBackend(name, partial(_gathered, sdpa_attention if name == "sdpa" else standard_attention))
 
 
-__all__ = ["BACKENDS", "attention", "flash_attention_with_kv_cache", "sdpa_attention", "standard_attention"]
+def _paged_cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any) -> Tensor:
+    return paged_cpu.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
+                                     q.shape[-1] ** -0.5)
+
+
+def _flash(tile_size: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any) -> Tensor:
+    rows = step.rows
+    out = flash_attention_with_kv_cache(rows.to_rows(q), k_pool, v_pool, rows.seqlens, tile_size=tile_size,
+                                        block_table=step.block_table[:, :rows.pages])
+    return rows.to_packed(out)
+
+
+def _gathered(fn: Callable[..., Tensor], q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any) -> Tensor:
+    rows = step.rows
+    table = step.block_table[:, :rows.pages]
+    k, v = (gather_pages(pool, table)[:, :, :rows.kv_len] for pool in (k_pool, v_pool))
+    return rows.to_packed(fn(rows.to_rows(q), k, v, rows.seqlens))
+
+
+__all__ = ["BACKENDS", "AttentionBackend", "flash_attention_with_kv_cache", "sdpa_attention", "select_attention",
+           "standard_attention"]

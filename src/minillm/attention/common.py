@@ -1,8 +1,7 @@
-"""Shape checks, the position-based visibility rule and the packed <-> rows layout shared by the backends."""
+"""Shape checks, the position-based visibility rule and the page gather shared by the backends."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -47,23 +46,6 @@ def gather_pages(pool: Tensor, block_table: Tensor) -> Tensor:
     # index_select, not pool[block_table]: several times faster for this gather on CPU
     pages = pool.index_select(0, block_table.reshape(-1))  # [B * n, page, Hkv, D]
     return pages.view(batch, n * page, heads, dim).transpose(1, 2)
-
-
-def packed_to_padded(q: Tensor, query_start: Tensor) -> tuple[Tensor, Tensor]:
-    """Packed queries [1, H, N, D] (sequence b's at query_start[b]:query_start[b + 1]) as right-aligned
-    rows [B, H, width, D], for the backends that take rows; also each token's index in those rows
-    seen flat ([B * width]), which `padded_to_packed` undoes."""
-    starts = query_start.tolist()
-    counts = [end - start for start, end in itertools.pairwise(starts)]
-    width, (_, heads, _, dim) = max(counts), q.shape
-    index = torch.tensor([b * width + width - n + j for b, n in enumerate(counts) for j in range(n)], device=q.device)
-    rows = q.new_zeros(len(counts) * width, heads, dim).index_copy_(0, index, q[0].transpose(0, 1))
-    return rows.view(len(counts), width, heads, dim).transpose(1, 2), index
-
-
-def padded_to_packed(rows: Tensor, index: Tensor) -> Tensor:
-    """[B, H, width, D] rows back to packed [1, H, N, D]."""
-    return rows.transpose(1, 2).reshape(-1, *rows.shape[1:2], rows.shape[3])[index].transpose(0, 1).unsqueeze(0)
 
 
 def seqlens_tensor(cache_seqlens: Tensor | Sequence[int] | None, batch: int, kv_len: int, device) -> Tensor:

@@ -1,11 +1,11 @@
 """FlashAttention-2 in plain PyTorch: tiled attention with an online softmax.
 
-The N x N score matrix is never built. Queries are processed in tiles of `block_size` rows (outer
+The N x N score matrix is never built. Queries are processed in tiles of `tile_size` rows (outer
 loop); for each query tile the key/value tiles it can see are streamed through (inner loop) while a
 running row maximum `m`, a running softmax denominator `l` and an unnormalised output `acc` are kept
 in float32. When a new tile raises the maximum, the old `l` and `acc` are rescaled by
 exp(m_old - m_new); the division by `l` happens once at the end (FlashAttention-2's deferred
-normalisation). Peak extra memory is O(block_size^2) per (batch, head) instead of O(N^2).
+normalisation). Peak extra memory is O(tile_size^2) per (batch, head) instead of O(N^2).
 
 Causality is computed from positions, never from a dense mask: key tiles that lie entirely above the
 diagonal for every row are skipped (not computed), tiles entirely below it are used unmasked, and only
@@ -29,7 +29,7 @@ def flash_attention_with_kv_cache(
     cache_seqlens: Tensor | Sequence[int] | None = None,
     *,
     causal: bool = True,
-    block_size: int = 128,
+    tile_size: int = 128,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     block_table: Tensor | None = None,
@@ -50,27 +50,27 @@ def flash_attention_with_kv_cache(
       cache_seqlens[b] - Tq + i and sees keys 0..that position. This covers prefill (Tq == S),
       chunked prefill and decode (Tq == 1). A query with no visible key (a padded row) outputs zeros
       and has log-sum-exp -inf, never NaN.
-    block_size: tile edge for queries and keys.
+    tile_size: tile edge for queries and keys.
     softmax_scale: defaults to 1/sqrt(D).
     return_lse: also return the log-sum-exp of the scaled scores, [B, Hq, Tq], float32.
     block_table: paged K/V. k_cache and v_cache are then block pools [num_blocks, page, Hkv, D]
       and row b's key j lives at pool[block_table[b, j // page], j % page]; key tiles are whole
-      pages (block_size // page of them), gathered per row.
+      pages (tile_size // page of them), gathered per row.
 
     Returns the output [B, Hq, Tq, D] in q's dtype (and the LSE if asked).
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
     if block_table is None:
         num_kv_heads, kv_capacity = check_shapes(q, k_cache, v_cache)
-        key_step = block_size
+        key_step = tile_size
 
         def kv_tile(start: int, end: int) -> tuple[Tensor, Tensor]:
             return k_cache[:, :, start:end], v_cache[:, :, start:end]
     else:
         num_kv_heads, page = check_paged_shapes(q, k_cache, v_cache, block_table)
         kv_capacity = block_table.shape[1] * page
-        key_step = page * max(1, block_size // page)
+        key_step = page * max(1, tile_size // page)
 
         def kv_tile(start: int, end: int) -> tuple[Tensor, Tensor]:  # start is a multiple of page
             pages = block_table[:, start // page: (end + page - 1) // page]
@@ -101,8 +101,8 @@ def flash_attention_with_kv_cache(
     # First query position of each row: query i is at offset + i.
     row_offset = None if seqlens is None else (seqlens - q_len).view(batch, 1, 1, 1, 1)
 
-    for q_start in range(0, q_len, block_size):
-        q_end = min(q_start + block_size, q_len)
+    for q_start in range(0, q_len, tile_size):
+        q_end = min(q_start + tile_size, q_len)
         rows = q_end - q_start
         q_tile = (q_grouped[:, :, :, q_start:q_end].float() * scale).reshape(batch, num_kv_heads, groups * rows, head_dim)
         row_max = torch.full((batch, num_kv_heads, groups * rows, 1), float("-inf"), device=device)

@@ -59,9 +59,5 @@ def median_seconds(fn: Callable[[], object], warmup: int = 1, runs: int = 5) -> 
     return statistics.median(times), times
 
 
-def environment_markdown(env: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in env.items() if v is not None)
-
-
 def progress_bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="req", leave=False)

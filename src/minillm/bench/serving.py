@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from ..cli import positive_int
-from .common import environment, environment_markdown
+from .common import environment
+from .report import heading, table, write_report
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -144,47 +145,37 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write(out: Path, results: dict, argv: list[str] | None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(results, indent=2))
     ms = lambda s: f"{s * 1e3:.0f}"  # noqa: E731
-    lines = ["# Serving benchmark", "",
-             f"`minillm serve` (bundled SmolLM2-135M-Instruct, float32) on loopback; {results['requests_per_level']} "
-             f"streaming completion requests per level, prompts of {results['input_len'][0]}-{results['input_len'][1]} "
-             f"random tokens, {results['output_len']} output tokens (ignore_eos), greedy. Client and server share "
-             f"the machine; the server runs with OMP_WAIT_POLICY={results['omp_wait_policy']}.",
-             f"Environment: {environment_markdown(results['env'])}.", "",
-             f"Command: `minillm bench --serve {' '.join(argv or [])}`".rstrip(), "",
-             "| concurrency | req/s | output tok/s | TTFT mean / median / p99 (ms) | TPOT mean / median / p99 (ms) "
-             "| ITL mean / median / p99 (ms) | E2E mean / median / p99 (ms) |",
-             "|---|---|---|---|---|---|---|"]
-    for lv in results["levels"]:
-        cells = [" / ".join(ms(lv[k][q]) for q in ("mean", "median", "p99")) for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s")]
-        lines.append(f"| {lv['concurrency']} | {lv['request_throughput']:.2f} | {lv['output_tok_s']:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", "![serving](serving.png)", ""]
-    (out / "serving.md").write_text("\n".join(lines))
+    description = (f"`minillm serve` (bundled SmolLM2-135M-Instruct, float32) on loopback; {results['requests_per_level']} "
+                   f"streaming completion requests per level, prompts of {results['input_len'][0]}-{results['input_len'][1]} "
+                   f"random tokens, {results['output_len']} output tokens (ignore_eos), greedy. Client and server share "
+                   f"the machine; the server runs with OMP_WAIT_POLICY={results['omp_wait_policy']}.")
+    rows = [[lv["concurrency"], f"{lv['request_throughput']:.2f}", f"{lv['output_tok_s']:.1f}",
+             *(" / ".join(ms(lv[k][q]) for q in ("mean", "median", "p99")) for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"))]
+            for lv in results["levels"]]
+    lines = [*heading("Serving benchmark", description, results["env"], f"minillm bench --serve {' '.join(argv or [])}".rstrip()),
+             *table(["concurrency", "req/s", "output tok/s", "TTFT mean / median / p99 (ms)", "TPOT mean / median / p99 (ms)",
+                     "ITL mean / median / p99 (ms)", "E2E mean / median / p99 (ms)"], rows)]
 
-    import matplotlib
+    def plot(plt):
+        levels = results["levels"]
+        xs = [lv["concurrency"] for lv in levels]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        left.plot(xs, [lv["output_tok_s"] for lv in levels], marker="o")
+        left.set_xlabel("concurrent clients")
+        left.set_ylabel("output tokens / s")
+        left.set_title("throughput")
+        for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "end-to-end")):
+            right.plot(xs, [lv[key]["median"] * 1e3 for lv in levels], marker="o", label=f"{label} median")
+        right.set_yscale("log")
+        right.set_xlabel("concurrent clients")
+        right.set_ylabel("ms")
+        right.set_title("latency")
+        right.legend()
+        for ax in (left, right):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.grid(True, alpha=0.3)
+        return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = results["levels"]
-    xs = [lv["concurrency"] for lv in levels]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(xs, [lv["output_tok_s"] for lv in levels], marker="o")
-    left.set_xlabel("concurrent clients")
-    left.set_ylabel("output tokens / s")
-    left.set_title("throughput")
-    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "end-to-end")):
-        right.plot(xs, [lv[key]["median"] * 1e3 for lv in levels], marker="o", label=f"{label} median")
-    right.set_yscale("log")
-    right.set_xlabel("concurrent clients")
-    right.set_ylabel("ms")
-    right.set_title("latency")
-    right.legend()
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "serving.png", dpi=120)
+    write_report(out, "serving", results, lines, plot)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from ..llm import LLM
 from ..loading import default_model_path
 from .. import kernels
 from ..sampling_params import SamplingParams
-from .common import environment, environment_markdown, median_seconds
+from .common import environment, median_seconds
+from .report import heading, table, write_report
 
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 512, 128, 16
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         engines[name]["weight_bytes"] = weight_bytes(llm.model, llm.model.tok_embeddings.weight, head)
         engines[name]["compile_s"] = llm.engine.compile_seconds
         del llm
-        # Compiled graphs are cached per code object (forward_step), so the next engine's calls
+        # Compiled graphs are cached per code object (MiniLLM.forward), so the next engine's calls
         # would first try this model's graphs and their guards; start it from a clean slate.
         torch._dynamo.reset()
         steps.update()
@@ -208,47 +208,39 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(results, indent=2))
     batches = decode_batches(args.batch_sizes)
-    header = ("| engine | prefill 512 (tok/s) | TTFT (ms) | " + " | ".join(f"decode b{b} (tok/s)" for b in batches)
-              + " | weights read / token (MB) | achieved bandwidth at b1 (GB/s) | compile (s) |")
-    lines = ["# `minillm bench`", "",
-             f"Model {results['model']}; prefill of a {PREFILL_TOKENS}-token prompt, TTFT for a {PROMPT_TOKENS}-token "
-             f"prompt, decode of {DECODE_TOKENS} tokens (batch b, aggregate tokens/s, prefill excluded); median of "
-             f"{args.runs} runs after a warm-up. Machine bandwidth (measured): "
-             f"{results['machine_bandwidth_gb_s']:.1f} GB/s. Threads: {results['threads']} for every engine.",
-             f"Environment: {environment_markdown(results['env'])}.", "",
-             f"Command: `minillm bench --engines {' '.join(args.engines)}`", "", header, "|---" * (6 + len(batches)) + "|"]
+    description = (f"Model {results['model']}; prefill of a {PREFILL_TOKENS}-token prompt, TTFT for a {PROMPT_TOKENS}-token "
+                   f"prompt, decode of {DECODE_TOKENS} tokens (batch b, aggregate tokens/s, prefill excluded); median of "
+                   f"{args.runs} runs after a warm-up. Machine bandwidth (measured): "
+                   f"{results['machine_bandwidth_gb_s']:.1f} GB/s. Threads: {results['threads']} for every engine.")
+    header = ["engine", "prefill 512 (tok/s)", "TTFT (ms)", *(f"decode b{b} (tok/s)" for b in batches),
+              "weights read / token (MB)", "achieved bandwidth at b1 (GB/s)", "compile (s)"]
+    rows = []
     for name, f in results["engines"].items():
-        cells = [f"{f['prefill_tok_s']:.0f}", f"{f['ttft_s'] * 1e3:.0f}"]
-        cells += [f"{f[f'decode_b{b}_tok_s']:.1f}" if f"decode_b{b}_tok_s" in f else "—" for b in batches]
-        cells += [f"{f['weight_bytes'] / 1e6:.0f}", f"{f['bandwidth_gb_s']:.1f}",
-                  f"{f['compile_s']:.0f}" if f.get("compile_s") else "—"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([name, f"{f['prefill_tok_s']:.0f}", f"{f['ttft_s'] * 1e3:.0f}",
+                     *(f"{f[f'decode_b{b}_tok_s']:.1f}" if f"decode_b{b}_tok_s" in f else "—" for b in batches),
+                     f"{f['weight_bytes'] / 1e6:.0f}", f"{f['bandwidth_gb_s']:.1f}",
+                     f"{f['compile_s']:.0f}" if f.get("compile_s") else "—"])
+    lines = [*heading("`minillm bench`", description, results["env"], f"minillm bench --engines {' '.join(args.engines)}"),
+             *table(header, rows)]
     if "greedy_matches_hf_float32" in results:
         lines += ["", f"Greedy tokens of MiniLLM float32 equal HF transformers' (32 tokens): "
                       f"**{results['greedy_matches_hf_float32']}**."]
     if "llama_cpp" in results:
         lines += ["", f"llama.cpp: {results['llama_cpp']}."]
-    lines += ["", "![speed](speed.png)", ""]
-    (out / "speed.md").write_text("\n".join(lines))
 
-    import matplotlib
+    def plot(plt):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, f in results["engines"].items():
+            xs = [b for b in batches if f"decode_b{b}_tok_s" in f]
+            ax.plot(xs, [f[f"decode_b{b}_tok_s"] for b in xs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode tokens / s (aggregate)")
+        ax.set_title(results["model"])
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, f in results["engines"].items():
-        xs = [b for b in batches if f"decode_b{b}_tok_s" in f]
-        ax.plot(xs, [f[f"decode_b{b}_tok_s"] for b in xs], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("decode tokens / s (aggregate)")
-    ax.set_title(results["model"])
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "speed.png", dpi=120)
+    write_report(out, "speed", results, lines, plot)

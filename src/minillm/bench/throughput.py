@@ -14,7 +14,6 @@ measures prefix caching: many requests sharing one long system prompt, with cach
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -27,7 +26,8 @@ from ..engine import EngineConfig, LLMEngine
 from ..llm import LLM
 from ..quantization import QUANTIZATION_MODES
 from ..sampling_params import SamplingParams
-from .common import environment, environment_markdown, progress_bar
+from .common import environment, progress_bar
+from .report import heading, table, write_report
 
 
 def make_requests(n: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab: int,
@@ -173,48 +173,33 @@ def _seconds(runs: list[float]) -> str:
 
 
 def write_results(out: Path, results: dict, argv: list[str] | None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     suffix = ("" if results["dtype"] == "float32" else f"_{results['dtype']}") + results["variant"]
-    (out / f"throughput{suffix}.json").write_text(json.dumps(results, indent=2))
-    env = results["env"]
-    pc = results["prefix_cache"]
-    lines = [
-        f"# Offline throughput ({', '.join([results['dtype'], *results['variants']])})", "",
-        f"{results['requests']} requests, input {results['input_len'][0]}-{results['input_len'][1]} tokens, "
-        f"output {results['output_len'][0]}-{results['output_len'][1]} tokens (uniform), ignore_eos, greedy, "
-        f"{results['dtype']}, model {results['model']}.",
-        f"Environment: {environment_markdown(env)}.", "",
-        f"Command: `minillm bench --throughput {' '.join(argv or [])}`".rstrip() + "", "",
-        f"| engine | wall time (s), median of {results['repeats']} | runs (s) | output tok/s |", "|---|---|---|---|",
-        f"| MiniLLM (continuous batching) | {results['minillm']['seconds']:.1f} | {_seconds(results['minillm']['runs'])} | "
-        f"{results['minillm']['tok_s']:.1f} |",
-    ]
-    for hf in results.get("hf", []):
-        lines.append(f"| HF transformers `generate` {hf['dtype']}, batches of {hf['batch_size']} | "
-                     f"{hf['seconds']:.1f} | {_seconds(hf['runs'])} | {hf['tok_s']:.1f} |")
-    lines += [""] + [f"MiniLLM ({results['dtype']}) / HF transformers {hf['dtype']}: **{hf['minillm_speedup']:.2f}x**."
-                     for hf in results.get("hf", [])]
+    pc, hfs, ours = results["prefix_cache"], results.get("hf", []), results["minillm"]
+    description = (f"{results['requests']} requests, input {results['input_len'][0]}-{results['input_len'][1]} tokens, "
+                   f"output {results['output_len'][0]}-{results['output_len'][1]} tokens (uniform), ignore_eos, greedy, "
+                   f"{results['dtype']}, model {results['model']}.")
+    rows = [["MiniLLM (continuous batching)", f"{ours['seconds']:.1f}", _seconds(ours["runs"]), f"{ours['tok_s']:.1f}"]]
+    rows += [[f"HF transformers `generate` {hf['dtype']}, batches of {hf['batch_size']}", f"{hf['seconds']:.1f}",
+              _seconds(hf["runs"]), f"{hf['tok_s']:.1f}"] for hf in hfs]
+    lines = [*heading(f"Offline throughput ({', '.join([results['dtype'], *results['variants']])})", description,
+                      results["env"], f"minillm bench --throughput {' '.join(argv or [])}".rstrip()),
+             *table(["engine", f"wall time (s), median of {results['repeats']}", "runs (s)", "output tok/s"], rows), ""]
+    lines += [f"MiniLLM ({results['dtype']}) / HF transformers {hf['dtype']}: **{hf['minillm_speedup']:.2f}x**." for hf in hfs]
     lines += ["", f"Prefix caching: {pc['requests']} requests sharing a {pc['system_tokens']}-token prefix, "
                   f"{pc['output_tokens']} output tokens each:", "",
-              "| prefix caching | wall time (s) | hit rate |", "|---|---|---|",
-              f"| off | {pc['off']['seconds']:.1f} | {pc['off']['hit_rate']:.1%} |",
-              f"| on | {pc['on']['seconds']:.1f} | {pc['on']['hit_rate']:.1%} |", "",
-              f"Speed-up from prefix caching: **{pc['speedup']:.2f}x**.", "", f"![throughput](throughput{suffix}.png)", ""]
-    (out / f"throughput{suffix}.md").write_text("\n".join(lines))
+              *table(["prefix caching", "wall time (s)", "hit rate"],
+                     [[mode, f"{pc[mode]['seconds']:.1f}", f"{pc[mode]['hit_rate']:.1%}"] for mode in ("off", "on")]),
+              "", f"Speed-up from prefix caching: **{pc['speedup']:.2f}x**."]
 
-    import matplotlib
+    def plot(plt):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        names = ["MiniLLM"] + [f"HF {hf['dtype']}" for hf in hfs]
+        left.bar(names, [ours["tok_s"]] + [hf["tok_s"] for hf in hfs], color=["tab:blue", "tab:orange", "tab:red"][: len(names)])
+        left.set_ylabel("output tokens / s")
+        left.set_title(f"{results['requests']} requests, offline throughput")
+        right.bar(["caching off", "caching on"], [pc["off"]["seconds"], pc["on"]["seconds"]], color=["tab:gray", "tab:green"])
+        right.set_ylabel("wall time (s)")
+        right.set_title(f"shared {pc['system_tokens']}-token prefix, {pc['requests']} requests")
+        return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["MiniLLM"] + [f"HF {hf['dtype']}" for hf in results.get("hf", [])]
-    left.bar(names, [results["minillm"]["tok_s"]] + [hf["tok_s"] for hf in results.get("hf", [])],
-             color=["tab:blue", "tab:orange", "tab:red"][: len(names)])
-    left.set_ylabel("output tokens / s")
-    left.set_title(f"{results['requests']} requests, offline throughput")
-    right.bar(["caching off", "caching on"], [pc["off"]["seconds"], pc["on"]["seconds"]], color=["tab:gray", "tab:green"])
-    right.set_ylabel("wall time (s)")
-    right.set_title(f"shared {pc['system_tokens']}-token prefix, {pc['requests']} requests")
-    fig.tight_layout()
-    fig.savefig(out / f"throughput{suffix}.png", dpi=120)
+    write_report(out, f"throughput{suffix}", results, lines, plot)

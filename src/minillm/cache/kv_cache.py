@@ -1,15 +1,28 @@
-"""Contiguous, preallocated key/value cache with true per-row lengths."""
+"""`KVCache`: the first release's per-row cache, as a view of the paged pools, and the [B, T] rows
+interface of `MiniLLM.forward` that runs on it.
+
+Row b owns a fixed run of pages, so its keys are contiguous and `k[layer]` can be shown as
+[B, Hkv, S, D]. A [B, T] input (real tokens right-aligned, left padding) becomes one packed step of
+the paged cache with the real tokens only, and takes the engine's route through the model.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig, resolve_dtype
-from .step import left_padded_layout
+from ..attention import select_attention
+from ..config import ModelConfig
+from .paged_cache import PagedKVCache, PagedStep
+
+if TYPE_CHECKING:
+    from ..model.transformer import MiniLLM
+
+MAX_PAGE = 256  # tokens per page of a row; the reference backends gather whole pages
 
 
 class CacheOverflowError(RuntimeError):
@@ -17,49 +30,18 @@ class CacheOverflowError(RuntimeError):
 
 
 @dataclass
-class CacheWrite:
-    """Where one forward step's new tokens go, planned on the host before the step runs.
+class RowsStep:
+    """A planned [B, T] forward call: the packed step of the rows that feed tokens, and where those
+    tokens sit in the input seen flat [B * T]."""
 
-    Inputs are [B, T] with each row's `n_b` real tokens right-aligned (left padding), so token t of
-    row b is real when t >= T - n_b and lands at cache slot lens[b] + t - (T - n_b).
-    Implements the `CacheStep` protocol the model runs against.
-    """
-
-    cache: "KVCache"
-    positions: Tensor  # [B, T] RoPE positions (padding clamped to 0)
-    new_lens: list[int]  # row lengths after the step
-    uniform_start: int | None  # all rows same length and no padding: a slice write at this slot
-    batch_index: Tensor | None  # otherwise, scatter: (row, slot) <- token, one entry per real token
-    slot_index: Tensor | None
-    token_index: Tensor | None
-    block_table = None  # contiguous rows, not pages
-    query_start = None  # [B, T] rows, not packed
-
-    @property
-    def kv_len(self) -> int:
-        """Cache positions attention must read: the longest row after the step."""
-        return max(self.new_lens)
-
-    @property
-    def seqlens(self) -> list[int] | None:
-        """Per-row key lengths for attention, or None when all rows are kv_len long."""
-        return None if len(set(self.new_lens)) == 1 else self.new_lens
-
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store one layer's new k, v [B, Hkv, T, D]; return the cache's K, V up to kv_len."""
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        if self.uniform_start is not None:
-            end = self.uniform_start + k.shape[2]
-            k_cache[:, :, self.uniform_start:end] = k
-            v_cache[:, :, self.uniform_start:end] = v
-        else:
-            k_cache[self.batch_index, :, self.slot_index] = k[self.batch_index, :, self.token_index]
-            v_cache[self.batch_index, :, self.slot_index] = v[self.batch_index, :, self.token_index]
-        return k_cache[:, :, : self.kv_len], v_cache[:, :, : self.kv_len]
+    step: PagedStep | None  # None when no row feeds a token
+    rows: list[int]
+    token_index: Tensor
+    new_lens: list[int]
 
 
 class KVCache:
-    """Per-layer K and V tensors [B, Hkv, S, D], preallocated, with a length per row.
+    """Per-layer keys and values with a length per row; `k[layer]` / `v[layer]` are [B, Hkv, S, D] views.
 
     Row lengths live on the host (the host decides what it feeds), so planning a step needs no
     device synchronisation. Slots at or past a row's length are never read by attention.
@@ -78,15 +60,25 @@ class KVCache:
         capacity = config.max_seq_len if max_seq_len is None else max_seq_len
         if not 0 < capacity <= config.max_seq_len:
             raise ValueError(f"max_seq_len must be in [1, {config.max_seq_len}] (the model's context), got {capacity}")
-        self.batch_size = batch_size
-        self.max_seq_len = capacity
-        self.dtype = resolve_dtype(config.dtype if dtype is None else dtype)
-        self.device = torch.device("cpu" if device is None else device)
-        shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
-        # Zero-filled, not empty: masked-out slots still meet a 0-weight multiply, and 0 * NaN is NaN.
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
+        self.batch_size, self.max_seq_len = batch_size, capacity
+        page = min(capacity, MAX_PAGE)
+        self.pages_per_row = -(-capacity // page)
+        self.paged = PagedKVCache(config, batch_size * self.pages_per_row, page, dtype,
+                                  "cpu" if device is None else device)
+        self.dtype, self.device = self.paged.dtype, self.paged.device
         self._lens = [0] * batch_size
+
+    def _rows_view(self, pool: Tensor) -> Tensor:
+        _, page, heads, dim = pool.shape
+        return pool.view(self.batch_size, self.pages_per_row * page, heads, dim).transpose(1, 2)[:, :, :self.max_seq_len]
+
+    @property
+    def k(self) -> list[Tensor]:
+        return [self._rows_view(pool) for pool in self.paged.k]
+
+    @property
+    def v(self) -> list[Tensor]:
+        return [self._rows_view(pool) for pool in self.paged.v]
 
     @property
     def seq_lens(self) -> list[int]:
@@ -108,8 +100,9 @@ class KVCache:
             self._check_row(row)
             self._lens[row] = 0
 
-    def plan_write(self, num_tokens: int, input_lengths: Sequence[int] | None = None) -> CacheWrite:
-        """Check capacity and compute slots and positions for a [B, num_tokens] step."""
+    def plan_write(self, num_tokens: int, input_lengths: Sequence[int] | None, attention_backend: str,
+                   tile_size: int = 128) -> RowsStep:
+        """Check capacity and plan a [B, num_tokens] step whose row b feeds its last input_lengths[b] tokens."""
         lengths = [num_tokens] * self.batch_size if input_lengths is None else [int(n) for n in input_lengths]
         if len(lengths) != self.batch_size:
             raise ValueError(f"input_lengths has {len(lengths)} entries for a cache of batch size {self.batch_size}")
@@ -120,18 +113,51 @@ class KVCache:
                 raise CacheOverflowError(
                     f"KV cache full: row {row} holds {cached} tokens and cannot take {new} more "
                     f"(capacity {self.max_seq_len})")
-        new_lens = [cached + new for cached, new in zip(self._lens, lengths)]
-        positions, rows, cols, slots = left_padded_layout(self._lens, lengths, num_tokens)
-        positions = positions.to(self.device)
-        if len(set(self._lens)) == 1 and all(n == num_tokens for n in lengths):
-            return CacheWrite(self, positions, new_lens, self._lens[0], None, None, None)
-        as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return CacheWrite(self, positions, new_lens, None, as_index(rows), as_index(slots), as_index(cols))
+        attention = select_attention(attention_backend, self.device, self.dtype, tile_size)
+        rows = [b for b, n in enumerate(lengths) if n]
+        index = torch.tensor([b * num_tokens + t for b in rows for t in range(num_tokens - lengths[b], num_tokens)],
+                             dtype=torch.long, device=self.device)
+        step = None
+        if rows:
+            per_row = self.pages_per_row
+            tables = [list(range(b * per_row, (b + 1) * per_row)) for b in rows]
+            step = self.paged.plan(tables, [self._lens[b] for b in rows], [lengths[b] for b in rows], attention)
+        return RowsStep(step, rows, index, [cached + new for cached, new in zip(self._lens, lengths)])
 
-    def commit(self, plan: CacheWrite) -> None:
+    def commit(self, plan: RowsStep) -> None:
         """Advance the row lengths once every layer has written its step."""
         self._lens = list(plan.new_lens)
 
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self.batch_size:
             raise IndexError(f"row {row} is outside the cache's batch of {self.batch_size}")
+
+
+def forward_rows(model: MiniLLM, input_ids: Tensor, kv_cache: KVCache | None, backend: str, tile_size: int,
+                 input_lengths: Sequence[int] | None, last_token_only: bool) -> Tensor:
+    """`MiniLLM.forward` on [B, T] rows (see there): logits [B, T, vocab] or [B, 1, vocab]; padding
+    positions, and rows that feed nothing, get zeros."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+    batch, width = input_ids.shape
+    if kv_cache is None:
+        if input_lengths is not None:
+            raise ValueError("input_lengths (padded rows) needs a kv_cache to hold each row's own length")
+        if width > model.config.max_seq_len:
+            raise ValueError(f"input of {width} tokens exceeds max_seq_len {model.config.max_seq_len}")
+        kv_cache = KVCache(model.config, batch, max_seq_len=max(width, 1), dtype=model.dtype, device=model.device)
+    elif kv_cache.batch_size != batch:
+        raise ValueError(f"input batch {batch} does not match the cache's batch size {kv_cache.batch_size}")
+    plan = kv_cache.plan_write(width, input_lengths, backend, tile_size)
+    vocab = model.config.vocab_size
+    out = torch.zeros(batch, 1 if last_token_only else width, vocab, device=input_ids.device)
+    if plan.step is not None:
+        logits = model(input_ids.reshape(-1)[plan.token_index], plan.step, last_token_only=last_token_only)
+        if last_token_only:
+            out[plan.rows, 0] = logits
+        else:
+            out.view(-1, vocab)[plan.token_index] = logits
+    kv_cache.commit(plan)
+    return out

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
+from ..attention import AttentionBackend
 from ..config import ModelConfig, resolve_dtype
 
 
@@ -36,9 +38,10 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int]) -> PagedStep:
+    def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int],
+             attention: AttentionBackend) -> PagedStep:
         """A packed step: sequence b feeds counts[b] tokens from position starts[b]; the input is
-        [1, sum(counts)], the sequences' tokens one after another (no padding)."""
+        [N = sum(counts)] token ids, the sequences' tokens one after another (no padding)."""
         size = self.block_size
         seqlens = [s + n for s, n in zip(starts, counts)]
         pages = (max(seqlens) + size - 1) // size
@@ -48,25 +51,55 @@ class PagedKVCache:
         query_start = list(itertools.accumulate(counts, initial=0))
         index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         decode = next((b for b, n in enumerate(counts) if n > 1), len(counts))  # the scheduler puts decode rows first
-        return PagedStep(self, index(positions).view(1, -1), index(seqlens), index(table), index(query_start), index(slots),
-                         query_start[decode])
+        return PagedStep(self, attention, index(positions), index(seqlens), index(table), index(query_start),
+                         index(slots), query_start[decode], counts, seqlens)
 
 
 @dataclass
 class PagedStep:
-    """The `CacheStep` of one engine step over the paged pools (packed: the input is [1, N])."""
+    """One forward call over the paged pools: where its tokens go, what they attend to, and how
+    (`attention`, chosen once by whoever owns the cache)."""
 
     cache: PagedKVCache
-    positions: Tensor  # [1, N]
+    attention: AttentionBackend
+    positions: Tensor  # [N]
     seqlens: Tensor  # [B]; tensors, so a compiled step does not specialise on lengths
     block_table: Tensor  # [B, pages]
     query_start: Tensor  # [B + 1]
     slot_index: Tensor  # [N]: each token's slot in the pool seen as [num_blocks * block_size, Hkv, D]
-    first_prompt_row: int = 0  # rows before it are one-token sequences (decode); from it on, prompt chunks
+    first_prompt_row: int  # rows before it are one-token sequences (decode); from it on, prompt chunks
+    counts: list[int]  # the same lengths on the host, for the row layout of the reference backends
+    host_seqlens: list[int]
 
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store one layer's new keys and values [N, Hkv, D] in their slots."""
         # index_copy_ on flat slots: one kernel, and (unlike an index_put) nothing for a compiled
         # step to specialise when a single token is written
         for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, self.slot_index, new[0].transpose(0, 1))
-        return self.cache.k[layer], self.cache.v[layer]
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, self.slot_index, new)
+
+    @cached_property
+    def rows(self) -> RowLayout:
+        return RowLayout(self.counts, self.host_seqlens, self.block_table.shape[1], self.cache.block_size,
+                         self.positions.device)
+
+
+class RowLayout:
+    """A packed step seen as right-aligned rows [B, H, width, D], for the backends that take rows."""
+
+    def __init__(self, counts: list[int], seqlens: list[int], pages: int, page: int, device: torch.device) -> None:
+        self.batch, self.width, self.seqlens = len(counts), max(counts), seqlens
+        self.kv_len = max(seqlens)
+        self.pages = min(pages, -(-self.kv_len // page))
+        # each packed token's index in the rows seen flat [B * width]
+        self.index = torch.tensor([b * self.width + self.width - n + j for b, n in enumerate(counts) for j in range(n)],
+                                  dtype=torch.long, device=device)
+
+    def to_rows(self, q: Tensor) -> Tensor:
+        """[N, H, D] -> [B, H, width, D] (padding zeros)."""
+        rows = q.new_zeros(self.batch * self.width, *q.shape[1:]).index_copy_(0, self.index, q)
+        return rows.view(self.batch, self.width, *q.shape[1:]).transpose(1, 2)
+
+    def to_packed(self, rows: Tensor) -> Tensor:
+        """[B, H, width, D] -> [N, H, D]."""
+        return rows.transpose(1, 2).reshape(self.batch * self.width, *rows.shape[1:2], rows.shape[3])[self.index]

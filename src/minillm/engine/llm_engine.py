@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass, field
 
 import torch
 
 from ..cache.paged_cache import bytes_per_block
-from ..generation.batch import check_prompt
 from ..model.transformer import MiniLLM
 from ..runtime import tune_allocator
 from ..sampling_params import SamplingParams
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .model_runner import ModelRunner, RowError, TokenLogprobs
+from ..generation.sampler import TokenLogprobs
+from .model_runner import ModelRunner, RowError
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 
@@ -31,7 +31,7 @@ logger = logging.getLogger("minillm")
 
 @dataclass
 class RequestState:
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None: an engine on token ids only (no tokenizer), no text
     generator: torch.Generator | None
     end_ids: set[int]  # EOS ids (unless ignore_eos) and stop_token_ids
 
@@ -54,6 +54,16 @@ class StepOutput:
         return self.finish_reason is not None
 
 
+@dataclass
+class Completion:
+    """A whole request's result, as `generate` collects it."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # "stop" | "length" | "error"
+    error: str | None = None
+
+
 class RequestFailed(RuntimeError):
     """A request that failed while it ran (the others in its steps went on)."""
 
@@ -65,7 +75,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens in one step: every decode token plus prompt chunks
     enable_prefix_caching: bool = True
-    attention_backend: str = "paged"  # the pages read in place (C++ kernel, CPU); SDPA on padded rows otherwise
+    attention_backend: str | None = None  # None: "paged_cpu" (our C++ kernel) where it runs, else "sdpa"
     compile: bool = False  # torch.compile the step (engine/compiled_step.py), at start-up
     # GGUF blocks on an AVX512-BF16 CPU: prompt chunks of 64+ tokens as bf16 GEMMs (prefill ~2.2x faster
     # at 512 tokens), at the price of exactness: a prompt's bits then depend on how it was chunked and
@@ -74,7 +84,7 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, model: MiniLLM, tokenizer: Tokenizer, eos_token_ids: Seq[int],
+    def __init__(self, model: MiniLLM, tokenizer: Tokenizer | None, eos_token_ids: Seq[int],
                  config: EngineConfig | None = None) -> None:
         tune_allocator()
         self.model, self.tokenizer = model, tokenizer
@@ -110,6 +120,8 @@ class LLMEngine:
                     request_id: str | None = None) -> str:
         """Queue a request; a prompt that can never run is refused here with a ValueError."""
         params = params or SamplingParams()
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; this engine runs on token ids only")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         self.check_prompt(ids, params)
         if request_id is not None and request_id in self.requests:
@@ -117,18 +129,30 @@ class LLMEngine:
         seq = Sequence(ids, params, request_id)
         generator = None if params.seed is None else torch.Generator(self.model.device).manual_seed(params.seed)
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        seq.state = RequestState(IncrementalDetokenizer(self.tokenizer, params.stop), generator, ends)
+        detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, params.stop)
+        seq.state = RequestState(detokenizer, generator, ends)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """A prompt must be non-empty, inside the vocabulary, and leave room for its new tokens in the
+        model's context and in the KV cache."""
         config = self.model.config
-        check_prompt(ids, params.max_tokens, config.vocab_size, config.max_seq_len, budget_name="max_tokens")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {config.vocab_size}): {bad[:5]}")
         total = len(ids) + params.max_tokens
+        if total > config.max_seq_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}, "
+                             f"beyond the model's context of {config.max_seq_len} tokens")
         if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
             raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}, "
                              f"more than the whole KV cache holds ({self.max_cached_tokens} tokens)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine runs on token ids only")
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away); its blocks are free when this returns."""
@@ -190,21 +214,51 @@ class LLMEngine:
 
     def _process_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
         state: RequestState = seq.state
-        reason = None
+        detokenizer, text, reason = state.detokenizer, "", None
         if token in state.end_ids:  # EOS or a stop token: it ends the text and adds none
-            text, reason = state.detokenizer.finish(), "stop"
+            text, reason = detokenizer.finish() if detokenizer else "", "stop"
         else:
-            text = state.detokenizer.add(token)
-            if state.detokenizer.stopped:
+            text = detokenizer.add(token) if detokenizer else ""
+            if detokenizer and detokenizer.stopped:
                 reason = "stop"
             elif seq.num_outputs >= seq.params.max_tokens:
-                text += state.detokenizer.finish()
+                text += detokenizer.finish() if detokenizer else ""
                 reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.requests.pop(seq.request_id, None)
         return StepOutput(seq.request_id, text, [token], reason, seq.num_prompt_tokens, seq.num_outputs,
                           [logprobs] if logprobs else None)
+
+    def generate(self, prompts: Seq[list[int]], params: Seq[SamplingParams],
+                 on_finish: Callable[[], None] | None = None) -> list[Completion]:
+        """Run prompts (token ids) to completion together; results in input order. Every prompt is
+        checked before any runs (the ValueError names the prompt); `on_finish` is called as each ends."""
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            try:
+                self.check_prompt(ids, p)
+            except ValueError as err:
+                raise ValueError(f"prompt {i}: {err}") from None
+        index = {self.add_request(ids, p): i for i, (ids, p) in enumerate(zip(prompts, params))}
+        results = [Completion() for _ in prompts]
+        pending = set(index)
+        try:
+            while pending:
+                for out in self.step():
+                    if out.request_id not in pending:
+                        continue
+                    result = results[index[out.request_id]]
+                    result.text += out.text
+                    result.token_ids += out.token_ids
+                    if out.finished:
+                        result.finish_reason, result.error = out.finish_reason, out.error
+                        pending.discard(out.request_id)
+                        if on_finish is not None:
+                            on_finish()
+        finally:
+            for request_id in pending:  # interrupted: free what the unfinished requests hold
+                self.abort(request_id)
+        return results
 
     def stats(self) -> dict[str, float]:
         queries = self.blocks.prefix_queries

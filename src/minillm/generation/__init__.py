@@ -1,3 +1,1 @@
-from .generator import Generation, TextGenerator
-
-__all__ = ["Generation", "TextGenerator"]
+"""Sampling: logits to tokens (sampler.py)."""

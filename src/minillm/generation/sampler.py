@@ -1,14 +1,17 @@
-"""Turning last-position logits into next tokens: penalties, temperature, top-k, top-p, seeded draws.
+"""Turning last-position logits into next tokens: penalties, temperature, top-k, top-p, seeded draws,
+and the log-probabilities a request asked for. Everything the engine samples goes through
+`sample_requests`; `sample` is the per-row core.
 
-The order of the steps is HF transformers': repetition penalty, temperature, top-k, top-p.
-Every parameter is either one value for the whole batch or one per row (a request's own
-SamplingParams in the batching engine).
+The order of the steps is HF transformers': repetition penalty (then OpenAI's presence and
+frequency penalties), temperature, top-k, top-p. Every parameter is either one value for the whole
+batch or one per row (a request's own SamplingParams).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -98,3 +101,60 @@ def sample(
     if any(t == 0 for t in temps):
         drawn = torch.where(torch.tensor([t == 0 for t in temps], device=device), scaled.argmax(dim=-1), drawn)
     return drawn.masked_fill(broken, -1)
+
+
+@dataclass
+class TokenLogprobs:
+    """A sampled token's log-probability under the model's raw distribution, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def _id_matrix(rows: Sequence[Sequence[int]], vocab: int, device: torch.device) -> Tensor:
+    """Token id lists as one [B, longest] tensor, padded with `vocab` (a column past the vocabulary)."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [vocab] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def apply_penalties(logits: Tensor, params: Sequence[Any], histories: Sequence[Sequence[int]],
+                    outputs: Sequence[Sequence[int]]) -> Tensor:
+    """HF's repetition penalty on every token of `histories` (prompt and output), then OpenAI's
+    presence and frequency penalties on the `outputs` so far; each row with its own values, built as
+    [B, V] tensors in a few ops. Rows without a penalty are passed untouched (x / 1 and x * 1 are exact)."""
+    rows, vocab = logits.shape
+    device = logits.device
+    if any(p.repetition_penalty != 1.0 for p in params):
+        ids = _id_matrix([h if p.repetition_penalty != 1.0 else [] for p, h in zip(params, histories)], vocab, device)
+        seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device).scatter_(1, ids, True)[:, :vocab]
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device).view(-1, 1)
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        ids = _id_matrix(outputs, vocab, device)
+        counts = torch.zeros(rows, vocab + 1, device=device).scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+        counts = counts[:, :vocab]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device).view(-1, 1)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device).view(-1, 1)
+        logits = logits - frequency * counts - presence * (counts > 0)
+    return logits
+
+
+def sample_requests(logits: Tensor, params: Sequence[Any], histories: Sequence[Sequence[int]],
+                    outputs: Sequence[Sequence[int]], generators: Sequence[torch.Generator | None]
+                    ) -> list[tuple[int, TokenLogprobs | None]]:
+    """One token per row for requests with their own `SamplingParams`: (token, its logprobs if the
+    request asked for them). A row whose logits turned non-finite gets token -1."""
+    raw = logits
+    logits = apply_penalties(logits, params, histories, outputs)
+    tokens = sample(logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
+                    generators).tolist()
+    return [(token, None if p.logprobs is None or token < 0 else token_logprobs(row, token, p.logprobs))
+            for row, token, p in zip(raw, tokens, params)]
+
+
+def token_logprobs(logits: Tensor, token: int, top: int) -> TokenLogprobs:
+    """The model's raw distribution (before penalties and temperature), as OpenAI reports it."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0].long())
+    return TokenLogprobs(token, logprobs[token].item(), list(zip(ids.tolist(), values.tolist())))

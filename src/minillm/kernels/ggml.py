@@ -136,7 +136,7 @@ def decoder_layer(block: nn.Module, x: Tensor, ctx) -> Tensor:
     """A TransformerBlock whose matmuls are all GGMLLinear, in the engine's fused step (`ctx`: the model's
     StepContext), as one C++ op (csrc/decoder_layer.cpp): the same kernels in the same order, so the
     same bits, without ~10 Python module calls and op dispatches a layer."""
-    attn, ffn, step = block.attention, block.feed_forward, ctx.cache_step
+    attn, ffn, step = block.attention, block.feed_forward, ctx.step
     return torch.ops.minillm.decoder_layer(
         x, block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps,
         attn.wqkv.weight, attn.wqkv.fmt, attn.wqkv.bias, attn.wo.weight, attn.wo.fmt,

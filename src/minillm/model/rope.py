@@ -22,14 +22,15 @@ class RotaryEmbedding:
         self.sin = angles.sin().float()
 
     def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin for `positions` [B, T] -> each [B, 1, T, head_dim // 2] (broadcast over heads)."""
+        """cos, sin for `positions` [N] -> each [N, head_dim // 2]."""
         if self.cos.device != positions.device:
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return self.cos[positions], self.sin[positions]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x [B, H, T, D] by the position angles, in float32."""
+    """Rotate pairs (x[i], x[i + D/2]) of x [N, H, D] by the angles of each token's position, in float32."""
     half = x.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import kernels
-from ..kernels import ggml
-from ..attention import BACKENDS, attention, paged_cpu
-from ..cache.kv_cache import KVCache
-from ..cache.step import CacheStep
+from ..cache.kv_cache import KVCache, forward_rows
+from ..cache.paged_cache import PagedStep
 from ..config import ModelConfig
+from ..kernels import ggml
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -27,17 +25,15 @@ from .rope import RotaryEmbedding, apply_rotary
 class StepContext:
     """What every layer needs for one forward call, computed once per call."""
 
-    cos: Tensor
+    cos: Tensor  # [N, head_dim / 2]
     sin: Tensor
-    backend: str
-    block_size: int
-    cache_step: CacheStep | None = None
-    # the engine's packed step over float32 paged pools on CPU with our kernels loaded: RoPE and the
-    # cache write in one op, q token-major straight into the paged kernel (see Attention.forward)
-    fused: bool = False
+    step: PagedStep
 
 
 class Attention(nn.Module):
+    """Token-major throughout: q, k, v are [N, heads, head_dim] from the projection through RoPE, the cache
+    write and the attention backend (the step's, chosen once by the cache's owner)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -48,34 +44,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.num_heads * config.head_dim, config.dim_model, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
-        batch, seq_len, _ = x.shape
-        if ctx.fused:
-            return self._fused(x, ctx)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        seqlens = block_table = query_start = None
-        if ctx.cache_step is not None:
-            k, v = ctx.cache_step.write(self.layer_idx, k, v)
-            step = ctx.cache_step
-            seqlens, block_table, query_start = step.seqlens, step.block_table, step.query_start
-        out = attention(q, k, v, seqlens, block_table=block_table, backend=ctx.backend, causal=True,
-                        block_size=ctx.block_size, query_start=query_start)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
-
-    def _fused(self, x: Tensor, ctx: StepContext) -> Tensor:
-        """The same computation in two kernel calls: the unfused path costs ~30 small ops per layer."""
-        step = ctx.cache_step
-        k_pool, v_pool = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+        step, layer = ctx.step, self.layer_idx
+        k_pool, v_pool = step.cache.k[layer], step.cache.v[layer]
         qkv = self.wqkv(x)
-        q = torch.ops.minillm.rope_cache_write(qkv.view(-1, qkv.shape[-1]), ctx.cos, ctx.sin, k_pool, v_pool,
-                                               step.slot_index, self.num_heads, self.num_kv_heads)
-        out = paged_cpu.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
-                                        self.head_dim ** -0.5)
-        return self.wo(out.view(*x.shape[:-1], -1))
+        if step.attention.fused_cpu:  # the same as below in one kernel call (~30 small ops a layer otherwise)
+            q = torch.ops.minillm.rope_cache_write(qkv, ctx.cos, ctx.sin, k_pool, v_pool, step.slot_index,
+                                                   self.num_heads, self.num_kv_heads)
+        else:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
+            k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+            step.write(layer, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        out = step.attention.attend(q, k_pool, v_pool, step)
+        return self.wo(out.reshape(len(x), -1))
 
 
 class FeedForward(nn.Module):
@@ -106,7 +88,7 @@ class TransformerBlock(nn.Module):
         self.one_op = False  # set by loading/quantized.py when every matmul is on GGUF blocks
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
-        if ctx.fused and self.one_op:  # the same computation as below in one C++ op, for the Python overhead
+        if self.one_op and ctx.step.attention.fused_cpu:  # the computation below in one C++ op, for the Python overhead
             return ggml.decoder_layer(self, x, ctx)
         h = x + self.attention(self.attention_norm(x), ctx)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -139,65 +121,37 @@ class MiniLLM(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
+        step: PagedStep | None = None,
+        *,
+        last_token_only: bool = False,
         kv_cache: KVCache | None = None,
         use_flash_attention: bool = True,
         flash_block_size: int = 128,
         attention_backend: str | None = None,
         input_lengths: Sequence[int] | None = None,
-        last_token_only: bool = False,
     ) -> Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_token_only`) in float32.
+        """Float32 logits. Two ways in, one route:
 
-        input_ids: [B, T] token ids ([T] is taken as one row).
-        kv_cache: when given, each row's new tokens are written at that row's current length,
-            get RoPE positions from it, and attend to everything the row has cached.
-        use_flash_attention: our FlashAttention-2 (tiles of `flash_block_size`) or, when False,
-            standard attention. `attention_backend` ("flash", "standard", "sdpa") overrides it.
-        input_lengths: with a cache, how many of each row's T tokens are real; real tokens are
-            right-aligned (left padding), so rows of different prompt lengths prefill together.
+        - the engine's: input_ids [N], the packed tokens of a `step` planned on a PagedKVCache;
+          returns [N, vocab], or with `last_token_only` each sequence's last token, [B, vocab].
+        - rows (the first release's interface): input_ids [B, T] (or [T]); returns [B, T, vocab]
+          (or [B, 1, vocab]). With `kv_cache` (a KVCache), each row's new tokens are written at that
+          row's current length and attend to everything it has cached; `input_lengths` says how many
+          of each row's T tokens are real (right-aligned: left padding). Without a cache: plain causal
+          attention over the rows. The backend is `attention_backend` ("paged_cpu", "flash", "sdpa",
+          "standard"), else our FlashAttention-2 (tiles of `flash_block_size`) when
+          `use_flash_attention`, else standard attention. The rows are laid onto a packed step of a
+          paged cache (cache/kv_cache.py) and take the route below.
         """
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
-        backend = attention_backend or ("flash" if use_flash_attention else "standard")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-        batch, seq_len = input_ids.shape
-        if kv_cache is None:
-            if input_lengths is not None:
-                raise ValueError("input_lengths (padded rows) needs a kv_cache to hold each row's own length")
-            if seq_len > self.config.max_seq_len:
-                raise ValueError(f"input of {seq_len} tokens exceeds max_seq_len {self.config.max_seq_len}")
-            return self.forward_step(input_ids, None, backend, flash_block_size, last_token_only)
-        if kv_cache.batch_size != batch:
-            raise ValueError(f"input batch {batch} does not match the cache's batch size {kv_cache.batch_size}")
-        step = kv_cache.plan_write(seq_len, input_lengths)
-        logits = self.forward_step(input_ids, step, backend, flash_block_size, last_token_only)
-        kv_cache.commit(step)
-        return logits
-
-    def _fusable(self, step: CacheStep | None, backend: str) -> bool:
-        return (backend == "paged" and getattr(step, "query_start", None) is not None and self.device.type == "cpu"
-                and self.dtype == torch.float32 and kernels.ops_available() and paged_cpu.available())
-
-    def forward_step(self, input_ids: Tensor, cache_step: CacheStep | None, backend: str, block_size: int = 128,
-                     last_token_only: bool = False) -> Tensor:
-        """The forward pass proper, against any cache step (contiguous or paged) or none (plain causal).
-
-        With a packed step (`cache_step.query_start`: the engine's), input_ids are [1, N] and
-        `last_token_only` gives each sequence's last token: logits [B, 1, vocab].
-        """
-        if cache_step is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        else:
-            positions = cache_step.positions.to(input_ids.device)
-        cos, sin = self.rope.tables(positions)
-        ctx = StepContext(cos, sin, backend, block_size, cache_step, fused=self._fusable(cache_step, backend))
+        if step is None:
+            backend = attention_backend or ("flash" if use_flash_attention else "standard")
+            return forward_rows(self, input_ids, kv_cache, backend, flash_block_size, input_lengths, last_token_only)
+        cos, sin = self.rope.tables(step.positions)
+        ctx = StepContext(cos, sin, step)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, ctx)
         if last_token_only:
-            packed = cache_step is not None and cache_step.query_start is not None
-            h = h[0, cache_step.query_start[1:] - 1].unsqueeze(1) if packed else h[:, -1:]
+            h = h[step.query_start[1:] - 1]
         return self.output(self.norm(h)).float()
+
