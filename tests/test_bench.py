@@ -76,7 +76,9 @@ def test_throughput_and_serving_reports(tmp_path):
     level = {"concurrency": 4, "request_throughput": 1.5, "output_tok_s": 96.0,
              **{k: stats for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s")}}
     results = {"env": ENV, "requests_per_level": 8, "input_len": [32, 64], "output_len": 16, "omp_wait_policy": "PASSIVE",
-               "levels": [level, {**level, "concurrency": 8}]}
+               "levels": [level, {**level, "concurrency": 8}],
+               "offline": {"requests": 8, "max_num_seqs": 8, "wall_s": 1.0, "output_tok_s": 120.0}}
     serving._write(tmp_path, results, ["--concurrency", "4", "8"])
     text = (tmp_path / "serving.md").read_text()
-    assert "| 4 | 1.50 | 96.0 | 100 / 50 / 300 |" in text and (tmp_path / "serving.png").exists()
+    assert "| 4 | 1.50 | 96.0 | 80% | 100 / 50 / 300 |" in text and (tmp_path / "serving.png").exists()
+    assert "**120.0** output tok/s" in text

@@ -4,6 +4,8 @@ run on, and afterwards the server is healthy with every KV block free. Plus the 
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from serving import API_KEY, metric, post, wait_until_idle
+from serving import API_KEY, metric, post, start_server, wait_until_idle
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -52,9 +54,7 @@ def test_public_metrics_opens_metrics_only():
 
     from minillm.server.app import create_app
 
-    def no_model():
-        raise RuntimeError("no model in this test")
-
+    no_model = "/nonexistent/model.gguf"  # the engine process reports it at /health
     with TestClient(create_app(no_model, "m", api_key="k", public_metrics=True)) as client:
         assert client.get("/metrics").status_code == 200
         assert client.get("/v1/models").status_code == 401
@@ -279,3 +279,45 @@ def test_cli_a_temperature_below_the_greedy_threshold_is_greedy(smollm):
     assert result.returncode == 0, result.stderr
     expected = smollm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))[0].text
     assert result.stdout.decode() == "The capital of France is" + expected + "\n"
+
+
+# -- the engine process dies ------------------------------------------------------------------------
+
+
+def engine_process(server_pid: int) -> int:
+    """The server's engine process: its child started by multiprocessing's spawn."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = open(f"/proc/{entry}/status").read()
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"\nPPid:\t{server_pid}\n" in status and b"spawn_main" in cmdline:
+            return int(entry)
+    raise AssertionError("no engine process found")
+
+
+def test_a_crashed_engine_process_fails_requests_and_never_hangs():
+    """The engine runs in its own process; if it dies, the stream in flight ends with an OpenAI-shaped
+    server error, /health says 503 with the reason, and new requests get 503 at once."""
+    servers = start_server()
+    server = next(servers)
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        events, killed = [], False
+        with httpx.stream("POST", server["base"] + "/v1/completions", json=body, timeout=30) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 3 and not killed:
+                    os.kill(engine_process(server["proc"].pid), signal.SIGKILL)
+                    killed = True
+        assert events[-1] == "[DONE]" and len(events) < 2000
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "engine process exited" in error["message"]
+        health = httpx.get(server["base"] + "/health", timeout=5)
+        assert health.status_code == 503 and "engine process exited" in health.json()["detail"]
+        error = assert_refused(httpx.post(server["base"] + "/v1/completions", json={"prompt": "hi"}, timeout=5), 503)
+        assert error["type"] == "service_unavailable"
+    finally:
+        servers.close()

@@ -156,7 +156,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .llm import LLM
     from .loading import default_model_path
     from .server.app import create_app
 
@@ -177,9 +176,10 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     name = args.served_model_name or path.stem
-    app = create_app(lambda: LLM(str(path), dtype=args.dtype, quantization=args.quantization, progress=False,
-                                 max_num_seqs=args.max_concurrency, compile=args.compile),
-                     name, api_key=args.api_key, public_metrics=args.public_metrics, stream_timeout=args.stream_timeout)
+    options = {"dtype": args.dtype, "quantization": args.quantization, "max_num_seqs": args.max_concurrency,
+               "compile": args.compile}
+    app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
+                     stream_timeout=args.stream_timeout)
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as err:

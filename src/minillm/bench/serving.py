@@ -3,7 +3,9 @@
 
 For each concurrency level, N streaming completion requests (random token prompts, fixed output
 length, ignore_eos) are sent with at most that many in flight. Reported per level: request
-throughput, output tokens/s, and TTFT, TPOT, ITL and end-to-end latency (mean, median, p99).
+throughput, output tokens/s, and TTFT, TPOT, ITL and end-to-end latency (mean, median, p99). Then,
+with the server stopped, the same engine runs the highest level's requests offline (`LLM.generate`):
+what serving costs is each level's output tokens/s as a share of that.
 """
 
 from __future__ import annotations
@@ -102,6 +104,21 @@ def _start_server(model: str | None, wait_policy: str) -> tuple[subprocess.Popen
     raise RuntimeError("the server did not become healthy within 300 s")
 
 
+def _offline(model: str | None, prompts: list[list[int]], output_len: int, concurrency: int) -> dict:
+    """The server's engine without the server: the same requests through `LLM.generate`, after a warm-up."""
+    from ..llm import LLM
+    from ..sampling_params import SamplingParams
+
+    llm = LLM(model, progress=False, max_num_seqs=concurrency)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    wall = time.perf_counter() - start
+    return {"requests": len(prompts), "max_num_seqs": concurrency, "wall_s": wall,
+            "output_tok_s": sum(len(o.token_ids) for o in outputs) / wall}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="minillm bench --serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     proc, base = (None, args.url.rstrip("/")) if args.url else _start_server(args.model, args.omp_wait_policy)
     try:
         rng = random.Random(0)
-        levels = []
+        levels, prompts = [], []
         for concurrency in args.concurrency:
             prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(*args.input_len))]
                        for _ in range(args.num_requests)]
@@ -139,23 +156,31 @@ def main(argv: list[str] | None = None) -> dict:
             proc.wait(timeout=30)
     results = {"env": environment(), "omp_wait_policy": None if args.url else args.omp_wait_policy,
                "requests_per_level": args.num_requests, "input_len": args.input_len,
-               "output_len": args.output_len, "levels": levels}
+               "output_len": args.output_len, "levels": levels,
+               "offline": None if args.url else _offline(args.model, prompts, args.output_len, max(args.concurrency))}
+    if results["offline"]:
+        print(f"offline, the same {len(prompts)} requests: {results['offline']['output_tok_s']:.1f} tok/s", flush=True)
     _write(Path(args.out), results, argv)
     return results
 
 
 def _write(out: Path, results: dict, argv: list[str] | None) -> None:
     ms = lambda s: f"{s * 1e3:.0f}"  # noqa: E731
-    description = (f"`minillm serve` (bundled SmolLM2-135M-Instruct, float32) on loopback; {results['requests_per_level']} "
+    description = (f"`minillm serve` (its default setting) on loopback; {results['requests_per_level']} "
                    f"streaming completion requests per level, prompts of {results['input_len'][0]}-{results['input_len'][1]} "
                    f"random tokens, {results['output_len']} output tokens (ignore_eos), greedy. Client and server share "
                    f"the machine; the server runs with OMP_WAIT_POLICY={results['omp_wait_policy']}.")
-    rows = [[lv["concurrency"], f"{lv['request_throughput']:.2f}", f"{lv['output_tok_s']:.1f}",
+    offline = results.get("offline")
+    share = lambda lv: f"{lv['output_tok_s'] / offline['output_tok_s']:.0%}" if offline else "—"  # noqa: E731
+    rows = [[lv["concurrency"], f"{lv['request_throughput']:.2f}", f"{lv['output_tok_s']:.1f}", share(lv),
              *(" / ".join(ms(lv[k][q]) for q in ("mean", "median", "p99")) for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"))]
             for lv in results["levels"]]
     lines = [*heading("Serving benchmark", description, results["env"], f"minillm bench --serve {' '.join(argv or [])}".rstrip()),
-             *table(["concurrency", "req/s", "output tok/s", "TTFT mean / median / p99 (ms)", "TPOT mean / median / p99 (ms)",
-                     "ITL mean / median / p99 (ms)", "E2E mean / median / p99 (ms)"], rows)]
+             *table(["concurrency", "req/s", "output tok/s", "of offline", "TTFT mean / median / p99 (ms)",
+                     "TPOT mean / median / p99 (ms)", "ITL mean / median / p99 (ms)", "E2E mean / median / p99 (ms)"], rows)]
+    if offline:
+        lines += ["", f"Offline, the same engine on the last level's {offline['requests']} requests (`LLM.generate`, "
+                      f"max_num_seqs {offline['max_num_seqs']}, server stopped): **{offline['output_tok_s']:.1f}** output tok/s."]
 
     def plot(plt):
         levels = results["levels"]

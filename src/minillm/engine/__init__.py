@@ -1,6 +1,6 @@
 from .block_manager import BlockManager
-from .llm_engine import EngineConfig, LLMEngine, RequestFailed, StepOutput
+from .llm_engine import EngineConfig, LLMEngine, PromptLimits, RequestFailed, StepOutput
 from .scheduler import Scheduler
 from .sequence import Sequence
 
-__all__ = ["BlockManager", "EngineConfig", "LLMEngine", "RequestFailed", "Scheduler", "Sequence", "StepOutput"]
+__all__ = ["BlockManager", "EngineConfig", "LLMEngine", "PromptLimits", "RequestFailed", "Scheduler", "Sequence", "StepOutput"]

@@ -68,6 +68,34 @@ class RequestFailed(RuntimeError):
     """A request that failed while it ran (the others in its steps went on)."""
 
 
+@dataclass(frozen=True)
+class PromptLimits:
+    """What a prompt must fit, known without the engine (the server checks requests in its own process)."""
+
+    vocab_size: int
+    max_seq_len: int
+    max_cached_tokens: int
+    has_tokenizer: bool = True
+
+    def check(self, ids: list[int], params: SamplingParams) -> None:
+        """A prompt must be non-empty, inside the vocabulary, and leave room for its new tokens in the
+        model's context and in the KV cache."""
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        total = len(ids) + params.max_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}, "
+                             f"beyond the model's context of {self.max_seq_len} tokens")
+        if total > self.max_cached_tokens:
+            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}, "
+                             f"more than the whole KV cache holds ({self.max_cached_tokens} tokens)")
+        if params.stop and not self.has_tokenizer:
+            raise ValueError("stop strings need a tokenizer; this engine runs on token ids only")
+
+
 @dataclass
 class EngineConfig:
     block_size: int = 16
@@ -135,24 +163,13 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq.request_id
 
-    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        """A prompt must be non-empty, inside the vocabulary, and leave room for its new tokens in the
-        model's context and in the KV cache."""
+    @property
+    def limits(self) -> PromptLimits:
         config = self.model.config
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {config.vocab_size}): {bad[:5]}")
-        total = len(ids) + params.max_tokens
-        if total > config.max_seq_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}, "
-                             f"beyond the model's context of {config.max_seq_len} tokens")
-        if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
-            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is {total}, "
-                             f"more than the whole KV cache holds ({self.max_cached_tokens} tokens)")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine runs on token ids only")
+        return PromptLimits(config.vocab_size, config.max_seq_len, self.max_cached_tokens, self.tokenizer is not None)
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        self.limits.check(ids, params)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away); its blocks are free when this returns."""
@@ -206,6 +223,11 @@ class LLMEngine:
         except Exception as err:
             logger.exception("request %s failed", seq.request_id)
             return RowError(f"internal error while running this request: {type(err).__name__}: {err}")
+
+    def fail(self, request_id: str, message: str) -> StepOutput | None:
+        """End a running request with finish reason "error" (its blocks are freed); None if it is not running."""
+        seq = self.requests.get(request_id)
+        return None if seq is None or seq.is_finished else self._fail(seq, message)
 
     def _fail(self, seq: Sequence, message: str) -> StepOutput:
         self.scheduler.finish(seq, "error")

@@ -64,16 +64,25 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
         else:
             model = build_model(config, lambda name: checkpoint.tensor(names[name], config) if name in names else None,
                                 device=device, progress=lambda: bar.update())
-    if isinstance(checkpoint, GGUFCheckpoint):
-        has_tokenizer = checkpoint.meta("tokenizer.ggml.model") is not None
-        tokenizer = Tokenizer.from_gguf(checkpoint) if has_tokenizer else None
-        eos = tokenizer.eos_token_ids if tokenizer else []
-    else:
-        eos = checkpoint.generation_eos_ids()
-        has_tokenizer = (path / "tokenizer.json").is_file()
-        tokenizer = Tokenizer.from_hf_folder(path, eos) if has_tokenizer else None
-        eos = tokenizer.eos_token_ids if tokenizer else eos
+    tokenizer, eos = _tokenizer(checkpoint, path)
     return LoadedModel(model, tokenizer, eos, path.name, quantized)
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_checkpoint"]
+def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer | None, list[int]]:
+    """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model)."""
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"no such model file or folder: {path}")
+    return _tokenizer(HFCheckpoint(path) if path.is_dir() else GGUFCheckpoint(path), path)
+
+
+def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[Tokenizer | None, list[int]]:
+    if isinstance(checkpoint, GGUFCheckpoint):
+        tokenizer = Tokenizer.from_gguf(checkpoint) if checkpoint.meta("tokenizer.ggml.model") is not None else None
+        return tokenizer, tokenizer.eos_token_ids if tokenizer else []
+    eos = checkpoint.generation_eos_ids()
+    tokenizer = Tokenizer.from_hf_folder(path, eos) if (path / "tokenizer.json").is_file() else None
+    return tokenizer, tokenizer.eos_token_ids if tokenizer else eos
+
+
+__all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_checkpoint", "load_tokenizer"]

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI): /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics, on one continuous-batching engine."""
+/health and /metrics. This process tokenizes, shapes responses and streams; the continuous-batching
+engine runs in its own process (engine_core.py), reached through `EngineClient`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import RequestFailed, StepOutput
-from ..llm import LLM
-from .async_engine import AsyncEngine
+from ..loading import ModelLoadError, load_tokenizer
+from ..text.tokenizer import Tokenizer
+from .engine_client import EngineClient
 from .guard import Guard
 from .metrics import Metrics
 from .protocol import MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest
@@ -28,10 +30,14 @@ from .protocol import MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRe
 @dataclass
 class ServerState:
     model_name: str
-    llm: LLM | None = None
-    engine: AsyncEngine | None = None
-    load_error: str | None = None
+    tokenizer: Tokenizer | None = None
+    engine: EngineClient | None = None
+    load_error: str | None = None  # the tokenizer's (the engine process reports its own)
     metrics: Metrics = field(default_factory=Metrics)
+
+    @property
+    def error(self) -> str | None:
+        return self.load_error or (self.engine.error if self.engine else None)
 
 
 @dataclass
@@ -47,23 +53,28 @@ class Choice:
     finish_reason: str | None = None
 
 
-def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = None, public_metrics: bool = False,
-               max_body_bytes: int = 16 << 20, stream_timeout: float = 30.0) -> FastAPI:
-    """`load` builds the LLM; it runs in a thread at start-up, and /health says 503 until it is done.
+def create_app(model: str | None, model_name: str, llm_options: dict | None = None, api_key: str | None = None,
+               public_metrics: bool = False, max_body_bytes: int = 16 << 20, stream_timeout: float = 30.0) -> FastAPI:
+    """Serve `model` (a path; None: the bundled model), loaded with `LLM(model, **llm_options)` in the engine's
+    own process at start-up; /health says 503 until it is ready, and again if that process dies.
     With `api_key`, every path but /health (and /metrics if `public_metrics`) answers 401 without it.
     A stream whose client reads nothing for `stream_timeout` seconds once its buffer is full is aborted."""
     state = ServerState(model_name)
 
-    def load_in_background() -> None:
+    def load_tokenizer_in_background() -> None:
         try:
-            llm = load()
-            state.llm, state.engine = llm, AsyncEngine(llm.engine, stall_timeout=stream_timeout)
+            tokenizer, _ = load_tokenizer(model)
+            if tokenizer is None:
+                raise ModelLoadError(f"{model} has no tokenizer (tokenizer.json); the server needs one")
+            state.tokenizer = tokenizer
         except Exception as err:  # reported by /health
             state.load_error = f"{type(err).__name__}: {err}"
 
     async def lifespan(app: FastAPI):
-        threading.Thread(target=load_in_background, name="minillm-load", daemon=True).start()
+        state.engine = EngineClient(model, llm_options or {}, stall_timeout=stream_timeout)
+        threading.Thread(target=load_tokenizer_in_background, name="minillm-tokenizer", daemon=True).start()
         yield
+        state.engine.close()
 
     app = FastAPI(title="MiniLLM", lifespan=lifespan)
     app.state.minillm = state
@@ -90,9 +101,9 @@ def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = N
         message = f"no route {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
         return JSONResponse(APIError(err.status_code, message, kind=kind).body(), status_code=err.status_code)
 
-    def ready() -> AsyncEngine:
-        if state.engine is None:
-            raise APIError(503, state.load_error or "the model is still loading", kind="service_unavailable")
+    def ready() -> EngineClient:
+        if state.error is not None or state.engine is None or not state.engine.ready or state.tokenizer is None:
+            raise APIError(503, state.error or "the model is still loading", kind="service_unavailable")
         return state.engine
 
     def check_model(name: str | None) -> None:
@@ -102,14 +113,16 @@ def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = N
 
     @app.get("/health")
     async def health() -> Response:
-        if state.engine is not None:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "error" if state.load_error else "loading", "detail": state.load_error},
-                            status_code=503)
+        try:
+            ready()
+        except APIError:
+            return JSONResponse({"status": "error" if state.error else "loading", "detail": state.error},
+                                status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(state.llm.engine if state.llm else None),
+        return Response(state.metrics.render(state.engine.stats if state.engine else None),
                         media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -122,7 +135,7 @@ def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = N
         engine = ready()
         body.check()
         check_model(body.model)
-        prompts = _prompt_ids(body.prompt, state.llm)
+        prompts = _prompt_ids(body.prompt, state.tokenizer)
         return await _respond(request, engine, state, body, prompts, chat=False, logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
@@ -132,7 +145,7 @@ def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = N
         check_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            ids = state.llm.tokenizer.encode_chat(messages)
+            ids = state.tokenizer.encode_chat(messages)
         except ValueError as err:  # the template refused the conversation
             raise APIError(400, str(err), "messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -141,7 +154,7 @@ def create_app(load: Callable[[], LLM], model_name: str, api_key: str | None = N
     return app
 
 
-def _prompt_ids(prompt: Any, llm: LLM) -> list[list[int]]:
+def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
     if isinstance(prompt, str):
         prompts: list = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -151,7 +164,7 @@ def _prompt_ids(prompt: Any, llm: LLM) -> list[list[int]]:
     if not prompts:
         raise APIError(400, "prompt must not be empty", "prompt")
     try:
-        ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     except ValueError as err:
         raise APIError(400, str(err), "prompt") from None
     if any(not p for p in ids):
@@ -159,9 +172,9 @@ def _prompt_ids(prompt: Any, llm: LLM) -> list[list[int]]:
     return ids
 
 
-async def _respond(request: Request, engine: AsyncEngine, state: ServerState, body, prompts: list[list[int]],
+async def _respond(request: Request, engine: EngineClient, state: ServerState, body, prompts: list[list[int]],
                    chat: bool, logprobs: int | None) -> Response:
-    context = state.llm.config.max_seq_len
+    context = engine.limits.max_seq_len
     asked = body.requested_max_tokens()
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} choices in one request",
@@ -173,11 +186,14 @@ async def _respond(request: Request, engine: AsyncEngine, state: ServerState, bo
             for i in range(body.n):
                 params = body.sampling_params(max_tokens, logprobs, seed_offset=i)
                 try:
-                    state.llm.engine.check_prompt(ids, params)
+                    engine.limits.check(ids, params)
                 except ValueError as err:
                     raise APIError(400, str(err), "messages" if chat else "prompt",
                                    code="context_length_exceeded" if "context" in str(err) else None) from None
-                request_id, outputs = engine.submit(ids, params)
+                try:
+                    request_id, outputs = engine.submit(ids, params)
+                except RequestFailed as err:  # the engine process died since ready() looked
+                    raise APIError(503, str(err), kind="service_unavailable") from None
                 choices.append(Choice(len(choices), request_id, outputs))
     except APIError:
         for choice in choices:
@@ -189,7 +205,7 @@ async def _respond(request: Request, engine: AsyncEngine, state: ServerState, bo
     usage = lambda: {"prompt_tokens": sum(len(ids) for ids in prompts),  # noqa: E731
                      "completion_tokens": sum(len(c.token_ids) for c in choices),
                      "total_tokens": sum(len(ids) for ids in prompts) + sum(len(c.token_ids) for c in choices)}
-    tokenizer = state.llm.tokenizer
+    tokenizer = state.tokenizer
 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -262,7 +278,7 @@ async def _collect_all(state: ServerState, choices: list[Choice]) -> None:
     await asyncio.gather(*(one(c) for c in choices))
 
 
-async def _stream(engine: AsyncEngine, state: ServerState, choices: list[Choice], chat: bool, response_id: str,
+async def _stream(engine: EngineClient, state: ServerState, choices: list[Choice], chat: bool, response_id: str,
                   created: int, usage, include_usage: bool, want_logprobs: bool, tokenizer) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
     merged: asyncio.Queue = asyncio.Queue(maxsize=4)  # a slow reader's backlog stays in the engine's queues

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..engine import LLMEngine
-
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -27,9 +25,9 @@ class Metrics:
         self.ttft = Histogram("minillm_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("minillm_inter_token_latency_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r)
 
-    def render(self, engine: LLMEngine | None) -> bytes:
-        if engine is not None:
-            stats = engine.stats()
+    def render(self, stats: dict | None) -> bytes:
+        """The registry, with the engine's latest published snapshot (`LLMEngine.stats`) when there is one."""
+        if stats is not None:
             self.running.set(stats["running"])
             self.paused.set(stats["paused"])
             self.waiting.set(stats["waiting"])

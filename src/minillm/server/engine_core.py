@@ -1,0 +1,74 @@
+"""The engine's own process: it loads the model and runs the step loop; the HTTP process (engine_client.py)
+talks to it over a pipe, so tokenizing, streaming and HTTP never share a GIL with the model's steps.
+
+In:  ("add", request_id, prompt_ids, params), ("abort", request_id), ("pause", request_id, paused), ("stop",)
+Out: ("ready", PromptLimits) or ("failed", message) once; then ("outputs", [StepOutput], stats) after every
+     step that produced something or followed a command, ("stats", stats) when it falls idle, and
+     ("rejected", request_id, message) for a request the engine refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+from multiprocessing.connection import Connection
+
+from ..engine import LLMEngine
+
+logger = logging.getLogger("minillm")
+
+
+def run_engine(conn: Connection, model: str | None, llm_options: dict) -> None:
+    """The engine process's main: load, say ready (or why not), then serve commands until told to stop
+    or the HTTP process goes away."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    from ..llm import LLM
+
+    try:
+        engine = LLM(model, progress=False, **llm_options).engine
+    except Exception as err:  # reported by /health
+        conn.send(("failed", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", engine.limits))
+    try:
+        _serve(conn, engine)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the HTTP process is gone: nothing to serve
+        pass
+
+
+def _serve(conn: Connection, engine: LLMEngine) -> None:
+    while True:
+        running = engine.has_unfinished()
+        # idle: sleep until a command; only paused streams (readers behind): look again soon
+        timeout = None if not running else 0.05 if engine.stalled else 0
+        commanded = False
+        while conn.poll(timeout):
+            message = conn.recv()
+            if message[0] == "stop":
+                return
+            _apply(conn, engine, message)
+            commanded, timeout = True, 0
+        if not engine.has_unfinished():
+            if commanded:
+                conn.send(("stats", engine.stats()))
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as err:  # outside any one request (a scheduler bug): fail those in flight, keep serving
+            logger.exception("engine step failed")
+            failed = (engine.fail(r, f"internal error: {type(err).__name__}: {err}") for r in list(engine.requests))
+            outputs = [out for out in failed if out is not None]
+        if outputs or commanded:
+            conn.send(("outputs", outputs, engine.stats()))
+
+
+def _apply(conn: Connection, engine: LLMEngine, message: tuple) -> None:
+    kind, request_id = message[0], message[1]
+    if kind == "add":
+        try:
+            engine.add_request(message[2], message[3], request_id)
+        except ValueError as err:
+            conn.send(("rejected", request_id, str(err)))
+    elif kind == "abort":
+        engine.abort(request_id)
+    elif kind == "pause":
+        engine.pause(request_id, message[2])
