@@ -25,6 +25,9 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
                              "weight-only, re-quantized from float")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the engine step at start-up (1-2.5 min on 2 cores; faster once cached)")
+    parser.add_argument("--fast-prefill", action="store_true",
+                        help="GGUF blocks on an AVX512-BF16 CPU: prompt chunks of 64+ tokens as bf16 GEMMs (about 2x "
+                             "faster prefill; a prompt's bits then depend on its batch, decode tokens stay exact)")
 
 
 def positive_int(text: str) -> int:
@@ -92,7 +95,7 @@ def _load(args: argparse.Namespace):
     from .llm import LLM
 
     return LLM(args.model, dtype=args.dtype, quantization=args.quantization, progress=sys.stderr.isatty(),
-               compile=args.compile)
+               compile=args.compile, fast_prefill=args.fast_prefill)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -177,7 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     name = args.served_model_name or path.stem
     options = {"dtype": args.dtype, "quantization": args.quantization, "max_num_seqs": args.max_concurrency,
-               "compile": args.compile}
+               "compile": args.compile, "fast_prefill": args.fast_prefill}
     app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
                      stream_timeout=args.stream_timeout)
     try:

@@ -78,13 +78,13 @@ async def _level(base: str, prompts: list[list[int]], output_len: int, concurren
             "itl_s": _summary([x for r in results for x in r["itl"]]), "e2e_s": _summary([r["e2e"] for r in results])}
 
 
-def _start_server(model: str | None, wait_policy: str) -> tuple[subprocess.Popen, str]:
+def _start_server(model: str | None, wait_policy: str, flags: list[str]) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "minillm", "serve", "--port", str(port)] + (["--model", model] if model else [])
+    cmd = [sys.executable, "-m", "minillm", "serve", "--port", str(port), *flags] + (["--model", model] if model else [])
     # The server shares the cores with this client; PASSIVE OpenMP waits stop threads spinning for a
     # descheduled partner, at a cost when the machine is otherwise idle (both are measured).
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": wait_policy},
@@ -104,12 +104,12 @@ def _start_server(model: str | None, wait_policy: str) -> tuple[subprocess.Popen
     raise RuntimeError("the server did not become healthy within 300 s")
 
 
-def _offline(model: str | None, prompts: list[list[int]], output_len: int, concurrency: int) -> dict:
+def _offline(model: str | None, prompts: list[list[int]], output_len: int, concurrency: int, fast_prefill: bool) -> dict:
     """The server's engine without the server: the same requests through `LLM.generate`, after a warm-up."""
     from ..llm import LLM
     from ..sampling_params import SamplingParams
 
-    llm = LLM(model, progress=False, max_num_seqs=concurrency)
+    llm = LLM(model, progress=False, max_num_seqs=concurrency, fast_prefill=fast_prefill)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     start = time.perf_counter()
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input-len", type=positive_int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=positive_int, default=64)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per level at most")
+    parser.add_argument("--fast-prefill", action="store_true", help="start the server (and the offline run) with it")
     parser.add_argument("--omp-wait-policy", default="ACTIVE", choices=["ACTIVE", "PASSIVE"],
                         help="OMP_WAIT_POLICY of the server this benchmark starts")
     parser.add_argument("--out", default="benchmarks/results", help="folder for serving.json/.md/.png")
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.url and not args.url.split("//")[-1].startswith(("127.", "localhost", "[::1]")):
         parser.error("--url must be a loopback address (127.0.0.0/8, localhost or [::1])")
 
-    proc, base = (None, args.url.rstrip("/")) if args.url else _start_server(args.model, args.omp_wait_policy)
+    proc, base = (None, args.url.rstrip("/")) if args.url else _start_server(args.model, args.omp_wait_policy,
+                                                                          ["--fast-prefill"] if args.fast_prefill else [])
     try:
         rng = random.Random(0)
         levels, prompts = [], []
@@ -157,16 +159,19 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"env": environment(), "omp_wait_policy": None if args.url else args.omp_wait_policy,
                "requests_per_level": args.num_requests, "input_len": args.input_len,
                "output_len": args.output_len, "levels": levels,
-               "offline": None if args.url else _offline(args.model, prompts, args.output_len, max(args.concurrency))}
+               "fast_prefill": args.fast_prefill,
+               "offline": None if args.url else _offline(args.model, prompts, args.output_len, max(args.concurrency),
+                                                         args.fast_prefill)}
     if results["offline"]:
         print(f"offline, the same {len(prompts)} requests: {results['offline']['output_tok_s']:.1f} tok/s", flush=True)
-    _write(Path(args.out), results, argv)
+    _write(Path(args.out), results, argv, "_fast_prefill" if args.fast_prefill else "")
     return results
 
 
-def _write(out: Path, results: dict, argv: list[str] | None) -> None:
+def _write(out: Path, results: dict, argv: list[str] | None, suffix: str = "") -> None:
     ms = lambda s: f"{s * 1e3:.0f}"  # noqa: E731
-    description = (f"`minillm serve` (its default setting) on loopback; {results['requests_per_level']} "
+    setting = "with `--fast-prefill`" if results.get("fast_prefill") else "its default setting"
+    description = (f"`minillm serve` ({setting}) on loopback; {results['requests_per_level']} "
                    f"streaming completion requests per level, prompts of {results['input_len'][0]}-{results['input_len'][1]} "
                    f"random tokens, {results['output_len']} output tokens (ignore_eos), greedy. Client and server share "
                    f"the machine; the server runs with OMP_WAIT_POLICY={results['omp_wait_policy']}.")
@@ -203,4 +208,4 @@ def _write(out: Path, results: dict, argv: list[str] | None) -> None:
             ax.grid(True, alpha=0.3)
         return fig
 
-    write_report(out, "serving", results, lines, plot)
+    write_report(out, f"serving{suffix}", results, lines, plot)
