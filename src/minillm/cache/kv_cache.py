@@ -1,26 +1,20 @@
-"""`KVCache`: the first release's per-row cache, as a view of the paged pools, and the [B, T] rows
-interface of `MiniLLM.forward` that runs on it.
+"""`KVCache`: the first release's per-row cache, as a view of the paged pools.
 
 Row b owns a fixed run of pages, so its keys are contiguous and `k[layer]` can be shown as
-[B, Hkv, S, D]. A [B, T] input (real tokens right-aligned, left padding) becomes one packed step of
-the paged cache with the real tokens only, and takes the engine's route through the model.
+[B, Hkv, S, D]. A [B, T] step (real tokens right-aligned, left padding) is planned as one packed step
+of the paged cache with the real tokens only (model/rows.py runs it through the model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from ..attention import select_attention
 from ..config import ModelConfig
 from .paged_cache import PagedKVCache, PagedStep
-
-if TYPE_CHECKING:
-    from ..model.transformer import MiniLLM
 
 MAX_PAGE = 256  # tokens per page of a row; the reference backends gather whole pages
 
@@ -131,33 +125,3 @@ class KVCache:
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self.batch_size:
             raise IndexError(f"row {row} is outside the cache's batch of {self.batch_size}")
-
-
-def forward_rows(model: MiniLLM, input_ids: Tensor, kv_cache: KVCache | None, backend: str, tile_size: int,
-                 input_lengths: Sequence[int] | None, last_token_only: bool) -> Tensor:
-    """`MiniLLM.forward` on [B, T] rows (see there): logits [B, T, vocab] or [B, 1, vocab]; padding
-    positions, and rows that feed nothing, get zeros."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
-    batch, width = input_ids.shape
-    if kv_cache is None:
-        if input_lengths is not None:
-            raise ValueError("input_lengths (padded rows) needs a kv_cache to hold each row's own length")
-        if width > model.config.max_seq_len:
-            raise ValueError(f"input of {width} tokens exceeds max_seq_len {model.config.max_seq_len}")
-        kv_cache = KVCache(model.config, batch, max_seq_len=max(width, 1), dtype=model.dtype, device=model.device)
-    elif kv_cache.batch_size != batch:
-        raise ValueError(f"input batch {batch} does not match the cache's batch size {kv_cache.batch_size}")
-    plan = kv_cache.plan_write(width, input_lengths, backend, tile_size)
-    vocab = model.config.vocab_size
-    out = torch.zeros(batch, 1 if last_token_only else width, vocab, device=input_ids.device)
-    if plan.step is not None:
-        logits = model(input_ids.reshape(-1)[plan.token_index], plan.step, last_token_only=last_token_only)
-        if last_token_only:
-            out[plan.rows, 0] = logits
-        else:
-            out.view(-1, vocab)[plan.token_index] = logits
-    kv_cache.commit(plan)
-    return out

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cache.kv_cache import KVCache, forward_rows
+from ..cache.kv_cache import KVCache
 from ..cache.paged_cache import PagedStep
 from ..config import ModelConfig
 from ..kernels import ggml
 from .norm import RMSNorm
+from .rows import forward_rows
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -141,7 +142,7 @@ class MiniLLM(nn.Module):
           attention over the rows. The backend is `attention_backend` ("paged_cpu", "flash", "sdpa",
           "standard"), else our FlashAttention-2 (tiles of `flash_block_size`) when
           `use_flash_attention`, else standard attention. The rows are laid onto a packed step of a
-          paged cache (cache/kv_cache.py) and take the route below.
+          paged cache (model/rows.py) and take the route below.
         """
         if step is None:
             backend = attention_backend or ("flash" if use_flash_attention else "standard")
