@@ -2,13 +2,13 @@
 tokens they get alone. And a stream nobody reads is paused, then aborted, freeing its blocks."""
 
 import asyncio
-import dataclasses
+import time
 
 import pytest
 
-from minillm import LLM, RequestFailed, SamplingParams
+from minillm import RequestFailed, SamplingParams
 from minillm.engine import EngineConfig, LLMEngine
-from minillm.server.async_engine import AsyncEngine
+from minillm.server.engine_client import EngineClient
 
 PROMPTS = ["The capital of France is", "List three colours:", "def fibonacci(n):", "Water boils at"]
 POISON = 1234  # a token id the broken forward below refuses
@@ -90,28 +90,37 @@ def test_llm_reports_a_failed_request(smollm):
     assert smollm.engine.blocks.num_free == smollm.engine.blocks.num_blocks
 
 
-def test_a_stream_nobody_reads_is_paused_then_aborted():
-    llm = LLM(progress=False, max_num_seqs=4)
+def test_a_stream_nobody_reads_is_paused_then_aborted(smollm):
+    """The server's engine client (the engine in its own process): a reader that falls 8 outputs
+    behind pauses its stream; catching up resumes it; reading nothing for 1.5 s aborts it."""
     params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    client = EngineClient(None, {"max_num_seqs": 4}, max_buffered=8, stall_timeout=1.5)
+
+    async def until(condition, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
 
     async def main():
-        engine = AsyncEngine(llm.engine, max_buffered=8, stall_timeout=1.5)
-        _, outputs = engine.submit(llm.tokenizer.encode("Once upon a time"), params)
-        while llm.engine.stats()["paused"] == 0:
-            await asyncio.sleep(0.02)
+        await until(lambda: client.ready)
+        _, outputs = client.submit(smollm.tokenizer.encode("Once upon a time"), params)
+        await until(lambda: (client.stats or {}).get("paused") == 1)
+        await asyncio.sleep(0.2)  # outputs of the steps before the pause landed
         held = outputs.qsize()
         await asyncio.sleep(0.5)
-        assert outputs.qsize() == held and 8 <= held <= 11  # no more tokens while nobody reads
+        assert outputs.qsize() == held and 8 <= held <= 16  # no more tokens while nobody reads
         for _ in range(held):  # the reader catches up: the stream resumes
             await outputs.get()
-        while outputs.qsize() < 8:
-            await asyncio.sleep(0.02)
+        await until(lambda: outputs.qsize() >= 8)
         await asyncio.sleep(2.5)  # then it stops reading for longer than the timeout
         items = [outputs.get_nowait() for _ in range(outputs.qsize())]
         assert isinstance(items[-1], RequestFailed) and "read nothing" in str(items[-1])
         assert all(not isinstance(i, BaseException) for i in items[:-1])
+        await until(lambda: client.stats["running"] == 0 and client.stats["free_blocks"] == client.stats["num_blocks"])
         return sum(len(i.token_ids) for i in items[:-1]) + held
 
-    generated = asyncio.run(main())
-    assert generated < params.max_tokens
-    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+    try:
+        assert asyncio.run(main()) < params.max_tokens
+    finally:
+        client.close()

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from serving import API_KEY, metric, post, wait_until_idle
+from serving import API_KEY, post, wait_until_idle
 
 
 @pytest.fixture(scope="module")

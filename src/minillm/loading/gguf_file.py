@@ -17,7 +17,7 @@ import torch
 
 from ..config import ModelConfig
 from .gguf_reader import GGUFFile
-from .weights import ModelLoadError, checkpoint_names, linear_sources
+from .weights import ModelLoadError, checkpoint_names
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
