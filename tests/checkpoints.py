@@ -19,9 +19,10 @@ def hf_model(kind: str = "llama", **overrides):
 
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
     config_cls, model_cls = classes[kind]
-    extra = {"sliding_window": None} if kind == "mistral" else {}
+    extra = {"sliding_window": None} if kind == "mistral" else {"head_dim": 16} if kind == "qwen3" else {}
     torch.manual_seed(0)
     model = model_cls(config_cls(**{**TINY, **extra, **overrides})).eval()
     with torch.no_grad():  # random non-trivial norms and biases, so that a mix-up shows
@@ -36,10 +37,22 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = ()) -> Path:
-    """Write an HF Llama/Qwen2 model as GGUF; 2-D weights (not norms) in `qtype`."""
+def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = (),
+               rope_freqs: np.ndarray | None = None, metadata: dict | None = None) -> Path:
+    """Write an HF Llama/Qwen2/Qwen3 model as GGUF; 2-D weights (not norms) in `qtype`; `rope_freqs`
+    (Llama 3.1's per-frequency divisors) and extra `metadata` keys ({arch} filled in) when given."""
     cfg = hf.config
     writer = gguf.GGUFWriter(str(path), arch=arch)
+    for key, value in (metadata or {}).items():
+        key = key.format(arch=arch)
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_float32(key, value)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -48,6 +61,9 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if getattr(cfg, "head_dim", None):
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -55,6 +71,7 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
                  "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
                  "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+                 "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
                  "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
     for i in range(cfg.num_hidden_layers):
         names.update({f"model.layers.{i}.{k}": f"blk.{i}.{v}" for k, v in per_layer.items()})

@@ -155,3 +155,108 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
         ids = ours.encode(text)
         assert ids == theirs.encode(text), text
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+
+
+# -- long-context RoPE, Qwen3, Mistral's window ---------------------------------------------------
+
+LONG = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(5))  # past the original 32
+SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+def long_diff(ours, hf) -> float:
+    with torch.no_grad():
+        return (ours(LONG) - hf(LONG).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", sorted(SCALINGS))
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_rope_scaling_matches_transformers(tmp_path, kind, spelling):
+    """transformers 5 writes rope_parameters, earlier versions rope_scaling + rope_theta: both are read."""
+    hf = hf_model("llama", rope_scaling=dict(SCALINGS[kind]))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    if spelling == "rope_scaling":  # the transformers 4 layout of the same settings
+        config = json.loads((tmp_path / "config.json").read_text())
+        params = config.pop("rope_parameters")
+        config["rope_theta"] = params.pop("rope_theta")
+        config["rope_scaling"] = params
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint(tmp_path, progress=False).model
+    assert loaded.config.rope_scaling["rope_type"] == kind
+    plain = hf_model("llama")  # the same weights without scaling differ: the scaling is not a no-op here
+    assert long_diff(loaded, hf) <= 1e-4 < long_diff(loaded, plain)
+
+
+def test_unknown_rope_scaling_is_refused(tmp_path):
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="RoPE scaling 'dynamic' is not supported"):
+        load_checkpoint(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_llama3_rope_freqs_matches_transformers(tmp_path, qtype):
+    """Llama 3.1 GGUF files carry the llama3 scaling as per-frequency divisors (rope_freqs), as
+    llama.cpp's converter computes them."""
+    hf = hf_model("llama", rope_scaling=dict(SCALINGS["llama3"]))
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    plain = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = (plain / hf.model.rotary_emb.inv_freq.float()).numpy()
+    path = write_gguf(tmp_path / "llama3.gguf", hf, qtype=qtype, rope_freqs=freqs)
+    reference = dequantized_copy(hf, qtype)
+    for dtype in ("float32", None):  # dequantized, and (Q8_0) on the file's blocks
+        loaded = load_checkpoint(path, dtype=dtype, progress=False).model
+        assert loaded.config.rope_scaling["rope_type"] == "freq_factors"
+        assert long_diff(loaded, reference) <= (1e-4 if dtype else 0.05)
+
+
+def test_gguf_yarn_metadata(tmp_path):
+    hf = hf_model("llama", rope_scaling=dict(SCALINGS["yarn"]))
+    meta = {"{arch}.rope.scaling.type": "yarn", "{arch}.rope.scaling.factor": 4.0,
+            "{arch}.rope.scaling.original_context_length": 32}
+    loaded = load_checkpoint(write_gguf(tmp_path / "yarn.gguf", hf, metadata=meta), dtype="float32", progress=False)
+    assert long_diff(loaded.model, hf) <= 1e-4
+    meta["{arch}.rope.scaling.type"] = "longrope"
+    with pytest.raises(ModelLoadError, match="RoPE scaling 'longrope' is not supported"):
+        load_checkpoint(write_gguf(tmp_path / "other.gguf", hf, metadata=meta), progress=False)
+
+
+def test_qwen3_from_hf_and_gguf(tmp_path):
+    """Qwen3: per-head RMSNorm of q and k before RoPE, no qkv bias, an explicit head_dim."""
+    hf = hf_model("qwen3")
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    loaded = load_checkpoint(tmp_path / "hf", progress=False).model
+    assert loaded.config.qk_norm and not loaded.config.qkv_bias
+    assert long_diff(loaded, hf) <= 1e-4
+    path = write_gguf(tmp_path / "qwen3.gguf", hf, arch="qwen3", qtype="Q8_0")
+    reference = dequantized_copy(hf, "Q8_0")
+    assert long_diff(load_checkpoint(path, dtype="float32", progress=False).model, reference) <= 1e-4
+    blocks = load_checkpoint(path, progress=False).model  # the default: our kernels on the file's blocks
+    assert not blocks.layers[0].one_op and long_diff(blocks, reference) <= 0.05
+
+
+def test_qwen3_batched_equals_alone(tmp_path):
+    from minillm import TextGenerator
+
+    hf_model("qwen3").save_pretrained(tmp_path, safe_serialization=True)
+    gen = TextGenerator(load_checkpoint(tmp_path, progress=False).model)
+    prompts = [LONG[0, :40].tolist(), LONG[0, 50:57].tolist(), LONG[0, :3].tolist()]
+    batched = gen.generate(prompts, max_new_tokens=12, temperature=0)
+    assert [b.token_ids for b in batched] == [gen.generate(p, max_new_tokens=12, temperature=0).token_ids for p in prompts]
+
+
+def test_mistral_sliding_window_limits_the_context(tmp_path):
+    """Until windowed attention exists, a context kept within the window computes what the model does."""
+    hf = hf_model("mistral", sliding_window=64)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_checkpoint(tmp_path, progress=False).model
+    assert loaded.config.max_seq_len == 64
+    with torch.no_grad():
+        assert (loaded(LONG[:, :64]) - hf(LONG[:, :64]).logits).abs().max().item() <= 1e-4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -28,6 +29,30 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
+# RoPE scaling types (model/rope.py) -> the keys each needs besides "rope_type"
+ROPE_SCALINGS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "freq_factors": ("factors",),  # a divisor per frequency (a GGUF file's rope_freqs tensor)
+}
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None, head_dim: int) -> None:
+    """A ValueError naming what is wrong; an unknown type is refused, never ignored (it changes the math)."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_SCALINGS)})")
+    missing = [key for key in ROPE_SCALINGS[kind] if scaling.get(key) is None]
+    if missing:
+        raise ValueError(f"RoPE scaling {kind!r} needs {', '.join(missing)}")
+    if kind == "freq_factors" and len(scaling["factors"]) != head_dim // 2:
+        raise ValueError(f"RoPE freq_factors has {len(scaling['factors'])} values for head_dim {head_dim} "
+                         f"({head_dim // 2} frequencies)")
+
+
 def _llama_hidden_dim(dim: int, multiple_of: int = 256) -> int:
     """Llama's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple of `multiple_of`."""
     hidden = int(2 * 4 * dim / 3)
@@ -39,7 +64,9 @@ class ModelConfig:
     """Hyper-parameters of a Llama-family decoder.
 
     Only the first five fields are required; the rest default to Llama conventions.
-    `num_kv_heads < num_heads` gives grouped-query attention; `qkv_bias` is Qwen2's bias on q/k/v.
+    `num_kv_heads < num_heads` gives grouped-query attention; `qkv_bias` is Qwen2's bias on q/k/v;
+    `qk_norm` is Qwen3's RMSNorm of each head's query and key before RoPE; `rope_scaling` is a dict in
+    transformers' form ({"rope_type": "llama3" | "linear" | "yarn" | "freq_factors", ...}; None: plain RoPE).
     """
 
     dim_model: int
@@ -54,6 +81,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: dict[str, Any] | None = None
     dtype: str | torch.dtype = "float32"
 
     def __post_init__(self) -> None:
@@ -85,6 +114,7 @@ class ModelConfig:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        check_rope_scaling(self.rope_scaling, self.head_dim)
         resolve_dtype(self.dtype)
 
     @property
@@ -100,7 +130,7 @@ class ModelConfig:
         """Parameter count of `MiniLLM(self)`, computed from the shapes (tested against the real module)."""
         d, hd, h, hkv = self.dim_model, self.head_dim, self.num_heads, self.num_kv_heads
         qkv_out = (h + 2 * hkv) * hd
-        attention = d * qkv_out + (qkv_out if self.qkv_bias else 0) + h * hd * d
+        attention = d * qkv_out + (qkv_out if self.qkv_bias else 0) + h * hd * d + (2 * hd if self.qk_norm else 0)
         mlp = 3 * d * self.hidden_dim
         per_layer = attention + mlp + 2 * d  # two RMSNorm weights
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)

@@ -19,7 +19,7 @@ from ..config import ModelConfig
 from .gguf_reader import GGUFFile
 from .weights import ModelLoadError, checkpoint_names
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # canonical name -> GGUF name ({i} is the layer index)
@@ -32,6 +32,8 @@ _LAYER_NAMES = {
     "bk": "blk.{i}.attn_k.bias",
     "bv": "blk.{i}.attn_v.bias",
     "wo": "blk.{i}.attn_output.weight",
+    "q_norm": "blk.{i}.attn_q_norm.weight",
+    "k_norm": "blk.{i}.attn_k_norm.weight",
     "ffn_norm": "blk.{i}.ffn_norm.weight",
     "w1": "blk.{i}.ffn_gate.weight",
     "w2": "blk.{i}.ffn_down.weight",
@@ -70,27 +72,56 @@ class GGUFCheckpoint:
         missing = [k for k, v in required.items() if v is None]
         if missing:
             raise ModelLoadError(f"{self.path.name}: metadata lacks {', '.join(f'{self.architecture}.{k}' for k in missing)}")
-        if "rope_freqs.weight" in self.tensors or arch("rope.scaling.type") not in (None, "none"):
-            raise ModelLoadError(f"{self.path.name}: RoPE scaling (Llama 3.1 / YaRN style) is not supported yet")
         dim, heads = required["embedding_length"], required["attention.head_count"]
         if "token_embd.weight" not in self.tensors:
             raise ModelLoadError(f"{self.path.name}: the checkpoint has no tensor 'token_embd.weight'")
         vocab = int(self.tensors["token_embd.weight"].shape[1])  # GGUF shape is [dim, vocab]
-        return ModelConfig(
-            dim_model=dim,
-            num_heads=heads,
-            num_kv_heads=arch("attention.head_count_kv", heads),
-            num_layers=required["block_count"],
-            hidden_dim=required["feed_forward_length"],
-            head_dim=arch("attention.key_length", dim // heads),
-            max_seq_len=arch("context_length", 2048),
-            vocab_size=vocab,
-            rope_theta=float(arch("rope.freq_base", 10000.0)),
-            norm_eps=float(arch("attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_embeddings="output.weight" not in self.tensors,
-            qkv_bias="blk.0.attn_q.bias" in self.tensors,
-            dtype=dtype,
-        )
+        scaling = self._rope_scaling()
+        try:
+            return ModelConfig(
+                dim_model=dim,
+                num_heads=heads,
+                num_kv_heads=arch("attention.head_count_kv", heads),
+                num_layers=required["block_count"],
+                hidden_dim=required["feed_forward_length"],
+                head_dim=arch("attention.key_length", dim // heads),
+                max_seq_len=arch("context_length", 2048),
+                vocab_size=vocab,
+                rope_theta=float(arch("rope.freq_base", 10000.0)),
+                norm_eps=float(arch("attention.layer_norm_rms_epsilon", 1e-5)),
+                tie_embeddings="output.weight" not in self.tensors,
+                qkv_bias="blk.0.attn_q.bias" in self.tensors,
+                qk_norm="blk.0.attn_q_norm.weight" in self.tensors,
+                rope_scaling=scaling,
+                dtype=dtype,
+            )
+        except ValueError as err:  # a ModelConfig rule
+            raise ModelLoadError(f"{self.path.name}: {err}") from None
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        """llama.cpp's RoPE settings in transformers' form: a `rope_freqs` tensor (Llama 3.1's frequency
+        divisors, as its converter bakes them) or rope.scaling.type linear / yarn; other types are refused."""
+        import gguf
+
+        kind, factor = self.arch_meta("rope.scaling.type"), self.arch_meta("rope.scaling.factor")
+        if "rope_freqs.weight" in self.tensors:
+            if kind not in (None, "none"):
+                raise ModelLoadError(f"{self.path.name}: both rope_freqs and RoPE scaling {kind!r}; not supported")
+            info = self.tensors["rope_freqs.weight"]
+            return {"rope_type": "freq_factors",
+                    "factors": gguf.quants.dequantize(info.data, info.tensor_type).reshape(-1).tolist()}
+        if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+            return None
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": float(factor)}
+        if kind == "yarn":
+            yarn = {"beta_fast": self.arch_meta("rope.scaling.yarn_beta_fast"),
+                    "beta_slow": self.arch_meta("rope.scaling.yarn_beta_slow")}
+            return {"rope_type": "yarn", "factor": float(factor),
+                    "original_max_position_embeddings": self.arch_meta("rope.scaling.original_context_length"),
+                    **{k: float(v) for k, v in yarn.items() if v is not None}}
+        raise ModelLoadError(f"{self.path.name}: RoPE scaling {kind!r} is not supported (supported: linear, yarn, "
+                             "and Llama 3.1's rope_freqs)")
 
     def canonical_names(self, num_layers: int) -> dict[str, str]:
         return checkpoint_names(_GLOBAL_NAMES, _LAYER_NAMES, num_layers)

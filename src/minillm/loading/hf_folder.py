@@ -6,6 +6,7 @@ Tensors are memory-mapped through `safetensors`; pickled `*.bin` / `*.pt` files 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 from ..config import ModelConfig
 from .weights import ModelLoadError, checkpoint_names
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+logger = logging.getLogger("minillm")
 
 _LAYER_NAMES = {
     "attention_norm": "model.layers.{i}.input_layernorm.weight",
@@ -25,6 +27,8 @@ _LAYER_NAMES = {
     "bk": "model.layers.{i}.self_attn.k_proj.bias",
     "bv": "model.layers.{i}.self_attn.v_proj.bias",
     "wo": "model.layers.{i}.self_attn.o_proj.weight",
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "w1": "model.layers.{i}.mlp.gate_proj.weight",
     "w2": "model.layers.{i}.mlp.down_proj.weight",
@@ -79,13 +83,26 @@ class HFCheckpoint:
 
     def model_config(self, dtype: str | torch.dtype) -> ModelConfig:
         c = self.hf_config
-        rope = c.get("rope_scaling") or {}
+        # transformers 5 writes RoPE settings as rope_parameters (rope_theta included), earlier
+        # versions as rope_scaling beside rope_theta: read both, ignore neither
+        rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_theta = c.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        context = c.get("max_position_embeddings", 2048)
+        scaling = None
         if rope_type not in (None, "default"):
-            raise ModelLoadError(f"{self.folder.name}: RoPE scaling {rope_type!r} is not supported yet")
-        rope_theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        heads = c["num_attention_heads"]
+            scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": rope_type}
+            if rope_type in ("llama3", "yarn"):  # transformers' default for the pre-training context
+                scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings", context))
+        window = c.get("sliding_window") if c.get("use_sliding_window", self.model_type == "mistral") else None
+        if window and window < context:
+            # Not windowed attention yet: keeping the context within the window computes exactly what the model does.
+            logger.warning("%s: sliding-window attention (%d tokens) is not implemented; the context is limited to "
+                           "%d tokens (of %d), within which the window changes nothing", self.folder.name, window,
+                           window, context)
+            context = window
         try:
+            heads = c["num_attention_heads"]
             return ModelConfig(
                 dim_model=c["hidden_size"],
                 num_heads=heads,
@@ -93,17 +110,21 @@ class HFCheckpoint:
                 num_layers=c["num_hidden_layers"],
                 hidden_dim=c["intermediate_size"],
                 head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-                max_seq_len=c.get("max_position_embeddings", 2048),
+                max_seq_len=context,
                 vocab_size=c["vocab_size"],
                 rope_theta=float(rope_theta),
                 norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                # Qwen2 always has q/k/v bias; Llama-style configs say so with attention_bias.
+                # Qwen2 always has q/k/v bias; Llama-style configs (Qwen3 too) say so with attention_bias.
                 qkv_bias=self.model_type == "qwen2" or bool(c.get("attention_bias", False)),
+                qk_norm=self.model_type == "qwen3",
+                rope_scaling=scaling,
                 dtype=dtype,
             )
         except KeyError as err:
             raise ModelLoadError(f"{self.folder.name}/config.json lacks {err.args[0]!r}") from None
+        except ValueError as err:
+            raise ModelLoadError(f"{self.folder.name}/config.json: {err}") from None
 
     def canonical_names(self, num_layers: int) -> dict[str, str]:
         return checkpoint_names(_GLOBAL_NAMES, _LAYER_NAMES, num_layers)

@@ -27,6 +27,8 @@ def layer_names(i: int) -> dict[str, str]:
         "bk": p + "attention.wk.bias",
         "bv": p + "attention.wv.bias",
         "wo": p + "attention.wo.weight",
+        "q_norm": p + "attention.q_norm.weight",
+        "k_norm": p + "attention.k_norm.weight",
         "ffn_norm": p + "ffn_norm.weight",
         "w1": p + "feed_forward.w1.weight",
         "w2": p + "feed_forward.w2.weight",
@@ -85,6 +87,8 @@ def build_model(
         if config.qkv_bias:
             state[p + "attention.wqkv.bias"] = torch.cat([need(n["bq"]), need(n["bk"]), need(n["bv"])])
         state[p + "attention.wo.weight"] = need(n["wo"])
+        if config.qk_norm:
+            state[p + "attention.q_norm.weight"], state[p + "attention.k_norm.weight"] = need(n["q_norm"]), need(n["k_norm"])
         state[p + "ffn_norm.weight"] = need(n["ffn_norm"])
         state[p + "feed_forward.w13.weight"] = torch.cat([need(n["w1"]), need(n["w3"])])
         state[p + "feed_forward.w2.weight"] = need(n["w2"])

@@ -43,19 +43,24 @@ class Attention(nn.Module):
         dtype = config.torch_dtype
         self.wqkv = nn.Linear(config.dim_model, qkv_dim, bias=config.qkv_bias, dtype=dtype)
         self.wo = nn.Linear(config.num_heads * config.head_dim, config.dim_model, bias=False, dtype=dtype)
+        # Qwen3: each head's query and key RMS-normalised (one weight per head dim) before RoPE
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps, dtype=dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps, dtype=dtype) if config.qk_norm else None
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
         step, layer = ctx.step, self.layer_idx
         k_pool, v_pool = step.cache.k[layer], step.cache.v[layer]
         qkv = self.wqkv(x)
-        if step.attention.fused_cpu:  # the same as below in one kernel call (~30 small ops a layer otherwise)
+        if step.attention.fused_cpu and self.q_norm is None:  # the same as below in one kernel call (~30 small ops)
             q = torch.ops.minillm.rope_cache_write(qkv, ctx.cos, ctx.sin, k_pool, v_pool, step.slot_index,
                                                    self.num_heads, self.num_kv_heads)
         else:
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
-            k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+            q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
             step.write(layer, k, v.view(-1, self.num_kv_heads, self.head_dim))
         out = step.attention.attend(q, k_pool, v_pool, step)
         return self.wo(out.reshape(len(x), -1))
@@ -108,7 +113,7 @@ class MiniLLM(nn.Module):
         self.output = nn.Linear(config.dim_model, config.vocab_size, bias=False, dtype=dtype)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
 
     @property
     def device(self) -> torch.device:
