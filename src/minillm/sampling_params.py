@@ -26,7 +26,8 @@ class SamplingParams:
     repetition_penalty: HF's, in [0.01, 100]. presence_penalty / frequency_penalty: OpenAI's
     penalties on tokens already generated (once / per occurrence), in [-2, 2]. logprobs: return
     the sampled token's log-probability and this many top alternatives (0-20), from the model's
-    raw distribution."""
+    raw distribution. guided_json (a JSON schema, dict or text), guided_regex, guided_choice (a list
+    of strings): at most one; the output is constrained to match it (generation/guided.py)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -40,6 +41,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -71,6 +75,24 @@ class SamplingParams:
             check_text(s, f"stop[{i}]")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        self._check_guided()
+
+    @property
+    def guided(self) -> bool:
+        return self.guided_json is not None or self.guided_regex is not None or self.guided_choice is not None
+
+    def _check_guided(self) -> None:
+        """Shapes only; whether a schema or regex compiles is the grammar engine's to say (guided.py)."""
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: only one of guided_json, guided_regex and guided_choice may be given")
+        if self.guided_json is not None and not isinstance(self.guided_json, (dict, str)):
+            raise ValueError(f"guided_json must be a JSON schema (an object or its text), got {type(self.guided_json).__name__}")
+        if self.guided_regex is not None and not (isinstance(self.guided_regex, str) and self.guided_regex):
+            raise ValueError(f"guided_regex must be a non-empty string, got {self.guided_regex!r}")
+        if self.guided_choice is not None and not (isinstance(self.guided_choice, list) and self.guided_choice
+                                                   and all(isinstance(c, str) and c for c in self.guided_choice)):
+            raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, got {self.guided_choice!r}")
 
 
 def _is_int(value: object) -> bool:

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from ..sampling_params import SamplingParams
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager
+from ..generation.guided import GuidedDecoding
 from ..generation.sampler import TokenLogprobs
 from .model_runner import ModelRunner, RowError
 from .scheduler import ScheduledStep, Scheduler
@@ -34,6 +36,7 @@ class RequestState:
     detokenizer: IncrementalDetokenizer | None  # None: an engine on token ids only (no tokenizer), no text
     generator: torch.Generator | None
     end_ids: set[int]  # EOS ids (unless ignore_eos) and stop_token_ids
+    matcher: Any = None  # the grammar state of a guided request (generation/guided.py)
 
 
 @dataclass
@@ -137,6 +140,8 @@ class LLMEngine:
             logger.info("compiled the engine step in %.1f s", self.compile_seconds)
         self.requests: dict[str, Sequence] = {}
         self.stalled = False
+        self.guided = None if tokenizer is None else GuidedDecoding(tokenizer.backend, model.config.vocab_size,
+                                                                    self.eos_token_ids)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens at most, %.1f MiB",
                     num_blocks, config.block_size, self.max_cached_tokens, self.runner.cache.nbytes / 2**20)
 
@@ -158,7 +163,7 @@ class LLMEngine:
         generator = None if params.seed is None else torch.Generator(self.model.device).manual_seed(params.seed)
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, params.stop)
-        seq.state = RequestState(detokenizer, generator, ends)
+        seq.state = RequestState(detokenizer, generator, ends, self.guided.matcher(params) if params.guided else None)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
@@ -169,7 +174,12 @@ class LLMEngine:
         return PromptLimits(config.vocab_size, config.max_seq_len, self.max_cached_tokens, self.tokenizer is not None)
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """The prompt fits (PromptLimits), and a guided request's schema, regex or choices compile."""
         self.limits.check(ids, params)
+        if params.guided:
+            if self.guided is None:
+                raise ValueError("guided decoding needs a tokenizer; this engine runs on token ids only")
+            self.guided.grammar(params)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away); its blocks are free when this returns."""
@@ -241,7 +251,12 @@ class LLMEngine:
             text, reason = detokenizer.finish() if detokenizer else "", "stop"
         else:
             text = detokenizer.add(token) if detokenizer else ""
+            if state.matcher is not None and not state.matcher.consume_token(token):
+                return self._fail(seq, f"the grammar refused token {token}: {state.matcher.get_error()}")
             if detokenizer and detokenizer.stopped:
+                reason = "stop"
+            elif state.matcher is not None and state.matcher.is_stopped():  # the schema / regex / choice is complete
+                text += detokenizer.finish() if detokenizer else ""
                 reason = "stop"
             elif seq.num_outputs >= seq.params.max_tokens:
                 text += detokenizer.finish() if detokenizer else ""

@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import kernels
 from ..attention import select_attention
 from ..cache.paged_cache import PagedKVCache, PagedStep
+from ..generation.guided import allowed_tokens
 from ..generation.sampler import TokenLogprobs, sample_requests
 from ..kernels import ggml
 from ..model.transformer import MiniLLM
@@ -72,9 +73,10 @@ class ModelRunner:
         if not rows:
             return out
         seqs = [step.seqs[i] for i in rows]
-        sampled = sample_requests(logits[rows] if len(rows) < len(step.seqs) else logits, [s.params for s in seqs],
-                                  [s.token_ids for s in seqs], [s.output_ids for s in seqs],
-                                  [s.state.generator for s in seqs])
+        logits = logits[rows] if len(rows) < len(step.seqs) else logits
+        allowed = allowed_tokens([s.state.matcher for s in seqs], logits.shape[-1])
+        sampled = sample_requests(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
+                                  [s.output_ids for s in seqs], [s.state.generator for s in seqs], allowed)
         for i, seq, (token, logprobs) in zip(rows, seqs, sampled):
             p = seq.params
             out[i] = (token, logprobs) if token >= 0 else RowError(

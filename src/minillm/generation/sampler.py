@@ -141,11 +141,14 @@ def apply_penalties(logits: Tensor, params: Sequence[Any], histories: Sequence[S
 
 
 def sample_requests(logits: Tensor, params: Sequence[Any], histories: Sequence[Sequence[int]],
-                    outputs: Sequence[Sequence[int]], generators: Sequence[torch.Generator | None]
-                    ) -> list[tuple[int, TokenLogprobs | None]]:
+                    outputs: Sequence[Sequence[int]], generators: Sequence[torch.Generator | None],
+                    allowed: Tensor | None = None) -> list[tuple[int, TokenLogprobs | None]]:
     """One token per row for requests with their own `SamplingParams`: (token, its logprobs if the
-    request asked for them). A row whose logits turned non-finite gets token -1."""
+    request asked for them). `allowed` [B, V] (structured output: guided.py) masks what each row may
+    draw. A row whose logits turned non-finite gets token -1."""
     raw = logits
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     logits = apply_penalties(logits, params, histories, outputs)
     tokens = sample(logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
                     generators).tolist()

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..generation.guided import GuidedDecoding
 from ..loading import ModelLoadError, load_tokenizer
 from ..text.tokenizer import Tokenizer
 from .engine_client import EngineClient
@@ -29,6 +30,13 @@ class ServerState:
     engine: EngineClient | None = None
     load_error: str | None = None  # the tokenizer's (the engine process reports its own)
     metrics: Metrics = field(default_factory=Metrics)
+    guided: GuidedDecoding | None = None
+
+    def guided_decoding(self, vocab_size: int) -> GuidedDecoding:
+        """Grammars compiled here too, so a bad schema is a 400 before the request reaches the engine."""
+        if self.guided is None:
+            self.guided = GuidedDecoding(self.tokenizer.backend, vocab_size, self.tokenizer.eos_token_ids)
+        return self.guided
 
     @property
     def error(self) -> str | None:

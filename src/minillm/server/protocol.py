@@ -62,6 +62,10 @@ class _Request(BaseModel):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    # structured output, vLLM's names (response_format's json_object / json_schema become guided_json)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def check(self) -> None:
         """Refusals that pydantic's types do not express: text that is not valid Unicode (checked
@@ -74,16 +78,41 @@ class _Request(BaseModel):
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if self.tools or self.functions:
             raise APIError(400, "tool and function calling are not supported", "tools" if self.tools else "functions")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
+        self.response_schema()
         if not 1 <= self.n <= 16:
             raise APIError(400, f"n must be between 1 and 16, got {self.n}", "n")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options needs stream=true", "stream_options")
 
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON schema response_format asks for (json_object: any object), None for text."""
+        fmt = self.response_format
+        kind = (fmt or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if self.guided_json is not None or self.guided_regex is not None or self.guided_choice is not None:
+            raise APIError(400, "response_format and guided_json / guided_regex / guided_choice exclude each other",
+                           "response_format")
+        if kind == "json_object":
+            return {"type": "object"}
+        schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
+        if kind != "json_schema" or not isinstance(schema, dict):
+            raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
+                                "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", "response_format")
+        return schema  # strict or not, the output follows the schema exactly
+
+    def guided_field(self) -> str:
+        """The request field a grammar error is about."""
+        if self.response_schema() is not None:
+            return "response_format"
+        return next(f for f in ("guided_json", "guided_regex", "guided_choice") if getattr(self, f) is not None)
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+        schema = self.response_schema()
         try:
             return SamplingParams(
+                guided_json=schema if schema is not None else self.guided_json, guided_regex=self.guided_regex,
+                guided_choice=self.guided_choice,
                 max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                 repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, stop=self.stop, ignore_eos=self.ignore_eos,

@@ -53,6 +53,11 @@ async def respond(request: Request, engine: EngineClient, state: ServerState, bo
                 except ValueError as err:
                     raise APIError(400, str(err), "messages" if chat else "prompt",
                                    code="context_length_exceeded" if "context" in str(err) else None) from None
+                if params.guided:  # the schema, regex or choices compile (cached: the engine compiles them again)
+                    try:
+                        state.guided_decoding(engine.limits.vocab_size).grammar(params)
+                    except ValueError as err:
+                        raise APIError(400, str(err), body.guided_field()) from None
                 try:
                     request_id, outputs = engine.submit(ids, params)
                 except RequestFailed as err:  # the engine process died since ready() looked

@@ -1,0 +1,124 @@
+"""Structured output (generation/guided.py): every output of a constrained request parses and validates
+against its schema (checked with `jsonschema`, many seeds), regex and choice constraints hold, constrained
+and free requests share steps without changing the free ones, and bad constraints are refused by name."""
+
+import json
+import re
+
+import httpx
+import jsonschema
+import pytest
+
+from minillm import SamplingParams
+from serving import post
+
+SCHEMAS = {
+    "person": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "email": {"type": "string", "pattern": "^[a-z]{1,10}@[a-z]{1,10}\\.com$"}},
+        "required": ["name", "age", "email"], "additionalProperties": False},
+    "nested": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "location": {"type": "object", "properties": {"lat": {"type": "number", "minimum": -90, "maximum": 90},
+                                                      "lon": {"type": "number", "minimum": -180, "maximum": 180}},
+                     "required": ["lat", "lon"], "additionalProperties": False},
+        "sights": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 1, "maxItems": 3}},
+        "required": ["city", "location", "sights"], "additionalProperties": False},
+    "enums": {"type": "object", "properties": {
+        "colour": {"enum": ["red", "green", "blue"]},
+        "sizes": {"type": "array", "items": {"enum": ["S", "M", "L"]}, "maxItems": 4},
+        "in_stock": {"type": "boolean"}, "price": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}},
+        "required": ["colour", "sizes", "in_stock", "price"], "additionalProperties": False},
+}
+ASK = {"person": "Give a person as JSON.", "nested": "Describe a city as JSON.", "enums": "Describe a T-shirt as JSON."}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_output_validates_against_its_schema(smollm, name):
+    schema = SCHEMAS[name]
+    messages = [[{"role": "user", "content": ASK[name]}]] * 6
+    params = [SamplingParams(max_tokens=160, temperature=1.0, seed=seed, guided_json=schema) for seed in range(6)]
+    for out in smollm.chat(messages, params):
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_regex_and_choice(smollm):
+    regex = r"(yes|no), because [a-z ]{3,30}\."
+    outs = smollm.generate(["Is the sky blue? Answer:"] * 3,
+                           [SamplingParams(max_tokens=40, temperature=0.8, seed=s, guided_regex=regex) for s in range(3)])
+    assert all(re.fullmatch(regex, o.text) and o.finish_reason == "stop" for o in outs), [o.text for o in outs]
+    choices = ["red", "green", "blue", "dark blue"]
+    outs = smollm.generate(["My favourite colour is"] * 4,
+                           [SamplingParams(max_tokens=10, temperature=1.0, seed=s, guided_choice=choices) for s in range(4)])
+    assert all(o.text in choices and o.finish_reason == "stop" for o in outs)
+
+
+def test_constrained_and_free_requests_share_steps(smollm):
+    free = SamplingParams(max_tokens=24, temperature=0)
+    alone = smollm.generate("The three primary colours are", free)[0].token_ids
+    guided = SamplingParams(max_tokens=60, temperature=0, guided_json=SCHEMAS["enums"])
+    outs = smollm.generate(["The three primary colours are", "A shirt:"], [free, guided])
+    assert outs[0].token_ids == alone
+    jsonschema.validate(json.loads(outs[1].text), SCHEMAS["enums"])
+
+
+def test_a_schema_that_cannot_finish_ends_with_length(smollm):
+    out = smollm.generate("x", SamplingParams(max_tokens=5, guided_json=SCHEMAS["nested"]))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"guided_json": {"type": "nonsense"}}, "guided_json: .*nonsense"),
+    ({"guided_json": "{not json"}, "guided_json: "),
+    ({"guided_regex": "a(b"}, "guided_regex: .*unclosed group"),
+    ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex: only one of"),
+    ({"guided_choice": []}, "guided_choice must be a non-empty list"),
+    ({"guided_json": 5}, "guided_json must be a JSON schema"),
+])
+def test_bad_constraints_are_refused_by_name(smollm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        smollm.generate("x", SamplingParams(max_tokens=4, **kwargs))
+
+
+def test_guided_needs_a_tokenizer(tiny_model):
+    from minillm.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(tiny_model, None, [], EngineConfig(kv_cache_memory=1 << 20))
+    with pytest.raises(ValueError, match="guided decoding needs a tokenizer"):
+        engine.add_request([1, 2], SamplingParams(guided_regex="a+"))
+
+
+# -- the server: response_format and vLLM's guided_* fields ------------------------------------------
+
+
+def test_server_response_format_json_schema(server):
+    schema = SCHEMAS["person"]
+    body = {"messages": [{"role": "user", "content": "Give a person as JSON."}], "max_tokens": 120, "seed": 3,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema,
+                                                                        "strict": True}}}
+    response = post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    jsonschema.validate(json.loads(response.json()["choices"][0]["message"]["content"]), schema)
+    body["response_format"] = {"type": "json_object"}
+    content = post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(content), dict)
+    response = post(server, "/v1/completions", {"prompt": "Colour:", "max_tokens": 8, "guided_choice": ["red", "blue"]})
+    assert response.json()["choices"][0]["text"] in ("red", "blue")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"guided_regex": "a(b"}, "guided_regex"),
+    ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_server_refuses_bad_constraints_by_field(server, extra, param):
+    response = post(server, "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert httpx.get(server["base"] + "/health").status_code == 200
