@@ -21,6 +21,7 @@ from .guard import Guard
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 from .responses import respond
+from .tools import template_messages
 
 
 @dataclass
@@ -133,13 +134,18 @@ def create_app(model: str | None, model_name: str, llm_options: dict | None = No
         engine = ready()
         body.check()
         check_model(body.model)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        functions, tokenizer = body.tool_functions(), state.tokenizer
+        native = tokenizer.template_renders_tools
+        messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages], functions,
+                                     body.tool_choice, native)
         try:
-            ids = state.tokenizer.encode_chat(messages)
+            ids = tokenizer.encode_chat(messages, tools=[{"type": "function", "function": f} for f in functions]
+                                        if functions and native else None)
         except ValueError as err:  # the template refused the conversation
             raise APIError(400, str(err), "messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(request, engine, state, body, [ids], chat=True, logprobs=logprobs)
+        tool_calls = None if not functions else "forced" if body.constraint()[0] == "tools" else "auto"
+        return await respond(request, engine, state, body, [ids], chat=True, logprobs=logprobs, tool_calls=tool_calls)
 
     return app
 

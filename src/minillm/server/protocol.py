@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..sampling_params import SamplingParams
 from ..text.unicode import find_invalid_text
+from .tools import check_tools, forced_call_schema
 
 MAX_CHOICES = 128  # prompts x n in one request
 
@@ -76,8 +77,8 @@ class _Request(BaseModel):
                            bad.split(".", 1)[0])
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
-        if self.tools or self.functions:
-            raise APIError(400, "tool and function calling are not supported", "tools" if self.tools else "functions")
+        if self.functions:
+            raise APIError(400, "functions (the legacy form) is not supported; use tools", "functions")
         self.response_schema()
         if not 1 <= self.n <= 16:
             raise APIError(400, f"n must be between 1 and 16, got {self.n}", "n")
@@ -101,17 +102,23 @@ class _Request(BaseModel):
                                 "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", "response_format")
         return schema  # strict or not, the output follows the schema exactly
 
+    def constraint(self) -> tuple[str, dict[str, Any] | None]:
+        """The JSON schema the reply must follow and the field that asked for it (or guided_* / none)."""
+        schema = self.response_schema()
+        return ("response_format", schema) if schema is not None else ("guided_json", self.guided_json)
+
     def guided_field(self) -> str:
         """The request field a grammar error is about."""
-        if self.response_schema() is not None:
-            return "response_format"
+        field, schema = self.constraint()
+        if schema is not None:
+            return field
         return next(f for f in ("guided_json", "guided_regex", "guided_choice") if getattr(self, f) is not None)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
-        schema = self.response_schema()
+        schema = self.constraint()[1]
         try:
             return SamplingParams(
-                guided_json=schema if schema is not None else self.guided_json, guided_regex=self.guided_regex,
+                guided_json=schema, guided_regex=self.guided_regex,
                 guided_choice=self.guided_choice,
                 max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                 repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
@@ -139,6 +146,8 @@ class CompletionRequest(_Request):
 
     def check(self) -> None:
         super().check()
+        if self.tools:
+            raise APIError(400, "tools are for /v1/chat/completions", "tools")
         if self.echo:
             raise APIError(400, "echo is not supported", "echo")
         if self.suffix:
@@ -154,7 +163,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)  # tool_calls, tool_call_id, name pass through
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -163,9 +172,29 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = None
+    tool_choice: Any = None
+
+    def tool_functions(self) -> list[dict[str, Any]]:
+        """The functions shown to the model (none for tool_choice "none")."""
+        try:
+            functions = check_tools(self.tools, self.tool_choice)
+        except ValueError as err:
+            message = str(err)
+            raise APIError(400, message, re.match(r"\w*", message).group()) from None
+        return [] if self.tool_choice == "none" else functions
+
+    def constraint(self) -> tuple[str, dict[str, Any] | None]:
+        forced = forced_call_schema(self.tool_functions(), self.tool_choice)
+        if forced is None:
+            return super().constraint()
+        if super().constraint()[1] is not None or self.guided_regex is not None or self.guided_choice is not None:
+            raise APIError(400, f"tool_choice {self.tool_choice!r} forces a tool call; it excludes response_format "
+                                "and guided_*", "tool_choice")
+        return "tools", forced
 
     def check(self) -> None:
         super().check()
+        self.constraint()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:

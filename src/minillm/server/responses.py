@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..engine import RequestFailed, StepOutput
 from .engine_client import EngineClient
 from .protocol import MAX_CHOICES, APIError
+from .tools import parse_tool_calls
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -36,7 +37,8 @@ class Choice:
 
 
 async def respond(request: Request, engine: EngineClient, state: ServerState, body, prompts: list[list[int]],
-                   chat: bool, logprobs: int | None) -> Response:
+                   chat: bool, logprobs: int | None, tool_calls: str | None = None) -> Response:
+    """tool_calls: None (no tools), "auto" (replies parsed for calls) or "forced" (each reply is one call)."""
     context = engine.limits.max_seq_len
     asked = body.requested_max_tokens()
     if len(prompts) * body.n > MAX_CHOICES:
@@ -78,7 +80,7 @@ async def respond(request: Request, engine: EngineClient, state: ServerState, bo
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_stream(engine, state, choices, chat, response_id, created, usage, include_usage,
-                                         logprobs is not None, tokenizer),
+                                         logprobs is not None, tokenizer, tool_calls),
                                  media_type="text/event-stream")
 
     collector = asyncio.ensure_future(_collect_all(state, choices))
@@ -104,12 +106,22 @@ async def respond(request: Request, engine: EngineClient, state: ServerState, bo
     for c in choices:
         lp = _logprobs_json(c.logprobs, chat, tokenizer) if logprobs is not None else None
         if chat:
-            out_choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": lp, "finish_reason": c.finish_reason})
+            message, finish = _assistant_message(c, tool_calls)
+            out_choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
             out_choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
     return JSONResponse({"id": response_id, "object": kind, "created": created, "model": state.model_name,
                          "choices": out_choices, "usage": usage()})
+
+
+def _assistant_message(choice: Choice, tool_calls: str | None) -> tuple[dict[str, Any], str | None]:
+    """The reply as OpenAI's assistant message, its tool calls parsed out (finish reason "tool_calls")."""
+    if tool_calls is None:
+        return {"role": "assistant", "content": choice.text}, choice.finish_reason
+    content, calls = parse_tool_calls(choice.text, tool_calls == "forced")
+    if not calls:
+        return {"role": "assistant", "content": content}, choice.finish_reason
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
 async def _next(state: ServerState, choice: Choice, started: float, last: list[float]) -> StepOutput:
@@ -147,7 +159,10 @@ async def _collect_all(state: ServerState, choices: list[Choice]) -> None:
 
 
 async def _stream(engine: EngineClient, state: ServerState, choices: list[Choice], chat: bool, response_id: str,
-                  created: int, usage, include_usage: bool, want_logprobs: bool, tokenizer) -> AsyncIterator[str]:
+                  created: int, usage, include_usage: bool, want_logprobs: bool, tokenizer,
+                  tool_calls: str | None = None) -> AsyncIterator[str]:
+    """With tools, a reply is held until it ends and then sent as one delta: its tool calls (each whole,
+    as OpenAI's clients accumulate them) or its text."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     merged: asyncio.Queue = asyncio.Queue(maxsize=4)  # a slow reader's backlog stays in the engine's queues
 
@@ -182,6 +197,13 @@ async def _stream(engine: EngineClient, state: ServerState, choices: list[Choice
                 continue
             finish = choice.finish_reason if item.finished else None
             remaining -= item.finished
+            if tool_calls is not None:
+                if finish:
+                    message, finish = _assistant_message(choice, tool_calls)
+                    delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]} \
+                        if "tool_calls" in message else {"content": message["content"]}
+                    yield chunk({"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish})
+                continue
             if not item.text and not finish and not want_logprobs:
                 continue  # nothing visible yet (a held-back character or stop-string prefix)
             lp = _logprobs_json([(item.text, p) for p in item.logprobs or []], chat, tokenizer) if want_logprobs else None

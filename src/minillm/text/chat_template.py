@@ -59,10 +59,11 @@ def normalise_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 def render_chat_template(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                         **special_tokens: Any) -> str:
-    """Render `messages` with the checkpoint's template; `special_tokens` gives bos_token, eos_token, ..."""
+                         tools: list[dict[str, Any]] | None = None, **special_tokens: Any) -> str:
+    """Render `messages` with the checkpoint's template; `tools` (OpenAI's tool list) as transformers passes
+    them; `special_tokens` gives bos_token, eos_token, ..."""
     try:
-        return _compile(template).render(messages=normalise_messages(messages),
+        return _compile(template).render(messages=normalise_messages(messages), tools=tools,
                                          add_generation_prompt=add_generation_prompt, **special_tokens)
     except ChatTemplateError:
         raise

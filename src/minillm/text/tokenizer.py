@@ -68,18 +68,25 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use generate() with a plain prompt")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, tools,
                                     bos_token=self.bos_token, eos_token=self.eos_token)
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template shows a `tools` list to the model (Qwen's, Llama 3.1's do; SmolLM2's not)."""
+        return "tools" in (self.chat_template or "")
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Template-rendered ids; the template decides where BOS goes, so none is added twice."""
         bad = find_invalid_text(messages, "messages")
         if bad is not None:
             raise ValueError(f"{bad} is not valid Unicode (it holds a lone surrogate)")
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=True)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=True)
 
     # -- construction -------------------------------------------------------------------------
 

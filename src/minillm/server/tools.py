@@ -1,0 +1,119 @@
+"""Tool calls in the chat endpoint (OpenAI's `tools` / `tool_choice`), in the Hermes format that Qwen's
+and many other templates use: the model writes `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+
+- The tools reach the model through its chat template (`tools=` is passed to the Jinja template, as
+  transformers does); a template that ignores them (SmolLM2's) gets them in a system message instead.
+- `tool_choice` "auto": the reply is parsed for tool calls; "none": the tools are not shown;
+  "required" or a named function: the reply is forced by a grammar (a JSON schema over the allowed
+  functions' parameters) to be exactly one call, so it always parses and validates.
+- Earlier turns: an assistant message's `tool_calls` are written back in the same format and `tool`
+  messages are passed to the template with their content.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+SYSTEM_PROMPT = ("You can call these functions (JSON schemas of their parameters):\n<tools>\n{tools}\n</tools>\n"
+                 "To call one, reply with nothing but\n<tool_call>\n{{\"name\": <function name>, \"arguments\": "
+                 "<arguments as a JSON object>}}\n</tool_call>")
+
+
+def check_tools(tools: list[Any] | None, tool_choice: Any) -> list[dict[str, Any]]:
+    """The functions of a request's `tools`, checked; a ValueError starting with `tools` or `tool_choice` otherwise."""
+    functions = []
+    for i, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                             "'parameters': {...}}}}")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        functions.append(function)
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise ValueError("tools has two functions of the same name")
+    if tool_choice in (None, "auto", "none"):
+        return functions
+    if tool_choice == "required":
+        if not functions:
+            raise ValueError("tool_choice 'required' needs tools")
+        return functions
+    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    if name is None:
+        raise ValueError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
+                         "'function': {'name': ...}}")
+    if name not in names:
+        raise ValueError(f"tool_choice names {name!r}, which is not in tools")
+    return functions
+
+
+def forced_call_schema(functions: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any] | None:
+    """The JSON schema a reply must follow for tool_choice "required" or a named function, else None."""
+    if tool_choice != "required" and not isinstance(tool_choice, dict):
+        return None
+    if isinstance(tool_choice, dict):
+        functions = [f for f in functions if f["name"] == tool_choice["function"]["name"]]
+    options = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                                 "arguments": f.get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def template_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any]], tool_choice: Any,
+                      template_knows_tools: bool) -> list[dict[str, Any]]:
+    """The conversation as the template gets it: earlier tool calls written out in the Hermes format and,
+    for a template that does not render `tools`, the functions described in a system message."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if message.get("role") == "assistant" and calls and not template_knows_tools:
+            text = "\n".join(f"<tool_call>\n{json.dumps(_call_json(c))}\n</tool_call>" for c in calls)
+            message = {"role": "assistant", "content": ((message.get("content") or "") + "\n" + text).strip()}
+        out.append(message)
+    if not functions or tool_choice == "none" or template_knows_tools:
+        return out
+    described = SYSTEM_PROMPT.format(tools="\n".join(json.dumps(f) for f in functions))
+    if out and out[0].get("role") == "system":
+        return [{**out[0], "content": f"{out[0].get('content') or ''}\n\n{described}".strip()}, *out[1:]]
+    return [{"role": "system", "content": described}, *out]
+
+
+def _call_json(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    arguments = function.get("arguments") or "{}"
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        pass
+    return {"name": function.get("name"), "arguments": arguments}
+
+
+def parse_tool_calls(text: str, forced: bool) -> tuple[str | None, list[dict[str, Any]]]:
+    """A reply's text -> (content, OpenAI tool_calls). A forced reply is one JSON call; otherwise
+    `<tool_call>` blocks are taken out of the text (a reply that is only a JSON call counts too)."""
+    if forced:
+        bodies, content = [text], None
+    else:
+        bodies = CALL.findall(text)
+        content = CALL.sub("", text).strip() or None
+        if not bodies and text.strip().startswith("{"):
+            bodies, content = [text.strip()], None
+    calls = []
+    for body in bodies:
+        try:
+            call = json.loads(body)
+        except ValueError:
+            continue
+        arguments = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
+            continue
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": json.dumps(arguments)}})
+    if not calls and not forced:
+        return text, []
+    return content, calls

@@ -1,0 +1,104 @@
+"""Tool calls in the chat endpoint (server/tools.py), with the official `openai` client: forced calls
+(tool_choice "required" or a named function) always parse and validate against the function's
+parameters, streaming delivers the call as tool_calls deltas, `role: tool` turns are accepted, and
+malformed tools get a 400 naming the field."""
+
+import json
+
+import jsonschema
+import pytest
+from openai import BadRequestError, OpenAI
+
+from minillm.server.tools import check_tools, parse_tool_calls, template_messages
+from serving import API_KEY
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
+       "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": ADD}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY)
+
+
+def test_parse_hermes_blocks_and_plain_json():
+    content, calls = parse_tool_calls('Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+                                      forced=False)
+    assert content == "Sure." and calls[0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert parse_tool_calls('{"name": "add", "parameters": {"a": 1}}', forced=False)[1][0]["function"]["name"] == "add"
+    assert parse_tool_calls("no call here", forced=False) == ("no call here", [])
+    assert parse_tool_calls('{"answer": 42}', forced=False) == ('{"answer": 42}', [])  # JSON that is not a call
+    assert parse_tool_calls("<tool_call>{broken</tool_call>", forced=False)[1] == []
+
+
+def test_tools_reach_a_template_that_does_not_render_them():
+    functions = check_tools(TOOLS, "auto")
+    earlier = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "3"}]
+    out = template_messages(earlier, functions, "auto", template_knows_tools=False)
+    assert out[0]["role"] == "system" and '"name": "get_weather"' in out[0]["content"]
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in out[2]["content"]
+    assert template_messages(ASK, functions, "none", template_knows_tools=False) == ASK
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}},
+                                    {"type": "function", "function": {"name": "add"}}])
+def test_forced_calls_parse_and_validate(client, choice):
+    for seed in range(3):
+        reply = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice=choice,
+                                               max_tokens=80, temperature=1.0, seed=seed)
+        choice_out = reply.choices[0]
+        assert choice_out.finish_reason == "tool_calls"
+        (call,) = choice_out.message.tool_calls
+        if isinstance(choice, dict):
+            assert call.function.name == choice["function"]["name"]
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER if call.function.name == "get_weather" else ADD)
+
+
+def test_streamed_call_and_the_next_turn(client):
+    stream = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice="required",
+                                            max_tokens=80, temperature=0, stream=True)
+    deltas = [(c.choices[0].delta, c.choices[0].finish_reason) for c in stream]
+    calls = [call for delta, _ in deltas for call in delta.tool_calls or []]
+    assert deltas[-1][1] == "tool_calls" and len(calls) == 1 and calls[0].id and calls[0].function.name
+    json.loads(calls[0].function.arguments)
+    turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": calls[0].id, "type": "function",
+         "function": {"name": calls[0].function.name, "arguments": calls[0].function.arguments}}]},
+            {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature": 21}'}]
+    reply = client.chat.completions.create(model="smollm2", messages=turn, tools=TOOLS, max_tokens=24, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_auto_replies_are_text_or_calls(client):
+    reply = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, max_tokens=24, temperature=0)
+    message = reply.choices[0].message
+    assert (message.tool_calls is None) == (reply.choices[0].finish_reason != "tool_calls")
+    assert message.content or message.tool_calls
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "not a schema"}}]}, "tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "extra_body": {"response_format": {"type": "json_object"}}},
+     "tool_choice"),
+])
+def test_malformed_tools_are_refused_by_field(client, kwargs, param):
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=8, **kwargs)
+    assert err.value.body["param"] == param
