@@ -20,9 +20,11 @@ def hf_model(kind: str = "llama", **overrides):
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+               "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}
     config_cls, model_cls = classes[kind]
-    extra = {"sliding_window": None} if kind == "mistral" else {"head_dim": 16} if kind == "qwen3" else {}
+    extra = {"mistral": {"sliding_window": None}, "qwen3": {"head_dim": 16},
+             "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}}.get(kind, {})
     torch.manual_seed(0)
     model = model_cls(config_cls(**{**TINY, **extra, **overrides})).eval()
     with torch.no_grad():  # random non-trivial norms and biases, so that a mix-up shows

@@ -260,3 +260,16 @@ def test_mistral_sliding_window_limits_the_context(tmp_path):
     assert loaded.config.max_seq_len == 64
     with torch.no_grad():
         assert (loaded(LONG[:, :64]) - hf(LONG[:, :64]).logits).abs().max().item() <= 1e-4
+
+
+def test_phi3_fused_weights(tmp_path):
+    """Phi-3: q/k/v in one qkv_proj, gate/up in one gate_up_proj; longrope is refused by name."""
+    hf = hf_model("phi3")
+    hf.save_pretrained(tmp_path / "ok", safe_serialization=True)
+    assert long_diff(load_checkpoint(tmp_path / "ok", progress=False).model, hf) <= 1e-4
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                 "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="RoPE scaling 'longrope' is not supported"):
+        load_checkpoint(tmp_path / "ok", progress=False)

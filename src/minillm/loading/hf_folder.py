@@ -15,7 +15,7 @@ import torch
 from ..config import ModelConfig
 from .weights import ModelLoadError, checkpoint_names
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 logger = logging.getLogger("minillm")
 
 _LAYER_NAMES = {
@@ -34,6 +34,9 @@ _LAYER_NAMES = {
     "w2": "model.layers.{i}.mlp.down_proj.weight",
     "w3": "model.layers.{i}.mlp.up_proj.weight",
 }
+# Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj: "#part" names a slice of them
+_PHI3_NAMES = {**_LAYER_NAMES, **{w: "model.layers.{i}.self_attn.qkv_proj.weight#" + w[1] for w in ("wq", "wk", "wv")},
+               "w1": "model.layers.{i}.mlp.gate_up_proj.weight#0", "w3": "model.layers.{i}.mlp.gate_up_proj.weight#1"}
 _GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 
@@ -90,6 +93,10 @@ class HFCheckpoint:
         rope_theta = c.get("rope_theta") or rope.get("rope_theta", 10000.0)
         context = c.get("max_position_embeddings", 2048)
         scaling = None
+        if float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor") or 1.0)) != 1.0:
+            raise ModelLoadError(f"{self.folder.name}: partial rotary embeddings are not supported")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"{self.folder.name}: activation {c['hidden_act']!r} is not supported (SwiGLU: silu)")
         if rope_type not in (None, "default"):
             scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": rope_type}
             if rope_type in ("llama3", "yarn"):  # transformers' default for the pre-training context
@@ -127,9 +134,19 @@ class HFCheckpoint:
             raise ModelLoadError(f"{self.folder.name}/config.json: {err}") from None
 
     def canonical_names(self, num_layers: int) -> dict[str, str]:
-        return checkpoint_names(_GLOBAL_NAMES, _LAYER_NAMES, num_layers)
+        return checkpoint_names(_GLOBAL_NAMES, _PHI3_NAMES if self.model_type == "phi3" else _LAYER_NAMES, num_layers)
 
     def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
+        name, _, part = name.partition("#")
+        tensor = self._read(name)
+        if tensor is None or not part:
+            return tensor
+        if part in "01":  # gate, up
+            return tensor.chunk(2)[int(part)]
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        return tensor.split([q, kv, kv])["qkv".index(part)]
+
+    def _read(self, name: str) -> torch.Tensor | None:
         from safetensors import safe_open
 
         shard = self._files.get(name)
