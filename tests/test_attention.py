@@ -190,3 +190,16 @@ def test_bf16_decode_with_row_lengths():
         assert out.dtype == torch.bfloat16 and not out.isnan().any()
         assert max_err(out, ref) <= BF16_TOL
         assert out[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("tile_size", [4, 16, 64])
+@pytest.mark.parametrize("window", [1, 7, 33])
+def test_flash_sliding_window_skips_and_masks_tiles_exactly(tile_size, window):
+    """Prefill and chunked rows of different lengths: tiles before every row's window are skipped,
+    tiles inside it used unmasked, the rest masked: the same as the dense rule."""
+    q, k, v = qkv(3, 4, 2, 40, 100, 32)
+    lengths = [100, 57, 40]
+    ref = standard_attention(q, k, v, lengths, window=window)
+    assert max_err(flash_attention_with_kv_cache(q, k, v, lengths, tile_size=tile_size, window=window), ref) <= FP32_TOL
+    assert max_err(sdpa_attention(q, k, v, lengths, window=window), ref) <= FP32_TOL
+    assert max_err(standard_attention(q, k, v, lengths), ref) > 1e-3

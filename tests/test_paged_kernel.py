@@ -91,14 +91,19 @@ def packed_case(heads, kv_heads, head_dim, page, lengths, q_lens, dtype):
     return q, k_pool, v_pool, table, seqlens, starts
 
 
-def packed_reference(q, k_pool, v_pool, table, seqlens, starts):
-    """Each sequence alone: its queries as one row, causal and bottom-right aligned, over its keys."""
+def packed_reference(q, k_pool, v_pool, table, seqlens, starts, window=0):
+    """Each sequence alone: its queries as one row, causal and bottom-right aligned, over its keys
+    (with a sliding window, each query over its last `window` keys only: a plain loop, not the mask rule)."""
     out = []
     for b in range(len(seqlens)):
-        rows = q[starts[b]:starts[b + 1]].transpose(0, 1).unsqueeze(0).float()
         k, v = gather_pages(k_pool, table[b:b + 1]).float(), gather_pages(v_pool, table[b:b + 1]).float()
-        out.append(standard_attention(rows, k, v, seqlens[b:b + 1].tolist(), causal=True)[0].transpose(0, 1))
-    return torch.cat(out)
+        n = int(starts[b + 1] - starts[b])
+        for j in range(n):
+            end = int(seqlens[b]) - n + j + 1
+            begin = max(0, end - window) if window else 0
+            row = q[starts[b] + j].float().view(1, -1, 1, q.shape[-1])
+            out.append(standard_attention(row, k[:, :, begin:end], v[:, :, begin:end], causal=False)[0, :, 0])
+    return torch.stack(out)
 
 
 MIXED = ([1, 40, 100, 7, 300, 17], [1, 40, 9, 1, 57, 16])  # decode rows, whole prompts, chunks after a prefix
@@ -130,6 +135,18 @@ def test_packed_step_on_the_reference_backends_goes_through_rows(backend, page):
     out = step.attention.attend(q, k_pool, v_pool, step)
     assert out.shape == q.shape
     assert (out - packed_reference(*case)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40])
+@pytest.mark.parametrize("backend", ["paged_cpu", "flash", "sdpa", "standard"])
+def test_sliding_window_on_every_backend(backend, window):
+    """Mistral's window: a query sees its last `window` keys; pages of 7, windows shorter and longer
+    than a page and than the chunks, decode rows and prompt chunks in one step."""
+    q, k_pool, v_pool, table, seqlens, starts = case = packed_case(6, 2, 64, 7, *MIXED, torch.float32)
+    step = packed_step(backend, table, seqlens, starts, 7)
+    out = step.attention.attend(q, k_pool, v_pool, step, window)
+    assert (out - packed_reference(*case, window=window)).abs().max() <= 1e-5
+    assert (out - packed_reference(*case)).abs().max() > 1e-3  # the window changes the result
 
 
 def test_kernel_rejects_bad_inputs():

@@ -65,7 +65,8 @@ class ModelConfig:
 
     Only the first five fields are required; the rest default to Llama conventions.
     `num_kv_heads < num_heads` gives grouped-query attention; `qkv_bias` is Qwen2's bias on q/k/v;
-    `qk_norm` is Qwen3's RMSNorm of each head's query and key before RoPE; `rope_scaling` is a dict in
+    `qk_norm` is Qwen3's RMSNorm of each head's query and key before RoPE; `sliding_window` is Mistral's
+    sliding-window attention (a token sees its last that many tokens); `rope_scaling` is a dict in
     transformers' form ({"rope_type": "llama3" | "linear" | "yarn" | "freq_factors", ...}; None: plain RoPE).
     """
 
@@ -83,6 +84,7 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None  # Mistral: each token attends to its last `sliding_window` tokens
     dtype: str | torch.dtype = "float32"
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ class ModelConfig:
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         check_rope_scaling(self.rope_scaling, self.head_dim)
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         resolve_dtype(self.dtype)
 
     @property

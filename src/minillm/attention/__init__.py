@@ -3,7 +3,8 @@ implementations it is tested and measured against.
 
 Every backend takes one step's packed, token-major queries q [N, Hq, D] (sequence b's at
 step.query_start[b]:step.query_start[b + 1], its last keys: causal, aligned bottom-right), one layer's
-pools [num_blocks, page, Hkv, D] and the step; it returns [N, Hq, D]:
+pools [num_blocks, page, Hkv, D], the step and the layer's sliding window (0: none; > 0: a query sees
+only its last `window` keys); it returns [N, Hq, D]:
 
 - "paged_cpu": our C++ kernel (paged_cpu.py), which reads the pages in place (CPU, float32/bfloat16)
 - "flash":     our FlashAttention-2 in PyTorch (flash.py), O(N) memory, tiles of `tile_size`
@@ -38,7 +39,7 @@ BACKENDS = ("paged_cpu", "flash", "sdpa", "standard")
 @dataclass(frozen=True)
 class AttentionBackend:
     name: str
-    attend: Callable[[Tensor, Tensor, Tensor, Any], Tensor]  # (q [N, Hq, D], k_pool, v_pool, step) -> [N, Hq, D]
+    attend: Callable[..., Tensor]  # (q [N, Hq, D], k_pool, v_pool, step, window) -> [N, Hq, D]
     # float32 on CPU with our kernels: RoPE and the cache write run as one op before the paged kernel,
     # and a layer whose weights are all GGUF blocks runs as one op (kernels/csrc/decoder_layer.cpp)
     fused_cpu: bool = False
@@ -62,23 +63,23 @@ def select_attention(backend: str | None, device: str | torch.device, dtype: tor
     return AttentionBackend(name, partial(_gathered, sdpa_attention if name == "sdpa" else standard_attention))
 
 
-def _paged_cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any) -> Tensor:
+def _paged_cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, window: int = 0) -> Tensor:
     return paged_cpu.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
-                                     q.shape[-1] ** -0.5)
+                                     q.shape[-1] ** -0.5, window)
 
 
-def _flash(tile_size: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any) -> Tensor:
+def _flash(tile_size: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, window: int = 0) -> Tensor:
     rows = step.rows
     out = flash_attention_with_kv_cache(rows.to_rows(q), k_pool, v_pool, rows.seqlens, tile_size=tile_size,
-                                        block_table=step.block_table[:, :rows.pages])
+                                        block_table=step.block_table[:, :rows.pages], window=window)
     return rows.to_packed(out)
 
 
-def _gathered(fn: Callable[..., Tensor], q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any) -> Tensor:
+def _gathered(fn: Callable[..., Tensor], q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, window: int = 0) -> Tensor:
     rows = step.rows
     table = step.block_table[:, :rows.pages]
     k, v = (gather_pages(pool, table)[:, :, :rows.kv_len] for pool in (k_pool, v_pool))
-    return rows.to_packed(fn(rows.to_rows(q), k, v, rows.seqlens))
+    return rows.to_packed(fn(rows.to_rows(q), k, v, rows.seqlens, window=window))
 
 
 __all__ = ["BACKENDS", "AttentionBackend", "flash_attention_with_kv_cache", "sdpa_attention", "select_attention",

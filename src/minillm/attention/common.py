@@ -55,16 +55,19 @@ def seqlens_tensor(cache_seqlens: Tensor | Sequence[int] | None, batch: int, kv_
     return torch.as_tensor(cache_seqlens, dtype=torch.long, device=device).reshape(batch)
 
 
-def dense_visibility(q_len: int, kv_len: int, seqlens: Tensor, causal: bool) -> Tensor:
+def dense_visibility(q_len: int, kv_len: int, seqlens: Tensor, causal: bool, window: int = 0) -> Tensor:
     """[B, 1, Tq, S] boolean mask: key j is visible to query i of row b.
 
     Query i of row b sits at position seqlens[b] - q_len + i (bottom-right alignment); it sees
-    keys j < seqlens[b], and with `causal` only j <= its position. This is the definition every
-    backend implements; the flash kernel derives the same rule tile by tile.
+    keys j < seqlens[b], with `causal` only j <= its position, and with a sliding `window` > 0 only
+    j > its position - window (its last `window` keys). This is the definition every backend
+    implements; the flash kernel derives the same rule tile by tile.
     """
-    key_pos = torch.arange(kv_len, device=seqlens.device)
-    visible = key_pos.view(1, 1, -1) < seqlens.view(-1, 1, 1)
+    key_pos = torch.arange(kv_len, device=seqlens.device).view(1, 1, -1)
+    visible = key_pos < seqlens.view(-1, 1, 1)
+    query_pos = (seqlens.view(-1, 1) - q_len + torch.arange(q_len, device=seqlens.device)).unsqueeze(-1)
     if causal:
-        query_pos = seqlens.view(-1, 1) - q_len + torch.arange(q_len, device=seqlens.device)
-        visible = visible & (key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1))
+        visible = visible & (key_pos <= query_pos)
+    if window > 0:
+        visible = visible & (key_pos > query_pos - window)
     return visible.unsqueeze(1)

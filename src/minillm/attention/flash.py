@@ -33,6 +33,7 @@ def flash_attention_with_kv_cache(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     block_table: Tensor | None = None,
+    window: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention of `q` over a (possibly partly filled) key/value cache, FlashAttention-2 style.
 
@@ -53,6 +54,8 @@ def flash_attention_with_kv_cache(
     tile_size: tile edge for queries and keys.
     softmax_scale: defaults to 1/sqrt(D).
     return_lse: also return the log-sum-exp of the scaled scores, [B, Hq, Tq], float32.
+    window: > 0 for sliding-window attention (Mistral's): a query sees only its last `window` keys;
+      key tiles wholly before every row's window are skipped like those past the diagonal.
     block_table: paged K/V. k_cache and v_cache are then block pools [num_blocks, page, Hkv, D]
       and row b's key j lives at pool[block_table[b, j // page], j % page]; key tiles are whole
       pages (tile_size // page of them), gathered per row.
@@ -111,15 +114,21 @@ def flash_attention_with_kv_cache(
 
         # Keys any row can see from this query tile; everything past it is skipped, not masked.
         k_stop = min(hi, hi - q_len + q_end) if causal else hi
-        for k_start in range(0, max(k_stop, 0), key_step):
+        # ... and with a window, keys before every row's first query's window are skipped too
+        k_first = max(0, lo - q_len + q_start - window + 1) // key_step * key_step if window > 0 else 0
+        for k_start in range(k_first, max(k_stop, 0), key_step):
             k_end = min(k_start + key_step, k_stop)
             k_tile, v_tile = (t.float() for t in kv_tile(k_start, k_end))
             scores = q_tile @ k_tile.transpose(-1, -2)  # [B, Hkv, G*rows, cols]
 
-            # A tile needs a mask only if some row's first query of this tile cannot see all of it.
+            # A tile needs a mask only if some row's first query of this tile cannot see all of it
+            # (or, with a window, some row's last query has left part of it behind).
             fully_visible = (k_end - 1 <= lo - q_len + q_start) if causal else (k_end <= lo)
+            if window > 0:
+                fully_visible = fully_visible and k_start > hi - q_len + q_end - 1 - window
             if not fully_visible:
-                visible = _visible(k_start, k_end, q_start, q_end, q_len, kv_capacity, row_offset, causal, device)
+                visible = _visible(k_start, k_end, q_start, q_end, q_len, kv_capacity, row_offset, causal, device,
+                                   window)
                 scores = scores.view(batch, num_kv_heads, groups, rows, -1).masked_fill(~visible, float("-inf"))
                 scores = scores.view(batch, num_kv_heads, groups * rows, -1)
 
@@ -151,11 +160,13 @@ def _visible(
     row_offset: Tensor | None,
     causal: bool,
     device: torch.device,
+    window: int = 0,
 ) -> Tensor:
     """Boolean visibility of one tile, broadcastable to [B, Hkv, G, rows, cols], from positions alone."""
     key_pos = torch.arange(k_start, k_end, device=device)
     # Query i of a row sits at offset + i, where offset = the row's key length - q_len.
     offset = kv_len - q_len if row_offset is None else row_offset
-    if causal:  # key <= query position also implies key < the row's length
-        return key_pos <= offset + torch.arange(q_start, q_end, device=device).view(1, 1, 1, -1, 1)
-    return key_pos < offset + q_len
+    query_pos = offset + torch.arange(q_start, q_end, device=device).view(1, 1, 1, -1, 1)
+    # key <= query position also implies key < the row's length
+    visible = key_pos <= query_pos if causal else key_pos < offset + q_len
+    return visible & (key_pos > query_pos - window) if window > 0 else visible

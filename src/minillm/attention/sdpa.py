@@ -19,6 +19,7 @@ def sdpa_attention(
     *,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Same arguments and layouts as `flash_attention_with_kv_cache`.
 
@@ -28,14 +29,14 @@ def sdpa_attention(
     """
     num_kv_heads, kv_len = check_shapes(q, k, v)
     batch, num_heads, q_len, _ = q.shape
-    if q_len == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+    if q_len == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not window:
         return _cpu_low_precision_decode(q, k, v, cache_seqlens, softmax_scale)
     gqa = num_heads != num_kv_heads
-    if cache_seqlens is None and (not causal or q_len == 1):
+    if cache_seqlens is None and (not causal or q_len == 1) and not window:
         return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale, enable_gqa=gqa)
-    if cache_seqlens is None and q_len == kv_len:
+    if cache_seqlens is None and q_len == kv_len and not window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale, enable_gqa=gqa)
-    mask = dense_visibility(q_len, kv_len, seqlens_tensor(cache_seqlens, batch, kv_len, q.device), causal)
+    mask = dense_visibility(q_len, kv_len, seqlens_tensor(cache_seqlens, batch, kv_len, q.device), causal, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=gqa)
 
 

@@ -6,7 +6,6 @@ Tensors are memory-mapped through `safetensors`; pickled `*.bin` / `*.pt` files 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from ..config import ModelConfig
 from .weights import ModelLoadError, checkpoint_names
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-logger = logging.getLogger("minillm")
 
 _LAYER_NAMES = {
     "attention_norm": "model.layers.{i}.input_layernorm.weight",
@@ -101,13 +99,10 @@ class HFCheckpoint:
             scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": rope_type}
             if rope_type in ("llama3", "yarn"):  # transformers' default for the pre-training context
                 scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings", context))
-        window = c.get("sliding_window") if c.get("use_sliding_window", self.model_type == "mistral") else None
-        if window and window < context:
-            # Not windowed attention yet: keeping the context within the window computes exactly what the model does.
-            logger.warning("%s: sliding-window attention (%d tokens) is not implemented; the context is limited to "
-                           "%d tokens (of %d), within which the window changes nothing", self.folder.name, window,
-                           window, context)
-            context = window
+        window = c.get("sliding_window") if self.model_type == "mistral" else None
+        if self.model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
+            # Qwen's window covers only layers from max_window_layers on: a per-layer pattern not done yet
+            raise ModelLoadError(f"{self.folder.name}: Qwen's use_sliding_window (on some layers) is not supported")
         try:
             heads = c["num_attention_heads"]
             return ModelConfig(
@@ -125,6 +120,7 @@ class HFCheckpoint:
                 # Qwen2 always has q/k/v bias; Llama-style configs (Qwen3 too) say so with attention_bias.
                 qkv_bias=self.model_type == "qwen2" or bool(c.get("attention_bias", False)),
                 qk_norm=self.model_type == "qwen3",
+                sliding_window=window if window and window < context else None,
                 rope_scaling=scaling,
                 dtype=dtype,
             )

@@ -39,6 +39,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.window = config.sliding_window or 0  # Mistral: each query sees only its last `window` keys
         qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         dtype = config.torch_dtype
         self.wqkv = nn.Linear(config.dim_model, qkv_dim, bias=config.qkv_bias, dtype=dtype)
@@ -62,7 +63,7 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
             step.write(layer, k, v.view(-1, self.num_kv_heads, self.head_dim))
-        out = step.attention.attend(q, k_pool, v_pool, step)
+        out = step.attention.attend(q, k_pool, v_pool, step, self.window)
         return self.wo(out.reshape(len(x), -1))
 
 

@@ -7,7 +7,8 @@
 //
 // q [N, Hq, D]: sequence b's new tokens are rows query_start[b] .. query_start[b+1] of q, and they are
 // that sequence's last keys, so its query j of n sees keys 0 .. seqlens[b] - n + j (causal, aligned
-// bottom-right). k_pool, v_pool [num_blocks, page, Hkv, D] (q's dtype); block_table [B, pages];
+// bottom-right), or with `window` > 0 only its last `window` of them (sliding-window attention, Mistral's).
+// k_pool, v_pool [num_blocks, page, Hkv, D] (q's dtype); block_table [B, pages];
 // seqlens [B] (keys per sequence, the new ones included); query_start [B + 1]; all int64.
 // Returns [N, Hq, D] in q's dtype. Scores and softmax in float32 (scores, then max / exp / sum, then P @ V).
 
@@ -52,17 +53,18 @@ struct Problem {
   const int64_t *table, *seqlens, *query_start;
   int64_t num_seqs, num_heads, num_kv_heads, dim, page, max_pages;
   float scale;
+  int64_t window;  // > 0: a query sees only its last `window` keys (sliding-window attention); 0: all
 };
 
-// Call fn(t, row) for keys t < count of one sequence, row pointing at key t's KV head h in `pool`:
+// Call fn(t - begin, row) for keys begin <= t < count of one sequence, row pointing at key t's KV head h in `pool`:
 // walks the block table a page at a time (no division per key), and asks for the next page while
 // working on this one (pages are scattered over the pool, so the hardware prefetcher cannot guess
 // them; measured over 30 layers of 10 MB of K/V each: 1.5-1.9 ms per layer without, at ~6 GB/s).
 template <typename T, typename Fn>
 static inline void for_each_key(const Problem<T>& p, const T* pool, const int64_t* pages, int64_t h, int64_t dim,
-                                int64_t count, Fn fn) {
+                                int64_t begin, int64_t count, Fn fn) {
   const int64_t token_stride = p.num_kv_heads * dim;
-  for (int64_t first = 0, n = 0; first < count; first += p.page, ++n) {
+  for (int64_t n = begin / p.page, first = n * p.page; first < count; first += p.page, ++n) {
     const T* base = pool + pages[n] * p.page * token_stride + h * dim;
     if (first + p.page < count) {
       const char* next = reinterpret_cast<const char*>(pool + pages[n + 1] * p.page * token_stride + h * dim);
@@ -71,7 +73,7 @@ static inline void for_each_key(const Problem<T>& p, const T* pool, const int64_
           __builtin_prefetch(next + i * token_stride * static_cast<int64_t>(sizeof(T)) + byte);
     }
     const int64_t end = std::min(p.page, count - first);
-    for (int64_t i = 0; i < end; ++i) fn(first + i, base + i * token_stride);
+    for (int64_t i = std::max<int64_t>(0, begin - first); i < end; ++i) fn(first + i - begin, base + i * token_stride);
   }
 }
 
@@ -100,9 +102,10 @@ static void softmax_rows(float* scores, int64_t groups, int64_t len, int64_t str
 // query rows and accumulators live in vector registers.
 template <typename T, int64_t DIM, int64_t GROUPS>
 struct VectorHead {
-  static void attend(const Problem<T>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t len,
-                     std::vector<float>& scores) {
+  static void attend(const Problem<T>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
+                     int64_t end, std::vector<float>& scores) {
     constexpr int64_t C = DIM / W;  // vectors per head row
+    const int64_t len = end - begin;
     static_assert(DIM % W == 0, "head dim must be whole vectors");
     const int64_t stride = (len + W - 1) / W * W;
     scores.resize(GROUPS * stride);
@@ -112,7 +115,7 @@ struct VectorHead {
         query[g][c] = load(q_row + g * DIM + c * W) * fVec(p.scale);
         acc[g][c] = fVec(0.f);
       }
-    for_each_key(p, p.k, pages, h, DIM, len, [&](int64_t t, const T* key) {
+    for_each_key(p, p.k, pages, h, DIM, begin, end, [&](int64_t t, const T* key) {
       fVec k[C];
       for (int64_t c = 0; c < C; ++c) k[c] = load(key + c * W);
       for (int64_t g = 0; g < GROUPS; ++g) {
@@ -122,7 +125,7 @@ struct VectorHead {
       }
     });
     softmax_rows(scores.data(), GROUPS, len, stride);
-    for_each_key(p, p.v, pages, h, DIM, len, [&](int64_t t, const T* value) {
+    for_each_key(p, p.v, pages, h, DIM, begin, end, [&](int64_t t, const T* value) {
       fVec v[C];
       for (int64_t c = 0; c < C; ++c) v[c] = load(value + c * W);
       for (int64_t g = 0; g < GROUPS; ++g) {
@@ -141,12 +144,13 @@ struct VectorHead {
 // Any head dim and group count: the same computation in plain loops.
 template <typename T>
 struct AnyHead {
-  static void attend(const Problem<T>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t len,
-                     std::vector<float>& scores) {
+  static void attend(const Problem<T>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
+                     int64_t end, std::vector<float>& scores) {
+    const int64_t len = end - begin;
     const int64_t dim = p.dim, groups = p.num_heads / p.num_kv_heads, stride = (len + W - 1) / W * W;
     scores.resize(groups * stride);
     std::vector<float> acc(groups * dim, 0.f);
-    for_each_key(p, p.k, pages, h, dim, len, [&](int64_t t, const T* key) {
+    for_each_key(p, p.k, pages, h, dim, begin, end, [&](int64_t t, const T* key) {
       for (int64_t g = 0; g < groups; ++g) {
         float s = 0.f;
         for (int64_t d = 0; d < dim; ++d) s += to_float(q_row[g * dim + d]) * to_float(key[d]);
@@ -154,7 +158,7 @@ struct AnyHead {
       }
     });
     softmax_rows(scores.data(), groups, len, stride);
-    for_each_key(p, p.v, pages, h, dim, len, [&](int64_t t, const T* value) {
+    for_each_key(p, p.v, pages, h, dim, begin, end, [&](int64_t t, const T* value) {
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += scores[g * stride + t] * to_float(value[d]);
     });
@@ -175,7 +179,8 @@ static void run(const Problem<T>& p) {
     const int64_t len = std::min(p.seqlens[b], p.max_pages * p.page);
     for (int64_t first = 0; first < n; first += kQueriesPerTask) {
       const int64_t end = std::min(n, first + kQueriesPerTask);
-      for (int64_t h = 0; h < p.num_kv_heads; ++h) tasks.push_back({b, h, first, end, (end - first) * (len - n + end)});
+      const int64_t keys = p.window > 0 ? std::min(p.window, len - n + end) : len - n + end;
+      for (int64_t h = 0; h < p.num_kv_heads; ++h) tasks.push_back({b, h, first, end, (end - first) * keys});
     }
   }
   std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
@@ -198,7 +203,8 @@ static void run(const Problem<T>& p) {
         for (int64_t j = task.first; j < task.end; ++j) {
           const int64_t row = (p.query_start[task.seq] + j) * p.num_heads + task.head * groups;
           const int64_t visible = std::max<int64_t>(0, len - n + j + 1);
-          Head::attend(p, p.q + row * p.dim, p.out + row * p.dim, pages, task.head, visible, scores);
+          const int64_t first_key = p.window > 0 ? std::max<int64_t>(0, visible - p.window) : 0;
+          Head::attend(p, p.q + row * p.dim, p.out + row * p.dim, pages, task.head, first_key, visible, scores);
         }
       }
   });
@@ -224,8 +230,9 @@ static void dispatch(const Problem<T>& p) {
 }
 
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor block_table,
-                              at::Tensor seqlens, at::Tensor query_start, double scale) {
+                              at::Tensor seqlens, at::Tensor query_start, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes(), "paged_attention: bad shapes");
+  TORCH_CHECK(window >= 0, "paged_attention: window must be >= 0 (0: no sliding window)");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && q.scalar_type() == v_pool.scalar_type(),
               "paged_attention: dtypes differ");
   TORCH_CHECK(q.size(1) % k_pool.size(2) == 0 && q.size(2) == k_pool.size(3), "paged_attention: heads do not fit the pool");
@@ -257,7 +264,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, a
     return Problem<T>{q.data_ptr<T>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(), out.data_ptr<T>(),
                       table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                       block_table.size(0), q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), block_table.size(1),
-                      static_cast<float>(scale)};
+                      static_cast<float>(scale), window};
   };
   if (q.scalar_type() == at::kFloat) {
     dispatch(problem(static_cast<float*>(nullptr)));
@@ -271,7 +278,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, a
 
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
   m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor seqlens, "
-        "Tensor query_start, float scale) -> Tensor");
+        "Tensor query_start, float scale, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("paged_attention", &paged_attention); }
