@@ -286,3 +286,33 @@ def test_phi3_fused_weights(tmp_path):
     (tmp_path / "ok" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="RoPE scaling 'longrope' is not supported"):
         load_checkpoint(tmp_path / "ok", progress=False)
+
+
+def test_gemma2_matches_transformers(tmp_path):
+    """Gemma 2: embeddings times sqrt(dim), (1 + w) RMSNorm, sandwich norms, GeGLU, its own softmax scale,
+    soft-capped attention and final logits, a sliding window on every other layer."""
+    hf = hf_model("gemma2")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_checkpoint(tmp_path, progress=False).model
+    c = loaded.config
+    assert c.sandwich_norms and c.activation == "gelu_tanh" and c.sliding_layers == [True, False]
+    assert long_diff(loaded, hf) <= 1e-4
+    for name, value in (("attn_logit_softcapping", None), ("sliding_window", 1000)):  # each feature matters
+        other = hf_model("gemma2", **{name: value})
+        assert long_diff(loaded, other) > 1e-3
+
+
+def test_gemma2_on_every_attention_backend_and_batched(tmp_path):
+    hf = hf_model("gemma2")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_checkpoint(tmp_path, progress=False).model
+    with torch.no_grad():
+        expected = hf(LONG[:, :70]).logits
+        for backend in ("paged_cpu", "flash", "sdpa", "standard"):
+            assert (loaded(LONG[:, :70], attention_backend=backend) - expected).abs().max().item() <= 1e-4, backend
+    from minillm import TextGenerator
+
+    gen = TextGenerator(loaded)
+    prompts = [LONG[0, :40].tolist(), LONG[0, 50:53].tolist(), LONG[0, :20].tolist()]
+    batched = gen.generate(prompts, max_new_tokens=12, temperature=0)
+    assert [b.token_ids for b in batched] == [gen.generate(p, max_new_tokens=12, temperature=0).token_ids for p in prompts]

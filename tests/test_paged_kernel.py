@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minillm.attention import paged_cpu, select_attention, standard_attention
+from minillm.attention import LayerAttention, paged_cpu, select_attention, standard_attention
 from minillm.attention.common import gather_pages
 from minillm.cache import PagedStep
 
@@ -91,7 +91,7 @@ def packed_case(heads, kv_heads, head_dim, page, lengths, q_lens, dtype):
     return q, k_pool, v_pool, table, seqlens, starts
 
 
-def packed_reference(q, k_pool, v_pool, table, seqlens, starts, window=0):
+def packed_reference(q, k_pool, v_pool, table, seqlens, starts, window=0, scale=None, softcap=0.0):
     """Each sequence alone: its queries as one row, causal and bottom-right aligned, over its keys
     (with a sliding window, each query over its last `window` keys only: a plain loop, not the mask rule)."""
     out = []
@@ -102,7 +102,8 @@ def packed_reference(q, k_pool, v_pool, table, seqlens, starts, window=0):
             end = int(seqlens[b]) - n + j + 1
             begin = max(0, end - window) if window else 0
             row = q[starts[b] + j].float().view(1, -1, 1, q.shape[-1])
-            out.append(standard_attention(row, k[:, :, begin:end], v[:, :, begin:end], causal=False)[0, :, 0])
+            out.append(standard_attention(row, k[:, :, begin:end], v[:, :, begin:end], causal=False, softmax_scale=scale,
+                                          softcap=softcap)[0, :, 0])
     return torch.stack(out)
 
 
@@ -144,9 +145,23 @@ def test_sliding_window_on_every_backend(backend, window):
     than a page and than the chunks, decode rows and prompt chunks in one step."""
     q, k_pool, v_pool, table, seqlens, starts = case = packed_case(6, 2, 64, 7, *MIXED, torch.float32)
     step = packed_step(backend, table, seqlens, starts, 7)
-    out = step.attention.attend(q, k_pool, v_pool, step, window)
+    out = step.attention.attend(q, k_pool, v_pool, step, LayerAttention(window=window))
     assert (out - packed_reference(*case, window=window)).abs().max() <= 1e-5
     assert (out - packed_reference(*case)).abs().max() > 1e-3  # the window changes the result
+
+
+@pytest.mark.parametrize("backend", ["paged_cpu", "flash", "sdpa", "standard"])
+def test_softcap_and_scale_on_every_backend(backend):
+    """Gemma 2: its own softmax scale and scores soft-capped (cap * tanh(score / cap)) before the softmax."""
+    q, k_pool, v_pool, table, seqlens, starts = case = packed_case(8, 2, 64, 16, *MIXED, torch.float32)
+    q = q * 4  # scores large enough for the cap to bite
+    case = (q, *case[1:])
+    step = packed_step(backend, table, seqlens, starts, 16)
+    layer = LayerAttention(window=24, scale=0.2, softcap=1.5)
+    out = step.attention.attend(q, k_pool, v_pool, step, layer)
+    expected = packed_reference(*case, window=24, scale=0.2, softcap=1.5)
+    assert (out - expected).abs().max() <= 1e-5
+    assert (out - packed_reference(*case, window=24, scale=0.2)).abs().max() > 1e-3
 
 
 def test_kernel_rejects_bad_inputs():

@@ -85,6 +85,15 @@ class ModelConfig:
     qk_norm: bool = False
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None  # Mistral: each token attends to its last `sliding_window` tokens
+    sliding_layers: list[bool] | None = None  # which layers the window applies to (None: all; Gemma 2: every other)
+    # Gemma 2: GeGLU, embeddings times sqrt(dim), norms after attention and MLP too, its own softmax scale,
+    # attention and final logits soft-capped
+    activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embedding_multiplier: float = 1.0
+    sandwich_norms: bool = False
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attention_softcap: float | None = None
+    final_softcap: float | None = None
     dtype: str | torch.dtype = "float32"
 
     def __post_init__(self) -> None:
@@ -119,6 +128,16 @@ class ModelConfig:
         check_rope_scaling(self.rope_scaling, self.head_dim)
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
+
+    @property
+    def llama_layers(self) -> bool:
+        """Plain Llama layers: what the fused one-op decoder layer (kernels/csrc/decoder_layer.cpp) computes."""
+        return not (self.qk_norm or self.sandwich_norms or self.activation != "silu" or self.attention_scale
+                    or self.attention_softcap)
         resolve_dtype(self.dtype)
 
     @property
@@ -136,7 +155,7 @@ class ModelConfig:
         qkv_out = (h + 2 * hkv) * hd
         attention = d * qkv_out + (qkv_out if self.qkv_bias else 0) + h * hd * d + (2 * hd if self.qk_norm else 0)
         mlp = 3 * d * self.hidden_dim
-        per_layer = attention + mlp + 2 * d  # two RMSNorm weights
+        per_layer = attention + mlp + (4 if self.sandwich_norms else 2) * d  # RMSNorm weights
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embeddings + d  # + final norm
 

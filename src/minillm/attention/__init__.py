@@ -3,8 +3,8 @@ implementations it is tested and measured against.
 
 Every backend takes one step's packed, token-major queries q [N, Hq, D] (sequence b's at
 step.query_start[b]:step.query_start[b + 1], its last keys: causal, aligned bottom-right), one layer's
-pools [num_blocks, page, Hkv, D], the step and the layer's sliding window (0: none; > 0: a query sees
-only its last `window` keys); it returns [N, Hq, D]:
+pools [num_blocks, page, Hkv, D], the step and the layer's attention settings (`LayerAttention`:
+sliding window, softmax scale, logit soft-cap); it returns [N, Hq, D]:
 
 - "paged_cpu": our C++ kernel (paged_cpu.py), which reads the pages in place (CPU, float32/bfloat16)
 - "flash":     our FlashAttention-2 in PyTorch (flash.py), O(N) memory, tiles of `tile_size`
@@ -37,9 +37,21 @@ BACKENDS = ("paged_cpu", "flash", "sdpa", "standard")
 
 
 @dataclass(frozen=True)
+class LayerAttention:
+    """What a layer's attention computes beyond plain causal softmax(q k^T / sqrt(D)) v."""
+
+    window: int = 0  # > 0: each query sees only its last `window` keys (Mistral, Gemma's local layers)
+    scale: float | None = None  # None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar ** -0.5)
+    softcap: float = 0.0  # > 0: scores capped at softcap * tanh(score / softcap) (Gemma 2)
+
+
+PLAIN = LayerAttention()
+
+
+@dataclass(frozen=True)
 class AttentionBackend:
     name: str
-    attend: Callable[..., Tensor]  # (q [N, Hq, D], k_pool, v_pool, step, window) -> [N, Hq, D]
+    attend: Callable[..., Tensor]  # (q [N, Hq, D], k_pool, v_pool, step, LayerAttention) -> [N, Hq, D]
     # float32 on CPU with our kernels: RoPE and the cache write run as one op before the paged kernel,
     # and a layer whose weights are all GGUF blocks runs as one op (kernels/csrc/decoder_layer.cpp)
     fused_cpu: bool = False
@@ -63,24 +75,28 @@ def select_attention(backend: str | None, device: str | torch.device, dtype: tor
     return AttentionBackend(name, partial(_gathered, sdpa_attention if name == "sdpa" else standard_attention))
 
 
-def _paged_cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, window: int = 0) -> Tensor:
-    return paged_cpu.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
-                                     q.shape[-1] ** -0.5, window)
+def _paged_cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, layer: LayerAttention = PLAIN) -> Tensor:
+    scale = q.shape[-1] ** -0.5 if layer.scale is None else layer.scale
+    return paged_cpu.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start, scale,
+                                     layer.window, layer.softcap)
 
 
-def _flash(tile_size: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, window: int = 0) -> Tensor:
+def _flash(tile_size: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, layer: LayerAttention = PLAIN) -> Tensor:
     rows = step.rows
     out = flash_attention_with_kv_cache(rows.to_rows(q), k_pool, v_pool, rows.seqlens, tile_size=tile_size,
-                                        block_table=step.block_table[:, :rows.pages], window=window)
+                                        block_table=step.block_table[:, :rows.pages], window=layer.window,
+                                        softmax_scale=layer.scale, softcap=layer.softcap)
     return rows.to_packed(out)
 
 
-def _gathered(fn: Callable[..., Tensor], q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, window: int = 0) -> Tensor:
+def _gathered(fn: Callable[..., Tensor], q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any,
+              layer: LayerAttention = PLAIN) -> Tensor:
     rows = step.rows
     table = step.block_table[:, :rows.pages]
     k, v = (gather_pages(pool, table)[:, :, :rows.kv_len] for pool in (k_pool, v_pool))
-    return rows.to_packed(fn(rows.to_rows(q), k, v, rows.seqlens, window=window))
+    out = fn(rows.to_rows(q), k, v, rows.seqlens, window=layer.window, softmax_scale=layer.scale, softcap=layer.softcap)
+    return rows.to_packed(out)
 
 
-__all__ = ["BACKENDS", "AttentionBackend", "flash_attention_with_kv_cache", "sdpa_attention", "select_attention",
+__all__ = ["BACKENDS", "PLAIN", "AttentionBackend", "LayerAttention", "flash_attention_with_kv_cache", "sdpa_attention", "select_attention",
            "standard_attention"]

@@ -34,6 +34,7 @@ def flash_attention_with_kv_cache(
     return_lse: bool = False,
     block_table: Tensor | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention of `q` over a (possibly partly filled) key/value cache, FlashAttention-2 style.
 
@@ -54,6 +55,7 @@ def flash_attention_with_kv_cache(
     tile_size: tile edge for queries and keys.
     softmax_scale: defaults to 1/sqrt(D).
     return_lse: also return the log-sum-exp of the scaled scores, [B, Hq, Tq], float32.
+    softcap: > 0 caps each scaled score at softcap * tanh(score / softcap) (Gemma 2).
     window: > 0 for sliding-window attention (Mistral's): a query sees only its last `window` keys;
       key tiles wholly before every row's window are skipped like those past the diagonal.
     block_table: paged K/V. k_cache and v_cache are then block pools [num_blocks, page, Hkv, D]
@@ -120,6 +122,8 @@ def flash_attention_with_kv_cache(
             k_end = min(k_start + key_step, k_stop)
             k_tile, v_tile = (t.float() for t in kv_tile(k_start, k_end))
             scores = q_tile @ k_tile.transpose(-1, -2)  # [B, Hkv, G*rows, cols]
+            if softcap > 0:
+                scores = softcap * torch.tanh(scores / softcap)
 
             # A tile needs a mask only if some row's first query of this tile cannot see all of it
             # (or, with a window, some row's last query has left part of it behind).

@@ -27,12 +27,13 @@ def available() -> bool:
 
 
 def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seqlens: Tensor,
-                    query_start: Tensor, scale: float, window: int = 0) -> Tensor:
+                    query_start: Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> Tensor:
     """Packed queries q [N, Hq, D] over pools [num_blocks, page, Hkv, D]; returns [N, Hq, D].
 
     Sequence b's queries are rows query_start[b]:query_start[b + 1] and are its last keys (causal);
     it holds seqlens[b] keys in the blocks block_table[b]; with `window` > 0 a query sees only its last
-    `window` keys. float32 or bfloat16, CPU.
+    `window` keys; `softcap` > 0 caps scores at softcap * tanh(score / softcap). float32 or bfloat16, CPU.
     """
-    return torch.ops.minillm.paged_attention(q, k_pool, v_pool, block_table, seqlens, query_start, scale, window)
+    return torch.ops.minillm.paged_attention(q, k_pool, v_pool, block_table, seqlens, query_start, scale, window,
+                                             softcap)
 

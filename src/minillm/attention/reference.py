@@ -23,6 +23,7 @@ def standard_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Same arguments and layouts as `flash_attention_with_kv_cache`; computed in float32."""
     num_kv_heads, kv_len = check_shapes(q, k, v)
@@ -32,6 +33,8 @@ def standard_attention(
     k = k.float().repeat_interleave(groups, dim=1)
     v = v.float().repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     visible = dense_visibility(q_len, kv_len, seqlens_tensor(cache_seqlens, batch, kv_len, q.device), causal, window)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     probs = torch.where(visible.any(dim=-1, keepdim=True), probs, 0.0)  # rows with no key: zeros, not NaN

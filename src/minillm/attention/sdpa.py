@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import check_shapes, dense_visibility, seqlens_tensor
+from .reference import standard_attention
 
 
 def sdpa_attention(
@@ -20,6 +21,7 @@ def sdpa_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Same arguments and layouts as `flash_attention_with_kv_cache`.
 
@@ -27,6 +29,9 @@ def sdpa_attention(
     keys; so it is used only for square prefill, a single query needs no mask at all, and every
     other case gets an explicit bottom-right boolean mask.
     """
+    if softcap > 0:  # PyTorch's fused kernel has no soft-capping: the materialised reference does it
+        return standard_attention(q, k, v, cache_seqlens, causal=causal, softmax_scale=softmax_scale, window=window,
+                                  softcap=softcap)
     num_kv_heads, kv_len = check_shapes(q, k, v)
     batch, num_heads, q_len, _ = q.shape
     if q_len == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not window:

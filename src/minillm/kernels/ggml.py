@@ -142,7 +142,7 @@ def decoder_layer(block: nn.Module, x: Tensor, ctx) -> Tensor:
         attn.wqkv.weight, attn.wqkv.fmt, attn.wqkv.bias, attn.wo.weight, attn.wo.fmt,
         ffn.w13.weight, ffn.w13.fmt, ffn.w2.weight, ffn.w2.fmt, ctx.cos, ctx.sin,
         step.cache.k[attn.layer_idx], step.cache.v[attn.layer_idx], step.slot_index, step.block_table,
-        step.seqlens, step.query_start, attn.num_heads, attn.num_kv_heads, attn.head_dim ** -0.5, attn.window, _gemm_from)
+        step.seqlens, step.query_start, attn.num_heads, attn.num_kv_heads, attn.head_dim ** -0.5, attn.settings.window, _gemm_from)
 
 
 class GGMLLinear(nn.Module):

@@ -14,7 +14,8 @@ import torch
 from ..config import ModelConfig
 from .weights import ModelLoadError, checkpoint_names
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 _LAYER_NAMES = {
     "attention_norm": "model.layers.{i}.input_layernorm.weight",
@@ -35,6 +36,10 @@ _LAYER_NAMES = {
 # Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj: "#part" names a slice of them
 _PHI3_NAMES = {**_LAYER_NAMES, **{w: "model.layers.{i}.self_attn.qkv_proj.weight#" + w[1] for w in ("wq", "wk", "wv")},
                "w1": "model.layers.{i}.mlp.gate_up_proj.weight#0", "w3": "model.layers.{i}.mlp.gate_up_proj.weight#1"}
+# Gemma 2: norms before and after attention and the MLP ("sandwich")
+_GEMMA2_NAMES = {**_LAYER_NAMES, "post_attention_norm": "model.layers.{i}.post_attention_layernorm.weight",
+                 "ffn_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+                 "post_ffn_norm": "model.layers.{i}.post_feedforward_layernorm.weight"}
 _GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 
@@ -93,13 +98,19 @@ class HFCheckpoint:
         scaling = None
         if float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor") or 1.0)) != 1.0:
             raise ModelLoadError(f"{self.folder.name}: partial rotary embeddings are not supported")
-        if c.get("hidden_act", "silu") != "silu":
-            raise ModelLoadError(f"{self.folder.name}: activation {c['hidden_act']!r} is not supported (SwiGLU: silu)")
+        activation = c.get("hidden_activation") or c.get("hidden_act") or "silu"
+        if activation not in ACTIVATIONS:
+            raise ModelLoadError(f"{self.folder.name}: activation {activation!r} is not supported "
+                                 f"(supported: {', '.join(ACTIVATIONS)})")
         if rope_type not in (None, "default"):
             scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": rope_type}
             if rope_type in ("llama3", "yarn"):  # transformers' default for the pre-training context
                 scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings", context))
-        window = c.get("sliding_window") if self.model_type == "mistral" else None
+        window = c.get("sliding_window") if self.model_type in ("mistral", "gemma2") else None
+        gemma = self.model_type == "gemma2"
+        layer_types = c.get("layer_types") or (
+            ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.get("num_hidden_layers", 0))]
+            if gemma else None)
         if self.model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
             # Qwen's window covers only layers from max_window_layers on: a per-layer pattern not done yet
             raise ModelLoadError(f"{self.folder.name}: Qwen's use_sliding_window (on some layers) is not supported")
@@ -121,6 +132,13 @@ class HFCheckpoint:
                 qkv_bias=self.model_type == "qwen2" or bool(c.get("attention_bias", False)),
                 qk_norm=self.model_type == "qwen3",
                 sliding_window=window if window and window < context else None,
+                sliding_layers=[t == "sliding_attention" for t in layer_types] if layer_types else None,
+                activation=ACTIVATIONS[activation],
+                embedding_multiplier=c["hidden_size"] ** 0.5 if gemma else 1.0,
+                sandwich_norms=gemma,
+                attention_scale=c["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+                attention_softcap=c.get("attn_logit_softcapping") if gemma else None,
+                final_softcap=c.get("final_logit_softcapping") if gemma else None,
                 rope_scaling=scaling,
                 dtype=dtype,
             )
@@ -130,11 +148,14 @@ class HFCheckpoint:
             raise ModelLoadError(f"{self.folder.name}/config.json: {err}") from None
 
     def canonical_names(self, num_layers: int) -> dict[str, str]:
-        return checkpoint_names(_GLOBAL_NAMES, _PHI3_NAMES if self.model_type == "phi3" else _LAYER_NAMES, num_layers)
+        layers = {"phi3": _PHI3_NAMES, "gemma2": _GEMMA2_NAMES}.get(self.model_type, _LAYER_NAMES)
+        return checkpoint_names(_GLOBAL_NAMES, layers, num_layers)
 
     def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
         name, _, part = name.partition("#")
         tensor = self._read(name)
+        if tensor is not None and self.model_type == "gemma2" and name.endswith("norm.weight"):
+            return tensor.float() + 1.0  # Gemma's RMSNorm scales by (1 + weight)
         if tensor is None or not part:
             return tensor
         if part in "01":  # gate, up

@@ -82,10 +82,10 @@ def build_quantized_model(checkpoint: GGUFCheckpoint, config: ModelConfig,
         bias = torch.cat([dense(p + f"attention.{w}.bias") for w in ("wq", "wk", "wv")]) if config.qkv_bias else None
         attn.wqkv = linear(p + "attention.wqkv", attn.wqkv, bias)
         attn.wo = linear(p + "attention.wo", attn.wo, None)
-        ffn.w13 = linear(p + "feed_forward.w13", ffn.w13, None, swiglu=True)
+        ffn.w13 = linear(p + "feed_forward.w13", ffn.w13, None, swiglu=config.activation == "silu")
         ffn.w2 = linear(p + "feed_forward.w2", ffn.w2, None)
         # every matmul on its blocks: the engine's steps run the layer as one C++ op (kernels/ggml.py)
-        layer.one_op = not config.qk_norm and all(isinstance(m, GGMLLinear) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2))
+        layer.one_op = config.llama_layers and all(isinstance(m, GGMLLinear) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2))
         progress()
     for kind in sorted(without_kernel):
         logger.warning("%s: %s tensors have no quantized kernel; they are dequantized to float32", checkpoint.path.name, kind)

@@ -30,6 +30,8 @@ def layer_names(i: int) -> dict[str, str]:
         "q_norm": p + "attention.q_norm.weight",
         "k_norm": p + "attention.k_norm.weight",
         "ffn_norm": p + "ffn_norm.weight",
+        "post_attention_norm": p + "post_attention_norm.weight",
+        "post_ffn_norm": p + "post_ffn_norm.weight",
         "w1": p + "feed_forward.w1.weight",
         "w2": p + "feed_forward.w2.weight",
         "w3": p + "feed_forward.w3.weight",
@@ -90,6 +92,9 @@ def build_model(
         if config.qk_norm:
             state[p + "attention.q_norm.weight"], state[p + "attention.k_norm.weight"] = need(n["q_norm"]), need(n["k_norm"])
         state[p + "ffn_norm.weight"] = need(n["ffn_norm"])
+        if config.sandwich_norms:
+            state[p + "post_attention_norm.weight"] = need(n["post_attention_norm"])
+            state[p + "post_ffn_norm.weight"] = need(n["post_ffn_norm"])
         state[p + "feed_forward.w13.weight"] = torch.cat([need(n["w1"]), need(n["w3"])])
         state[p + "feed_forward.w2.weight"] = need(n["w2"])
         progress()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention import LayerAttention
 from ..cache.kv_cache import KVCache
 from ..cache.paged_cache import PagedStep
 from ..config import ModelConfig
@@ -39,7 +40,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.window = config.sliding_window or 0  # Mistral: each query sees only its last `window` keys
+        windowed = config.sliding_window and (config.sliding_layers is None or config.sliding_layers[layer_idx])
+        self.settings = LayerAttention(config.sliding_window if windowed else 0, config.attention_scale,
+                                       config.attention_softcap or 0.0)
         qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         dtype = config.torch_dtype
         self.wqkv = nn.Linear(config.dim_model, qkv_dim, bias=config.qkv_bias, dtype=dtype)
@@ -63,16 +66,18 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
             step.write(layer, k, v.view(-1, self.num_kv_heads, self.head_dim))
-        out = step.attention.attend(q, k_pool, v_pool, step, self.window)
+        out = step.attention.attend(q, k_pool, v_pool, step, self.settings)
         return self.wo(out.reshape(len(x), -1))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(x W1^T) * x W3^T), with W1 (gate) and W3 (up) stacked in one `w13` matmul."""
+    """SwiGLU: w2(silu(x W1^T) * x W3^T), with W1 (gate) and W3 (up) stacked in one `w13` matmul
+    (GeGLU, Gemma's: gelu with the tanh approximation instead of silu)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         dtype = config.torch_dtype
+        self.gelu = config.activation == "gelu_tanh"
         self.w13 = nn.Linear(config.dim_model, 2 * config.hidden_dim, bias=False, dtype=dtype)
         self.w2 = nn.Linear(config.hidden_dim, config.dim_model, bias=False, dtype=dtype)
 
@@ -80,7 +85,7 @@ class FeedForward(nn.Module):
         h = self.w13(x)
         if not getattr(self.w13, "applies_swiglu", False):  # fused kernels (kernels.ggml) apply it themselves
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
         return self.w2(h)
 
 
@@ -92,13 +97,18 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype)
         self.feed_forward = FeedForward(config)
+        # Gemma 2's sandwich: the attention and MLP outputs normalised too, before the residual add
+        self.post_attention_norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype) if config.sandwich_norms else None
+        self.post_ffn_norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype) if config.sandwich_norms else None
         self.one_op = False  # set by loading/quantized.py when every matmul is on GGUF blocks
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
         if self.one_op and ctx.step.attention.fused_cpu:  # the computation below in one C++ op, for the Python overhead
             return ggml.decoder_layer(self, x, ctx)
-        h = x + self.attention(self.attention_norm(x), ctx)
-        return h + self.feed_forward(self.ffn_norm(h))
+        a = self.attention(self.attention_norm(x), ctx)
+        h = x + (a if self.post_attention_norm is None else self.post_attention_norm(a))
+        f = self.feed_forward(self.ffn_norm(h))
+        return h + (f if self.post_ffn_norm is None else self.post_ffn_norm(f))
 
 
 class MiniLLM(nn.Module):
@@ -156,9 +166,13 @@ class MiniLLM(nn.Module):
         cos, sin = self.rope.tables(step.positions)
         ctx = StepContext(cos, sin, step)
         h = self.tok_embeddings(input_ids)
+        if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(dim), rounded to the activations' dtype
+            h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
         for layer in self.layers:
             h = layer(h, ctx)
         if last_token_only:
             h = h[step.query_start[1:] - 1]
-        return self.output(self.norm(h)).float()
+        logits = self.output(self.norm(h)).float()
+        cap = self.config.final_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 

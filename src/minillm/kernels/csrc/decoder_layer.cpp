@@ -32,11 +32,11 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attention_norm, 
   static auto rope_cache_write = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
                                                at::Tensor&, const at::Tensor&, int64_t, int64_t)>("minillm::rope_cache_write");
   static auto paged_attention = op<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                              double, int64_t)>("minillm::paged_attention");
+                                              double, int64_t, double)>("minillm::paged_attention");
   const at::Tensor qkv = linear(rms_norm.call(x, attention_norm, eps), wqkv, fmt_qkv, bqkv, false, gemm_from);
   const at::Tensor q = rope_cache_write.call(qkv.view({-1, qkv.size(-1)}), cos, sin, k_pool, v_pool, slots, num_heads,
                                              num_kv_heads);
-  const at::Tensor attn = paged_attention.call(q, k_pool, v_pool, block_table, seqlens, query_start, scale, window);
+  const at::Tensor attn = paged_attention.call(q, k_pool, v_pool, block_table, seqlens, query_start, scale, window, 0.);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = -1;
   const at::Tensor h = x + linear(attn.view(shape), wo, fmt_o, std::nullopt, false, gemm_from);

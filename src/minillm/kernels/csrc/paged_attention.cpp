@@ -7,7 +7,8 @@
 //
 // q [N, Hq, D]: sequence b's new tokens are rows query_start[b] .. query_start[b+1] of q, and they are
 // that sequence's last keys, so its query j of n sees keys 0 .. seqlens[b] - n + j (causal, aligned
-// bottom-right), or with `window` > 0 only its last `window` of them (sliding-window attention, Mistral's).
+// bottom-right), or with `window` > 0 only its last `window` of them (sliding-window attention, Mistral's);
+// `softcap` > 0 caps each scaled score at softcap * tanh(score / softcap) (Gemma 2).
 // k_pool, v_pool [num_blocks, page, Hkv, D] (q's dtype); block_table [B, pages];
 // seqlens [B] (keys per sequence, the new ones included); query_start [B + 1]; all int64.
 // Returns [N, Hq, D] in q's dtype. Scores and softmax in float32 (scores, then max / exp / sum, then P @ V).
@@ -54,7 +55,13 @@ struct Problem {
   int64_t num_seqs, num_heads, num_kv_heads, dim, page, max_pages;
   float scale;
   int64_t window;  // > 0: a query sees only its last `window` keys (sliding-window attention); 0: all
+  float softcap;   // > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: none
 };
+
+// Gemma 2's attention logit soft-capping, applied to a score after scaling
+static inline float capped(float score, float softcap) {
+  return softcap > 0.f ? softcap * std::tanh(score / softcap) : score;
+}
 
 // Call fn(t - begin, row) for keys begin <= t < count of one sequence, row pointing at key t's KV head h in `pool`:
 // walks the block table a page at a time (no division per key), and asks for the next page while
@@ -121,7 +128,7 @@ struct VectorHead {
       for (int64_t g = 0; g < GROUPS; ++g) {
         fVec s = query[g][0] * k[0];
         for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(query[g][c], k[c], s);
-        scores[g * stride + t] = s.reduce_add();
+        scores[g * stride + t] = capped(s.reduce_add(), p.softcap);
       }
     });
     softmax_rows(scores.data(), GROUPS, len, stride);
@@ -154,7 +161,7 @@ struct AnyHead {
       for (int64_t g = 0; g < groups; ++g) {
         float s = 0.f;
         for (int64_t d = 0; d < dim; ++d) s += to_float(q_row[g * dim + d]) * to_float(key[d]);
-        scores[g * stride + t] = s * p.scale;
+        scores[g * stride + t] = capped(s * p.scale, p.softcap);
       }
     });
     softmax_rows(scores.data(), groups, len, stride);
@@ -230,7 +237,8 @@ static void dispatch(const Problem<T>& p) {
 }
 
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor block_table,
-                              at::Tensor seqlens, at::Tensor query_start, double scale, int64_t window) {
+                              at::Tensor seqlens, at::Tensor query_start, double scale, int64_t window,
+                              double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes(), "paged_attention: bad shapes");
   TORCH_CHECK(window >= 0, "paged_attention: window must be >= 0 (0: no sliding window)");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && q.scalar_type() == v_pool.scalar_type(),
@@ -264,7 +272,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, a
     return Problem<T>{q.data_ptr<T>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(), out.data_ptr<T>(),
                       table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                       block_table.size(0), q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), block_table.size(1),
-                      static_cast<float>(scale), window};
+                      static_cast<float>(scale), window, static_cast<float>(softcap)};
   };
   if (q.scalar_type() == at::kFloat) {
     dispatch(problem(static_cast<float*>(nullptr)));
@@ -278,7 +286,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, a
 
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
   m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor seqlens, "
-        "Tensor query_start, float scale, int window=0) -> Tensor");
+        "Tensor query_start, float scale, int window=0, float softcap=0.) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("paged_attention", &paged_attention); }
