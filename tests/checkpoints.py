@@ -22,14 +22,17 @@ def hf_model(kind: str = "llama", **overrides):
                "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
                "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
-               "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM)}
+               "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+               "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}
     config_cls, model_cls = classes[kind]
     extra = {"mistral": {"sliding_window": None}, "qwen3": {"head_dim": 16},
              "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
              # small soft-caps, so that capping changes the result; eager: transformers' SDPA path has no soft-cap
              "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 24, "pad_token_id": 0, "sliding_window": 16,
                         "attn_logit_softcapping": 0.5, "final_logit_softcapping": 3.0,
-                        "attn_implementation": "eager"}}.get(kind, {})
+                        "attn_implementation": "eager"},
+             "gemma3": {"head_dim": 16, "query_pre_attn_scalar": 24, "pad_token_id": 0, "sliding_window": 16, "rope_theta": 1e6,
+                        "layer_types": ["sliding_attention", "full_attention"], "attn_implementation": "eager"}}.get(kind, {})
     torch.manual_seed(0)
     model = model_cls(config_cls(**{**TINY, **extra, **overrides})).eval()
     with torch.no_grad():  # random non-trivial norms and biases, so that a mix-up shows

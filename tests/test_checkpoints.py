@@ -316,3 +316,14 @@ def test_gemma2_on_every_attention_backend_and_batched(tmp_path):
     prompts = [LONG[0, :40].tolist(), LONG[0, 50:53].tolist(), LONG[0, :20].tolist()]
     batched = gen.generate(prompts, max_new_tokens=12, temperature=0)
     assert [b.token_ids for b in batched] == [gen.generate(p, max_new_tokens=12, temperature=0).token_ids for p in prompts]
+
+
+def test_gemma3_text_matches_transformers(tmp_path):
+    """Gemma 3 (text): Gemma 2's layers without soft-caps, plus q/k norms and the sliding layers' own RoPE base."""
+    hf = hf_model("gemma3")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_checkpoint(tmp_path, progress=False).model
+    assert loaded.config.qk_norm and loaded.config.local_rope_theta == 10000.0 and loaded.config.rope_theta == 1e6
+    assert long_diff(loaded, hf) <= 1e-4
+    same_base = hf_model("gemma3", rope_theta=1e4)  # one base for every layer: differs, so the local base matters
+    assert long_diff(loaded, same_base) > 1e-3

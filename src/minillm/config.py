@@ -94,6 +94,7 @@ class ModelConfig:
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attention_softcap: float | None = None
     final_softcap: float | None = None
+    local_rope_theta: float | None = None  # Gemma 3: the sliding-window layers' own RoPE base (no scaling)
     dtype: str | torch.dtype = "float32"
 
     def __post_init__(self) -> None:
@@ -137,7 +138,7 @@ class ModelConfig:
     def llama_layers(self) -> bool:
         """Plain Llama layers: what the fused one-op decoder layer (kernels/csrc/decoder_layer.cpp) computes."""
         return not (self.qk_norm or self.sandwich_norms or self.activation != "silu" or self.attention_scale
-                    or self.attention_softcap)
+                    or self.attention_softcap or self.local_rope_theta)
         resolve_dtype(self.dtype)
 
     @property

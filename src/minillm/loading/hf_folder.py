@@ -14,7 +14,8 @@ import torch
 from ..config import ModelConfig
 from .weights import ModelLoadError, checkpoint_names
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 _LAYER_NAMES = {
@@ -89,11 +90,17 @@ class HFCheckpoint:
 
     def model_config(self, dtype: str | torch.dtype) -> ModelConfig:
         c = self.hf_config
-        # transformers 5 writes RoPE settings as rope_parameters (rope_theta included), earlier
-        # versions as rope_scaling beside rope_theta: read both, ignore neither
-        rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}
+        # transformers 5 writes RoPE settings as rope_parameters (rope_theta included; Gemma 3: one dict
+        # per layer type), earlier versions as rope_scaling beside rope_theta: read both, ignore neither
+        params = c.get("rope_parameters") or {}
+        local = params.get("sliding_attention") if "full_attention" in params else None
+        params = params.get("full_attention", params)
+        rope = {**(c.get("rope_scaling") or {}), **params}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_theta = c.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        local_theta = (local or {}).get("rope_theta") or c.get("rope_local_base_freq")  # Gemma 3's sliding layers
+        if local and local.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"{self.folder.name}: RoPE scaling on sliding-window layers is not supported")
         context = c.get("max_position_embeddings", 2048)
         scaling = None
         if float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor") or 1.0)) != 1.0:
@@ -106,8 +113,8 @@ class HFCheckpoint:
             scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": rope_type}
             if rope_type in ("llama3", "yarn"):  # transformers' default for the pre-training context
                 scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings", context))
-        window = c.get("sliding_window") if self.model_type in ("mistral", "gemma2") else None
-        gemma = self.model_type == "gemma2"
+        window = c.get("sliding_window") if self.model_type in ("mistral", *GEMMA) else None
+        gemma = self.model_type in GEMMA
         layer_types = c.get("layer_types") or (
             ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.get("num_hidden_layers", 0))]
             if gemma else None)
@@ -130,7 +137,8 @@ class HFCheckpoint:
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v bias; Llama-style configs (Qwen3 too) say so with attention_bias.
                 qkv_bias=self.model_type == "qwen2" or bool(c.get("attention_bias", False)),
-                qk_norm=self.model_type == "qwen3",
+                qk_norm=self.model_type in ("qwen3", "gemma3_text"),
+                local_rope_theta=float(local_theta) if gemma and local_theta else None,
                 sliding_window=window if window and window < context else None,
                 sliding_layers=[t == "sliding_attention" for t in layer_types] if layer_types else None,
                 activation=ACTIVATIONS[activation],
@@ -148,13 +156,13 @@ class HFCheckpoint:
             raise ModelLoadError(f"{self.folder.name}/config.json: {err}") from None
 
     def canonical_names(self, num_layers: int) -> dict[str, str]:
-        layers = {"phi3": _PHI3_NAMES, "gemma2": _GEMMA2_NAMES}.get(self.model_type, _LAYER_NAMES)
+        layers = {"phi3": _PHI3_NAMES, "gemma2": _GEMMA2_NAMES, "gemma3_text": _GEMMA2_NAMES}.get(self.model_type, _LAYER_NAMES)
         return checkpoint_names(_GLOBAL_NAMES, layers, num_layers)
 
     def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
         name, _, part = name.partition("#")
         tensor = self._read(name)
-        if tensor is not None and self.model_type == "gemma2" and name.endswith("norm.weight"):
+        if tensor is not None and self.model_type in GEMMA and name.endswith("norm.weight"):
             return tensor.float() + 1.0  # Gemma's RMSNorm scales by (1 + weight)
         if tensor is None or not part:
             return tensor

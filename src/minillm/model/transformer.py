@@ -30,6 +30,8 @@ class StepContext:
     cos: Tensor  # [N, head_dim / 2]
     sin: Tensor
     step: PagedStep
+    local_cos: Tensor | None = None  # Gemma 3's sliding-window layers: their own RoPE base
+    local_sin: Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -43,6 +45,7 @@ class Attention(nn.Module):
         windowed = config.sliding_window and (config.sliding_layers is None or config.sliding_layers[layer_idx])
         self.settings = LayerAttention(config.sliding_window if windowed else 0, config.attention_scale,
                                        config.attention_softcap or 0.0)
+        self.local_rope = bool(windowed and config.local_rope_theta)
         qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         dtype = config.torch_dtype
         self.wqkv = nn.Linear(config.dim_model, qkv_dim, bias=config.qkv_bias, dtype=dtype)
@@ -55,8 +58,9 @@ class Attention(nn.Module):
         step, layer = ctx.step, self.layer_idx
         k_pool, v_pool = step.cache.k[layer], step.cache.v[layer]
         qkv = self.wqkv(x)
+        cos, sin = (ctx.local_cos, ctx.local_sin) if self.local_rope else (ctx.cos, ctx.sin)
         if step.attention.fused_cpu and self.q_norm is None:  # the same as below in one kernel call (~30 small ops)
-            q = torch.ops.minillm.rope_cache_write(qkv, ctx.cos, ctx.sin, k_pool, v_pool, step.slot_index,
+            q = torch.ops.minillm.rope_cache_write(qkv, cos, sin, k_pool, v_pool, step.slot_index,
                                                    self.num_heads, self.num_kv_heads)
         else:
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -64,7 +68,7 @@ class Attention(nn.Module):
             q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             step.write(layer, k, v.view(-1, self.num_kv_heads, self.head_dim))
         out = step.attention.attend(q, k_pool, v_pool, step, self.settings)
         return self.wo(out.reshape(len(x), -1))
@@ -125,6 +129,8 @@ class MiniLLM(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+        self.local_rope = (RotaryEmbedding(config.head_dim, config.max_seq_len, config.local_rope_theta)
+                           if config.local_rope_theta else None)
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +170,7 @@ class MiniLLM(nn.Module):
             backend = attention_backend or ("flash" if use_flash_attention else "standard")
             return forward_rows(self, input_ids, kv_cache, backend, flash_block_size, input_lengths, last_token_only)
         cos, sin = self.rope.tables(step.positions)
-        ctx = StepContext(cos, sin, step)
+        ctx = StepContext(cos, sin, step, *(self.local_rope.tables(step.positions) if self.local_rope else (None, None)))
         h = self.tok_embeddings(input_ids)
         if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(dim), rounded to the activations' dtype
             h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
