@@ -133,13 +133,13 @@ class ModelConfig:
             raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
+        resolve_dtype(self.dtype)
 
     @property
     def llama_layers(self) -> bool:
         """Plain Llama layers: what the fused one-op decoder layer (kernels/csrc/decoder_layer.cpp) computes."""
         return not (self.qk_norm or self.sandwich_norms or self.activation != "silu" or self.attention_scale
                     or self.attention_softcap or self.local_rope_theta)
-        resolve_dtype(self.dtype)
 
     @property
     def torch_dtype(self) -> torch.dtype:
