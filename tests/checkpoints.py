@@ -38,7 +38,8 @@ def hf_model(kind: str = "llama", **overrides):
     with torch.no_grad():  # random non-trivial norms and biases, so that a mix-up shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+                # Gemma's norms scale by 1 + w: around 0 there, as in its trained checkpoints
+                p.normal_(1.0 if "norm" in name and "gemma" not in kind else 0.0, 0.2)
     return model
 
 
@@ -49,10 +50,23 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = (),
                rope_freqs: np.ndarray | None = None, metadata: dict | None = None) -> Path:
-    """Write an HF Llama/Qwen2/Qwen3 model as GGUF; 2-D weights (not norms) in `qtype`; `rope_freqs`
-    (Llama 3.1's per-frequency divisors) and extra `metadata` keys ({arch} filled in) when given."""
+    """Write an HF Llama/Qwen2/Qwen3/Gemma 2/Gemma 3/Phi-3 model as GGUF the way llama.cpp's converter
+    does (Q/K rows permuted for llama, Gemma norms stored as 1 + w, Phi-3's fused tensors kept); 2-D
+    weights (not norms) in `qtype`; `rope_freqs` (Llama 3.1's per-frequency divisors) and extra
+    `metadata` keys ({arch} filled in) when given."""
     cfg = hf.config
     writer = gguf.GGUFWriter(str(path), arch=arch)
+    gemma = arch in ("gemma2", "gemma3")
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
+    if gemma:
+        metadata = {"{arch}.attention.sliding_window": cfg.sliding_window,
+                    "{arch}.attention.sliding_window_pattern": 2, **(metadata or {})}
+        if cfg.final_logit_softcapping:
+            metadata["{arch}.final_logit_softcapping"] = float(cfg.final_logit_softcapping)
+        if arch == "gemma2":
+            metadata["{arch}.attn_logit_softcapping"] = float(cfg.attn_logit_softcapping)
+        else:
+            metadata["{arch}.rope.freq_base_swa"] = float(rope["sliding_attention"]["rope_theta"])
     for key, value in (metadata or {}).items():
         key = key.format(arch=arch)
         if isinstance(value, str):
@@ -69,7 +83,7 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if getattr(cfg, "head_dim", None):
         writer.add_key_length(cfg.head_dim)
@@ -82,7 +96,12 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
                  "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
                  "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
                  "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+                 "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
+    if gemma:
+        per_layer.update({"post_attention_layernorm.weight": "post_attention_norm.weight",
+                          "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                          "post_feedforward_layernorm.weight": "post_ffw_norm.weight"})
     for i in range(cfg.num_hidden_layers):
         names.update({f"model.layers.{i}.{k}": f"blk.{i}.{v}" for k, v in per_layer.items()})
     state = hf.state_dict()
@@ -93,6 +112,8 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
         if name in skip:
             continue
         data = tensor.float().numpy()
+        if gemma and hf_name.endswith("norm.weight"):
+            data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores the sum
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             data = llama_cpp_permute(data, heads)

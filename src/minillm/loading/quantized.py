@@ -30,7 +30,7 @@ def build_quantized_model(checkpoint: GGUFCheckpoint, config: ModelConfig,
     def blocks(canonical: str) -> tuple | None:
         found = checkpoint.blocks(names[canonical], config)
         if found is not None and found[1] not in kernel_ids:
-            without_kernel.add(checkpoint.tensors[names[canonical]].tensor_type.name)
+            without_kernel.add(checkpoint.tensors[names[canonical].partition("#")[0]].tensor_type.name)
             return None
         return found
 
@@ -75,6 +75,9 @@ def build_quantized_model(checkpoint: GGUFCheckpoint, config: ModelConfig,
         p = f"layers.{i}."
         layer.attention_norm.weight = nn.Parameter(dense(p + "attention_norm.weight"), requires_grad=False)
         layer.ffn_norm.weight = nn.Parameter(dense(p + "ffn_norm.weight"), requires_grad=False)
+        if config.sandwich_norms:
+            layer.post_attention_norm.weight = nn.Parameter(dense(p + "post_attention_norm.weight"), requires_grad=False)
+            layer.post_ffn_norm.weight = nn.Parameter(dense(p + "post_ffn_norm.weight"), requires_grad=False)
         attn, ffn = layer.attention, layer.feed_forward
         if config.qk_norm:
             attn.q_norm.weight = nn.Parameter(dense(p + "attention.q_norm.weight"), requires_grad=False)
