@@ -77,6 +77,12 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
             writer.add_float32(key, value)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    longrope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "longrope"
+    if longrope:  # Phi-3, as llama.cpp's converter writes it
+        params = cfg.rope_parameters
+        writer.add_tensor("rope_factors_long.weight", np.array(params["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(params["short_factor"], dtype=np.float32))
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", params["original_max_position_embeddings"])
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)

@@ -195,9 +195,9 @@ def test_unknown_rope_scaling_is_refused(tmp_path):
     hf = hf_model("llama")
     hf.save_pretrained(tmp_path, safe_serialization=True)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "mrope", "factor": 2.0, "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="RoPE scaling 'dynamic' is not supported"):
+    with pytest.raises(ModelLoadError, match="RoPE scaling 'mrope' is not supported"):
         load_checkpoint(tmp_path, progress=False)
 
 
@@ -276,16 +276,41 @@ def test_mistral_window_batched_equals_alone(tmp_path):
 
 
 def test_phi3_fused_weights(tmp_path):
-    """Phi-3: q/k/v in one qkv_proj, gate/up in one gate_up_proj; longrope is refused by name."""
+    """Phi-3: q/k/v in one qkv_proj, gate/up in one gate_up_proj."""
     hf = hf_model("phi3")
-    hf.save_pretrained(tmp_path / "ok", safe_serialization=True)
-    assert long_diff(load_checkpoint(tmp_path / "ok", progress=False).model, hf) <= 1e-4
-    config = json.loads((tmp_path / "ok" / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-                                 "rope_theta": 10000.0, "original_max_position_embeddings": 64}
-    (tmp_path / "ok" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="RoPE scaling 'longrope' is not supported"):
-        load_checkpoint(tmp_path / "ok", progress=False)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    assert long_diff(load_checkpoint(tmp_path, progress=False).model, hf) <= 1e-4
+
+
+LENGTH_DEPENDENT = {
+    "longrope": ("phi3", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+                                           "long_factor": [2.0 + i for i in range(8)]},
+                          "original_max_position_embeddings": 32}),
+    "dynamic": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 48}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LENGTH_DEPENDENT))
+def test_length_dependent_rope_matches_transformers(tmp_path, kind):
+    """Phi-3's longrope and dynamic NTK change the frequencies with the sequence's current length, as
+    transformers recomputes them per forward pass: whole sequences shorter and longer than the switch,
+    and greedy generation across it (keys keep the rotation they were cached with, as in generate)."""
+    arch, overrides = LENGTH_DEPENDENT[kind]
+    hf = hf_model(arch, **overrides)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_checkpoint(tmp_path, progress=False).model
+    assert model.config.rope_scaling["rope_type"] == kind
+    with torch.no_grad():
+        for length in (20, 120):
+            assert (model(LONG[:, :length]) - hf(LONG[:, :length]).logits).abs().max().item() <= 1e-4, length
+        expected = hf.generate(LONG[:, :24], max_new_tokens=40, do_sample=False)[0, 24:].tolist()
+    from minillm import TextGenerator
+
+    assert TextGenerator(model).generate(LONG[0, :24].tolist(), max_new_tokens=40, temperature=0).token_ids == expected
+    if kind == "longrope":  # llama.cpp's Phi-3 files carry the factors as rope_factors_long / short tensors
+        gguf_model = load_checkpoint(write_gguf(tmp_path / "phi3.gguf", hf, arch="phi3"), dtype="float32",
+                                     progress=False).model
+        assert long_diff(gguf_model, hf) <= 1e-4
 
 
 def sharp_gemma2(**overrides):

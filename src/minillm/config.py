@@ -35,6 +35,10 @@ ROPE_SCALINGS: dict[str, tuple[str, ...]] = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
     "freq_factors": ("factors",),  # a divisor per frequency (a GGUF file's rope_freqs tensor)
+    # by the sequence's current length (as transformers, per forward): Phi-3's short / long factors, and
+    # dynamic NTK, whose base grows past original_max_position_embeddings
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+    "dynamic": ("factor", "original_max_position_embeddings"),
 }
 
 
@@ -48,9 +52,10 @@ def check_rope_scaling(scaling: dict[str, Any] | None, head_dim: int) -> None:
     missing = [key for key in ROPE_SCALINGS[kind] if scaling.get(key) is None]
     if missing:
         raise ValueError(f"RoPE scaling {kind!r} needs {', '.join(missing)}")
-    if kind == "freq_factors" and len(scaling["factors"]) != head_dim // 2:
-        raise ValueError(f"RoPE freq_factors has {len(scaling['factors'])} values for head_dim {head_dim} "
-                         f"({head_dim // 2} frequencies)")
+    for key in ("factors", "short_factor", "long_factor"):
+        if key in scaling and len(scaling[key]) != head_dim // 2:
+            raise ValueError(f"RoPE {key} has {len(scaling[key])} values for head_dim {head_dim} "
+                             f"({head_dim // 2} frequencies)")
 
 
 def _llama_hidden_dim(dim: int, multiple_of: int = 256) -> int:

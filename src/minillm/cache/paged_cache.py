@@ -39,9 +39,11 @@ class PagedKVCache:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int],
-             attention: AttentionBackend) -> PagedStep:
+             attention: AttentionBackend, totals: list[int] | None = None) -> PagedStep:
         """A packed step: sequence b feeds counts[b] tokens from position starts[b]; the input is
-        [N = sum(counts)] token ids, the sequences' tokens one after another (no padding)."""
+        [N = sum(counts)] token ids, the sequences' tokens one after another (no padding). totals[b]:
+        sequence b's whole length so far (a prompt's full length while it is prefilled in chunks), for
+        the RoPE scalings whose frequencies depend on it (longrope, dynamic); default: starts + counts."""
         size = self.block_size
         seqlens = [s + n for s, n in zip(starts, counts)]
         pages = (max(seqlens) + size - 1) // size
@@ -51,8 +53,9 @@ class PagedKVCache:
         query_start = list(itertools.accumulate(counts, initial=0))
         index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         decode = next((b for b, n in enumerate(counts) if n > 1), len(counts))  # the scheduler puts decode rows first
+        lengths = [t for t, n in zip(totals or seqlens, counts) for _ in range(n)]
         return PagedStep(self, attention, index(positions), index(seqlens), index(table), index(query_start),
-                         index(slots), query_start[decode], counts, seqlens)
+                         index(slots), query_start[decode], counts, seqlens, index(lengths))
 
 
 @dataclass
@@ -70,6 +73,7 @@ class PagedStep:
     first_prompt_row: int  # rows before it are one-token sequences (decode); from it on, prompt chunks
     counts: list[int]  # the same lengths on the host, for the row layout of the reference backends
     host_seqlens: list[int]
+    token_lengths: Tensor  # [N]: each token's sequence length so far (longrope / dynamic RoPE pick by it)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store one layer's new keys and values [N, Hkv, D] in their slots."""

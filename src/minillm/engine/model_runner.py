@@ -57,7 +57,8 @@ class ModelRunner:
         """Each sequence's next tokens packed into one input [N], and where they go in the cache."""
         seqs, counts = step.seqs, step.num_tokens
         ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed:s.num_computed + n]]
-        plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts, self.attention)
+        plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts, self.attention,
+                               [len(s) for s in seqs])
         return torch.tensor(ids, device=self.model.device), plan
 
     @torch.inference_mode()

@@ -133,16 +133,22 @@ class GGUFCheckpoint:
 
     def _rope_scaling(self) -> dict[str, Any] | None:
         """llama.cpp's RoPE settings in transformers' form: a `rope_freqs` tensor (Llama 3.1's frequency
-        divisors, as its converter bakes them) or rope.scaling.type linear / yarn; other types are refused."""
-        import gguf
-
+        divisors, as its converter bakes them), Phi-3's `rope_factors_long/short`, or rope.scaling.type
+        linear / yarn; other types are refused."""
         kind, factor = self.arch_meta("rope.scaling.type"), self.arch_meta("rope.scaling.factor")
+        if "rope_factors_long.weight" in self.tensors:  # Phi-3's longrope, as llama.cpp's converter stores it
+            short, long = (self._vector(f"rope_factors_{k}.weight") for k in ("short", "long"))
+            original = self.arch_meta("rope.scaling.original_context_length")
+            scaling = {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                       "original_max_position_embeddings": original,
+                       "factor": self.arch_meta("context_length", original) / original}
+            if self.arch_meta("rope.scaling.attn_factor") is not None:
+                scaling["attention_factor"] = float(self.arch_meta("rope.scaling.attn_factor"))
+            return scaling
         if "rope_freqs.weight" in self.tensors:
             if kind not in (None, "none"):
                 raise ModelLoadError(f"{self.path.name}: both rope_freqs and RoPE scaling {kind!r}; not supported")
-            info = self.tensors["rope_freqs.weight"]
-            return {"rope_type": "freq_factors",
-                    "factors": gguf.quants.dequantize(info.data, info.tensor_type).reshape(-1).tolist()}
+            return {"rope_type": "freq_factors", "factors": self._vector("rope_freqs.weight")}
         if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
             return None
         if kind == "linear":
@@ -154,7 +160,13 @@ class GGUFCheckpoint:
                     "original_max_position_embeddings": self.arch_meta("rope.scaling.original_context_length"),
                     **{k: float(v) for k, v in yarn.items() if v is not None}}
         raise ModelLoadError(f"{self.path.name}: RoPE scaling {kind!r} is not supported (supported: linear, yarn, "
-                             "and Llama 3.1's rope_freqs)")
+                             "Llama 3.1's rope_freqs and Phi-3's rope_factors_long/short)")
+
+    def _vector(self, name: str) -> list[float]:
+        import gguf
+
+        info = self.tensors[name]
+        return gguf.quants.dequantize(info.data, info.tensor_type).reshape(-1).tolist()
 
     def canonical_names(self, num_layers: int) -> dict[str, str]:
         layers = _PHI3_NAMES if self.architecture == "phi3" else _GEMMA_NAMES if self.architecture in GEMMA else _LAYER_NAMES

@@ -111,8 +111,13 @@ class HFCheckpoint:
                                  f"(supported: {', '.join(ACTIVATIONS)})")
         if rope_type not in (None, "default"):
             scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": rope_type}
-            if rope_type in ("llama3", "yarn"):  # transformers' default for the pre-training context
+            if rope_type in ("llama3", "yarn", "longrope"):  # transformers' default for the pre-training context
                 scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings", context))
+            if rope_type == "longrope":  # Phi-3: the attention factor comes from context / original
+                scaling.setdefault("factor", context / scaling["original_max_position_embeddings"])
+            if rope_type == "dynamic":  # the checkpoint's context is where the base starts to grow; run to factor x it
+                scaling["original_max_position_embeddings"] = context
+                context = int(context * scaling.get("factor", 1.0))
         window = c.get("sliding_window") if self.model_type in ("mistral", *GEMMA) else None
         gemma = self.model_type in GEMMA
         layer_types = c.get("layer_types") or (

@@ -1,7 +1,10 @@
 """Rotary position embeddings (RoPE), in the "rotate half" layout of HF Llama checkpoints, with the
 long-context scalings of the models people run: linear (position interpolation), Llama 3's
-wavelength-dependent `llama3`, YaRN, and per-frequency divisors (`freq_factors`, what a GGUF file's
-`rope_freqs` tensor holds). The formulas are transformers' (modeling_rope_utils.py), in float64;
+wavelength-dependent `llama3`, YaRN, per-frequency divisors (`freq_factors`, what a GGUF file's
+`rope_freqs` tensor holds), and two that depend on the sequence's current length L, as transformers
+recomputes them per forward pass: Phi-3's `longrope` (long factors once L passes the original context)
+and `dynamic` NTK (a larger base as L grows past it). A token's rotation is fixed when its key is
+cached, as in transformers' generate. The formulas are transformers' (modeling_rope_utils.py), in float64;
 the accepted types and their keys are checked by `ModelConfig` (config.py).
 """
 
@@ -24,7 +27,14 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         return inv_freq / factor, 1.0
     if kind == "freq_factors":
         return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64), 1.0
+    if kind == "dynamic":  # below the original context (the tables): plain; above it: `dynamic_frequencies`
+        return inv_freq, 1.0
     original = scaling["original_max_position_embeddings"]
+    if kind == "longrope":  # the short factors (inverse_frequencies of {..., "short_factor": long} for the long)
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float64), float(attention)
     if kind == "llama3":  # long wavelengths slowed by factor, short ones kept, a smooth blend between
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         wavelen = 2 * math.pi / inv_freq
@@ -57,6 +67,11 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+def _tables(inv_freq: Tensor, attention: float, max_seq_len: int) -> tuple[Tensor, Tensor]:
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return (angles.cos() * attention).float(), (angles.sin() * attention).float()
+
+
 class RotaryEmbedding:
     """Precomputed cos/sin tables for positions 0..max_seq_len-1, kept in float32.
 
@@ -65,18 +80,43 @@ class RotaryEmbedding:
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling or {}
+        kind = self.scaling.get("rope_type", "default")
+        # longrope / dynamic: frequencies change once the sequence is longer than this
+        self.switch_at = self.scaling["original_max_position_embeddings"] if kind in ("longrope", "dynamic") else None
         # Built on the CPU explicitly, so a model constructed under torch.device("meta") still has them.
         with torch.device("cpu"):
-            inv_freq, attention = inverse_frequencies(head_dim, theta, scaling)
-            angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        self.cos = (angles.cos() * attention).float()  # [max_seq_len, head_dim // 2]
-        self.sin = (angles.sin() * attention).float()
+            self.cos, self.sin = _tables(*inverse_frequencies(head_dim, theta, scaling), max_seq_len)  # [S, D / 2]
+            self.long = _tables(*inverse_frequencies(head_dim, theta, {**self.scaling, "short_factor":
+                                                                      self.scaling["long_factor"]}), max_seq_len) \
+                if kind == "longrope" else None
 
-    def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin for `positions` [N] -> each [N, head_dim // 2]."""
+    def tables(self, positions: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin for `positions` [N] -> each [N, head_dim // 2]; `lengths` [N]: each token's sequence
+        length so far, for the scalings that depend on it."""
         if self.cos.device != positions.device:
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
-        return self.cos[positions], self.sin[positions]
+            if self.long is not None:
+                self.long = tuple(t.to(positions.device) for t in self.long)
+        cos, sin = self.cos[positions], self.sin[positions]
+        if self.switch_at is None or lengths is None:
+            return cos, sin
+        beyond = (lengths > self.switch_at).unsqueeze(-1)
+        if self.long is not None:
+            long_cos, long_sin = self.long[0][positions], self.long[1][positions]
+        else:
+            long_cos, long_sin = self._dynamic(positions, lengths)
+        return torch.where(beyond, long_cos, cos), torch.where(beyond, long_sin, sin)
+
+    def _dynamic(self, positions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Dynamic NTK: the base for a sequence of length L > M (the original context), per token:
+        theta * (factor * L / M - (factor - 1)) ** (D / (D - 2))."""
+        factor, dim = float(self.scaling["factor"]), self.head_dim
+        length = lengths.double().clamp(min=self.switch_at)
+        base = self.theta * (factor * length / self.switch_at - (factor - 1)) ** (dim / (dim - 2))
+        exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim
+        angles = positions.double().unsqueeze(-1) / base.unsqueeze(-1) ** exponents
+        return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -169,7 +169,7 @@ class MiniLLM(nn.Module):
         if step is None:
             backend = attention_backend or ("flash" if use_flash_attention else "standard")
             return forward_rows(self, input_ids, kv_cache, backend, flash_block_size, input_lengths, last_token_only)
-        cos, sin = self.rope.tables(step.positions)
+        cos, sin = self.rope.tables(step.positions, step.token_lengths)
         ctx = StepContext(cos, sin, step, *(self.local_rope.tables(step.positions) if self.local_rope else (None, None)))
         h = self.tok_embeddings(input_ids)
         if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(dim), rounded to the activations' dtype
