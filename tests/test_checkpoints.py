@@ -282,6 +282,16 @@ def test_phi3_fused_weights(tmp_path):
     assert long_diff(load_checkpoint(tmp_path, progress=False).model, hf) <= 1e-4
 
 
+def hf_greedy(hf, prompt: list[int], steps: int) -> list[int]:
+    """transformers' forward over the whole sequence at every step (its generate() was seen to pick the
+    other side of near-ties on these tiny random models: its first-step logits differ from its own forward)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 LENGTH_DEPENDENT = {
     "longrope": ("phi3", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
                                            "long_factor": [2.0 + i for i in range(8)]},
@@ -294,7 +304,9 @@ LENGTH_DEPENDENT = {
 def test_length_dependent_rope_matches_transformers(tmp_path, kind):
     """Phi-3's longrope and dynamic NTK change the frequencies with the sequence's current length, as
     transformers recomputes them per forward pass: whole sequences shorter and longer than the switch,
-    and greedy generation across it (keys keep the rotation they were cached with, as in generate)."""
+    and greedy generation across it, batched and alone. longrope: the cache is recomputed when the
+    sequence outgrows the original context (as transformers' Phi-3 generate does), so every token equals
+    a full forward at every step; dynamic: keys keep the rotation they were cached with, as in generate."""
     arch, overrides = LENGTH_DEPENDENT[kind]
     hf = hf_model(arch, **overrides)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -303,10 +315,19 @@ def test_length_dependent_rope_matches_transformers(tmp_path, kind):
     with torch.no_grad():
         for length in (20, 120):
             assert (model(LONG[:, :length]) - hf(LONG[:, :length]).logits).abs().max().item() <= 1e-4, length
-        expected = hf.generate(LONG[:, :24], max_new_tokens=40, do_sample=False)[0, 24:].tolist()
     from minillm import TextGenerator
 
-    assert TextGenerator(model).generate(LONG[0, :24].tolist(), max_new_tokens=40, temperature=0).token_ids == expected
+    gen, prompts = TextGenerator(model), [LONG[0, :24].tolist(), LONG[0, 30:36].tolist()]
+    if kind == "longrope":
+        expected = [hf_greedy(hf, p, 40) for p in prompts]
+    else:
+        hf.generation_config.eos_token_id = None  # run the full 40 tokens, as ours does
+        with torch.no_grad():
+            expected = [hf.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False)[0, len(p):].tolist()
+                        for p in prompts]
+    alone = [gen.generate(p, max_new_tokens=40, temperature=0).token_ids for p in prompts]
+    assert alone == expected
+    assert [g.token_ids for g in gen.generate(prompts, max_new_tokens=40, temperature=0)] == alone
     if kind == "longrope":  # llama.cpp's Phi-3 files carry the factors as rope_factors_long / short tensors
         gguf_model = load_checkpoint(write_gguf(tmp_path / "phi3.gguf", hf, arch="phi3"), dtype="float32",
                                      progress=False).model
@@ -379,3 +400,30 @@ def test_gguf_gemma_and_phi3_match_transformers(tmp_path, kind, arch, qtype):
         with torch.no_grad():
             largest = reference(LONG).logits.abs().max().item()
         assert long_diff(load_checkpoint(path, progress=False).model, reference) <= 0.04 * largest
+
+
+ARCHITECTURES = {
+    "llama3.1": ("llama", {"rope_scaling": dict(SCALINGS["llama3"])}),
+    "qwen3": ("qwen3", {}),
+    "mistral": ("mistral", {"sliding_window": 8}),
+    "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3", {"rope_theta": 1e6}),
+    "phi3": ("phi3", {}),
+}
+
+
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_greedy_equals_transformers_and_batched_equals_alone(tmp_path, name):
+    kind, overrides = ARCHITECTURES[name]
+    hf = hf_model(kind, **overrides)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    from minillm import TextGenerator
+
+    gen = TextGenerator(load_checkpoint(tmp_path, progress=False).model)
+    prompts = [LONG[0, :30].tolist(), LONG[0, 40:45].tolist(), LONG[0, 60:72].tolist()]
+    expected = [hf_greedy(hf, p, 12) for p in prompts]
+    alone = [gen.generate(p, max_new_tokens=12, temperature=0).token_ids for p in prompts]
+    assert alone == expected
+    assert [g.token_ids for g in gen.generate(prompts, max_new_tokens=12, temperature=0)] == alone

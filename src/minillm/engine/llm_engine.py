@@ -128,7 +128,13 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes cannot hold one block of "
                              f"{config.block_size} tokens ({block_bytes} bytes)")
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # RoPE that depends on the sequence's length (longrope, dynamic): a block's K/V depend on more than
+        # its prefix, so blocks cannot be shared between sequences
+        self.recompute_at = model.rope.switch_at + 1 if model.rope.long is not None else None
+        prefix_caching = config.enable_prefix_caching and model.rope.switch_at is None
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("prefix caching is off: this model's RoPE depends on each sequence's length")
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend, config.compile,
                                   config.fast_prefill)
@@ -225,6 +231,10 @@ class LLMEngine:
             token, logprobs = result
             seq.token_ids.append(token)
             outputs.append(self._process_token(seq, token, logprobs))
+            if len(seq) == self.recompute_at and not seq.is_finished:
+                # longrope: the sequence now outgrows the original context, where every position takes the
+                # long factors; transformers' generate recomputes the whole cache at this point, and so do we
+                self.scheduler.recompute(seq)
         return outputs
 
     def _run_alone(self, seq: Sequence, count: int) -> tuple[int, TokenLogprobs | None] | RowError | None:

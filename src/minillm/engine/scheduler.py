@@ -98,6 +98,15 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 scheduled.append(seq)
         return ScheduledStep(scheduled, [1] * len(scheduled), preempted=preempted)
+    def recompute(self, seq: Sequence) -> None:
+        """Compute a running sequence's K/V again from its first token, into the blocks it holds (Phi-3's
+        longrope once the sequence outgrows the original context, as transformers' generate does); with no
+        block free for its newest token, it is preempted, which recomputes it too."""
+        if self.blocks.ensure_capacity(seq, len(seq)):
+            seq.num_computed = seq.num_cached = 0
+        else:
+            self._preempt(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
