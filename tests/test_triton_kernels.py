@@ -1,0 +1,75 @@
+"""Our Triton paged-attention kernels (attention/triton_paged.py) under TRITON_INTERPRET=1 on CPU, against
+standard attention over each sequence's keys: packed variable-length prefill chunks after cached
+prefixes, empty chunks, lengths not a multiple of the page or tile, GQA, split-K decode with one and
+many splits. float32 only: the interpreter's bf16 `tl.dot` is unreliable. Skipped without triton
+(an optional dependency: `pip install -e ".[gpu]"`)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels' @triton.jit run
+pytest.importorskip("triton", reason="triton is not installed (the optional [gpu] extra)")
+
+from minillm.attention import standard_attention  # noqa: E402
+from minillm.attention.common import gather_pages  # noqa: E402
+from minillm.attention.triton_paged import paged_decode, paged_prefill  # noqa: E402
+
+
+def pools(lengths, page, kv_heads, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pages = [max(1, -(-n // page)) for n in lengths]
+    num_blocks = sum(pages) + 2
+    k_pool, v_pool = (torch.randn(num_blocks, page, kv_heads, dim, generator=g) for _ in range(2))
+    order = torch.randperm(num_blocks, generator=g).tolist()  # pages scattered over the pool
+    tables, at = [], 0
+    for n in pages:
+        tables.append(order[at:at + n] + [0] * (max(pages) - n))
+        at += n
+    return k_pool, v_pool, torch.tensor(tables)
+
+
+def reference(q_rows, k_pool, v_pool, table, lengths, q_lens):
+    """Each sequence alone: its chunk's queries over its first `length` keys, causal, bottom-right."""
+    out, at = [], 0
+    for b, (n, m) in enumerate(zip(lengths, q_lens)):
+        k, v = gather_pages(k_pool, table[b:b + 1])[:, :, :n], gather_pages(v_pool, table[b:b + 1])[:, :, :n]
+        rows = q_rows[at:at + m].transpose(0, 1).unsqueeze(0)
+        out.append(standard_attention(rows, k, v, [n])[0].transpose(0, 1))
+        at += m
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,page", [(4, 2, 32, 16), (2, 2, 16, 7), (6, 1, 64, 16)])
+def test_prefill_over_cached_prefixes(heads, kv_heads, dim, page):
+    lengths, q_lens = [40, 19, 7, 33], [40, 5, 0, 17]  # a whole prompt, a chunk after a prefix, nothing, a chunk
+    k_pool, v_pool, table = pools(lengths, page, kv_heads, dim)
+    q = torch.randn(sum(q_lens), heads, dim, generator=torch.Generator().manual_seed(1))
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+    out, lse = paged_prefill(q, k_pool, v_pool, table, torch.tensor(lengths), starts, max(q_lens))
+    assert (out - reference(q, k_pool, v_pool, table, lengths, q_lens)).abs().max() <= 1e-5
+    first = q[0:1].transpose(0, 1).unsqueeze(0)  # query 0 of sequence 0 sees key 0 only: its LSE is one score
+    k0 = gather_pages(k_pool, table[:1])[:, :, :1]
+    expected_lse = (first @ k0.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2))[0, :, 0, 0] * dim ** -0.5
+    assert (lse[0] - expected_lse).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8])
+@pytest.mark.parametrize("heads,kv_heads,dim,page", [(4, 2, 32, 16), (3, 3, 16, 5)])
+def test_split_k_decode(heads, kv_heads, dim, page, splits):
+    lengths = [1, 37, 100, 64]
+    k_pool, v_pool, table = pools(lengths, page, kv_heads, dim)
+    q = torch.randn(len(lengths), heads, dim, generator=torch.Generator().manual_seed(2))
+    out = paged_decode(q, k_pool, v_pool, table, torch.tensor(lengths), max(lengths), num_splits=splits)
+    assert (out - reference(q, k_pool, v_pool, table, lengths, [1] * len(lengths))).abs().max() <= 1e-5
+
+
+def test_unsupported_shapes_are_refused_by_name():
+    k_pool, v_pool, table = pools([8], 4, 1, 24)
+    q = torch.randn(1, 2, 24)
+    with pytest.raises(ValueError, match="head dim 24 is not supported"):
+        paged_decode(q, k_pool, v_pool, table, torch.tensor([8]), 8)
+    k_pool, v_pool, table = pools([8], 4, 1, 32)
+    with pytest.raises(ValueError, match="the Triton kernels take one of"):
+        paged_decode(torch.randn(1, 2, 32, dtype=torch.float64), k_pool, v_pool, table, torch.tensor([8]), 8)
