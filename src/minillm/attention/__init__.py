@@ -7,6 +7,8 @@ pools [num_blocks, page, Hkv, D], the step and the layer's attention settings (`
 sliding window, softmax scale, logit soft-cap); it returns [N, Hq, D]:
 
 - "paged_cpu": our C++ kernel (paged_cpu.py), which reads the pages in place (CPU, float32/bfloat16)
+- "triton":    our Triton kernels (triton_paged.py): varlen FA2 prefill and split-K decode over the pages,
+               for GPUs (on CPU tensors under TRITON_INTERPRET=1); needs the optional `triton`
 - "flash":     our FlashAttention-2 in PyTorch (flash.py), O(N) memory, tiles of `tile_size`
 - "sdpa":      PyTorch's fused `scaled_dot_product_attention`
 - "standard":  softmax(QK^T)V materialised, the plain reference
@@ -33,7 +35,7 @@ from .flash import flash_attention_with_kv_cache
 from .reference import standard_attention
 from .sdpa import sdpa_attention
 
-BACKENDS = ("paged_cpu", "flash", "sdpa", "standard")
+BACKENDS = ("paged_cpu", "triton", "flash", "sdpa", "standard")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,12 @@ def select_attention(backend: str | None, device: str | torch.device, dtype: tor
             raise ValueError(f"the 'paged_cpu' attention backend needs our C++ kernel on the CPU in float32 or bfloat16 "
                              f"(built with g++); here: {torch.device(device).type}, {dtype}")
         return AttentionBackend(name, _paged_cpu, dtype == torch.float32 and kernels.ops_available())
+    if name == "triton":
+        try:
+            from . import triton_paged
+        except ImportError:
+            raise ValueError("the 'triton' attention backend needs triton: pip install -e \".[gpu]\"") from None
+        return AttentionBackend(name, partial(_triton, triton_paged))
     if name == "flash":
         return AttentionBackend(name, partial(_flash, tile_size))
     return AttentionBackend(name, partial(_gathered, sdpa_attention if name == "sdpa" else standard_attention))
@@ -79,6 +87,17 @@ def _paged_cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, layer: Laye
     scale = q.shape[-1] ** -0.5 if layer.scale is None else layer.scale
     return paged_cpu.paged_attention(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start, scale,
                                      layer.window, layer.softcap)
+
+
+def _triton(kernels: Any, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, layer: LayerAttention = PLAIN) -> Tensor:
+    if layer.window or layer.softcap:
+        raise ValueError("the 'triton' attention backend has no sliding window or soft-capping yet; "
+                         "use 'sdpa' or 'flash' for this model")
+    if max(step.counts) == 1:  # every sequence decodes one token: split-K over its keys
+        return kernels.paged_decode(q, k_pool, v_pool, step.block_table, step.seqlens, max(step.host_seqlens),
+                                    layer.scale)
+    return kernels.paged_prefill(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
+                                 max(step.counts), layer.scale)[0]
 
 
 def _flash(tile_size: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, layer: LayerAttention = PLAIN) -> Tensor:
