@@ -61,7 +61,8 @@ def test_split_k_decode(heads, kv_heads, dim, page, splits):
     lengths = [1, 37, 100, 64]
     k_pool, v_pool, table = pools(lengths, page, kv_heads, dim)
     q = torch.randn(len(lengths), heads, dim, generator=torch.Generator().manual_seed(2))
-    out = paged_decode(q, k_pool, v_pool, table, torch.tensor(lengths), max(lengths), num_splits=splits)
+    out = paged_decode(q, k_pool, v_pool, table, torch.tensor(lengths), max(lengths), num_splits=splits,
+                       min_keys_per_split=8)
     assert (out - reference(q, k_pool, v_pool, table, lengths, [1] * len(lengths))).abs().max() <= 1e-5
 
 
@@ -71,7 +72,7 @@ def test_unsupported_shapes_are_refused_by_name():
     with pytest.raises(ValueError, match="head dim 24 is not supported"):
         paged_decode(q, k_pool, v_pool, table, torch.tensor([8]), 8)
     k_pool, v_pool, table = pools([8], 4, 1, 32)
-    with pytest.raises(ValueError, match="the Triton kernels take one of"):
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported by the Triton kernels"):
         paged_decode(torch.randn(1, 2, 32, dtype=torch.float64), k_pool, v_pool, table, torch.tensor([8]), 8)
 
 
@@ -88,3 +89,32 @@ def test_the_triton_backend_runs_the_model(tiny_model):
     standard = TextGenerator(tiny_model, attention_backend="standard").generate(prompts, max_new_tokens=8, temperature=0)
     triton_out = TextGenerator(tiny_model, attention_backend="triton").generate(prompts, max_new_tokens=8, temperature=0)
     assert [g.token_ids for g in triton_out] == [g.token_ids for g in standard]
+
+
+def test_static_decode_inputs_give_the_planned_steps_logits(tiny_model):
+    """What a CUDA graph replays (engine/cuda_graphs.py): a decode step loaded into fixed buffers, padded
+    to a larger batch, gives the logits of the same step planned as usual; padding rows write only to
+    the scratch block."""
+    from minillm.attention import select_attention
+    from minillm.cache.paged_cache import PagedKVCache
+    from minillm.engine.cuda_graphs import StaticDecodeInputs
+
+    attention = select_attention("triton", "cpu", torch.float32)
+    cache = PagedKVCache(tiny_model.config, 9, 4, device="cpu")  # 8 blocks for sequences, block 8: scratch
+    tables, lengths = [[3, 0, 5], [7, 1]], [10, 6]
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for table, n in zip(tables, lengths):  # prefill each prompt
+            tiny_model(torch.randint(0, 512, (n,), generator=g), cache.plan([table], [0], [n], attention))
+        before = [pool.clone() for pool in cache.k]
+        ids = [11, 12]
+        expected = tiny_model(torch.tensor(ids), cache.plan(tables, lengths, [1, 1], attention), last_token_only=True)
+        for pool, old in zip(cache.k, before):
+            pool.copy_(old)
+        inputs = StaticDecodeInputs(cache, max_batch=8, max_seq_len=64, scratch_block=8)
+        inputs.load(ids, lengths, tables, batch=4)
+        static_ids, step = inputs.step(4, attention)
+        logits = tiny_model(static_ids, step, last_token_only=True)
+    assert (logits[:2] - expected).abs().max() <= 1e-5
+    written = [(pool != old).any(dim=(1, 2, 3)).nonzero().flatten().tolist() for pool, old in zip(cache.k, before)]
+    assert written == [[1, 5, 8]] * len(cache.k)  # the two sequences' current blocks, and the scratch block

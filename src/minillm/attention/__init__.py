@@ -8,7 +8,7 @@ sliding window, softmax scale, logit soft-cap); it returns [N, Hq, D]:
 
 - "paged_cpu": our C++ kernel (paged_cpu.py), which reads the pages in place (CPU, float32/bfloat16)
 - "triton":    our Triton kernels (triton_paged.py): varlen FA2 prefill and split-K decode over the pages,
-               for GPUs (on CPU tensors under TRITON_INTERPRET=1); needs the optional `triton`
+               the default on a GPU (on CPU tensors under TRITON_INTERPRET=1); needs the optional `triton`
 - "flash":     our FlashAttention-2 in PyTorch (flash.py), O(N) memory, tiles of `tile_size`
 - "sdpa":      PyTorch's fused `scaled_dot_product_attention`
 - "standard":  softmax(QK^T)V materialised, the plain reference
@@ -20,6 +20,7 @@ sequence's pages gathered into a contiguous copy; flash streams them tile by til
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -59,28 +60,36 @@ class AttentionBackend:
     fused_cpu: bool = False
 
 
-def select_attention(backend: str | None, device: str | torch.device, dtype: torch.dtype,
-                     tile_size: int = 128) -> AttentionBackend:
+def select_attention(backend: str | None, device: str | torch.device, dtype: torch.dtype, tile_size: int = 128,
+                     head_dim: int | None = None) -> AttentionBackend:
     """The backend by name, or None for the fastest that runs here: "paged_cpu" where the C++ kernel
-    loads (CPU, float32 or bfloat16), "sdpa" elsewhere."""
-    kernel = torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and paged_cpu.available()
-    name = backend if backend is not None else "paged_cpu" if kernel else "sdpa"
+    loads (CPU, float32 or bfloat16), "triton" on a GPU where triton is installed, else "sdpa".
+    With `head_dim`, a backend that cannot take it (or `dtype`) is refused now, naming what it takes."""
+    device = torch.device(device)
+    kernel = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and paged_cpu.available()
+    name = backend if backend is not None else "paged_cpu" if kernel else "triton" if _gpu_triton(device) else "sdpa"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
     if name == "paged_cpu":
         if not kernel:
             raise ValueError(f"the 'paged_cpu' attention backend needs our C++ kernel on the CPU in float32 or bfloat16 "
-                             f"(built with g++); here: {torch.device(device).type}, {dtype}")
+                             f"(built with g++); here: {device.type}, {dtype}")
         return AttentionBackend(name, _paged_cpu, dtype == torch.float32 and kernels.ops_available())
     if name == "triton":
         try:
             from . import triton_paged
         except ImportError:
             raise ValueError("the 'triton' attention backend needs triton: pip install -e \".[gpu]\"") from None
+        if head_dim is not None:
+            triton_paged.check_supported(head_dim, dtype)
         return AttentionBackend(name, partial(_triton, triton_paged))
     if name == "flash":
         return AttentionBackend(name, partial(_flash, tile_size))
     return AttentionBackend(name, partial(_gathered, sdpa_attention if name == "sdpa" else standard_attention))
+
+
+def _gpu_triton(device: torch.device) -> bool:
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def _paged_cpu(q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, layer: LayerAttention = PLAIN) -> Tensor:

@@ -30,13 +30,15 @@ def environment() -> dict:
         pass
     from .. import kernels
 
+    gpu = torch.cuda.is_available()
     return {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu,
         "cpu_flags": " ".join(flags) or None,
-        "kernel_isa": kernels.isa(),
+        "kernel_isa": None if gpu else kernels.isa(),  # on a GPU machine the CPU kernels are not built or used
         "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if gpu else None,
+        "cuda": torch.version.cuda if gpu else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),

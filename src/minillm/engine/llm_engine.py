@@ -21,7 +21,9 @@ from ..runtime import tune_allocator
 from ..sampling_params import SamplingParams
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
+from ..attention import select_attention
 from .block_manager import BlockManager
+from .gpu_memory import kv_cache_bytes
 from ..generation.guided import GuidedDecoding
 from ..generation.sampler import TokenLogprobs
 from .model_runner import ModelRunner, RowError
@@ -102,12 +104,14 @@ class PromptLimits:
 @dataclass
 class EngineConfig:
     block_size: int = 16
-    kv_cache_memory: int = 1 << 30  # bytes for the paged K/V pools
+    kv_cache_memory: int | None = None  # bytes for the paged K/V pools; None: 1 GiB on CPU, on a GPU
+    gpu_memory_utilization: float = 0.9  # ... what this fraction of the card leaves (engine/gpu_memory.py)
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens in one step: every decode token plus prompt chunks
     enable_prefix_caching: bool = True
     attention_backend: str | None = None  # None: "paged_cpu" (our C++ kernel) where it runs, else "sdpa"
     compile: bool = False  # torch.compile the step (engine/compiled_step.py), at start-up
+    cuda_graphs: bool = True  # on a GPU: decode steps replayed from CUDA graphs (engine/cuda_graphs.py)
     # GGUF blocks on an AVX512-BF16 CPU: prompt chunks of 64+ tokens as bf16 GEMMs (prefill ~2.2x faster
     # at 512 tokens), at the price of exactness: a prompt's bits then depend on how it was chunked and
     # batched (decode tokens still take the exact int8 kernel). Off: batched equals alone, bit for bit.
@@ -122,11 +126,16 @@ class LLMEngine:
         self.eos_token_ids = list(eos_token_ids)
         self.config = config = config or EngineConfig()
         block_bytes = bytes_per_block(model.config, config.block_size, model.dtype)
+        kv_bytes = config.kv_cache_memory
+        if kv_bytes is None:
+            kv_bytes = 1 << 30 if model.device.type != "cuda" else kv_cache_bytes(
+                model, select_attention(config.attention_backend, model.device, model.dtype), config.gpu_memory_utilization,
+                config.max_num_batched_tokens, config.max_num_seqs, config.block_size)
         # No point holding more than every running sequence at full context could use.
         useful = config.max_num_seqs * -(-model.config.max_seq_len // config.block_size)
-        num_blocks = min(config.kv_cache_memory // block_bytes, useful)
+        num_blocks = min(kv_bytes // block_bytes, useful)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes cannot hold one block of "
+            raise ValueError(f"kv_cache_memory={kv_bytes} bytes cannot hold one block of "
                              f"{config.block_size} tokens ({block_bytes} bytes)")
         # RoPE that depends on the sequence's length (longrope, dynamic): a block's K/V depend on more than
         # its prefix, so blocks cannot be shared between sequences
@@ -137,7 +146,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend, config.compile,
-                                  config.fast_prefill)
+                                  config.fast_prefill, config.cuda_graphs, config.max_num_seqs)
         self.compile_seconds = 0.0
         if config.compile:
             start = time.perf_counter()

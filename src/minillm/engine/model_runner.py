@@ -9,12 +9,13 @@ from torch import Tensor
 
 from .. import kernels
 from ..attention import select_attention
-from ..cache.paged_cache import PagedKVCache, PagedStep
+from ..cache.paged_cache import PagedKVCache, PagedStep, bytes_per_block
 from ..generation.guided import allowed_tokens
 from ..generation.sampler import TokenLogprobs, sample_requests
 from ..kernels import ggml
 from ..model.transformer import MiniLLM
 from .compiled_step import compile_step
+from .cuda_graphs import DecodeGraphs
 from .scheduler import ScheduledStep
 
 
@@ -25,15 +26,33 @@ class RowError:
     message: str
 
 
+def allocate_cache(model: MiniLLM, num_blocks: int, block_size: int) -> PagedKVCache:
+    try:
+        return PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
+    except torch.cuda.OutOfMemoryError:
+        size = num_blocks * bytes_per_block(model.config, block_size, model.dtype)
+        free, total = torch.cuda.mem_get_info(model.device)
+        raise ValueError(f"the KV cache of {num_blocks} blocks ({size / 2**30:.2f} GiB) does not fit: "
+                         f"{free / 2**30:.2f} of {total / 2**30:.1f} GiB free on {model.device}; lower "
+                         "gpu_memory_utilization or kv_cache_memory") from None
+
+
 class ModelRunner:
     def __init__(self, model: MiniLLM, num_blocks: int, block_size: int, attention_backend: str | None,
-                 compile: bool = False, fast_prefill: bool = False) -> None:
+                 compile: bool = False, fast_prefill: bool = False, cuda_graphs: bool = False,
+                 max_batch: int = 64) -> None:
         self.model = model
         self.fast_prefill = fast_prefill and not compile
         # chosen once: every step carries it (kernels load now, not inside the first step or a traced one)
-        self.attention = select_attention(attention_backend, model.device, model.dtype)
-        kernels.ops_available()
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
+        self.attention = select_attention(attention_backend, model.device, model.dtype, head_dim=model.config.head_dim)
+        if model.device.type == "cpu":
+            kernels.ops_available()
+        # CUDA graphs for decode steps: the Triton kernels take their sizes from the graph (a torch
+        # backend's row layout is sized per step), and RoPE must not depend on the sequence's length
+        graphs = (cuda_graphs and not compile and model.device.type == "cuda" and self.attention.name == "triton"
+                  and model.rope.switch_at is None)
+        # a graph's padding rows write their K/V to one block past those the block manager hands out
+        self.cache = allocate_cache(model, num_blocks + int(graphs), block_size)
         self.forward = model.forward
         if compile:
             # the other backends lay a packed step out as rows, whose width is known only at run time
@@ -41,6 +60,8 @@ class ModelRunner:
                 raise ValueError("compile=True needs the 'paged_cpu' attention backend (our C++ kernel: CPU, built "
                                  f"with g++); here: {self.attention.name!r} on {model.device.type}")
             self.forward = compile_step(model.forward, [*self.cache.k, *self.cache.v])
+        self.graphs = DecodeGraphs(self.forward, self.cache, self.attention, max_batch, model.config.max_seq_len,
+                                   num_blocks) if graphs else None
 
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -66,9 +87,14 @@ class ModelRunner:
         """Return, per sequence, (sampled token, its logprobs if asked) when it reached its last token,
         None for a prompt still being prefilled in chunks, and a RowError for a row whose logits came
         out non-finite."""
-        ids, plan = self.prepare(step)
-        with ggml.prefill_rows(plan.first_prompt_row if self.fast_prefill else -1):
-            logits = self.forward(ids, plan, last_token_only=True)
+        seqs = step.seqs
+        if self.graphs is not None and max(step.num_tokens) == 1 and self.graphs.fits(len(seqs), max(map(len, seqs))):
+            logits = self.graphs.run([s.token_ids[s.num_computed] for s in seqs], [s.num_computed for s in seqs],
+                                     [s.block_table for s in seqs])
+        else:
+            ids, plan = self.prepare(step)
+            with ggml.prefill_rows(plan.first_prompt_row if self.fast_prefill else -1):
+                logits = self.forward(ids, plan, last_token_only=True)
         out: list[tuple[int, TokenLogprobs | None] | RowError | None] = [None] * len(step.seqs)
         rows = [i for i, done in enumerate(step.samples) if done]
         if not rows:

@@ -47,15 +47,17 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     """Load a GGUF file or a Hugging Face folder (config.json + safetensors); None is the bundled model.
 
     dtype None: a GGUF file on the CPU keeps its quantized blocks and computes with our kernels
-    (float32 activations), as llama.cpp does; anything else is loaded in float32. A dtype
-    ("float32", "bfloat16") dequantizes every weight to it (float32: the HF-parity setting)."""
+    (float32 activations), as llama.cpp does; anything else is loaded in float32 on the CPU and in
+    bfloat16 on a GPU. A dtype ("float32", "bfloat16", ...) converts every weight to it (float32 on
+    the CPU: the HF-parity setting)."""
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise ModelLoadError(f"no such model file or folder: {path}")
     checkpoint = HFCheckpoint(path) if path.is_dir() else GGUFCheckpoint(path)
     quantized = (dtype is None and isinstance(checkpoint, GGUFCheckpoint) and torch.device(device).type == "cpu"
                  and kernels.ops_available())
-    config = checkpoint.model_config("float32" if dtype is None else dtype)
+    default = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    config = checkpoint.model_config(default if dtype is None else dtype)
     names = checkpoint.canonical_names(config.num_layers)
     with tqdm(total=config.num_layers, desc=f"Loading {path.name}", unit="layer", disable=not progress,
               leave=False) as bar:
