@@ -156,6 +156,21 @@ def bench_batch1(model, weight_bytes: int, bandwidth: float) -> list[dict]:
     return rows
 
 
+def profile_eager_decode(model, out: Path) -> None:
+    """Where an eager (no CUDA graph) batch-1 decode token's time goes: PyTorch's profiler, top ops by
+    self CPU time, written to out/eager_profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = engine(model, False, 1, gpu_memory_utilization=0.3)
+    prompt = list(range(1000, 1128))
+    timed_generate(eng, [prompt], [8])
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed_generate(eng, [prompt], [33])
+    text = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    (out / "eager_profile.txt").write_text(text)
+    print(text, flush=True)
+
+
 def workload(n: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
     """nano-vllm's bench: random prompts and output lengths, each uniform in 100..1024."""
     rng = random.Random(seed)
@@ -230,14 +245,16 @@ def main() -> None:
                 results["prefill"] = bench_prefill()
             elif section == "decode":
                 results["decode"] = bench_decode(bandwidth)
-            elif section in ("batch1", "throughput"):
+            elif section in ("batch1", "profile", "throughput"):
                 if not models:
                     from minillm.loading import load_checkpoint
 
                     folder = Path(tempfile.mkdtemp())
                     models["hf"] = qwen3_checkpoint(folder)
                     models["ours"] = load_checkpoint(folder, device="cuda", progress=False).model
-                if section == "batch1":
+                if section == "profile":
+                    profile_eager_decode(models["ours"], args.out)
+                elif section == "batch1":
                     ours = models["ours"]
                     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
                     results["batch1"] = bench_batch1(ours, weight_bytes, bandwidth)

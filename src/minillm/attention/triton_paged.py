@@ -50,6 +50,31 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, seq, kv_head, pos, seqlen, qk_scale, max_pages,
+                 k_start, page: tl.constexpr, num_kv_heads: tl.constexpr, dim: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of keys into the online softmax; MASKED: apply the causal and length masks (only the
+    tiles on a query tile's diagonal need them)."""
+    keys = k_start + tl.arange(0, BLOCK_N)
+    key_ok = keys < seqlen
+    d = tl.arange(0, dim)
+    slot = tl.load(table_ptr + seq * max_pages + keys // page, mask=key_ok, other=0) * page + keys % page
+    kv_off = (slot * num_kv_heads + kv_head)[:, None] * dim + d[None, :]
+    k = tl.load(k_ptr + kv_off, mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=key_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where((keys[None, :] <= pos[:, None]) & key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    p = tl.exp2(s - shift[:, None])
+    rescale = tl.exp2(m_i - shift)
+    l_i = l_i * rescale + tl.sum(p, 1)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["max_pages"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, table_ptr, seqlens_ptr, starts_ptr, qk_scale,
                     max_pages, page: tl.constexpr, num_heads: tl.constexpr, num_kv_heads: tl.constexpr,
                     dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -69,24 +94,15 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, table_ptr, seqlens_pt
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, dim], tl.float32)
-    last = tl.minimum(seqlen, seqlen - n_q + (tile + 1) * BLOCK_M)  # keys past the tile's last query: skipped
-    for k_start in range(0, last, BLOCK_N):
-        keys = k_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < seqlen
-        slot = tl.load(table_ptr + seq * max_pages + keys // page, mask=key_ok, other=0) * page + keys % page
-        kv_off = (slot * num_kv_heads + kv_head)[:, None] * dim + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = (keys[None, :] <= pos[:, None]) & key_ok[None, :] & row_ok[:, None]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        p = tl.exp2(s - shift[:, None])
-        rescale = tl.exp2(m_i - shift)
-        l_i = l_i * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    first_pos = seqlen - n_q + tile * BLOCK_M
+    visible_to_all = (first_pos + 1) // BLOCK_N * BLOCK_N  # key tiles every query of this tile sees whole
+    for k_start in range(0, visible_to_all, BLOCK_N):
+        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, seq, kv_head, pos, seqlen, qk_scale,
+                                     max_pages, k_start, page, num_kv_heads, dim, BLOCK_N, False, PRECISION)
+    last = tl.minimum(seqlen, first_pos + BLOCK_M)  # keys past the tile's last query: skipped
+    for k_start in range(visible_to_all, last, BLOCK_N):
+        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, seq, kv_head, pos, seqlen, qk_scale,
+                                     max_pages, k_start, page, num_kv_heads, dim, BLOCK_N, True, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_rows = (start + rows) * num_heads + head
     tl.store(out_ptr + out_rows[:, None] * dim + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -99,7 +115,8 @@ def prefill_tiles(dim: int, device: torch.device) -> tuple[int, int, int, int]:
     the CPU interpreter (where tile size only costs time)."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    return (128, 64, 8, 3) if dim <= 128 else (64, 32, 8, 2)
+    # the fastest of those tried on an H200 (benchmarks/results/gpu/gpu.md)
+    return (64, 64, 4, 3) if dim <= 64 else (128, 128, 8, 3) if dim <= 128 else (64, 32, 8, 2)
 
 
 def paged_prefill(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seqlens: Tensor,
@@ -121,7 +138,7 @@ def paged_prefill(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor
     return out, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_pages", "num_splits"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, part_lse_ptr, table_ptr, seqlens_ptr, qk_scale, max_pages,
                    num_splits, page: tl.constexpr, num_heads: tl.constexpr, num_kv_heads: tl.constexpr,
                    dim: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, MIN_KEYS: tl.constexpr,
@@ -188,9 +205,9 @@ MIN_KEYS_PER_SPLIT = 128
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_seqlen: int, device: torch.device) -> int:
-    """How many ranges to split the keys into: enough programs to fill the GPU (two per multiprocessor)
+    """How many ranges to split the keys into: enough programs to fill the GPU (four per multiprocessor)
     when batch x KV heads alone do not, never ranges under MIN_KEYS_PER_SPLIT keys, at most 64."""
-    units = torch.cuda.get_device_properties(device).multi_processor_count * 2 if device.type == "cuda" else 8
+    units = torch.cuda.get_device_properties(device).multi_processor_count * 4 if device.type == "cuda" else 8
     return max(1, min(64, triton.cdiv(max(max_seqlen, 1), MIN_KEYS_PER_SPLIT), triton.cdiv(units, batch * num_kv_heads)))
 
 

@@ -18,9 +18,12 @@ def step_peak_bytes(model: MiniLLM, attention: AttentionBackend, tokens: int, ba
     """Peak memory of one step of `tokens` prompt tokens over a scratch cache, plus `batch` rows of
     float32 logits three times over (logits, penalties, softmax while sampling)."""
     device = model.device
-    pages = -(-tokens // block_size)
-    cache = PagedKVCache(model.config, pages, block_size, dtype=model.dtype, device=device)
-    plan = cache.plan([list(range(pages))], [0], [tokens], attention)
+    # as prompts of at most the model's context (positions past it have no RoPE)
+    counts = [min(model.config.max_seq_len, tokens - at) for at in range(0, tokens, model.config.max_seq_len)]
+    pages = [-(-n // block_size) for n in counts]
+    cache = PagedKVCache(model.config, sum(pages), block_size, dtype=model.dtype, device=device)
+    starts = [sum(pages[:i]) for i in range(len(pages))]
+    plan = cache.plan([list(range(s, s + n)) for s, n in zip(starts, pages)], [0] * len(counts), counts, attention)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
