@@ -118,3 +118,34 @@ def test_static_decode_inputs_give_the_planned_steps_logits(tiny_model):
     assert (logits[:2] - expected).abs().max() <= 1e-5
     written = [(pool != old).any(dim=(1, 2, 3)).nonzero().flatten().tolist() for pool, old in zip(cache.k, before)]
     assert written == [[1, 5, 8]] * len(cache.k)  # the two sequences' current blocks, and the scratch block
+
+
+@pytest.mark.parametrize("norms", [False, True])
+def test_rope_cache_write_matches_the_pytorch_path(norms):
+    """The fused Triton RoPE + cache write (triton_rope.py) against model/rope.py's rotation, RMSNorm
+    (Qwen3's q/k norms) and the paged write, GQA heads, tokens scattered over the pool."""
+    from minillm.attention.triton_rope import rope_cache_write
+    from minillm.model.norm import RMSNorm
+    from minillm.model.rope import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(5)
+    n, hq, hkv, dim = 5, 4, 2, 32
+    qkv = torch.randn(n, (hq + 2 * hkv) * dim, generator=g)
+    cos, sin = RotaryEmbedding(dim, 64, 10000.0).tables(torch.tensor([0, 3, 9, 1, 40]))
+    slots = torch.tensor([7, 0, 12, 3, 30])
+    pools = [torch.zeros(8, 4, hkv, dim) for _ in range(4)]
+    q_norm, k_norm = RMSNorm(dim, 1e-6), RMSNorm(dim, 1e-6)
+    with torch.no_grad():
+        q_norm.weight.normal_(1.0, 0.3, generator=g), k_norm.weight.normal_(1.0, 0.3, generator=g)
+    weights = (q_norm.weight.detach(), k_norm.weight.detach(), 1e-6) if norms else ()
+    q = rope_cache_write(qkv, cos, sin, pools[0], pools[1], slots, hq, hkv, *weights)
+    ref_q, ref_k, v = qkv.split([hq * dim, hkv * dim, hkv * dim], dim=-1)
+    ref_q, ref_k = ref_q.reshape(n, hq, dim), ref_k.reshape(n, hkv, dim)
+    with torch.no_grad():
+        if norms:
+            ref_q, ref_k = q_norm(ref_q), k_norm(ref_k)
+    ref_q, ref_k = apply_rotary(ref_q, cos, sin), apply_rotary(ref_k, cos, sin)
+    pools[2].view(-1, hkv, dim)[slots] = ref_k
+    pools[3].view(-1, hkv, dim)[slots] = v.reshape(n, hkv, dim)
+    assert (q - ref_q).abs().max() <= 1e-5
+    assert (pools[0] - pools[2]).abs().max() <= 1e-5 and torch.equal(pools[1], pools[3])

@@ -58,6 +58,9 @@ class AttentionBackend:
     # float32 on CPU with our kernels: RoPE and the cache write run as one op before the paged kernel,
     # and a layer whose weights are all GGUF blocks runs as one op (kernels/csrc/decoder_layer.cpp)
     fused_cpu: bool = False
+    # (qkv, cos, sin, k_pool, v_pool, slots, Hq, Hkv, q_norm, k_norm, eps) -> q: q/k norms, RoPE and the
+    # cache write in one kernel (the Triton backend's, triton_rope.py)
+    rope_write: Callable[..., Tensor] | None = None
 
 
 def select_attention(backend: str | None, device: str | torch.device, dtype: torch.dtype, tile_size: int = 128,
@@ -80,9 +83,11 @@ def select_attention(backend: str | None, device: str | torch.device, dtype: tor
             from . import triton_paged
         except ImportError:
             raise ValueError("the 'triton' attention backend needs triton: pip install -e \".[gpu]\"") from None
+        from .triton_rope import rope_cache_write
+
         if head_dim is not None:
             triton_paged.check_supported(head_dim, dtype)
-        return AttentionBackend(name, partial(_triton, triton_paged))
+        return AttentionBackend(name, partial(_triton, triton_paged), rope_write=rope_cache_write)
     if name == "flash":
         return AttentionBackend(name, partial(_flash, tile_size))
     return AttentionBackend(name, partial(_gathered, sdpa_attention if name == "sdpa" else standard_attention))

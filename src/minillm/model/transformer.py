@@ -62,6 +62,10 @@ class Attention(nn.Module):
         if step.attention.fused_cpu and self.q_norm is None:  # the same as below in one kernel call (~30 small ops)
             q = torch.ops.minillm.rope_cache_write(qkv, cos, sin, k_pool, v_pool, step.slot_index,
                                                    self.num_heads, self.num_kv_heads)
+        elif step.attention.rope_write is not None:  # likewise on a GPU, the q/k norms included
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else ()
+            q = step.attention.rope_write(qkv, cos, sin, k_pool, v_pool, step.slot_index, self.num_heads,
+                                          self.num_kv_heads, *norms)
         else:
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
