@@ -74,7 +74,7 @@ def bench_prefill(total: int = 16384) -> list[dict]:
                     tried[tiles] = (do_bench(fn), err)
                 except Exception as error:  # a tile shape that does not fit this dim's shared memory
                     print(f"prefill tiles {tiles} dim {dim}: {type(error).__name__}: {str(error)[:200]}")
-            default = prefill_tiles(dim, CUDA)
+            default = prefill_tiles(dim, CUDA, n)
             best = min(tried, key=lambda t: tried[t][0])
             row = {"head_dim": dim, "heads": heads, "seq_len": n, "batch": batch, "sdpa_ms": sdpa_ms,
                    "sdpa_tflops": flops / sdpa_ms / 1e9, "default_tiles": list(default),

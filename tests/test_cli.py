@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minillm import SamplingParams
 
@@ -37,6 +38,9 @@ def test_chat_reads_piped_lines_and_keeps_history(smollm):
     (["generate", "hi", "--model", "/no/such.gguf"], "no such model file"),
     (["generate", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
     (["generate", "hi", "--max-tokens", "9000"], "beyond the model's context"),
+    (["generate", "hi", "--device", "tpu"], "unknown device 'tpu'"),
+    *([(["generate", "hi", "--device", "cuda"], "PyTorch sees no CUDA GPU here")] if not torch.cuda.is_available() else []),
+    (["serve", "--device", "cuda:7"], "cuda" if not torch.cuda.is_available() else "CUDA GPU(s)"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     result = run(*args)

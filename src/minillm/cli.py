@@ -16,10 +16,16 @@ from .text.unicode import check_text
 def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a GGUF file or a Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dequantize every weight to this dtype (float32: the setting that matches HF transformers "
                              "exactly). Default: a GGUF file computes with its own quantized blocks (our C++ kernels, "
-                             "the fastest), other checkpoints in float32")
+                             "the fastest), other checkpoints in float32; bfloat16 on a GPU")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), or cuda / cuda:N: a GPU, with our Triton kernels and CUDA graphs "
+                             "(pip install -e \".[gpu]\")")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="on a GPU: the fraction of its memory the engine may take; the KV cache gets what the "
+                             "weights and one step leave of it (default 0.9)")
     parser.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES,
                         help="gguf: insist on a GGUF file's own blocks (the default for GGUF files); int8/int4: "
                              "weight-only, re-quantized from float")
@@ -94,8 +100,9 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _load(args: argparse.Namespace):
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, progress=sys.stderr.isatty(),
-               compile=args.compile, fast_prefill=args.fast_prefill)
+    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+               progress=sys.stderr.isatty(), compile=args.compile, fast_prefill=args.fast_prefill,
+               gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -159,7 +166,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .loading import default_model_path
+    from .loading import check_device, default_model_path
     from .server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -179,8 +186,14 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     name = args.served_model_name or path.stem
-    options = {"dtype": args.dtype, "quantization": args.quantization, "max_num_seqs": args.max_concurrency,
-               "compile": args.compile, "fast_prefill": args.fast_prefill}
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        print(f"minillm: error: {err}", file=sys.stderr)
+        return 1
+    options = {"dtype": args.dtype, "device": args.device, "quantization": args.quantization,
+               "max_num_seqs": args.max_concurrency, "compile": args.compile, "fast_prefill": args.fast_prefill,
+               "gpu_memory_utilization": args.gpu_memory_utilization}
     app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
                      stream_timeout=args.stream_timeout)
     try:

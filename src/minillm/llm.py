@@ -43,12 +43,13 @@ class LLM:
                  **engine_options: Any) -> None:
         """dtype None (the default): a GGUF file computes with its own quantized blocks through our C++
         kernels (float32 activations and KV cache; the fastest setting, as llama.cpp runs the file),
-        other checkpoints in float32. dtype "float32" or "bfloat16": every weight dequantized to it;
-        float32 is the setting whose greedy tokens equal HF transformers'. quantization: None, "gguf"
-        (insists on the file's blocks: a GGUF file, dtype None) or "int8" / "int4" (weight-only,
-        re-quantized from float; see minillm.quantization). engine_options: the fields of
-        `EngineConfig` (block_size, kv_cache_memory in bytes, max_num_seqs, max_num_batched_tokens,
-        enable_prefix_caching, attention_backend, compile, fast_prefill)."""
+        other checkpoints in float32; on a GPU (device "cuda"), bfloat16. dtype "float32" or "bfloat16":
+        every weight dequantized to it; float32 is the setting whose greedy tokens equal HF transformers'.
+        quantization: None, "gguf" (insists on the file's blocks: a GGUF file, dtype None) or "int8" /
+        "int4" (weight-only, re-quantized from float; see minillm.quantization). engine_options: the
+        fields of `EngineConfig` (block_size, kv_cache_memory in bytes, gpu_memory_utilization,
+        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, attention_backend, compile,
+        cuda_graphs, fast_prefill)."""
         if quantization == "gguf" and dtype is not None:
             raise ValueError("quantization='gguf' computes with the file's blocks in float32; leave dtype unset")
         if quantization not in (None, *QUANTIZATION_MODES):

@@ -110,13 +110,17 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, table_ptr, seqlens_pt
     tl.store(lse_ptr + out_rows, tl.where(l_i == 0.0, float("-inf"), lse), mask=row_ok)
 
 
-def prefill_tiles(dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim: large tiles on a GPU, small ones for
-    the CPU interpreter (where tile size only costs time)."""
+def prefill_tiles(dim: int, device: torch.device, max_query_len: int = 0) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim and the step's longest chunk: large tiles
+    on a GPU, small ones for the CPU interpreter (where tile size only costs time)."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    # the fastest of those tried on an H200 (benchmarks/results/gpu/gpu.md)
-    return (64, 64, 4, 3) if dim <= 64 else (128, 128, 8, 3) if dim <= 128 else (64, 32, 8, 2)
+    # the fastest of those tried on an H200 (benchmarks/results/gpu_h200/run2_kernels.md)
+    if dim <= 64:
+        return 64, 64, 4, 3
+    if dim <= 128:
+        return (128, 32, 4, 3) if max_query_len <= 1024 else (128, 128, 8, 3)
+    return 64, 32, 8, 2
 
 
 def paged_prefill(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seqlens: Tensor,
@@ -128,7 +132,7 @@ def paged_prefill(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor
     _check(q, k_pool)
     n, num_heads, dim = q.shape
     _, page, num_kv_heads, _ = k_pool.shape
-    block_m, block_n, warps, stages = tiles or prefill_tiles(dim, q.device)
+    block_m, block_n, warps, stages = tiles or prefill_tiles(dim, q.device, max_query_len)
     out = torch.empty_like(q)
     lse = torch.empty(n, num_heads, dtype=torch.float32, device=q.device)
     grid = (block_table.shape[0], num_heads, triton.cdiv(max(max_query_len, 1), block_m))

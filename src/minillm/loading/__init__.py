@@ -50,6 +50,7 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     (float32 activations), as llama.cpp does; anything else is loaded in float32 on the CPU and in
     bfloat16 on a GPU. A dtype ("float32", "bfloat16", ...) converts every weight to it (float32 on
     the CPU: the HF-parity setting)."""
+    check_device(device)
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise ModelLoadError(f"no such model file or folder: {path}")
@@ -70,6 +71,21 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     return LoadedModel(model, tokenizer, eos, path.name, quantized)
 
 
+def check_device(device: str | torch.device) -> None:
+    """A device the engine runs on and this machine has: the CPU, or a CUDA GPU that PyTorch sees."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: MiniLLM runs on 'cpu' or 'cuda' ('cuda:N')")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: PyTorch sees no CUDA GPU here (torch {torch.__version__}; a CPU build "
+                         "of torch, or no driver)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer | None, list[int]]:
     """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model)."""
     path = default_model_path() if path is None else Path(path)
@@ -87,4 +103,4 @@ def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[T
     return tokenizer, tokenizer.eos_token_ids if tokenizer else eos
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_checkpoint", "load_tokenizer"]
+__all__ = ["LoadedModel", "ModelLoadError", "check_device", "default_model_path", "load_checkpoint", "load_tokenizer"]
