@@ -186,3 +186,12 @@ def test_one_op_layers_compute_the_same_bits_as_the_modules(smollm):
         for layer in smollm.model.layers:
             layer.one_op = True
     assert len(fused) == 24 and fused == modules
+
+
+def test_engine_sizes_default_by_device():
+    """Unset sizes are filled in for the device (CPU: 64 sequences, 512 tokens a step; GPU: 256, 16384);
+    sizes given are kept."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (EngineConfig().for_device(cpu).max_num_seqs, EngineConfig().for_device(cpu).max_num_batched_tokens) == (64, 512)
+    assert (EngineConfig().for_device(gpu).max_num_seqs, EngineConfig().for_device(gpu).max_num_batched_tokens) == (256, 16384)
+    assert EngineConfig(max_num_seqs=3, max_num_batched_tokens=7).for_device(gpu).max_num_seqs == 3

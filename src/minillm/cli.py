@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stream-timeout", type=float, default=30.0,
                        help="abort a stream whose client has read nothing for this many seconds once its buffer "
                             "(64 outputs) is full; it is paused meanwhile (default 30)")
-    serve.add_argument("--max-concurrency", type=positive_int, default=64, help="sequences batched at once (more wait)")
+    serve.add_argument("--max-concurrency", type=positive_int, default=None,
+                       help="sequences batched at once; more wait (default 64 on CPU, 256 on a GPU)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
     bench = commands.add_parser("bench", help="benchmarks (default: prefill/decode speed vs HF transformers)",
                                 add_help=False)

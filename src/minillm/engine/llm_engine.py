@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -106,16 +106,26 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the paged K/V pools; None: 1 GiB on CPU, on a GPU
     gpu_memory_utilization: float = 0.9  # ... what this fraction of the card leaves (engine/gpu_memory.py)
-    max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 512  # tokens in one step: every decode token plus prompt chunks
+    # sequences running at once, and tokens in one step (every decode token plus prompt chunks);
+    # None: 64 and 512 on CPU, 256 and 16384 on a GPU (vLLM's range; what the H200 figures used)
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
-    attention_backend: str | None = None  # None: "paged_cpu" (our C++ kernel) where it runs, else "sdpa"
+    # None: "paged_cpu" (our C++ kernel) where it runs, "triton" on a GPU with triton, else "sdpa"
+    attention_backend: str | None = None
     compile: bool = False  # torch.compile the step (engine/compiled_step.py), at start-up
     cuda_graphs: bool = True  # on a GPU: decode steps replayed from CUDA graphs (engine/cuda_graphs.py)
     # GGUF blocks on an AVX512-BF16 CPU: prompt chunks of 64+ tokens as bf16 GEMMs (prefill ~2.2x faster
     # at 512 tokens), at the price of exactness: a prompt's bits then depend on how it was chunked and
     # batched (decode tokens still take the exact int8 kernel). Off: batched equals alone, bit for bit.
     fast_prefill: bool = False
+
+    def for_device(self, device: torch.device) -> EngineConfig:
+        """The sizes left unset, filled in for the device the engine runs on."""
+        gpu = device.type == "cuda"
+        return replace(self, max_num_seqs=(256 if gpu else 64) if self.max_num_seqs is None else self.max_num_seqs,
+                       max_num_batched_tokens=(16384 if gpu else 512) if self.max_num_batched_tokens is None
+                       else self.max_num_batched_tokens)
 
 
 class LLMEngine:
@@ -124,7 +134,7 @@ class LLMEngine:
         tune_allocator()
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = list(eos_token_ids)
-        self.config = config = config or EngineConfig()
+        self.config = config = (config or EngineConfig()).for_device(model.device)
         block_bytes = bytes_per_block(model.config, config.block_size, model.dtype)
         kv_bytes = config.kv_cache_memory
         if kv_bytes is None:
