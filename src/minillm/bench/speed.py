@@ -66,13 +66,30 @@ def _measure(run: Callable[[int, int, int], None], batches: list[int], runs: int
     return out
 
 
-def bench_minillm(llm: LLM, batches: list[int], runs: int) -> dict:
+def minillm_runner(llm: LLM) -> Callable[[int, int, int], None]:
     vocab = llm.config.vocab_size
 
     def run(batch: int, length: int, new: int) -> None:
         llm.generate(prompts(batch, length, vocab), SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
 
-    return _measure(run, batches, runs)
+    return run
+
+
+def bench_minillm(llm: LLM, batches: list[int], runs: int) -> dict:
+    return _measure(minillm_runner(llm), batches, runs)
+
+
+def paired_decode(runners: dict[str, Callable[[int, int, int], None]], rounds: int) -> dict[str, list[float]]:
+    """Batch-1 decode tokens/s of several engines measured in turn, round after round: on a machine whose
+    speed drifts within minutes (these VMs), a ratio of figures taken minutes apart says little, a ratio
+    within one round says more."""
+    out: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            first = median_time(lambda: run(1, PROMPT_TOKENS, 1), 1)
+            total = median_time(lambda: run(1, PROMPT_TOKENS, DECODE_TOKENS), 1)
+            out[name].append((DECODE_TOKENS - 1) / max(total - first, 1e-9))
+    return out
 
 
 def bench_hf(model, batches: list[int], runs: int, vocab: int) -> dict:
@@ -85,11 +102,7 @@ def bench_hf(model, batches: list[int], runs: int, vocab: int) -> dict:
     return _measure(run, batches, runs)
 
 
-def bench_llama_cpp(path: Path, runs: int, threads: int) -> dict:
-    """llama.cpp on the same GGUF file, same thread count; batch 1 only (llama-cpp-python's API decodes
-    one sequence). Weights read per token: every tensor's stored bytes (the tied head is the Q8_0
-    embedding, read whole)."""
-    import gguf
+def llama_cpp_runner(path: Path, threads: int) -> Callable[[int, int, int], None]:
     from llama_cpp import Llama
 
     model = Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=PREFILL_TOKENS + DECODE_TOKENS + 16,
@@ -102,7 +115,16 @@ def bench_llama_cpp(path: Path, runs: int, threads: int) -> dict:
         for _ in range(new - 1):  # greedy: the argmax of the last logits, fed back
             model.eval([int(model.scores[model.n_tokens - 1].argmax())])
 
-    figures = _measure(run, [], runs)
+    return run
+
+
+def bench_llama_cpp(path: Path, runs: int, threads: int) -> dict:
+    """llama.cpp on the same GGUF file, same thread count; batch 1 only (llama-cpp-python's API decodes
+    one sequence). Weights read per token: every tensor's stored bytes (the tied head is the Q8_0
+    embedding, read whole)."""
+    import gguf
+
+    figures = _measure(llama_cpp_runner(path, threads), [], runs)
     reader = gguf.GGUFReader(path)
     figures["weight_bytes"] = sum(int(t.n_bytes) for t in reader.tensors)
     return figures
@@ -150,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "int8 or int4, each optionally :compile and/or :fast_prefill (default: default float32)")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[4, 16, 32])
     parser.add_argument("--runs", type=positive_int, default=3)
+    parser.add_argument("--paired-rounds", type=positive_int, default=5,
+                        help="rounds of batch-1 decode, default and llama.cpp in turn (default 5)")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--out", default="benchmarks/results", help="folder for speed.json/.md/.png")
@@ -194,6 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
             results["llama_cpp"] = "not installed (see docs/BENCHMARKS.md: pip install 'minillm[llama-cpp]')"
         else:
             engines["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(path, args.runs, threads)
+            if ("default", set()) in specs:
+                rounds = paired_decode({"default": minillm_runner(load_engine(path, "default", set())),
+                                        "llama.cpp": llama_cpp_runner(path, threads)}, args.paired_rounds)
+                ratios = sorted(a / b for a, b in zip(rounds["default"], rounds["llama.cpp"]))
+                results["paired_b1"] = {**rounds, "ratio_median": ratios[len(ratios) // 2]}
     steps.update()
     # Measured last: streaming a 1 GiB buffer first was seen to slow every later decode by ~30 %.
     results["machine_bandwidth_gb_s"] = machine_bandwidth() / 1e9
@@ -221,13 +250,19 @@ def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
                      *(f"{f[f'decode_b{b}_tok_s']:.1f}" if f"decode_b{b}_tok_s" in f else "—" for b in batches),
                      f"{f['weight_bytes'] / 1e6:.0f}", f"{f['bandwidth_gb_s']:.1f}",
                      f"{f['compile_s']:.0f}" if f.get("compile_s") else "—"])
-    lines = [*heading("`minillm bench`", description, results["env"], f"minillm bench --engines {' '.join(args.engines)}"),
+    lines = [*heading("`minillm bench`", description, results["env"], f"minillm bench --engines {' '.join(args.engines)} --batch-sizes {' '.join(map(str, args.batch_sizes))}"),
              *table(header, rows)]
     if "greedy_matches_hf_float32" in results:
         lines += ["", f"Greedy tokens of MiniLLM float32 equal HF transformers' (32 tokens): "
                       f"**{results['greedy_matches_hf_float32']}**."]
     if "llama_cpp" in results:
         lines += ["", f"llama.cpp: {results['llama_cpp']}."]
+    if "paired_b1" in results:
+        paired = results["paired_b1"]
+        lines += ["", f"Batch-1 decode, MiniLLM default and llama.cpp measured in turn ({len(paired['default'])} rounds, "
+                      f"tok/s): default {', '.join(f'{v:.1f}' for v in paired['default'])}; llama.cpp "
+                      f"{', '.join(f'{v:.1f}' for v in paired['llama.cpp'])}; median ratio of a round "
+                      f"**{paired['ratio_median']:.2f}x**."]
 
     def plot(plt):
         fig, ax = plt.subplots(figsize=(7, 4.5))
