@@ -242,14 +242,19 @@ def test_qwen3_from_hf_and_gguf(tmp_path):
     assert not blocks.layers[0].one_op and long_diff(blocks, reference) <= 0.05
 
 
-def test_qwen3_batched_equals_alone(tmp_path):
+def assert_batched_equals_alone(model, prompts: list[list[int]], steps: int) -> None:
+    """Greedy tokens of the prompts generated together equal each prompt's alone."""
     from minillm import TextGenerator
 
+    gen = TextGenerator(model)
+    batched = gen.generate(prompts, max_new_tokens=steps, temperature=0)
+    assert [b.token_ids for b in batched] == [gen.generate(p, max_new_tokens=steps, temperature=0).token_ids for p in prompts]
+
+
+def test_qwen3_batched_equals_alone(tmp_path):
     hf_model("qwen3").save_pretrained(tmp_path, safe_serialization=True)
-    gen = TextGenerator(load_checkpoint(tmp_path, progress=False).model)
     prompts = [LONG[0, :40].tolist(), LONG[0, 50:57].tolist(), LONG[0, :3].tolist()]
-    batched = gen.generate(prompts, max_new_tokens=12, temperature=0)
-    assert [b.token_ids for b in batched] == [gen.generate(p, max_new_tokens=12, temperature=0).token_ids for p in prompts]
+    assert_batched_equals_alone(load_checkpoint(tmp_path, progress=False).model, prompts, 12)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -266,13 +271,9 @@ def test_mistral_sliding_window_matches_transformers(tmp_path, dtype):
 
 
 def test_mistral_window_batched_equals_alone(tmp_path):
-    from minillm import TextGenerator
-
     hf_model("mistral", sliding_window=8).save_pretrained(tmp_path, safe_serialization=True)
-    gen = TextGenerator(load_checkpoint(tmp_path, progress=False).model)
     prompts = [LONG[0, :40].tolist(), LONG[0, 50:53].tolist(), LONG[0, :20].tolist()]
-    batched = gen.generate(prompts, max_new_tokens=16, temperature=0)
-    assert [b.token_ids for b in batched] == [gen.generate(p, max_new_tokens=16, temperature=0).token_ids for p in prompts]
+    assert_batched_equals_alone(load_checkpoint(tmp_path, progress=False).model, prompts, 16)
 
 
 def test_phi3_fused_weights(tmp_path):
@@ -364,12 +365,7 @@ def test_gemma2_on_every_attention_backend_and_batched(tmp_path):
         expected = hf(LONG[:, :70]).logits
         for backend in ("paged_cpu", "flash", "sdpa", "standard"):
             assert (loaded(LONG[:, :70], attention_backend=backend) - expected).abs().max().item() <= 1e-4, backend
-    from minillm import TextGenerator
-
-    gen = TextGenerator(loaded)
-    prompts = [LONG[0, :40].tolist(), LONG[0, 50:53].tolist(), LONG[0, :20].tolist()]
-    batched = gen.generate(prompts, max_new_tokens=12, temperature=0)
-    assert [b.token_ids for b in batched] == [gen.generate(p, max_new_tokens=12, temperature=0).token_ids for p in prompts]
+    assert_batched_equals_alone(loaded, [LONG[0, :40].tolist(), LONG[0, 50:53].tolist(), LONG[0, :20].tolist()], 12)
 
 
 def test_gemma3_text_matches_transformers(tmp_path):
