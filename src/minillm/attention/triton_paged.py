@@ -14,6 +14,8 @@ is unreliable, so tests use float32 there). `triton` is an optional dependency (
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -208,10 +210,15 @@ def _reduce_kernel(part_ptr, part_lse_ptr, out_ptr, num_splits, dim: tl.constexp
 MIN_KEYS_PER_SPLIT = 128
 
 
+@functools.cache
+def _multiprocessors(index: int | None) -> int:  # asked once, not per layer per step
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def decode_splits(batch: int, num_kv_heads: int, max_seqlen: int, device: torch.device) -> int:
     """How many ranges to split the keys into: enough programs to fill the GPU (four per multiprocessor)
     when batch x KV heads alone do not, never ranges under MIN_KEYS_PER_SPLIT keys, at most 64."""
-    units = torch.cuda.get_device_properties(device).multi_processor_count * 4 if device.type == "cuda" else 8
+    units = _multiprocessors(device.index) * 4 if device.type == "cuda" else 8
     return max(1, min(64, triton.cdiv(max(max_seqlen, 1), MIN_KEYS_PER_SPLIT), triton.cdiv(units, batch * num_kv_heads)))
 
 

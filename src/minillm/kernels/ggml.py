@@ -137,9 +137,9 @@ def decoder_layer(block: nn.Module, x: Tensor, ctx) -> Tensor:
     StepContext), as one C++ op (csrc/decoder_layer.cpp): the same kernels in the same order, so the
     same bits, without ~10 Python module calls and op dispatches a layer. The layer's own arguments are
     gathered once (~20 module attribute lookups a call were ~1 ms of a 8 ms decode token)."""
-    layer = block.__dict__.get("_one_op")  # a plain attribute: no nn.Module __getattr__ on the hot path
+    layer = block.__dict__.get("_one_op_arguments")  # a plain attribute: no nn.Module __getattr__ on the hot path
     if layer is None:
-        layer = block._one_op = _layer_arguments(block)
+        layer = block._one_op_arguments = _layer_arguments(block)
     index, weights, sizes = layer
     step = ctx.step
     return torch.ops.minillm.decoder_layer(
