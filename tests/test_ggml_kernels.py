@@ -100,8 +100,9 @@ def test_swiglu_and_stacked_mixed_types(isa):
 
 
 def test_embedding_rows_dequantized():
-    raw = random_blocks(ggml.Q8_0, 50, 64)
-    table = ggml.GGMLEmbedding(torch.from_numpy(raw), ggml.Q8_0, 64)
+    raw = random_blocks(ggml.Q8_0, 50, 64)  # three groups of 16 rows and a last one of 2
+    rows, fmt = ggml.kernel_weights([(raw, ggml.Q8_0)])
+    table = ggml.GGMLEmbedding(torch.from_numpy(rows), fmt, 64)
     ids = torch.tensor([[3, 49, 0]])
     np.testing.assert_array_equal(table(ids)[0].double().numpy(), reference_weight(raw, ggml.Q8_0)[[3, 49, 0]])
     with pytest.raises(RuntimeError, match="outside"):
@@ -166,7 +167,7 @@ def test_fused_rope_and_cache_write_match_pytorch():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q6_K"])
 def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
-    """Rows are tiled 4 at a time; a token's output must not depend on its neighbours (batched == alone)."""
+    """Tokens are tiled 4 at a time; a token's output must not depend on its neighbours (batched == alone)."""
     kind = ggml.KERNEL_TYPES[name]
     rows, fmt = ggml.kernel_weights([(random_blocks(kind, 24, 768), kind)])  # 3 super-blocks of 256 = 24 blocks of 32
     layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 768)
@@ -175,6 +176,37 @@ def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
     full = layer(x)
     for start, end in [(0, 1), (3, 4), (2, 5), (1, 7)]:
         assert torch.equal(layer(x[start:end]), full[start:end])
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs only the portable path")
+@pytest.mark.parametrize("name", list(ggml.KERNEL_TYPES))
+def test_every_path_computes_the_same_bits(name):
+    """Portable, AVX2 and AVX-512 VNNI do the same integer dots and the same float operations per row, in
+    the same order: their outputs are equal, bit for bit (37 rows: two groups of 16 and one of 5)."""
+    kind = ggml.KERNEL_TYPES[name]
+    cols = 512 if gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] == 256 else 96
+    rows, fmt = ggml.kernel_weights([(random_blocks(kind, 37, cols, seed=11), kind)])
+    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, cols)
+    x = torch.randn(6, cols, generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    for isa in ISAS:
+        kernels.set_isa(isa)
+        outputs[isa] = layer(x)
+    for isa in ISAS[1:]:
+        assert torch.equal(outputs[isa], outputs["portable"]), isa
+
+
+def test_interleaved_layout():
+    """Row r, weights 4c..4c+3 of a block sit at lane r of code vector c, after the group's scale fields."""
+    raw = random_blocks(ggml.Q8_0, 18, 32)  # one block a row: a group of 16 and one of 2
+    tiles = ggml.interleave(raw, ggml.Q8_0)
+    group = tiles[:16].reshape(-1)
+    np.testing.assert_array_equal(group[:32].reshape(16, 2), raw[:16, :2])  # the 16 fp16 scales first
+    codes = (group[32:] ^ 0x80).reshape(8, 16, 4)  # then [vector][row][4 weights], stored plus 128
+    np.testing.assert_array_equal(codes.transpose(1, 0, 2).reshape(16, 32), raw[:16, 2:])
+    last = tiles[16:].reshape(-1)
+    np.testing.assert_array_equal(last[:4].reshape(2, 2), raw[16:, :2])
+    np.testing.assert_array_equal((last[4:] ^ 0x80).reshape(8, 2, 4).transpose(1, 0, 2).reshape(2, 32), raw[16:, 2:])
 
 
 needs_bf16_gemm = pytest.mark.skipif(

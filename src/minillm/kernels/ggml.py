@@ -1,11 +1,11 @@
-"""GGUF quantized weights computed in their own block layout, by our C++ kernels (csrc/ggml_matmul.cpp).
+"""GGUF quantized weights computed on their own blocks, by our C++ kernels (csrc/ggml_matmul.cpp).
 
-Q4_0, Q4_1 and Q8_0 rows are used byte for byte as the file stores them. Q4_K is repacked at load into
-blocks of 32 with a float32 scale and minimum (Q4F: each sub-block's 6-bit scale times the super-block
-scale, exactly); Q5_0, Q5_1, Q5_K and Q6_K into int8 codes with a float32 scale and minimum per 16
-weights (I8S16). Both repacks keep every weight's value exactly; they cost memory (6 and 12 bits per
-weight), not accuracy. Other types have no kernel: `ggml_linear_weights` returns None and the caller
-keeps a dequantized float layer.
+Q4_0, Q4_1 and Q8_0 keep the file's blocks. Q4_K is repacked at load into blocks of 32 with a float32
+scale and minimum (Q4F: each sub-block's 6-bit scale times the super-block scale, exactly); Q5_0, Q5_1,
+Q5_K and Q6_K into int8 codes with a float32 scale and minimum per 16 weights (I8S16). Both repacks keep
+every weight's value exactly; they cost memory (6 and 12 bits per weight), not accuracy. Then the blocks of
+every 16 rows are interleaved (`interleave`), so that the kernels compute 16 rows per vector instruction.
+Other types have no kernel: the caller keeps a dequantized float layer.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ KERNEL_TYPES = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_0": 
                 "Q5_K": Q5_K, "Q6_K": Q6_K}
 NATIVE = (Q4_0, Q4_1, Q8_0)  # computed on the file's own bytes
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4F: 24, I8S16: 48}
+HEADER_BYTES = {Q4_0: 2, Q4_1: 4, Q8_0: 2, Q4F: 8, I8S16: 16}  # scale fields of a block: fp16, or f32 in ours
+GROUP = 16  # rows interleaved together: one per lane of a 512-bit vector of int32
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -101,15 +103,41 @@ def encode(codes: np.ndarray, scale: np.ndarray, low: np.ndarray, fmt: int) -> n
     return np.concatenate([head.view(np.uint8), q.view(np.uint8)], axis=-1).reshape(rows, -1)
 
 
+def interleave(rows: np.ndarray, fmt: int) -> np.ndarray:
+    """Rows of blocks [rows, bytes] -> the kernels' layout, same shape: groups of 16 rows (the last one: the
+    rows left), block by block; a block's tile holds each scale field for the group's rows in turn, then the
+    codes as vectors of 4 consecutive weights of every row (int8 codes plus 128). See csrc/ggml_matmul.cpp."""
+    n, row_bytes = rows.shape
+    size, head = BLOCK_BYTES[fmt], HEADER_BYTES[fmt]
+    field = 4 if fmt in (Q4F, I8S16) else 2
+    vectors = 8 if fmt in (Q8_0, I8S16) else 4  # int8 codes: 32 bytes a block; nibbles: 16
+    nb = row_bytes // size
+    out = np.empty_like(rows)
+    full = n - n % GROUP
+    for start, stop, width in ((0, full, GROUP), (full, n, n - full)):
+        if stop == start:
+            continue
+        blocks = rows[start:stop].reshape(-1, width, nb, size)  # [groups, rows, blocks, bytes]
+        groups = blocks.shape[0]
+        scales = blocks[..., :head].reshape(groups, width, nb, head // field, field).transpose(0, 2, 3, 1, 4)
+        codes = blocks[..., head:].reshape(groups, width, nb, vectors, 4).transpose(0, 2, 3, 1, 4)
+        if vectors == 8:
+            codes = codes ^ np.uint8(0x80)
+        tiles = np.concatenate([scales.reshape(groups, nb, -1), codes.reshape(groups, nb, -1)], axis=2)
+        out[start:stop] = tiles.reshape(-1, row_bytes)
+    return out
+
+
 def kernel_weights(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, int]:
     """Blocks of one or more stacked tensors ([rows, bytes], GGML type) -> (the kernel's rows, its format).
-    Tensors of one native type are used as they are; otherwise each is repacked."""
+    Tensors of one native type keep their blocks; otherwise each is repacked. Then `interleave`d."""
     kinds = {kind for _, kind in parts}
     if len(kinds) == 1 and next(iter(kinds)) in NATIVE:
-        return np.concatenate([raw for raw, _ in parts]), next(iter(kinds))
-    fmt = Q4F if kinds == {Q4_K} else I8S16
-    decoded = [decode_codes(raw, kind) for raw, kind in parts]
-    return np.concatenate([encode(*d, fmt) for d in decoded]), fmt
+        fmt, rows = next(iter(kinds)), np.concatenate([raw for raw, _ in parts])
+    else:
+        fmt = Q4F if kinds == {Q4_K} else I8S16
+        rows = np.concatenate([encode(*decode_codes(raw, kind), fmt) for raw, kind in parts])
+    return interleave(rows, fmt), fmt
 
 
 _gemm_from = -1  # see prefill_rows
@@ -157,7 +185,7 @@ def _layer_arguments(block: nn.Module) -> tuple[int, tuple, tuple]:
 
 
 class GGMLLinear(nn.Module):
-    """y = x W^T (+ b) on a GGUF file's quantized rows [out, bytes]; float32 in and out.
+    """y = x W^T (+ b) on quantized rows [out, bytes] as `kernel_weights` returns them; float32 in and out.
 
     With `swiglu`, the rows are gate then up (as FeedForward.w13) and the layer returns
     silu(gate) * up, fused in the kernel (`applies_swiglu` tells the model)."""
@@ -186,7 +214,8 @@ class GGMLLinear(nn.Module):
 
 
 class GGMLEmbedding(nn.Module):
-    """Token embeddings looked up in a quantized table: only the rows asked for are dequantized."""
+    """Token embeddings looked up in a quantized table (rows as `kernel_weights` returns them): only the rows
+    asked for are dequantized."""
 
     def __init__(self, weight: Tensor, fmt: int, dim: int) -> None:
         super().__init__()
@@ -198,4 +227,4 @@ class GGMLEmbedding(nn.Module):
         return rows.view(*ids.shape, self.embedding_dim)
 
 
-__all__ = ["GGMLEmbedding", "GGMLLinear", "KERNEL_TYPES", "decode_codes", "encode", "kernel_weights"]
+__all__ = ["GGMLEmbedding", "GGMLLinear", "KERNEL_TYPES", "decode_codes", "encode", "interleave", "kernel_weights"]
