@@ -109,8 +109,7 @@ def interleave(rows: np.ndarray, fmt: int) -> np.ndarray:
     codes as vectors of 4 consecutive weights of every row (int8 codes plus 128). See csrc/ggml_matmul.cpp."""
     n, row_bytes = rows.shape
     size, head = BLOCK_BYTES[fmt], HEADER_BYTES[fmt]
-    field = 4 if fmt in (Q4F, I8S16) else 2
-    vectors = 8 if fmt in (Q8_0, I8S16) else 4  # int8 codes: 32 bytes a block; nibbles: 16
+    field = np.uint32 if fmt in (Q4F, I8S16) else np.uint16  # moved as whole values: ~4x faster than bytes
     nb = row_bytes // size
     out = np.empty_like(rows)
     full = n - n % GROUP
@@ -118,13 +117,14 @@ def interleave(rows: np.ndarray, fmt: int) -> np.ndarray:
         if stop == start:
             continue
         blocks = rows[start:stop].reshape(-1, width, nb, size)  # [groups, rows, blocks, bytes]
-        groups = blocks.shape[0]
-        scales = blocks[..., :head].reshape(groups, width, nb, head // field, field).transpose(0, 2, 3, 1, 4)
-        codes = blocks[..., head:].reshape(groups, width, nb, vectors, 4).transpose(0, 2, 3, 1, 4)
-        if vectors == 8:
-            codes = codes ^ np.uint8(0x80)
-        tiles = np.concatenate([scales.reshape(groups, nb, -1), codes.reshape(groups, nb, -1)], axis=2)
-        out[start:stop] = tiles.reshape(-1, row_bytes)
+        tiles = out[start:stop].reshape(-1, nb, width * size)  # [groups, blocks, tile bytes]
+        # (aligned copies first: numpy moves misaligned 2- and 4-byte values one byte at a time)
+        scales = np.ascontiguousarray(blocks[..., :head]).view(field).transpose(0, 2, 3, 1)  # [groups, blocks, fields, rows]
+        tiles[..., :width * head].view(field).reshape(scales.shape)[...] = scales
+        codes = np.ascontiguousarray(blocks[..., head:]).view(np.uint32).transpose(0, 2, 3, 1)  # [.., vectors, rows] x 4 B
+        if fmt in (Q8_0, I8S16):
+            codes = codes ^ np.uint32(0x80808080)
+        tiles[..., width * head:].view(np.uint32).reshape(codes.shape)[...] = codes
     return out
 
 
