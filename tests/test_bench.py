@@ -82,3 +82,19 @@ def test_throughput_and_serving_reports(tmp_path):
     text = (tmp_path / "serving.md").read_text()
     assert "| 4 | 1.50 | 96.0 | 80% | 100 / 50 / 300 |" in text and (tmp_path / "serving.png").exists()
     assert "**120.0** output tok/s" in text
+
+
+def test_paired_rounds_take_turns_and_report_the_bandwidth_share(tmp_path):
+    order = []
+    runners = {name: (lambda name: lambda batch, length, new: order.append(name))(name) for name in ("default", "llama.cpp")}
+    rounds = speed.paired_decode(runners, 2, bandwidth=lambda: order.append("machine") or 40e9)
+    # each round: both engines (TTFT run, then decode run; each after a warm-up), then the machine
+    assert order == (["default"] * 4 + ["llama.cpp"] * 4 + ["machine"]) * 2
+    assert rounds["machine"] == [40.0, 40.0] and len(rounds["default"]) == 2
+    figures = {"prefill_tok_s": 400.0, "ttft_s": 0.03, "weight_bytes": 97e6, "bandwidth_gb_s": 11.0, "decode_b1_tok_s": 100.0}
+    results = {"env": ENV, "model": "m.gguf", "threads": 2, "machine_bandwidth_gb_s": 36.6, "engines": {"MiniLLM default": figures},
+               "paired_b1": {"default": [200.0, 210.0], "llama.cpp": [100.0, 150.0], "machine": [30.0, 40.0],
+                             "ratio_median": 2.0, "bandwidth_fraction_median": 0.65}}
+    speed._write(tmp_path, results, argparse.Namespace(batch_sizes=[16], runs=3, engines=["default"]))
+    text = (tmp_path / "speed.md").read_text()
+    assert "median ratio of a round **2.00x**" in text and "30.0, 40.0 GB/s" in text and "**65%**" in text

@@ -30,10 +30,11 @@ def median_time(fn: Callable[[], object], runs: int) -> float:
     return median_seconds(fn, warmup=1, runs=runs)[0]
 
 
-def machine_bandwidth() -> float:
-    """Bytes/s reading a 1 GiB float32 buffer (a sum: one read per element), median of 5."""
+def bandwidth_probe() -> Callable[[], float]:
+    """A function measuring the machine's bytes/s: reading a 1 GiB float32 buffer (a sum: one read per
+    element), median of 5. The buffer is allocated once, here."""
     data = torch.ones(1 << 28)
-    return data.numel() * 4 / median_time(lambda: data.sum(), 5)
+    return lambda: data.numel() * 4 / median_time(lambda: data.sum(), 5)
 
 
 def weight_bytes(model: torch.nn.Module, embedding: torch.Tensor, head: torch.Tensor | None) -> int:
@@ -79,17 +80,24 @@ def bench_minillm(llm: LLM, batches: list[int], runs: int) -> dict:
     return _measure(minillm_runner(llm), batches, runs)
 
 
-def paired_decode(runners: dict[str, Callable[[int, int, int], None]], rounds: int) -> dict[str, list[float]]:
-    """Batch-1 decode tokens/s of several engines measured in turn, round after round: on a machine whose
-    speed drifts within minutes (these VMs), a ratio of figures taken minutes apart says little, a ratio
-    within one round says more."""
+def paired_decode(runners: dict[str, Callable[[int, int, int], None]], rounds: int,
+                  bandwidth: Callable[[], float] | None = None) -> dict[str, list[float]]:
+    """Batch-1 decode tokens/s of several engines measured in turn, round after round, and the machine's
+    bandwidth (GB/s, under "machine") in each round too: on a machine whose speed drifts within minutes
+    (these VMs), a ratio of figures taken minutes apart says little, a ratio within one round says more."""
     out: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             first = median_time(lambda: run(1, PROMPT_TOKENS, 1), 1)
             total = median_time(lambda: run(1, PROMPT_TOKENS, DECODE_TOKENS), 1)
             out[name].append((DECODE_TOKENS - 1) / max(total - first, 1e-9))
+        if bandwidth is not None:
+            out.setdefault("machine", []).append(bandwidth() / 1e9)
     return out
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def bench_hf(model, batches: list[int], runs: int, vocab: int) -> dict:
@@ -219,13 +227,16 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             engines["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(path, args.runs, threads)
             if ("default", set()) in specs:
-                rounds = paired_decode({"default": minillm_runner(load_engine(path, "default", set())),
-                                        "llama.cpp": llama_cpp_runner(path, threads)}, args.paired_rounds)
-                ratios = sorted(a / b for a, b in zip(rounds["default"], rounds["llama.cpp"]))
-                results["paired_b1"] = {**rounds, "ratio_median": ratios[len(ratios) // 2]}
+                llm = load_engine(path, "default", set())
+                step_bytes = weight_bytes(llm.model, llm.model.tok_embeddings.weight, getattr(llm.model.output, "weight", None))
+                rounds = paired_decode({"default": minillm_runner(llm), "llama.cpp": llama_cpp_runner(path, threads)},
+                                       args.paired_rounds, bandwidth_probe())
+                results["paired_b1"] = {
+                    **rounds, "ratio_median": median([a / b for a, b in zip(rounds["default"], rounds["llama.cpp"])]),
+                    "bandwidth_fraction_median": median([t * step_bytes / 1e9 / m for t, m in zip(rounds["default"], rounds["machine"])])}
     steps.update()
     # Measured last: streaming a 1 GiB buffer first was seen to slow every later decode by ~30 %.
-    results["machine_bandwidth_gb_s"] = machine_bandwidth() / 1e9
+    results["machine_bandwidth_gb_s"] = bandwidth_probe()() / 1e9
     steps.update()
     steps.close()
     for name, figures in engines.items():
@@ -263,6 +274,10 @@ def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
                       f"tok/s): default {', '.join(f'{v:.1f}' for v in paired['default'])}; llama.cpp "
                       f"{', '.join(f'{v:.1f}' for v in paired['llama.cpp'])}; median ratio of a round "
                       f"**{paired['ratio_median']:.2f}x**."]
+        if "machine" in paired:
+            lines[-1] += (f" The machine's bandwidth in each round: {', '.join(f'{v:.1f}' for v in paired['machine'])} "
+                          f"GB/s; the default's achieved bandwidth at b1 as a share of it, median of the rounds: "
+                          f"**{paired['bandwidth_fraction_median']:.0%}**.")
 
     def plot(plt):
         fig, ax = plt.subplots(figsize=(7, 4.5))
