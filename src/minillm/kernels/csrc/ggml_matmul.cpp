@@ -42,6 +42,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/silu.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -506,18 +507,12 @@ at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t
     rows = all_rows;
   }
   if (!swiglu) return y;
+  // silu(gate) * up with PyTorch's vectorized kernels: a scalar exp per value was ~25 % of the gate/up call
+  // at 16 tokens and more at 512
   const int64_t h = n / 2;
+  const at::Tensor rows_n = y.view({rows, n});
   shape.back() = h;
-  at::Tensor act = at::empty(shape, x.options());
-  float* a = act.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t j = 0; j < h; ++j) {
-        const float g = out[r * n + j];
-        a[r * h + j] = g / (1.f + std::exp(-g)) * out[r * n + h + j];
-      }
-  });
-  return act;
+  return at::silu(rows_n.narrow(1, 0, h)).mul_(rows_n.narrow(1, h, h)).view(shape);
 }
 
 // Rows `ids` of a quantized table dequantized to float32 (token embeddings that the file stores quantized).
