@@ -9,7 +9,7 @@ from checkpoints import hf_model, write_gguf
 from minillm import Configs, MiniLLM, SamplingParams
 from minillm.kernels.ggml import GGMLEmbedding, GGMLLinear
 from minillm.loading import default_model_path, load_checkpoint
-from minillm.model.transposed_linear import TransposedLinear, transpose_widening_linears
+from minillm.model.onednn_linear import OneDNNLinear, use_onednn_linears
 from minillm.quantization import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -28,16 +28,13 @@ def dequantized_reference(model: MiniLLM, quantized: MiniLLM) -> MiniLLM:
     for name, module in quantized.named_modules():
         if isinstance(module, (Int8WeightOnlyLinear, Int4WeightOnlyLinear)):
             target = ref.get_submodule(name)
-            if isinstance(target, TransposedLinear):
-                target.weight_t = torch.nn.Parameter(module.dequantized_weight().t().contiguous(), requires_grad=False)
-            else:
-                target.weight = torch.nn.Parameter(module.dequantized_weight(), requires_grad=False)
+            target.weight = torch.nn.Parameter(module.dequantized_weight(), requires_grad=False)
     return ref
 
 
 def check(model: MiniLLM, ids: torch.Tensor, mode: str) -> tuple[float, float]:
     quantized = quantize_model(copy.deepcopy(model), mode)
-    assert not any(isinstance(m, (torch.nn.Linear, TransposedLinear)) for m in quantized.modules())
+    assert not any(isinstance(m, (torch.nn.Linear, OneDNNLinear)) for m in quantized.modules())
     ref = dequantized_reference(model, quantized)
     with torch.no_grad():
         q, r, full = quantized(ids), ref(ids), model(ids)
@@ -170,12 +167,13 @@ def test_unknown_mode():
         quantize_model(MiniLLM(Configs.tiny()), "int3")
 
 
-def test_transposed_linears_equal_the_originals():
+def test_onednn_linears_equal_the_originals():
     torch.manual_seed(0)
     model = MiniLLM(Configs.tiny(qkv_bias=True, tie_embeddings=True)).eval()
-    fast = transpose_widening_linears(copy.deepcopy(model))
-    swapped = [m for m in fast.modules() if isinstance(m, TransposedLinear)]
-    assert len(swapped) == 1 + 2 * model.config.num_layers  # LM head, wqkv, w13 (they widen)
+    fast = use_onednn_linears(copy.deepcopy(model))
+    swapped = [m for m in fast.modules() if isinstance(m, OneDNNLinear)]
+    assert len(swapped) == 1 + 4 * model.config.num_layers  # LM head; wqkv, wo, w13, w2
+    assert fast.output.weight is fast.tok_embeddings.weight  # still tied
     ids = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
         assert (fast(ids) - model(ids)).abs().max() <= 1e-5

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .engine import EngineConfig, LLMEngine, RequestFailed, StepOutput
 from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
-from .model.transposed_linear import transpose_widening_linears
+from .model.onednn_linear import use_onednn_linears
 from .quantization import QUANTIZATION_MODES, quantize_model
 from .sampling_params import SamplingParams
 
@@ -64,7 +64,7 @@ class LLM:
         if requantize:
             quantize_model(loaded.model, quantization)
         elif not loaded.quantized and loaded.model.device.type == "cpu" and loaded.model.dtype == torch.float32:
-            transpose_widening_linears(loaded.model)  # measured 60 -> 47 ms per decode token on CPU
+            use_onednn_linears(loaded.model)  # MKL is slow on AMD CPUs (model/onednn_linear.py)
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{loaded.name} has no tokenizer (tokenizer.json); LLM needs one")
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name

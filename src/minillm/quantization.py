@@ -20,14 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from .model.transformer import MiniLLM
-from .model.transposed_linear import TransposedLinear
+from .model.onednn_linear import OneDNNLinear
 
 QUANTIZATION_MODES = ("int8", "int4", "gguf")
 INT4_GROUP_SIZE = 32
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    def __init__(self, linear: nn.Linear | TransposedLinear) -> None:
+    def __init__(self, linear: nn.Linear | OneDNNLinear) -> None:
         super().__init__()
         weight = linear.weight.detach().float().contiguous()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
@@ -62,7 +62,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.group_size, self.in_features, self.out_features = group_size, cols, rows
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear | TransposedLinear, group_size: int = INT4_GROUP_SIZE) -> Int4WeightOnlyLinear:
+    def from_linear(cls, linear: nn.Linear | OneDNNLinear, group_size: int = INT4_GROUP_SIZE) -> Int4WeightOnlyLinear:
         """Quantize a float layer: each group's minimum is code 0 and its maximum code 15."""
         weight = linear.weight.detach().float().contiguous()
         rows, cols = weight.shape
@@ -96,7 +96,7 @@ def quantize_model(model: MiniLLM, mode: str | None) -> MiniLLM:
     if model.device.type != "cpu":
         raise ValueError(f"quantization {mode!r} uses CPU kernels; the model is on {model.device}")
     for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, TransposedLinear)):
+        if isinstance(module, (nn.Linear, OneDNNLinear)):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, _quantized(module, mode))
     return model
@@ -106,7 +106,7 @@ def int4_fits(linear: nn.Module) -> bool:
     return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
 
 
-def _quantized(linear: nn.Linear | TransposedLinear, mode: str) -> nn.Module:
+def _quantized(linear: nn.Linear | OneDNNLinear, mode: str) -> nn.Module:
     if mode == "int4" and int4_fits(linear):  # the packed int4 kernel's shape limits; int8 has none
         return Int4WeightOnlyLinear.from_linear(linear)
     return Int8WeightOnlyLinear(linear)
