@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,10 +95,6 @@ def paired_decode(runners: dict[str, Callable[[int, int, int], None]], rounds: i
         if bandwidth is not None:
             out.setdefault("machine", []).append(bandwidth() / 1e9)
     return out
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def bench_hf(model, batches: list[int], runs: int, vocab: int) -> dict:
@@ -232,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
                 rounds = paired_decode({"default": minillm_runner(llm), "llama.cpp": llama_cpp_runner(path, threads)},
                                        args.paired_rounds, bandwidth_probe())
                 results["paired_b1"] = {
-                    **rounds, "ratio_median": median([a / b for a, b in zip(rounds["default"], rounds["llama.cpp"])]),
-                    "bandwidth_fraction_median": median([t * step_bytes / 1e9 / m for t, m in zip(rounds["default"], rounds["machine"])])}
+                    **rounds, "ratio_median": statistics.median([a / b for a, b in zip(rounds["default"], rounds["llama.cpp"])]),
+                    "bandwidth_fraction_median": statistics.median([t * step_bytes / 1e9 / m for t, m in zip(rounds["default"], rounds["machine"])])}
     steps.update()
     # Measured last: streaming a 1 GiB buffer first was seen to slow every later decode by ~30 %.
     results["machine_bandwidth_gb_s"] = bandwidth_probe()() / 1e9

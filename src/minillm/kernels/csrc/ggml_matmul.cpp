@@ -65,6 +65,7 @@ constexpr int64_t header_size(int64_t fmt) {  // bytes of scale fields per row a
   return fmt == Q4_0 || fmt == Q8_0 ? 2 : fmt == Q4_1 ? 4 : fmt == Q4F ? 8 : 16;
 }
 constexpr bool has_nibbles(int64_t fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4F; }
+constexpr bool f32_scales(int64_t fmt) { return fmt == Q4F || fmt == I8S16; }  // our repacks; the file's are fp16
 constexpr bool has_min(int64_t fmt) { return fmt == Q4_1 || fmt == Q4F; }  // one m per block (I8S16: per half)
 
 int64_t block_bytes(int64_t fmt) {
@@ -91,7 +92,7 @@ inline int32_t load_i32(const void* p) { int32_t v; std::memcpy(&v, p, 4); retur
 void decode_block(int64_t fmt, const uint8_t* tile, int64_t width, int64_t lane, int32_t* q, float* d, float* m) {
   const uint8_t* codes = tile + width * header_size(fmt);
   auto field = [&](int f) -> float {  // scale field f of this row: fp16, or f32 for the repacked types
-    if (fmt == Q4F || fmt == I8S16) { float v; std::memcpy(&v, tile + (f * width + lane) * 4, 4); return v; }
+    if (f32_scales(fmt)) { float v; std::memcpy(&v, tile + (f * width + lane) * 4, 4); return v; }
     uint16_t h; std::memcpy(&h, tile + (f * width + lane) * 2, 2); return half_to_float(h);
   };
   if (has_nibbles(fmt)) {
@@ -153,7 +154,7 @@ void group_portable(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GR
 // Scale field f of a tile for 16 rows, as floats (fp16 in the file's types, f32 in the repacked ones).
 template <int64_t FMT>
 VEC_TARGET_VNNI inline __m512 field16(const uint8_t* tile, int f) {
-  if constexpr (FMT == Q4F || FMT == I8S16) return _mm512_loadu_ps(tile + f * 64);
+  if constexpr (f32_scales(FMT)) return _mm512_loadu_ps(tile + f * 64);
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + f * 32)));
 }
 
@@ -217,7 +218,7 @@ VEC_TARGET_VNNI void group_vnni(const uint8_t* g, int64_t nb, const XRow* x, flo
 // ---------------------------------------------------------------- AVX2: a group as two halves of 8 rows
 template <int64_t FMT>
 VEC_TARGET_AVX2 inline __m256 field8(const uint8_t* tile, int f, int half) {
-  if constexpr (FMT == Q4F || FMT == I8S16) return _mm256_loadu_ps(reinterpret_cast<const float*>(tile + f * 64 + half * 32));
+  if constexpr (f32_scales(FMT)) return _mm256_loadu_ps(reinterpret_cast<const float*>(tile + f * 64 + half * 32));
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + f * 32 + half * 16)));
 }
 
@@ -400,7 +401,7 @@ void dequantize_row(int64_t fmt, const RowRef& row, int64_t nb, Put put) {
 // The last group when it has fewer than 16 rows, widened to 16 (zero codes and scales in the rows it lacks),
 // so that every path runs whole groups.
 std::vector<uint8_t> widen_group(int64_t fmt, const uint8_t* group, int64_t width, int64_t nb) {
-  const int64_t bb = block_bytes(fmt), head = header_size(fmt), field = fmt == Q4F || fmt == I8S16 ? 4 : 2;
+  const int64_t bb = block_bytes(fmt), head = header_size(fmt), field = f32_scales(fmt) ? 4 : 2;
   std::vector<uint8_t> out(GROUP * bb * nb, 0);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* src = group + b * width * bb;
