@@ -182,12 +182,15 @@ def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
 @pytest.mark.parametrize("name", list(ggml.KERNEL_TYPES))
 def test_every_path_computes_the_same_bits(name):
     """Portable, AVX2 and AVX-512 VNNI do the same integer dots and the same float operations per row, in
-    the same order: their outputs are equal, bit for bit (37 rows: two groups of 16 and one of 5)."""
+    the same order, on activations quantized alike: their outputs are equal, bit for bit (37 rows: two groups
+    of 16 and one of 5)."""
     kind = ggml.KERNEL_TYPES[name]
     cols = 512 if gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] == 256 else 96
     rows, fmt = ggml.kernel_weights([(random_blocks(kind, 37, cols, seed=11), kind)])
     layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, cols)
     x = torch.randn(6, cols, generator=torch.Generator().manual_seed(2))
+    x[0, :32] = 0  # a block of zeros: scale 0
+    x[1, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-16, 15)])  # codes exactly halfway: round to even
     outputs = {}
     for isa in ISAS:
         kernels.set_isa(isa)

@@ -30,3 +30,27 @@ def test_sampling_follows_the_distribution():
     freq = torch.bincount(draws, minlength=3).float() / 20000
     assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.02)
     assert sample(logits[:2], temperature=0).tolist() == [2, 2]
+
+
+def test_greedy_kernel_matches_argmax():
+    """Our greedy kernel against torch.argmax: first index on ties (within and across its lanes, and in the
+    tail past the last 16), -1 for a NaN, a +inf, or only -inf; vocabularies that are not a multiple of 16."""
+    from minillm import kernels
+    from minillm.generation.sampler import greedy_tokens
+
+    assert kernels.ops_available()
+    g = torch.Generator().manual_seed(0)
+    for vocab in (49152, 1003, 7, 1):
+        logits = torch.randn(9, vocab, generator=g)
+        if vocab > 20:
+            logits[1, [3, 900 if vocab > 900 else 20]] = 10.0  # a tie across lanes: index 3 wins
+            logits[2, [17, 1]] = 10.0  # a tie in one lane order: index 1 wins
+            logits[3, -1] = 10.0  # the maximum in the tail
+        logits[4, vocab // 2] = float("nan")
+        logits[5, 0] = float("inf")
+        logits[6] = float("-inf")
+        logits[7, -1] = float("nan")
+        expected = logits.argmax(dim=-1)
+        expected[~torch.isfinite(logits.gather(-1, expected.view(-1, 1)).view(-1))] = -1
+        assert greedy_tokens(logits).tolist() == expected.tolist(), vocab
+        assert expected[[4, 5, 6, 7]].tolist() == [-1] * 4

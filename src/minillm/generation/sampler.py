@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .. import kernels
+
 T = TypeVar("T")
 
 
@@ -62,6 +64,15 @@ def filter_top_p(logits: Tensor, top_p: float | Tensor) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def greedy_tokens(logits: Tensor) -> Tensor:
+    """Each row's argmax (its first index on a tie), or -1 where that logit is not finite or the row holds
+    a NaN. On CPU our one-pass kernel (kernels/csrc/greedy.cpp; torch.argmax is a scalar loop there)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.ops_available():
+        return torch.ops.minillm.greedy_tokens(logits)
+    best = logits.argmax(dim=-1)  # picks a NaN if there is one, so the picked logit tells whether the row is sound
+    return best.masked_fill(~torch.isfinite(logits.gather(-1, best.view(-1, 1)).view(-1)), -1)
+
+
 def sample(
     logits: Tensor,
     temperature: float | Sequence[float],
@@ -79,9 +90,8 @@ def sample(
     temps = per_row(temperature, rows)
     greedy = all(t == 0 for t in temps)
     device = logits.device
-    if greedy:  # argmax picks a NaN if there is one, so the picked logit tells whether the row is sound
-        best = logits.argmax(dim=-1)
-        return best.masked_fill(~torch.isfinite(logits.gather(-1, best.view(-1, 1)).view(-1)), -1)
+    if greedy:
+        return greedy_tokens(logits)
     scaled = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device).view(-1, 1)
     broken = ~torch.isfinite(scaled.amax(dim=-1))  # amax propagates NaN
     if broken.any():

@@ -3,7 +3,8 @@
 - csrc/ggml_matmul.cpp: matmul on GGUF quantized blocks (`ggml_linear`), built for plain x86-64 with
   its AVX2 and AVX-512 VNNI paths picked at run time from the CPU's flags (`isa()`; MINILLM_ISA pins a
   lower one); csrc/layer_ops.cpp: fused RMSNorm and RoPE + KV-cache write; csrc/decoder_layer.cpp: a
-  whole decoder layer on GGUF blocks as one op (all three in one library, "ggml");
+  whole decoder layer on GGUF blocks as one op; csrc/greedy.cpp: greedy decoding's argmax (all four in one
+  library, "ggml");
 - csrc/paged_attention.cpp: attention over the paged KV cache, built with -march=native.
 
 `pip install --no-build-isolation -e .` compiles both (setup.py) into this folder. Without that (a

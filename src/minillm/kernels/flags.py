@@ -2,6 +2,6 @@
 
 EXTENSIONS = {
     # plain x86-64: the matmul's vector paths carry their own target attributes, chosen at run time
-    "ggml": (["ggml_matmul.cpp", "layer_ops.cpp", "decoder_layer.cpp"], ["-O3", "-fopenmp"]),
+    "ggml": (["ggml_matmul.cpp", "layer_ops.cpp", "decoder_layer.cpp", "greedy.cpp"], ["-O3", "-fopenmp"]),
     "paged_attention": (["paged_attention.cpp"], ["-O3", "-march=native", "-fopenmp"]),  # built where it runs
 }
