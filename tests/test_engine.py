@@ -166,26 +166,29 @@ def test_fast_prefill_runs_prompt_chunks_on_the_gemm_path(smollm, monkeypatch):
 
 
 def test_one_op_layers_compute_the_same_bits_as_the_modules(smollm):
-    """The default setting runs each layer as one C++ op in engine steps; the modules' own path must
-    give the same logits, bit for bit (log-probabilities of 24 greedy tokens, prefill and decode)."""
-    assert all(layer.one_op for layer in smollm.model.layers)
+    """The default setting runs all layers as one C++ op in engine steps (each layer as one op when only
+    some can); the modules' own path must give the same logits, bit for bit (log-probabilities of 24
+    greedy tokens, prefill and decode)."""
+    layers = smollm.model.layers
+    assert all(layer.one_op for layer in layers)
     params = SamplingParams(max_tokens=24, temperature=0, logprobs=5)
 
-    def run():
-        out = []
-        for delta in smollm.stream("The three laws of thermodynamics are", params):
-            out += [(lp.token_id, lp.logprob, lp.top) for lp in delta.logprobs or []]
-        return out
+    def run(*module_layers):
+        for i in module_layers:
+            layers[i].one_op = False
+        try:
+            out = []
+            for delta in smollm.stream("The three laws of thermodynamics are", params):
+                out += [(lp.token_id, lp.logprob, lp.top) for lp in delta.logprobs or []]
+            return out
+        finally:
+            for layer in layers:
+                layer.one_op = True
 
-    fused = run()
-    try:
-        for layer in smollm.model.layers:
-            layer.one_op = False
-        modules = run()
-    finally:
-        for layer in smollm.model.layers:
-            layer.one_op = True
-    assert len(fused) == 24 and fused == modules
+    stacked = run()
+    assert len(stacked) == 24
+    assert run(5) == stacked  # layer 5 in modules, the others one op each
+    assert run(*range(len(layers))) == stacked
 
 
 def test_engine_sizes_default_by_device():

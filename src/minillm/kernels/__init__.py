@@ -79,6 +79,10 @@ def _register_fakes(name: str) -> None:
     def _(x, *_):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("minillm::decoder_layers")
+    def _(x, *_):
+        return torch.empty_like(x)
+
     @torch.library.register_fake("minillm::rms_norm")
     def _(x, weight, eps):
         return torch.empty_like(x)

@@ -178,8 +178,11 @@ class MiniLLM(nn.Module):
         h = self.tok_embeddings(input_ids)
         if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(dim), rounded to the activations' dtype
             h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
-        for layer in self.layers:
-            h = layer(h, ctx)
+        if step.attention.fused_cpu and all(layer.one_op for layer in self.layers):
+            h = ggml.decoder_layers(self.layers, h, ctx)  # all of them in one C++ op: no Python between layers
+        else:
+            for layer in self.layers:
+                h = layer(h, ctx)
         if last_token_only:
             h = h[step.query_start[1:] - 1]
         logits = self.output(self.norm(h)).float()
