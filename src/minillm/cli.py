@@ -100,10 +100,13 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def _load(args: argparse.Namespace):
     from .llm import LLM
+    from .runtime import freeze_heap
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-               progress=sys.stderr.isatty(), compile=args.compile, fast_prefill=args.fast_prefill,
-               gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+              progress=sys.stderr.isatty(), compile=args.compile, fast_prefill=args.fast_prefill,
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    freeze_heap()
+    return llm
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
+import gc
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -29,3 +31,18 @@ def tune_allocator() -> bool:
         return False
     _tuned = ok
     return ok
+
+
+def freeze_heap() -> None:
+    """In a process that is the engine's own (the CLI, the server's engine process, the benchmarks), once the
+    model is loaded: move every live object to the garbage collector's permanent generation.
+
+    Python's full collections walk every tracked object -- ~310,000 after loading (torch, sympy, the model) --
+    and one ran about every thousand decode tokens here, a ~0.2 s stall each (~3 % of a decode run's samples).
+    vLLM's engine process freezes its heap the same way. Not for a library caller: a frozen object that later
+    becomes cyclic garbage (an LLM dropped while the process goes on) is never collected.
+    """
+    gc.collect()
+    if not gc.get_freeze_count():  # thawed at exit, so that shutdown still finalizes them (nanobind-based
+        atexit.register(gc.unfreeze)  # extensions report objects left alive then as leaks)
+    gc.freeze()

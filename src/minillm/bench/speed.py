@@ -19,6 +19,7 @@ import torch
 from ..cli import positive_int
 from ..llm import LLM
 from ..loading import default_model_path
+from ..runtime import freeze_heap
 from .. import kernels
 from ..sampling_params import SamplingParams
 from .common import environment, median_seconds
@@ -164,8 +165,10 @@ def load_engine(path: Path, setting: str, flags: set[str]) -> LLM:
     if setting in ("int8", "int4"):
         kwargs["quantization"] = setting
     # No prefix caching: the runs repeat the same prompts, and this measures computing them.
-    return LLM(str(path), progress=False, enable_prefix_caching=False, compile="compile" in flags,
-               fast_prefill="fast_prefill" in flags, **kwargs)
+    llm = LLM(str(path), progress=False, enable_prefix_caching=False, compile="compile" in flags,
+              fast_prefill="fast_prefill" in flags, **kwargs)
+    freeze_heap()  # as the CLI and server do: no full garbage collections of the whole heap mid-run
+    return llm
 
 
 def main(argv: list[str] | None = None) -> dict:

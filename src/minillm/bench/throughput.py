@@ -25,6 +25,7 @@ from ..cli import positive_int
 from ..engine import EngineConfig, LLMEngine
 from ..llm import LLM
 from ..quantization import QUANTIZATION_MODES
+from ..runtime import freeze_heap
 from ..sampling_params import SamplingParams
 from .common import environment, progress_bar
 from .report import heading, table, write_report
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_engine(warm, requests[:4], "warm-up")
     hf_dtypes = ["float32"] + (["bfloat16"] if args.dtype != "float32" else [])
     hf_models = {} if args.no_hf else load_hf(args.model, hf_dtypes, args.device)
+    freeze_heap()  # everything is loaded: no full garbage collections of the whole heap mid-run
     pad_id = llm.eos_token_ids[0]
     for hf in hf_models.values():
         run_hf(hf, requests[:4], args.hf_batch_size, pad_id, "warm-up")

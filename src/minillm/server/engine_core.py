@@ -13,6 +13,7 @@ import logging
 from multiprocessing.connection import Connection
 
 from ..engine import LLMEngine
+from ..runtime import freeze_heap
 
 logger = logging.getLogger("minillm")
 
@@ -28,6 +29,7 @@ def run_engine(conn: Connection, model: str | None, llm_options: dict) -> None:
     except Exception as err:  # reported by /health
         conn.send(("failed", f"{type(err).__name__}: {err}"))
         return
+    freeze_heap()
     conn.send(("ready", engine.limits))
     try:
         _serve(conn, engine)
