@@ -162,8 +162,8 @@ def sample_requests(logits: Tensor, params: Sequence[Any], histories: Sequence[S
     logits = apply_penalties(logits, params, histories, outputs)
     tokens = sample(logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
                     generators).tolist()
-    return [(token, None if p.logprobs is None or token < 0 else token_logprobs(row, token, p.logprobs))
-            for row, token, p in zip(raw, tokens, params)]
+    return [(token, None if p.logprobs is None or token < 0 else token_logprobs(raw[i], token, p.logprobs))
+            for i, (token, p) in enumerate(zip(tokens, params))]  # (no row views unless a request asks)
 
 
 def token_logprobs(logits: Tensor, token: int, top: int) -> TokenLogprobs:
