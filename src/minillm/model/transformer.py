@@ -183,7 +183,9 @@ class MiniLLM(nn.Module):
         else:
             for layer in self.layers:
                 h = layer(h, ctx)
-        if last_token_only:
+        # a decode step's rows are already each sequence's last (the gather is ~3 small ops); a compiled step
+        # keeps it, so that one graph serves every step
+        if last_token_only and (torch.compiler.is_compiling() or h.shape[0] > len(step.counts)):
             h = h[step.query_start[1:] - 1]
         logits = self.output(self.norm(h)).float()
         cap = self.config.final_softcap
