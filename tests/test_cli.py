@@ -65,3 +65,11 @@ def test_freeze_heap_moves_live_objects_out_of_collections():
     before, after = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                             check=True).stdout.split())
     assert before == 0 and after > 1000
+
+
+def test_stop_strings_read_backslash_escapes():
+    """`--stop "\\n\\n"` as the README writes it reaches the CLI as backslash-n twice: it must stop at a blank line."""
+    from minillm.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "hi", "--stop", r"\n\n", "--stop", r"a\\n", "--stop", "é\\t"])
+    assert args.stop == ["\n\n", "a\\n", "é\t"]

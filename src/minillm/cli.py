@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +37,14 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
                              "faster prefill; a prompt's bits then depend on its batch, decode tokens stay exact)")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A shell gives `--stop "\\n\\n"` as backslash, n, backslash, n: read those as the characters meant."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -58,7 +67,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    parser.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    parser.add_argument("--stop", action="append", default=None, type=unescape,
+                        help=r"a stop string (repeatable); \n, \t, \r and \\ are read as escapes, as llama.cpp does")
 
 
 def build_parser() -> argparse.ArgumentParser:
