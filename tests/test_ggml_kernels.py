@@ -191,12 +191,29 @@ def test_every_path_computes_the_same_bits(name):
     x = torch.randn(6, cols, generator=torch.Generator().manual_seed(2))
     x[0, :32] = 0  # a block of zeros: scale 0
     x[1, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-16, 15)])  # codes exactly halfway: round to even
+    x[2, 32:64] = 1e-39  # a subnormal maximum: 127 / max overflows, so codes 0
     outputs = {}
     for isa in ISAS:
         kernels.set_isa(isa)
         outputs[isa] = layer(x)
     for isa in ISAS[1:]:
         assert torch.equal(outputs[isa], outputs["portable"]), isa
+
+
+def test_non_finite_activations_give_nan_rows_on_every_path():
+    """A token with a NaN or an infinity gets NaN outputs on every path (the engine then fails that sequence
+    alone), and the other tokens of the call are untouched."""
+    kind = ggml.Q4_1
+    rows, fmt = ggml.kernel_weights([(random_blocks(kind, 20, 96, seed=3), kind)])
+    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 96)
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(4))
+    x[1, 40] = float("nan")
+    x[2, 70] = float("-inf")
+    for isa in ISAS:
+        kernels.set_isa(isa)
+        y = layer(x)
+        assert y[1:3].isnan().all(), isa
+        assert torch.equal(y[[0, 3]], layer(x[[0, 3]])), isa
 
 
 def test_interleaved_layout():

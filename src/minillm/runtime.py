@@ -33,16 +33,23 @@ def tune_allocator() -> bool:
     return ok
 
 
+_thaw_at_exit = False
+
+
 def freeze_heap() -> None:
-    """In a process that is the engine's own (the CLI, the server's engine process, the benchmarks), once the
+    """In a process that is the engine's own (the CLI, the server's engine process, the benchmarks), once a
     model is loaded: move every live object to the garbage collector's permanent generation.
 
     Python's full collections walk every tracked object -- ~310,000 after loading (torch, sympy, the model) --
     and one ran about every thousand decode tokens here, a ~0.2 s stall each (~3 % of a decode run's samples).
-    vLLM's engine process freezes its heap the same way. Not for a library caller: a frozen object that later
-    becomes cyclic garbage (an LLM dropped while the process goes on) is never collected.
+    vLLM's engine process freezes its heap the same way. Each call first thaws and collects what an earlier
+    call froze, so an engine dropped in between (the benchmarks load one after another) is still freed; but a
+    frozen object that becomes cyclic garbage is not collected until then, so this is not for library callers.
     """
+    global _thaw_at_exit
+    gc.unfreeze()
     gc.collect()
-    if not gc.get_freeze_count():  # thawed at exit, so that shutdown still finalizes them (nanobind-based
-        atexit.register(gc.unfreeze)  # extensions report objects left alive then as leaks)
+    if not _thaw_at_exit:  # thawed at exit, so that shutdown still finalizes them (nanobind-based extensions
+        atexit.register(gc.unfreeze)  # report objects left alive then as leaks)
+        _thaw_at_exit = True
     gc.freeze()

@@ -66,7 +66,7 @@ def filter_top_p(logits: Tensor, top_p: float | Tensor) -> Tensor:
 
 def greedy_tokens(logits: Tensor) -> Tensor:
     """Each row's argmax (its first index on a tie), or -1 where that logit is not finite or the row holds
-    a NaN. On CPU our one-pass kernel (kernels/csrc/greedy.cpp; torch.argmax is a scalar loop there)."""
+    a NaN. On CPU our vectorized kernel (kernels/csrc/greedy.cpp; torch.argmax is a scalar loop there)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.ops_available():
         return torch.ops.minillm.greedy_tokens(logits)
     best = logits.argmax(dim=-1)  # picks a NaN if there is one, so the picked logit tells whether the row is sound

@@ -50,6 +50,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -342,16 +343,31 @@ GroupFn group_fn(int64_t fmt) {
 // ---------------------------------------------------------------- activations
 // A block of 32 activations quantized: codes q = round-to-even(x 127 / max|x|), its scale dx = max|x| / 127
 // and the codes' sums per half. Every path computes the same products and roundings, so the same codes.
+// A block holding a NaN or an infinity gets scale NaN and zero codes, so its token's outputs are NaN on every
+// path (the engine then fails that sequence alone) rather than path-dependent garbage.
 struct QBlock {
   float d;
   int32_t lo, hi;
 };
 
-inline float inverse_scale(float amax) { return amax > 0.f ? 127.f / amax : 0.f; }
+constexpr QBlock kNonFinite = {std::numeric_limits<float>::quiet_NaN(), 0, 0};
+
+inline float inverse_scale(float amax) {
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  return inv <= std::numeric_limits<float>::max() ? inv : 0.f;  // a subnormal max: codes 0, not inf x 0
+}
 
 QBlock quantize_block_portable(const float* src, int8_t* q) {
   float amax = 0.f;
-  for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(src[j]));
+  bool finite = true;
+  for (int j = 0; j < QK; ++j) {
+    amax = std::max(amax, std::fabs(src[j]));
+    finite &= std::fabs(src[j]) <= std::numeric_limits<float>::max();
+  }
+  if (!finite) {
+    std::memset(q, 0, QK);
+    return kNonFinite;
+  }
   const float inv = inverse_scale(amax);
   int32_t lo = 0, hi = 0;
   for (int j = 0; j < QK; ++j) {
@@ -370,11 +386,18 @@ VEC_TARGET_AVX2 inline int32_t hsum(__m256i a) {
 }
 
 VEC_TARGET_AVX2 QBlock quantize_block_avx2(const float* src, int8_t* q) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 sign = _mm256_set1_ps(-0.f), largest = _mm256_set1_ps(std::numeric_limits<float>::max());
   __m256 v[4], m = _mm256_setzero_ps();
+  int finite = 0xff;
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(src + 8 * i);
-    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    const __m256 magnitude = _mm256_andnot_ps(sign, v[i]);
+    m = _mm256_max_ps(m, magnitude);
+    finite &= _mm256_movemask_ps(_mm256_cmp_ps(magnitude, largest, _CMP_LE_OQ));  // false for NaN
+  }
+  if (finite != 0xff) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_setzero_si256());
+    return kNonFinite;
   }
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
@@ -391,7 +414,13 @@ VEC_TARGET_AVX2 QBlock quantize_block_avx2(const float* src, int8_t* q) {
 
 VEC_TARGET_VNNI QBlock quantize_block_vnni(const float* src, int8_t* q) {
   const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const __m512 abs_a = _mm512_abs_ps(a), abs_b = _mm512_abs_ps(b);
+  const __m512 largest = _mm512_set1_ps(std::numeric_limits<float>::max());
+  if ((_mm512_cmp_ps_mask(abs_a, largest, _CMP_LE_OQ) & _mm512_cmp_ps_mask(abs_b, largest, _CMP_LE_OQ)) != 0xffff) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_setzero_si256());
+    return kNonFinite;
+  }
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_a, abs_b));
   const __m512 inv = _mm512_set1_ps(inverse_scale(amax));
   const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
