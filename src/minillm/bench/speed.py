@@ -47,6 +47,11 @@ def weight_bytes(model: torch.nn.Module, embedding: torch.Tensor, head: torch.Te
     return total if head is embedding else total - embedding.numel() * embedding.element_size()
 
 
+def engine_weight_bytes(llm: LLM) -> int:
+    """`weight_bytes` of one of our engines (its LM head may be quantized, a module without `weight`)."""
+    return weight_bytes(llm.model, llm.model.tok_embeddings.weight, getattr(llm.model.output, "weight", None))
+
+
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab, (batch, length), generator=g).tolist()
@@ -203,8 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         label = f"default ({'gguf blocks, ' + kernels.isa() if llm.quantized else 'float32'})" if setting == "default" else setting
         name = f"MiniLLM {label}" + "".join(f" {flag.replace('_', ' ')}" for flag in sorted(flags))
         engines[name] = bench_minillm(llm, args.batch_sizes, args.runs)
-        head = getattr(llm.model.output, "weight", None)
-        engines[name]["weight_bytes"] = weight_bytes(llm.model, llm.model.tok_embeddings.weight, head)
+        engines[name]["weight_bytes"] = engine_weight_bytes(llm)
         engines[name]["compile_s"] = llm.engine.compile_seconds
         del llm
         # Compiled graphs are cached per code object (MiniLLM.forward), so the next engine's calls
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
             engines["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(path, args.runs, threads)
             if ("default", set()) in specs:
                 llm = load_engine(path, "default", set())
-                step_bytes = weight_bytes(llm.model, llm.model.tok_embeddings.weight, getattr(llm.model.output, "weight", None))
+                step_bytes = engine_weight_bytes(llm)
                 rounds = paired_decode({"default": minillm_runner(llm), "llama.cpp": llama_cpp_runner(path, threads)},
                                        args.paired_rounds, bandwidth_probe())
                 results["paired_b1"] = {
