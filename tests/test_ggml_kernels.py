@@ -99,6 +99,45 @@ def test_swiglu_and_stacked_mixed_types(isa):
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+def test_swiglu_epilogue_same_bits_on_every_path_and_close_to_float64():
+    """Our silu (a polynomial exp) on the layer's own gate/up outputs: within float32 rounding of float64
+    silu(gate) * up over gates from -300 to 300 (past the exp's clamps), NaN in, NaN out, and the same bits on
+    every path (h = 40: two vectors of 16 and a tail)."""
+    raw = random_blocks(ggml.Q8_0, 80, 64, seed=8)
+    rows, fmt = ggml.kernel_weights([(raw, ggml.Q8_0)])
+    plain = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 64)
+    fused = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 64, swiglu=True)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(9)) * torch.tensor([1, 30, 300, 3000, 1])[:, None]
+    x[4, 3] = float("nan")
+    outputs = {}
+    for isa in ISAS:
+        kernels.set_isa(isa)
+        outputs[isa] = fused(x)
+        y = plain(x).double()
+        gate, up = y[:, :40], y[:, 40:]
+        assert gate[:4].abs().max() > 200 and gate[:4].abs().min() < 1
+        expected = gate / (1 + torch.exp(-gate)) * up
+        # (below a gate of -88 the exp is clamped: ~1e-35 x up instead of ~0)
+        torch.testing.assert_close(outputs[isa][:4].double(), expected[:4], rtol=1e-6, atol=1e-20)
+        assert outputs[isa][4].isnan().all()
+    for isa in ISAS[1:]:
+        assert torch.equal(outputs[isa].nan_to_num(), outputs["portable"].nan_to_num()), isa
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_residual_is_added_in_the_output_loop(isa):
+    """ggml_linear(x, residual=r) is r + ggml_linear(x), bit for bit (the decoder layer's skip connections)."""
+    raw = random_blocks(ggml.Q4_1, 37, 96, seed=6)
+    rows, fmt = ggml.kernel_weights([(raw, ggml.Q4_1)])
+    weight, bias = torch.from_numpy(rows), torch.randn(37)
+    x, r = torch.randn(6, 96), torch.randn(6, 37)
+    kernels.set_isa(isa)
+    op = torch.ops.minillm.ggml_linear
+    assert torch.equal(op(x, weight, fmt, 96, bias, False, -1, r), r + op(x, weight, fmt, 96, bias, False, -1))
+    with pytest.raises(RuntimeError, match="residual"):
+        op(x, weight, fmt, 96, None, False, -1, r[:, :5])
+
+
 def test_embedding_rows_dequantized():
     raw = random_blocks(ggml.Q8_0, 50, 64)  # three groups of 16 rows and a last one of 2
     rows, fmt = ggml.kernel_weights([(raw, ggml.Q8_0)])

@@ -72,7 +72,7 @@ def _register_fakes(name: str) -> None:
         return
 
     @torch.library.register_fake("minillm::ggml_linear")
-    def _(x, weight, fmt, in_features, bias, swiglu, gemm_from=-1):
+    def _(x, weight, fmt, in_features, bias, swiglu, gemm_from=-1, residual=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0] // (2 if swiglu else 1)))
 
     @torch.library.register_fake("minillm::decoder_layer")

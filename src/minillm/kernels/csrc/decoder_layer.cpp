@@ -15,10 +15,11 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, const std::optional<at::Tensor>& bias,
-                  bool swiglu, int64_t gemm_from) {
+                  bool swiglu, int64_t gemm_from, const std::optional<at::Tensor>& residual = std::nullopt) {
   static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                     const std::optional<at::Tensor>&, bool, int64_t)>("minillm::ggml_linear");
-  return handle.call(x, w, fmt, x.size(-1), bias, swiglu, gemm_from);
+                                     const std::optional<at::Tensor>&, bool, int64_t,
+                                     const std::optional<at::Tensor>&)>("minillm::ggml_linear");
+  return handle.call(x, w, fmt, x.size(-1), bias, swiglu, gemm_from, residual);
 }
 
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
@@ -39,9 +40,10 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attention_norm, 
   const at::Tensor attn = paged_attention.call(q, k_pool, v_pool, block_table, seqlens, query_start, scale, window, 0.);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = -1;
-  const at::Tensor h = x + linear(attn.view(shape), wo, fmt_o, std::nullopt, false, gemm_from);
+  // the skip connections added in the matmuls' output loops (x + y, the same bits as an add after them)
+  const at::Tensor h = linear(attn.view(shape), wo, fmt_o, std::nullopt, false, gemm_from, x);
   const at::Tensor f = linear(rms_norm.call(h, ffn_norm, eps), w13, fmt_13, std::nullopt, true, gemm_from);
-  return h + linear(f, w2, fmt_2, std::nullopt, false, gemm_from);
+  return linear(f, w2, fmt_2, std::nullopt, false, gemm_from, h);
 }
 
 // Every layer of the model in turn (layer l: norms 2l, 2l + 1; weights and formats 4l .. 4l + 3 as wqkv, wo,
