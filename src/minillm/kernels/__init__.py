@@ -42,7 +42,7 @@ def load(name: str) -> bool:
 
 
 def _load(name: str) -> bool:
-    newest_source = max(source.stat().st_mtime for source in sources(name))
+    newest_source = max(source.stat().st_mtime for source in [*sources(name), *(HERE / "csrc").glob("*.h")])
     built = [p for p in HERE.glob(f"_{name}.*.so") if p.stat().st_mtime >= newest_source]  # never a stale build
     try:
         if built:

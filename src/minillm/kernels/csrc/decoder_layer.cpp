@@ -7,20 +7,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 namespace {
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, const std::optional<at::Tensor>& bias,
-                  bool swiglu, int64_t gemm_from, const std::optional<at::Tensor>& residual = std::nullopt) {
-  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                     const std::optional<at::Tensor>&, bool, int64_t,
-                                     const std::optional<at::Tensor>&)>("minillm::ggml_linear");
-  return handle.call(x, w, fmt, x.size(-1), bias, swiglu, gemm_from, residual);
-}
 
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
                          const at::Tensor& wqkv, int64_t fmt_qkv, const std::optional<at::Tensor>& bqkv,
@@ -29,21 +18,21 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attention_norm, 
                          at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& slots,
                          const at::Tensor& block_table, const at::Tensor& seqlens, const at::Tensor& query_start,
                          int64_t num_heads, int64_t num_kv_heads, double scale, int64_t window, int64_t gemm_from) {
-  static auto rms_norm = op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("minillm::rms_norm");
-  static auto rope_cache_write = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                                               at::Tensor&, const at::Tensor&, int64_t, int64_t)>("minillm::rope_cache_write");
-  static auto paged_attention = op<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                              double, int64_t, double)>("minillm::paged_attention");
-  const at::Tensor qkv = linear(rms_norm.call(x, attention_norm, eps), wqkv, fmt_qkv, bqkv, false, gemm_from);
-  const at::Tensor q = rope_cache_write.call(qkv.view({-1, qkv.size(-1)}), cos, sin, k_pool, v_pool, slots, num_heads,
-                                             num_kv_heads);
+  // the attention kernel lives in another library (built with -march=native): through the dispatcher
+  static auto paged_attention = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("minillm::paged_attention", "")
+      .typed<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, int64_t, double)>();
+  // the norms fused into the matmuls' quantization, the skip connections into their output loops
+  const at::Tensor qkv = minillm::ggml_linear_normed(x, attention_norm, eps, wqkv, fmt_qkv, bqkv, false, gemm_from);
+  const at::Tensor q = minillm::rope_cache_write(qkv.view({-1, qkv.size(-1)}), cos, sin, k_pool, v_pool, slots,
+                                                 num_heads, num_kv_heads);
   const at::Tensor attn = paged_attention.call(q, k_pool, v_pool, block_table, seqlens, query_start, scale, window, 0.);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = -1;
-  // the skip connections added in the matmuls' output loops (x + y, the same bits as an add after them)
-  const at::Tensor h = linear(attn.view(shape), wo, fmt_o, std::nullopt, false, gemm_from, x);
-  const at::Tensor f = linear(rms_norm.call(h, ffn_norm, eps), w13, fmt_13, std::nullopt, true, gemm_from);
-  return linear(f, w2, fmt_2, std::nullopt, false, gemm_from, h);
+  const at::Tensor o = attn.view(shape);
+  const at::Tensor h = minillm::ggml_linear(o, wo, fmt_o, o.size(-1), std::nullopt, false, gemm_from, x);
+  const at::Tensor f = minillm::ggml_linear_normed(h, ffn_norm, eps, w13, fmt_13, std::nullopt, true, gemm_from);
+  return minillm::ggml_linear(f, w2, fmt_2, f.size(-1), std::nullopt, false, gemm_from, h);
 }
 
 // Every layer of the model in turn (layer l: norms 2l, 2l + 1; weights and formats 4l .. 4l + 3 as wqkv, wo,

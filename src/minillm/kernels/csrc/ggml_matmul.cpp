@@ -41,6 +41,7 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <immintrin.h>
 
@@ -52,6 +53,8 @@
 #include <limits>
 #include <string>
 #include <vector>
+
+#include "ops.h"
 
 namespace {
 
@@ -590,9 +593,15 @@ at::Tensor dequantize_bf16(const at::Tensor& weight, int64_t fmt, int64_t in_fea
 // x [..., K] float32 -> [..., N]; with swiglu, N = 2H outputs become silu(y[:H]) * y[H:] ([..., H]).
 // gemm_from: rows from here on may run as a bf16 GEMM (see the top of this file); -1: none.
 // residual [..., N]: returned as residual + x W^T (+ bias), the decoder layer's skip connections fused.
-at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt, int64_t in_features,
-                       const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from,
-                       const std::optional<at::Tensor>& residual) {
+// norm: x is first RMS-normalized with these K weights and eps (see ggml_linear_normed).
+struct Norm {
+  const float* weight;
+  float eps;
+};
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt, int64_t in_features,
+                  const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from,
+                  const std::optional<at::Tensor>& residual, const Norm* norm) {
   check_weight(weight, fmt, in_features);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(), "ggml_linear: x must be float32 on CPU");
   TORCH_CHECK(x_in.size(-1) == in_features, "ggml_linear: x has ", x_in.size(-1), " features, the weight ", in_features);
@@ -618,8 +627,23 @@ at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t
   }
   const bool gemm = gemm_from >= 0 && gemm_from < rows && rows - gemm_from >= GEMM_MIN_ROWS &&
                     current == Isa::Avx512Vnni && bf16_gemm_supported();
+  if (gemm && norm) {  // the GEMM reads x itself: normalize it as a tensor first
+    const at::Tensor w = at::from_blob(const_cast<float*>(norm->weight), {in_features}, x.options());
+    return linear(minillm::rms_norm(x, w, norm->eps), weight, fmt, in_features, bias, swiglu, gemm_from, residual, nullptr);
+  }
   const int64_t all_rows = rows;
   if (gemm) rows = gemm_from;  // the int8 path below takes only the rows before it
+  const float* src = x.data_ptr<float>();
+  if (norm) {  // RMSNorm into a buffer kept per thread, straight into the quantizer
+    thread_local std::vector<float> normed;
+    normed.resize(std::max<size_t>(normed.size(), rows * in_features));
+    float* dst = normed.data();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        minillm::rms_norm_row(src + r * in_features, norm->weight, in_features, norm->eps, dst + r * in_features);
+    });
+    src = dst;
+  }
   // the quantized activations in a buffer kept per calling thread: three tensor allocations were ~1.2 us a call
   thread_local std::vector<uint8_t> scratch;  // (operator new's alignment suits the int32 and float parts)
   scratch.resize(std::max<size_t>(scratch.size(), rows * (in_features + nb * 24)));
@@ -628,7 +652,7 @@ at::Tensor ggml_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t
   int8_t* xq = reinterpret_cast<int8_t*>(xd + rows * nb * 4);
   float* xs = xd + rows * nb;
   float* xsb = xs + rows * nb * 2;
-  quantize_rows(x.data_ptr<float>(), rows, in_features, xq, xd, xqs, xs, xsb);
+  quantize_rows(src, rows, in_features, xq, xd, xqs, xs, xsb);
 
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
@@ -714,6 +738,25 @@ void ggml_set_isa(const std::string& name) {
 
 }  // namespace
 
+namespace minillm {
+
+at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& weight, int64_t fmt, int64_t in_features,
+                       const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from,
+                       const std::optional<at::Tensor>& residual) {
+  return linear(x, weight, fmt, in_features, bias, swiglu, gemm_from, residual, nullptr);
+}
+
+at::Tensor ggml_linear_normed(const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& weight,
+                              int64_t fmt, const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from) {
+  TORCH_CHECK(norm_weight.scalar_type() == at::kFloat && norm_weight.is_contiguous() &&
+                  norm_weight.numel() == x.size(-1), "ggml_linear_normed: the norm needs ", x.size(-1),
+              " contiguous float32 weights");
+  const Norm norm{norm_weight.data_ptr<float>(), static_cast<float>(eps)};
+  return linear(x, weight, fmt, x.size(-1), bias, swiglu, gemm_from, std::nullopt, &norm);
+}
+
+}  // namespace minillm
+
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
   m.def("ggml_linear(Tensor x, Tensor weight, int fmt, int in_features, Tensor? bias, bool swiglu, int gemm_from=-1, "
         "Tensor? residual=None) -> Tensor");
@@ -724,6 +767,6 @@ TORCH_LIBRARY_FRAGMENT(minillm, m) {
 }
 
 TORCH_LIBRARY_IMPL(minillm, CPU, m) {
-  m.impl("ggml_linear", &ggml_linear);
+  m.impl("ggml_linear", &minillm::ggml_linear);
   m.impl("ggml_dequantize_rows", &ggml_dequantize_rows);
 }

@@ -13,7 +13,9 @@
 
 #include <cmath>
 
-namespace {
+#include "ops.h"
+
+namespace minillm {
 
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat, "rms_norm: float32 only");
@@ -24,13 +26,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   const float *src = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* dst = y.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* a = src + r * dim;
-      float sum = 0.f;
-      for (int64_t i = 0; i < dim; ++i) sum += a[i] * a[i];
-      const float inv = 1.f / std::sqrt(sum / dim + static_cast<float>(eps));
-      for (int64_t i = 0; i < dim; ++i) dst[r * dim + i] = wp[i] * (a[i] * inv);
-    }
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(src + r * dim, wp, dim, static_cast<float>(eps), dst + r * dim);
   });
   return y;
 }
@@ -77,7 +73,7 @@ at::Tensor rope_cache_write(const at::Tensor& qkv_in, const at::Tensor& cos_in, 
   return q;
 }
 
-}  // namespace
+}  // namespace minillm
 
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -86,6 +82,6 @@ TORCH_LIBRARY_FRAGMENT(minillm, m) {
 }
 
 TORCH_LIBRARY_IMPL(minillm, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rope_cache_write", &rope_cache_write);
+  m.impl("rms_norm", &minillm::rms_norm);
+  m.impl("rope_cache_write", &minillm::rope_cache_write);
 }
