@@ -50,7 +50,7 @@ def test_kernel_builds_here():
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (6, 2, 80), (10, 2, 32)])
 @pytest.mark.parametrize("page", [16, 7])
 def test_paged_kernel_equals_standard_attention_fp32(heads, kv_heads, head_dim, page):
-    lengths = [1, page, 3 * page + 2, 100]  # one key, a full page, pages + a partial one, a long row
+    lengths = [1, page, 3 * page + 2, 300]  # one key, a full page, pages + a partial one, a long row (in spans)
     q, k_pool, v_pool, table, seqlens = paged_case(4, heads, kv_heads, head_dim, page, lengths, torch.float32)
     ref = standard_attention(q, gather_pages(k_pool, table), gather_pages(v_pool, table), lengths)
     out = kernel(q, k_pool, v_pool, table, seqlens)
@@ -108,7 +108,8 @@ def packed_reference(q, k_pool, v_pool, table, seqlens, starts, window=0, scale=
     return torch.stack(out)
 
 
-MIXED = ([1, 40, 100, 7, 300, 17], [1, 40, 9, 1, 57, 16])  # decode rows, whole prompts, chunks after a prefix
+MIXED = ([1, 40, 100, 7, 300, 17, 150], [1, 40, 9, 1, 57, 16, 1])  # decode rows (the last one's keys in spans),
+#                                                                  whole prompts, chunks after a prefix
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (6, 2, 80), (10, 2, 32)])
@@ -139,7 +140,7 @@ def test_packed_step_on_the_reference_backends_goes_through_rows(backend, page):
     assert (out - packed_reference(*case)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("window", [1, 5, 16, 40])
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 140])
 @pytest.mark.parametrize("backend", ["paged_cpu", "flash", "sdpa", "standard"])
 def test_sliding_window_on_every_backend(backend, window):
     """Mistral's window: a query sees its last `window` keys; pages of 7, windows shorter and longer
