@@ -191,6 +191,17 @@ def test_one_op_layers_compute_the_same_bits_as_the_modules(smollm):
     assert run(*range(len(layers))) == stacked
 
 
+def test_kv_cache_dtype(smollm, smollm_f32):
+    """The default setting keeps K/V in float16 (llama.cpp's default), half the float32 setting's bytes a token;
+    the float32 setting keeps them in float32 (HF parity). A 16-bit cache under float32 activations needs our
+    C++ attention kernel: asked for elsewhere, it is a clear error."""
+    assert smollm.engine.runner.cache.k[0].dtype == torch.float16
+    assert smollm_f32.engine.runner.cache.k[0].dtype == torch.float32
+    config = EngineConfig(kv_cache_dtype="float16", attention_backend="sdpa", kv_cache_memory=1 << 22)
+    with pytest.raises(ValueError, match="can only be float16 under float32, with the 'paged_cpu' attention backend"):
+        LLMEngine(smollm.model, smollm.tokenizer, smollm.eos_token_ids, config)
+
+
 def test_engine_sizes_default_by_device():
     """Unset sizes are filled in for the device (CPU: 64 sequences, 512 tokens a step; GPU: 256, 16384);
     sizes given are kept."""

@@ -203,6 +203,22 @@ def test_fused_rope_and_cache_write_match_pytorch():
         torch.ops.minillm.rope_cache_write(qkv, cos, sin, k_pool, v_pool, slots + 64, hq, hkv)
 
 
+def test_rope_and_cache_write_into_float16_pools():
+    """The 16-bit cache: the same rotation, k and v rounded to float16 in their slots, q still float32."""
+    hq, hkv, d = 6, 2, 32
+    qkv, cos, sin = torch.randn(3, (hq + 2 * hkv) * d), torch.randn(3, d // 2), torch.randn(3, d // 2)
+    slots = torch.tensor([5, 0, 17])
+    pools32 = torch.zeros(2, 16, hkv, d), torch.zeros(2, 16, hkv, d)
+    pools16 = torch.zeros(2, 16, hkv, d, dtype=torch.float16), torch.zeros(2, 16, hkv, d, dtype=torch.float16)
+    q32 = torch.ops.minillm.rope_cache_write(qkv, cos, sin, *pools32, slots, hq, hkv)
+    q16 = torch.ops.minillm.rope_cache_write(qkv, cos, sin, *pools16, slots, hq, hkv)
+    assert q16.dtype == torch.float32 and torch.equal(q16, q32)
+    for p16, p32 in zip(pools16, pools32):
+        assert torch.equal(p16, p32.half())
+    with pytest.raises(RuntimeError, match="float16 pools"):
+        torch.ops.minillm.rope_cache_write(qkv, cos, sin, pools32[0], pools16[1], slots, hq, hkv)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q6_K"])
 def test_a_row_computes_the_same_bits_in_any_batch(name, isa):

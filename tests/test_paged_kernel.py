@@ -130,6 +130,19 @@ def test_packed_step_bf16():
     assert (out.float() - packed_reference(*case)).abs().max() <= 2e-2
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (6, 2, 80)])
+def test_float16_pools_under_float32_queries(heads, kv_heads, head_dim):
+    """The engine's 16-bit KV cache: float16 pools, float32 queries and output, the same as float32 attention on
+    the pools' own values (decode rows, one of them in spans, and prompt chunks)."""
+    q, k_pool, v_pool, table, seqlens, starts = packed_case(heads, kv_heads, head_dim, 16, *MIXED, torch.float32)
+    k16, v16 = k_pool.half(), v_pool.half()
+    out = kernel(q, k16, v16, table, seqlens, starts)
+    assert out.dtype == torch.float32
+    assert (out - packed_reference(q, k16.float(), v16.float(), table, seqlens, starts)).abs().max() <= 1e-5
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        kernel(q.bfloat16(), k16, v16, table, seqlens, starts)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flash", "standard"])
 @pytest.mark.parametrize("page", [16, 7])
 def test_packed_step_on_the_reference_backends_goes_through_rows(backend, page):

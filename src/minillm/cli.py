@@ -35,6 +35,9 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast-prefill", action="store_true",
                         help="GGUF blocks on an AVX512-BF16 CPU: prompt chunks of 64+ tokens as bf16 GEMMs (about 2x "
                              "faster prefill; a prompt's bits then depend on its batch, decode tokens stay exact)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="the KV cache's dtype. Default: float16 for a GGUF file on its own blocks (llama.cpp's "
+                             "default: half the memory, and half the bytes a decode token reads), else the model's")
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -114,7 +117,7 @@ def _load(args: argparse.Namespace):
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
               progress=sys.stderr.isatty(), compile=args.compile, fast_prefill=args.fast_prefill,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype)
     freeze_heap()
     return llm
 
@@ -207,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     options = {"dtype": args.dtype, "device": args.device, "quantization": args.quantization,
                "max_num_seqs": args.max_concurrency, "compile": args.compile, "fast_prefill": args.fast_prefill,
-               "gpu_memory_utilization": args.gpu_memory_utilization}
+               "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype}
     app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
                      stream_timeout=args.stream_timeout)
     try:

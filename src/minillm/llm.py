@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .attention import paged_cpu
 from .engine import EngineConfig, LLMEngine, RequestFailed, StepOutput
 from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
@@ -42,14 +43,14 @@ class LLM:
                  device: str | torch.device = "cpu", quantization: str | None = None, progress: bool = True,
                  **engine_options: Any) -> None:
         """dtype None (the default): a GGUF file computes with its own quantized blocks through our C++
-        kernels (float32 activations and KV cache; the fastest setting, as llama.cpp runs the file),
+        kernels (float32 activations, a float16 KV cache; the fastest setting, as llama.cpp runs the file),
         other checkpoints in float32; on a GPU (device "cuda"), bfloat16. dtype "float32" or "bfloat16":
         every weight dequantized to it; float32 is the setting whose greedy tokens equal HF transformers'.
         quantization: None, "gguf" (insists on the file's blocks: a GGUF file, dtype None) or "int8" /
         "int4" (weight-only, re-quantized from float; see minillm.quantization). engine_options: the
         fields of `EngineConfig` (block_size, kv_cache_memory in bytes, gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, attention_backend, compile,
-        cuda_graphs, fast_prefill)."""
+        cuda_graphs, fast_prefill, kv_cache_dtype)."""
         if quantization == "gguf" and dtype is not None:
             raise ValueError("quantization='gguf' computes with the file's blocks in float32; leave dtype unset")
         if quantization not in (None, *QUANTIZATION_MODES):
@@ -71,6 +72,9 @@ class LLM:
         self.quantized = loaded.quantized
         self.eos_token_ids = loaded.eos_token_ids
         self.progress = progress
+        if (engine_options.get("kv_cache_dtype") is None and loaded.quantized and paged_cpu.available()
+                and engine_options.get("attention_backend") in (None, "paged_cpu")):
+            engine_options["kv_cache_dtype"] = "float16"  # the file's own setting: a 16-bit cache, as llama.cpp's
         self.engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, EngineConfig(**engine_options))
 
     @property

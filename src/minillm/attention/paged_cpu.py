@@ -32,7 +32,8 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tens
 
     Sequence b's queries are rows query_start[b]:query_start[b + 1] and are its last keys (causal);
     it holds seqlens[b] keys in the blocks block_table[b]; with `window` > 0 a query sees only its last
-    `window` keys; `softcap` > 0 caps scores at softcap * tanh(score / softcap). float32 or bfloat16, CPU.
+    `window` keys; `softcap` > 0 caps scores at softcap * tanh(score / softcap). float32 or bfloat16, CPU;
+    float16 pools under float32 queries (the engine's 16-bit KV cache).
     """
     return torch.ops.minillm.paged_attention(q, k_pool, v_pool, block_table, seqlens, query_start, scale, window,
                                              softcap)

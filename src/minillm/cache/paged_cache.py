@@ -82,8 +82,8 @@ class PagedStep:
         """Store one layer's new keys and values [N, Hkv, D] in their slots."""
         # index_copy_ on flat slots: one kernel, and (unlike an index_put) nothing for a compiled
         # step to specialise when a single token is written
-        for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, self.slot_index, new)
+        for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):  # (rounded to a 16-bit pool's dtype)
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, self.slot_index, new.to(pool.dtype))
 
     @cached_property
     def rows(self) -> RowLayout:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..cache.paged_cache import bytes_per_block
+from ..config import resolve_dtype
 from ..model.transformer import MiniLLM
 from ..runtime import tune_allocator
 from ..sampling_params import SamplingParams
@@ -119,6 +120,10 @@ class EngineConfig:
     # at 512 tokens), at the price of exactness: a prompt's bits then depend on how it was chunked and
     # batched (decode tokens still take the exact int8 kernel). Off: batched equals alone, bit for bit.
     fast_prefill: bool = False
+    # the K/V pools' dtype; None: the model's activations' dtype. "float16" under a float32 model (our C++
+    # attention kernel on the CPU only) halves the cache's memory and the bytes each decode token reads
+    # from it, as llama.cpp's default f16 cache does; LLM picks it for a GGUF file on its own blocks.
+    kv_cache_dtype: str | None = None
 
     def for_device(self, device: torch.device) -> EngineConfig:
         """The sizes left unset, filled in for the device the engine runs on."""
@@ -135,7 +140,8 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.config = config = (config or EngineConfig()).for_device(model.device)
-        block_bytes = bytes_per_block(model.config, config.block_size, model.dtype)
+        kv_dtype = model.dtype if config.kv_cache_dtype is None else resolve_dtype(config.kv_cache_dtype)
+        block_bytes = bytes_per_block(model.config, config.block_size, kv_dtype)
         kv_bytes = config.kv_cache_memory
         if kv_bytes is None:
             kv_bytes = 1 << 30 if model.device.type != "cuda" else kv_cache_bytes(
@@ -156,7 +162,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend, config.compile,
-                                  config.fast_prefill, config.cuda_graphs, config.max_num_seqs)
+                                  config.fast_prefill, config.cuda_graphs, config.max_num_seqs, kv_dtype)
         self.compile_seconds = 0.0
         if config.compile:
             start = time.perf_counter()

@@ -26,11 +26,11 @@ class RowError:
     message: str
 
 
-def allocate_cache(model: MiniLLM, num_blocks: int, block_size: int) -> PagedKVCache:
+def allocate_cache(model: MiniLLM, num_blocks: int, block_size: int, dtype: torch.dtype) -> PagedKVCache:
     try:
-        return PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
+        return PagedKVCache(model.config, num_blocks, block_size, dtype=dtype, device=model.device)
     except torch.cuda.OutOfMemoryError:
-        size = num_blocks * bytes_per_block(model.config, block_size, model.dtype)
+        size = num_blocks * bytes_per_block(model.config, block_size, dtype)
         free, total = torch.cuda.mem_get_info(model.device)
         raise ValueError(f"the KV cache of {num_blocks} blocks ({size / 2**30:.2f} GiB) does not fit: "
                          f"{free / 2**30:.2f} of {total / 2**30:.1f} GiB free on {model.device}; lower "
@@ -40,19 +40,27 @@ def allocate_cache(model: MiniLLM, num_blocks: int, block_size: int) -> PagedKVC
 class ModelRunner:
     def __init__(self, model: MiniLLM, num_blocks: int, block_size: int, attention_backend: str | None,
                  compile: bool = False, fast_prefill: bool = False, cuda_graphs: bool = False,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.fast_prefill = fast_prefill and not compile
         # chosen once: every step carries it (kernels load now, not inside the first step or a traced one)
         self.attention = select_attention(attention_backend, model.device, model.dtype, head_dim=model.config.head_dim)
         if model.device.type == "cpu":
             kernels.ops_available()
+        kv_dtype = model.dtype if kv_dtype is None else kv_dtype
+        if kv_dtype != model.dtype and not (kv_dtype == torch.float16 and model.dtype == torch.float32
+                                            and self.attention.name == "paged_cpu"):
+            name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+            raise ValueError(f"kv_cache_dtype={name(kv_dtype)} under {name(model.dtype)} activations: a KV cache in "
+                             "another dtype than the model's can only be float16 under float32, with the 'paged_cpu' "
+                             f"attention backend (here: {self.attention.name} on {model.device.type}); leave "
+                             "kv_cache_dtype unset for the model's own")
         # CUDA graphs for decode steps: the Triton kernels take their sizes from the graph (a torch
         # backend's row layout is sized per step), and RoPE must not depend on the sequence's length
         graphs = (cuda_graphs and not compile and model.device.type == "cuda" and self.attention.name == "triton"
                   and model.rope.switch_at is None)
         # a graph's padding rows write their K/V to one block past those the block manager hands out
-        self.cache = allocate_cache(model, num_blocks + int(graphs), block_size)
+        self.cache = allocate_cache(model, num_blocks + int(graphs), block_size, kv_dtype)
         self.forward = model.forward
         if compile:
             # the other backends lay a packed step out as rows, whose width is known only at run time

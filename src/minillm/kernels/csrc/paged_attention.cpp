@@ -9,7 +9,7 @@
 // that sequence's last keys, so its query j of n sees keys 0 .. seqlens[b] - n + j (causal, aligned
 // bottom-right), or with `window` > 0 only its last `window` of them (sliding-window attention, Mistral's);
 // `softcap` > 0 caps each scaled score at softcap * tanh(score / softcap) (Gemma 2).
-// k_pool, v_pool [num_blocks, page, Hkv, D] (q's dtype); block_table [B, pages];
+// k_pool, v_pool [num_blocks, page, Hkv, D] (q's dtype, or float16 for float32 q); block_table [B, pages];
 // seqlens [B] (keys per sequence, the new ones included); query_start [B + 1]; all int64.
 // Returns [N, Hq, D] in q's dtype. Scores and softmax in float32 (scores, then max / exp / sum, then P @ V).
 
@@ -40,16 +40,24 @@ constexpr int64_t W = fVec::size();
 
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+static inline float to_float(at::Half x) { return static_cast<float>(x); }
 static inline fVec load(const float* p) { return fVec::loadu(p); }
-static inline fVec load(const at::BFloat16* p) {
+static inline fVec load(const at::BFloat16* p) {  // widened to float32
+  fVec out;
+  at::vec::load_to_float(p, out);
+  return out;
+}
+static inline fVec load(const at::Half* p) {
   fVec out;
   at::vec::load_to_float(p, out);
   return out;
 }
 
-template <typename T>
+// T: q and the output; KV: the pools (T, or float16 under float32 queries: the engine's 16-bit cache)
+template <typename T, typename KV = T>
 struct Problem {
-  const T *q, *k, *v;
+  const T* q;
+  const KV *k, *v;
   T* out;
   const int64_t *table, *seqlens, *query_start;
   int64_t num_seqs, num_heads, num_kv_heads, dim, page, max_pages;
@@ -67,17 +75,17 @@ static inline float capped(float score, float softcap) {
 // walks the block table a page at a time (no division per key), and asks for the next page while
 // working on this one (pages are scattered over the pool, so the hardware prefetcher cannot guess
 // them; measured over 30 layers of 10 MB of K/V each: 1.5-1.9 ms per layer without, at ~6 GB/s).
-template <typename T, typename Fn>
-static inline void for_each_key(const Problem<T>& p, const T* pool, const int64_t* pages, int64_t h, int64_t dim,
+template <typename T, typename KV, typename Fn>
+static inline void for_each_key(const Problem<T, KV>& p, const KV* pool, const int64_t* pages, int64_t h, int64_t dim,
                                 int64_t begin, int64_t count, Fn fn) {
   const int64_t token_stride = p.num_kv_heads * dim;
   for (int64_t n = begin / p.page, first = n * p.page; first < count; first += p.page, ++n) {
-    const T* base = pool + pages[n] * p.page * token_stride + h * dim;
+    const KV* base = pool + pages[n] * p.page * token_stride + h * dim;
     if (first + p.page < count) {
       const char* next = reinterpret_cast<const char*>(pool + pages[n + 1] * p.page * token_stride + h * dim);
       for (int64_t i = 0; i < p.page; ++i)
-        for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += 64)
-          __builtin_prefetch(next + i * token_stride * static_cast<int64_t>(sizeof(T)) + byte);
+        for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(KV)); byte += 64)
+          __builtin_prefetch(next + i * token_stride * static_cast<int64_t>(sizeof(KV)) + byte);
     }
     const int64_t end = std::min(p.page, count - first);
     for (int64_t i = std::max<int64_t>(0, begin - first); i < end; ++i) fn(first + i - begin, base + i * token_stride);
@@ -120,9 +128,9 @@ struct Part {
   float* stats;  // [GROUPS * 2]
 };
 
-template <typename T, int64_t DIM, int64_t GROUPS>
+template <typename T, typename KV, int64_t DIM, int64_t GROUPS>
 struct VectorHead {
-  static void attend(const Problem<T>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
+  static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
                      int64_t end, std::vector<float>& scores, const Part* part) {
     constexpr int64_t C = DIM / W;  // vectors per head row
     const int64_t len = end - begin;
@@ -135,7 +143,7 @@ struct VectorHead {
         query[g][c] = load(q_row + g * DIM + c * W) * fVec(p.scale);
         acc[g][c] = fVec(0.f);
       }
-    for_each_key(p, p.k, pages, h, DIM, begin, end, [&](int64_t t, const T* key) {
+    for_each_key(p, p.k, pages, h, DIM, begin, end, [&](int64_t t, const KV* key) {
       fVec k[C];
       for (int64_t c = 0; c < C; ++c) k[c] = load(key + c * W);
       for (int64_t g = 0; g < GROUPS; ++g) {
@@ -145,7 +153,7 @@ struct VectorHead {
       }
     });
     softmax_rows(scores.data(), GROUPS, len, stride, part ? part->stats : nullptr);
-    for_each_key(p, p.v, pages, h, DIM, begin, end, [&](int64_t t, const T* value) {
+    for_each_key(p, p.v, pages, h, DIM, begin, end, [&](int64_t t, const KV* value) {
       fVec v[C];
       for (int64_t c = 0; c < C; ++c) v[c] = load(value + c * W);
       for (int64_t g = 0; g < GROUPS; ++g) {
@@ -166,15 +174,15 @@ struct VectorHead {
 };
 
 // Any head dim and group count: the same computation in plain loops.
-template <typename T>
+template <typename T, typename KV>
 struct AnyHead {
-  static void attend(const Problem<T>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
+  static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
                      int64_t end, std::vector<float>& scores, const Part* part) {
     const int64_t len = end - begin;
     const int64_t dim = p.dim, groups = p.num_heads / p.num_kv_heads, stride = (len + W - 1) / W * W;
     scores.resize(groups * stride);
     std::vector<float> acc(groups * dim, 0.f);
-    for_each_key(p, p.k, pages, h, dim, begin, end, [&](int64_t t, const T* key) {
+    for_each_key(p, p.k, pages, h, dim, begin, end, [&](int64_t t, const KV* key) {
       for (int64_t g = 0; g < groups; ++g) {
         float s = 0.f;
         for (int64_t d = 0; d < dim; ++d) s += to_float(q_row[g * dim + d]) * to_float(key[d]);
@@ -182,7 +190,7 @@ struct AnyHead {
       }
     });
     softmax_rows(scores.data(), groups, len, stride, part ? part->stats : nullptr);
-    for_each_key(p, p.v, pages, h, dim, begin, end, [&](int64_t t, const T* value) {
+    for_each_key(p, p.v, pages, h, dim, begin, end, [&](int64_t t, const KV* value) {
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += scores[g * stride + t] * to_float(value[d]);
     });
@@ -208,8 +216,8 @@ static int64_t span_keys(int64_t keys) {  // >= keys / 4 in whole pages of 16, s
   return std::max<int64_t>(128, (keys + 63) / 64 * 16);
 }
 
-template <typename T, typename Head>
-static void run(const Problem<T>& p) {
+template <typename T, typename KV, typename Head>
+static void run(const Problem<T, KV>& p) {
   constexpr int64_t kQueriesPerTask = 16;
   struct Task { int64_t seq, head, first, end, cost, key_begin, key_end, part; };  // part: -1, or a span's slot
   struct Split { int64_t row, parts, first_part; };  // a decode row's q/out row, its spans' slots
@@ -291,23 +299,23 @@ static void run(const Problem<T>& p) {
   });
 }
 
-template <typename T>
-static void dispatch(const Problem<T>& p) {
+template <typename T, typename KV>
+static void dispatch(const Problem<T, KV>& p) {
   // compile-time shapes for the common cases: head dim 64 or 128, 1-4 or 8 query heads per KV head
   const int64_t groups = p.num_heads / p.num_kv_heads;
 #define MINILLM_GROUPS(DIM)                                        \
   switch (groups) {                                                 \
-    case 1: return run<T, VectorHead<T, DIM, 1>>(p);                \
-    case 2: return run<T, VectorHead<T, DIM, 2>>(p);                \
-    case 3: return run<T, VectorHead<T, DIM, 3>>(p);                \
-    case 4: return run<T, VectorHead<T, DIM, 4>>(p);                \
-    case 8: return run<T, VectorHead<T, DIM, 8>>(p);                \
-    default: return run<T, AnyHead<T>>(p);                          \
+    case 1: return run<T, KV, VectorHead<T, KV, DIM, 1>>(p);                \
+    case 2: return run<T, KV, VectorHead<T, KV, DIM, 2>>(p);                \
+    case 3: return run<T, KV, VectorHead<T, KV, DIM, 3>>(p);                \
+    case 4: return run<T, KV, VectorHead<T, KV, DIM, 4>>(p);                \
+    case 8: return run<T, KV, VectorHead<T, KV, DIM, 8>>(p);                \
+    default: return run<T, KV, AnyHead<T, KV>>(p);                          \
   }
   if (p.dim == 64) { MINILLM_GROUPS(64) }
   if (p.dim == 128) { MINILLM_GROUPS(128) }
 #undef MINILLM_GROUPS
-  run<T, AnyHead<T>>(p);
+  run<T, KV, AnyHead<T, KV>>(p);
 }
 
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor block_table,
@@ -315,8 +323,10 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, a
                               double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes(), "paged_attention: bad shapes");
   TORCH_CHECK(window >= 0, "paged_attention: window must be >= 0 (0: no sliding window)");
-  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && q.scalar_type() == v_pool.scalar_type(),
-              "paged_attention: dtypes differ");
+  const bool half_cache = q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kHalf;
+  TORCH_CHECK((q.scalar_type() == k_pool.scalar_type() || half_cache) && k_pool.scalar_type() == v_pool.scalar_type(),
+              "paged_attention: dtypes differ (q ", q.scalar_type(), ", pools ", k_pool.scalar_type(), " and ",
+              v_pool.scalar_type(), "; float16 pools take float32 queries)");
   TORCH_CHECK(q.size(1) % k_pool.size(2) == 0 && q.size(2) == k_pool.size(3), "paged_attention: heads do not fit the pool");
   TORCH_CHECK(block_table.dim() == 2 && seqlens.numel() == block_table.size(0) &&
                   query_start.numel() == block_table.size(0) + 1,
@@ -341,17 +351,20 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, a
                   "paged_attention: block_table names a block outside the pool");
   }
   auto out = at::zeros_like(q);
-  auto problem = [&](auto* type) {
+  auto problem = [&](auto* type, auto* cache_type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    return Problem<T>{q.data_ptr<T>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(), out.data_ptr<T>(),
+    using KV = std::remove_pointer_t<decltype(cache_type)>;
+    return Problem<T, KV>{q.data_ptr<T>(), k_pool.data_ptr<KV>(), v_pool.data_ptr<KV>(), out.data_ptr<T>(),
                       table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                       block_table.size(0), q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), block_table.size(1),
                       static_cast<float>(scale), window, static_cast<float>(softcap)};
   };
-  if (q.scalar_type() == at::kFloat) {
-    dispatch(problem(static_cast<float*>(nullptr)));
+  if (half_cache) {
+    dispatch(problem(static_cast<float*>(nullptr), static_cast<at::Half*>(nullptr)));
+  } else if (q.scalar_type() == at::kFloat) {
+    dispatch(problem(static_cast<float*>(nullptr), static_cast<float*>(nullptr)));
   } else if (q.scalar_type() == at::kBFloat16) {
-    dispatch(problem(static_cast<at::BFloat16*>(nullptr)));
+    dispatch(problem(static_cast<at::BFloat16*>(nullptr), static_cast<at::BFloat16*>(nullptr)));
   } else {
     TORCH_CHECK(false, "paged_attention: float32 or bfloat16 only");
   }
