@@ -66,3 +66,25 @@ def test_bad_input(tiny_model):
         tiny_model(torch.zeros(1, 4, dtype=torch.long), input_lengths=[4])
     with pytest.raises(ValueError, match="unknown attention backend"):
         tiny_model(torch.zeros(1, 4, dtype=torch.long), attention_backend="nope")
+
+
+def test_weights_moved_into_huge_page_memory_keep_values_and_ties():
+    """LLM moves a CPU model's weights into one mapping advised for 2 MB pages (runtime.place_in_huge_pages):
+    the same tensor objects, values, ties and logits, every moved tensor inside that one mapping."""
+    from minillm.runtime import huge_page_memory, place_in_huge_pages
+
+    torch.manual_seed(1)
+    model = MiniLLM(Configs.tiny(num_layers=2, tie_embeddings=True)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        before = model(ids)
+    head, embedding = model.output.weight, model.tok_embeddings.weight
+    moved = place_in_huge_pages(model, min_bytes=1024)
+    assert moved >= sum(p.nbytes for p in model.parameters() if p.nbytes >= 1024)
+    assert model.output.weight is head is embedding is model.tok_embeddings.weight  # still one tensor
+    pointers = [p.data_ptr() for p in model.parameters() if p.nbytes >= 1024]
+    assert max(pointers) - min(pointers) < moved  # all in the one mapping
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)
+    memory = huge_page_memory(3 << 20)
+    assert memory.data_ptr() % (2 << 20) == 0 and memory.numel() == 3 << 20 and not memory.any()

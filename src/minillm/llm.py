@@ -16,6 +16,7 @@ from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
 from .model.onednn_linear import use_onednn_linears
 from .quantization import QUANTIZATION_MODES, quantize_model
+from .runtime import place_in_huge_pages
 from .sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -68,6 +69,8 @@ class LLM:
             use_onednn_linears(loaded.model)  # MKL is slow on AMD CPUs (model/onednn_linear.py)
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{loaded.name} has no tokenizer (tokenizer.json); LLM needs one")
+        if loaded.model.device.type == "cpu":
+            place_in_huge_pages(loaded.model)  # fewer TLB misses as each decode step streams the weights
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.quantized = loaded.quantized
         self.eos_token_ids = loaded.eos_token_ids

@@ -8,6 +8,7 @@ file only holds the tensors and writes a step's new K/V into the right slots.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from ..attention import AttentionBackend
 from ..config import ModelConfig, resolve_dtype
+from ..runtime import huge_page_memory
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: str | torch.dtype) -> int:
@@ -30,9 +32,15 @@ class PagedKVCache:
         self.dtype = resolve_dtype(config.dtype if dtype is None else dtype)
         self.device = torch.device(device)
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        # Zero-filled: masked slots still meet a 0-weight multiply, and 0 * NaN is NaN.
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
+        # Zero-filled: masked slots still meet a 0-weight multiply, and 0 * NaN is NaN. On the CPU in one
+        # mapping on 2 MB pages where the OS grants them (runtime.huge_page_memory: fewer TLB misses).
+        if self.device.type == "cpu":
+            count = 2 * config.num_layers
+            memory = huge_page_memory(count * math.prod(shape) * self.dtype.itemsize).view(self.dtype)
+            pools = list(memory.view(count, *shape).unbind(0))
+        else:
+            pools = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * config.num_layers)]
+        self.k, self.v = pools[:config.num_layers], pools[config.num_layers:]
 
     @property
     def nbytes(self) -> int:
