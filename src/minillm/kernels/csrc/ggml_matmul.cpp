@@ -452,9 +452,10 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d,
 // ---------------------------------------------------------------- SwiGLU: silu(gate) * up
 // silu(g) = g / (1 + exp(-g)); exp by range reduction (x = n ln2 + r, |r| <= ln2 / 2, ln2 in Cephes' two
 // parts) and a degree-7 Taylor polynomial (relative error < 1e-8 before rounding). Every path does the
-// same roundings in the same order (fma, round to even, exact scaling by 2^n; the file is built without
-// FMA contraction), so all give the same bits. It replaced at::silu + mul_, ~6 us of a ~100 us decode
-// layer: their dispatch and TensorIterator set-up run cold after each layer's weights stream through.
+// same roundings in the same order (round to even, exact scaling by 2^n, each product-then-sum written as
+// an fma, so that the compiler's contraction cannot make the paths differ): all give the same bits. It
+// replaced at::silu + mul_, ~6 us of a ~100 us decode layer: their dispatch and TensorIterator set-up run
+// cold after each layer's weights stream through.
 constexpr float kExpLo = -87.f, kExpHi = 88.f;  // 2^n stays a normal float; beyond, silu is ~g or ~0 anyway
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[8] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
@@ -470,7 +471,7 @@ float silu_mul(float g, float u) {
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return g / (1.f + p * scale) * u;
+  return g / std::fma(p, scale, 1.f) * u;
 }
 
 void swiglu_row_portable(const float* gate, const float* up, float* out, int64_t h) {
@@ -489,7 +490,7 @@ VEC_TARGET_AVX2 void swiglu_row_avx2(const float* gate, const float* up, float* 
     __m256 p = _mm256_set1_ps(kExpPoly[0]);
     for (int k = 1; k < 8; ++k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[k]));
     const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), _mm256_mul_ps(p, scale)));
+    const __m256 silu = _mm256_div_ps(g, _mm256_fmadd_ps(p, scale, _mm256_set1_ps(1.f)));
     _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
   }
   for (; i < h; ++i) out[i] = silu_mul(gate[i], up[i]);
@@ -506,7 +507,7 @@ VEC_TARGET_VNNI void swiglu_row_vnni(const float* gate, const float* up, float* 
     __m512 p = _mm512_set1_ps(kExpPoly[0]);
     for (int k = 1; k < 8; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[k]));
     const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_mul_ps(p, scale)));
+    const __m512 silu = _mm512_div_ps(g, _mm512_fmadd_ps(p, scale, _mm512_set1_ps(1.f)));
     _mm512_storeu_ps(out + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
   }
   for (; i < h; ++i) out[i] = silu_mul(gate[i], up[i]);
