@@ -17,12 +17,13 @@ import argparse
 import random
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..cli import positive_int
-from ..engine import EngineConfig, LLMEngine
+from ..engine import LLMEngine
 from ..llm import LLM
 from ..quantization import QUANTIZATION_MODES
 from ..runtime import freeze_heap
@@ -86,9 +87,8 @@ def prefix_workload(llm: LLM, n: int, system_tokens: int, out_len: int) -> dict:
     requests = [(system + [rng.randrange(100, vocab) for _ in range(rng.randint(8, 32))], out_len) for _ in range(n)]
     result = {}
     for caching in (False, True):
-        engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids,
-                           EngineConfig(enable_prefix_caching=caching, max_num_seqs=n,
-                                        fast_prefill=llm.engine.config.fast_prefill))
+        engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids,  # the LLM's own settings (its KV dtype)
+                           replace(llm.engine.config, enable_prefix_caching=caching, max_num_seqs=n))
         seconds = run_engine(engine, requests, f"shared prefix, caching {'on' if caching else 'off'}")
         result["on" if caching else "off"] = {"seconds": seconds, "tok_s": n * out_len / seconds,
                                               "hit_rate": engine.stats()["prefix_cache_hit_rate"]}
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     requests = make_requests(args.num_requests, tuple(args.input_len), tuple(args.output_len),
                              llm.model.config.vocab_size)
     output_tokens = sum(n for _, n in requests)
-    warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(fast_prefill=args.fast_prefill))
+    warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, llm.engine.config)
     run_engine(warm, requests[:4], "warm-up")
     hf_dtypes = ["float32"] + (["bfloat16"] if args.dtype != "float32" else [])
     hf_models = {} if args.no_hf else load_hf(args.model, hf_dtypes, args.device)
