@@ -121,7 +121,7 @@ def test_swiglu_epilogue_same_bits_on_every_path_and_close_to_float64():
         torch.testing.assert_close(outputs[isa][:4].double(), expected[:4], rtol=1e-6, atol=1e-20)
         assert outputs[isa][4].isnan().all()
     for isa in ISAS[1:]:
-        assert torch.equal(outputs[isa].nan_to_num(), outputs["portable"].nan_to_num()), isa
+        assert torch.equal(outputs[isa].view(torch.int32), outputs["portable"].view(torch.int32)), isa  # NaNs too
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -68,10 +68,10 @@ def test_bad_input(tiny_model):
         tiny_model(torch.zeros(1, 4, dtype=torch.long), attention_backend="nope")
 
 
-def test_weights_moved_into_huge_page_memory_keep_values_and_ties():
+def test_weights_moved_onto_huge_pages_keep_values_ties_and_storages():
     """LLM moves a CPU model's weights into one mapping advised for 2 MB pages (runtime.place_in_huge_pages):
     the same tensor objects, values, ties and logits, every moved tensor inside that one mapping."""
-    from minillm.runtime import huge_page_memory, place_in_huge_pages
+    from minillm.runtime import huge_page_buffers, place_in_huge_pages
 
     torch.manual_seed(1)
     model = MiniLLM(Configs.tiny(num_layers=2, tie_embeddings=True)).eval()
@@ -86,5 +86,8 @@ def test_weights_moved_into_huge_page_memory_keep_values_and_ties():
     assert max(pointers) - min(pointers) < moved  # all in the one mapping
     with torch.no_grad():
         assert torch.equal(model(ids), before)
-    memory = huge_page_memory(3 << 20)
-    assert memory.data_ptr() % (2 << 20) == 0 and memory.numel() == 3 << 20 and not memory.any()
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.nbytes >= 1024}
+    assert len(storages) == len(pointers)  # each its own storage (safetensors refuses shared ones)
+    first, second = huge_page_buffers([3 << 20, 100])
+    assert first.data_ptr() % (2 << 20) == 0 and first.numel() == 3 << 20 and not first.any()
+    assert second.numel() == 100 and second.data_ptr() >= first.data_ptr() + (3 << 20)

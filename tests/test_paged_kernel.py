@@ -50,7 +50,7 @@ def test_kernel_builds_here():
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (6, 2, 80), (10, 2, 32)])
 @pytest.mark.parametrize("page", [16, 7])
 def test_paged_kernel_equals_standard_attention_fp32(heads, kv_heads, head_dim, page):
-    lengths = [1, page, 3 * page + 2, 300]  # one key, a full page, pages + a partial one, a long row (in spans)
+    lengths = [1, page, 3 * page + 2, 400]  # one key, a full page, pages + a partial one, a long row (4 spans)
     q, k_pool, v_pool, table, seqlens = paged_case(4, heads, kv_heads, head_dim, page, lengths, torch.float32)
     ref = standard_attention(q, gather_pages(k_pool, table), gather_pages(v_pool, table), lengths)
     out = kernel(q, k_pool, v_pool, table, seqlens)
@@ -165,18 +165,27 @@ def test_sliding_window_on_every_backend(backend, window):
     assert (out - packed_reference(*case)).abs().max() > 1e-3  # the window changes the result
 
 
+def test_a_query_computes_the_same_bits_in_any_chunk():
+    """Queries past 128 keys take key spans, in a decode row as in a prompt chunk: the last token of a 300-key
+    sequence gives the same bits alone, as the end of a 5-token chunk and of a 40-token one."""
+    q, k_pool, v_pool, table, seqlens, _ = packed_case(9, 3, 64, 16, [300], [40], torch.float32)
+    outputs = [kernel(q[-n:], k_pool, v_pool, table, seqlens, torch.tensor([0, n]))[-1] for n in (1, 5, 40)]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize("window", [24, 0])
 @pytest.mark.parametrize("backend", ["paged_cpu", "flash", "sdpa", "standard"])
-def test_softcap_and_scale_on_every_backend(backend):
+def test_softcap_and_scale_on_every_backend(backend, window):
     """Gemma 2: its own softmax scale and scores soft-capped (cap * tanh(score / cap)) before the softmax."""
     q, k_pool, v_pool, table, seqlens, starts = case = packed_case(8, 2, 64, 16, *MIXED, torch.float32)
     q = q * 4  # scores large enough for the cap to bite
     case = (q, *case[1:])
     step = packed_step(backend, table, seqlens, starts, 16)
-    layer = LayerAttention(window=24, scale=0.2, softcap=1.5)
+    layer = LayerAttention(window=window, scale=0.2, softcap=1.5)  # (no window: the 150-key decode row in spans)
     out = step.attention.attend(q, k_pool, v_pool, step, layer)
-    expected = packed_reference(*case, window=24, scale=0.2, softcap=1.5)
+    expected = packed_reference(*case, window=window, scale=0.2, softcap=1.5)
     assert (out - expected).abs().max() <= 1e-5
-    assert (out - packed_reference(*case, window=24, scale=0.2)).abs().max() > 1e-3
+    assert (out - packed_reference(*case, window=window, scale=0.2)).abs().max() > 1e-3
 
 
 def test_kernel_rejects_bad_inputs():

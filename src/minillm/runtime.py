@@ -68,33 +68,40 @@ def freeze_heap() -> None:
 _HUGE_PAGE = 2 << 20
 
 
-def huge_page_memory(nbytes: int) -> torch.Tensor:
-    """`nbytes` of zeroed CPU memory (uint8) starting on a 2 MB boundary, advised for huge pages where the
-    platform has them (elsewhere: a plain tensor). The tensor keeps its mapping alive."""
-    if not (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")) or nbytes <= 0:
-        return torch.zeros(nbytes, dtype=torch.uint8)
-    arena = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: pages are faulted in as 2 MB ones
-    memory = torch.frombuffer(arena, dtype=torch.uint8)
-    start = -memory.data_ptr() % _HUGE_PAGE
-    return memory[start:start + nbytes]
+def huge_page_buffers(sizes: list[int]) -> list[torch.Tensor]:
+    """Zeroed CPU buffers (uint8) of these sizes, each a tensor with its own storage, together in one mapping
+    that starts on a 2 MB boundary and is advised for huge pages where the platform has them (elsewhere:
+    plain tensors). Each tensor keeps the mapping alive."""
+    if not (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")) or not any(sizes):
+        return [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    padded = [-(-n // 64) * 64 for n in sizes]  # each on a cache line
+    arena = mmap.mmap(-1, sum(padded) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        arena.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: pages are faulted in as 2 MB ones
+    except OSError:  # a kernel without transparent huge pages: 4 KB pages, the same memory
+        pass
+    offset = -torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr() % _HUGE_PAGE
+    buffers = []
+    for n, step in zip(sizes, padded):
+        buffers.append(torch.frombuffer(arena, dtype=torch.uint8, count=n, offset=offset) if n
+                       else torch.zeros(0, dtype=torch.uint8))
+        offset += step
+    return buffers
 
 
 def place_in_huge_pages(model: torch.nn.Module, min_bytes: int = 1 << 16) -> int:
-    """Move the model's CPU parameters and buffers of at least `min_bytes` into `huge_page_memory`, in place
-    (`tensor.data` points into it: the same tensor objects, values and ties). Returns the bytes moved."""
+    """Move the model's CPU parameters and buffers of at least `min_bytes` into `huge_page_buffers`, in place
+    (`tensor.data` points into them: the same tensor objects, values and ties). Returns the bytes moved."""
     tensors: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for tensor in [*module._parameters.values(), *module._buffers.values()]:
             if (tensor is not None and tensor.device.type == "cpu" and tensor.layout == torch.strided
                     and tensor.is_contiguous() and tensor.nbytes >= min_bytes):
                 tensors.setdefault(id(tensor), tensor)
-    sizes = {key: -(-tensor.nbytes // 64) * 64 for key, tensor in tensors.items()}  # each on a cache line
-    memory, offset = huge_page_memory(sum(sizes.values())), 0
+    moved = list(tensors.values())
     with torch.no_grad():
-        for key, tensor in tensors.items():
-            view = memory[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        for tensor, buffer in zip(moved, huge_page_buffers([t.nbytes for t in moved])):
+            view = buffer.view(tensor.dtype).view(tensor.shape)
             view.copy_(tensor)
             tensor.data = view
-            offset += sizes[key]
-    return offset
+    return sum(t.nbytes for t in moved)

@@ -88,7 +88,7 @@ def prefix_workload(llm: LLM, n: int, system_tokens: int, out_len: int) -> dict:
     result = {}
     for caching in (False, True):
         engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids,  # the LLM's own settings (its KV dtype)
-                           replace(llm.engine.config, enable_prefix_caching=caching, max_num_seqs=n))
+                           replace(llm.engine.config, enable_prefix_caching=caching, max_num_seqs=n, compile=False))
         seconds = run_engine(engine, requests, f"shared prefix, caching {'on' if caching else 'off'}")
         result["on" if caching else "off"] = {"seconds": seconds, "tok_s": n * out_len / seconds,
                                               "hit_rate": engine.stats()["prefix_cache_hit_rate"]}
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     requests = make_requests(args.num_requests, tuple(args.input_len), tuple(args.output_len),
                              llm.model.config.vocab_size)
     output_tokens = sum(n for _, n in requests)
-    warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, llm.engine.config)
+    warm = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, replace(llm.engine.config, compile=False))
     run_engine(warm, requests[:4], "warm-up")
     hf_dtypes = ["float32"] + (["bfloat16"] if args.dtype != "float32" else [])
     hf_models = {} if args.no_hf else load_hf(args.model, hf_dtypes, args.device)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..attention import AttentionBackend
 from ..config import ModelConfig, resolve_dtype
-from ..runtime import huge_page_memory
+from ..runtime import huge_page_buffers
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: str | torch.dtype) -> int:
@@ -33,11 +33,10 @@ class PagedKVCache:
         self.device = torch.device(device)
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zero-filled: masked slots still meet a 0-weight multiply, and 0 * NaN is NaN. On the CPU in one
-        # mapping on 2 MB pages where the OS grants them (runtime.huge_page_memory: fewer TLB misses).
+        # mapping on 2 MB pages where the OS grants them (runtime.huge_page_buffers: fewer TLB misses).
         if self.device.type == "cpu":
-            count = 2 * config.num_layers
-            memory = huge_page_memory(count * math.prod(shape) * self.dtype.itemsize).view(self.dtype)
-            pools = list(memory.view(count, *shape).unbind(0))
+            sizes = [math.prod(shape) * self.dtype.itemsize] * (2 * config.num_layers)
+            pools = [buffer.view(self.dtype).view(shape) for buffer in huge_page_buffers(sizes)]
         else:
             pools = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * config.num_layers)]
         self.k, self.v = pools[:config.num_layers], pools[config.num_layers:]

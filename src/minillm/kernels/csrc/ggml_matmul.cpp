@@ -462,7 +462,7 @@ constexpr float kExpPoly[8] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f /
 
 float silu_mul(float g, float u) {
   float x = -g;
-  if (std::isnan(x)) return std::numeric_limits<float>::quiet_NaN();
+  if (std::isnan(x)) return g * u;  // g's own NaN, as the vector paths' arithmetic passes it on
   x = std::min(std::max(x, kExpLo), kExpHi);
   const float n = std::nearbyint(x * kLog2e);
   const float r = std::fma(n, -kLn2Lo, std::fma(n, -kLn2Hi, x));

@@ -130,7 +130,7 @@ struct Part {
 
 template <typename T, typename KV, int64_t DIM, int64_t GROUPS>
 struct VectorHead {
-  static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
+  __attribute__((noinline)) static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
                      int64_t end, std::vector<float>& scores, const Part* part) {
     constexpr int64_t C = DIM / W;  // vectors per head row
     const int64_t len = end - begin;
@@ -176,7 +176,7 @@ struct VectorHead {
 // Any head dim and group count: the same computation in plain loops.
 template <typename T, typename KV>
 struct AnyHead {
-  static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
+  __attribute__((noinline)) static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
                      int64_t end, std::vector<float>& scores, const Part* part) {
     const int64_t len = end - begin;
     const int64_t dim = p.dim, groups = p.num_heads / p.num_kv_heads, stride = (len + W - 1) / W * W;
@@ -204,16 +204,37 @@ struct AnyHead {
 // Work is split into tasks of (sequence, KV head, up to 16 queries), dealt to the threads longest
 // first, each to the least loaded (keys to read as the cost): at::parallel_for alone would cut the
 // task list into equal counts, and one long prefill chunk would then keep one core busy alone.
-// A decode row with more than 128 keys has them cut into spans (flash-decoding): one task per KV head left
-// a core idle for a third of the call with 3 KV heads on 2 threads, and at long contexts only as many cores
-// as KV heads read K/V. Each span's softmax stays unnormalized beside its peak and sum, and the spans are
-// merged in key order after the parallel part. The span length depends on the row's own key count only, so
-// a row's output does not depend on what else is in the call. Measured on SmolLM2 (2 threads, paired): b1
+// A decode row with more than 128 keys has them cut into spans (flash-decoding), each a task: one task per KV
+// head left a core idle for a third of the call with 3 KV heads on 2 threads, and at long contexts only as
+// many cores as KV heads read K/V. Each span's softmax stays unnormalized beside its peak and sum, and the
+// spans are merged in key order after the parallel part. A prompt query with as many keys takes the same
+// spans inside its task. The span length depends on the query's own key count only, so its output depends
+// neither on what else is in the call nor on how its prompt was chunked. Measured on SmolLM2 (2 threads, paired): b1
 // at a 1,000-token context x0.89 a token, b1 at 200-330 x0.95, b16 at 200 x0.97; shorter spans (from 33 keys)
 // made short contexts 3 % slower (each span starts its page walk with a cache miss).
 constexpr int64_t kMaxSpans = 4;
 static int64_t span_keys(int64_t keys) {  // >= keys / 4 in whole pages of 16, so at most kMaxSpans spans
   return std::max<int64_t>(128, (keys + 63) / 64 * 16);
+}
+
+// One query row's spans merged, in key order: out = sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m), for each of
+// `groups` query heads; acc [parts][groups][dim], stats [parts][groups][2] (peak, sum). Not inlined, nor is
+// `attend`: their callers must run the same code (inlined, the compiler contracts multiply-adds differently at
+// each call site, and a query's bits would depend on which path took it).
+template <typename T>
+__attribute__((noinline)) static void merge_spans(const float* acc, const float* stats, int64_t parts, int64_t groups, int64_t dim, T* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float peak = -std::numeric_limits<float>::infinity(), scale[kMaxSpans], sum = 0.f;
+    for (int64_t s = 0; s < parts; ++s) peak = std::max(peak, stats[2 * (s * groups + g)]);
+    for (int64_t s = 0; s < parts; ++s)
+      sum += stats[2 * (s * groups + g) + 1] * (scale[s] = std::exp(stats[2 * (s * groups + g)] - peak));
+    const float norm = sum > 0.f ? 1.f / sum : 0.f;
+    for (int64_t d = 0; d < dim; ++d) {
+      float value = 0.f;
+      for (int64_t s = 0; s < parts; ++s) value += acc[(s * groups + g) * dim + d] * scale[s];
+      out[g * dim + d] = static_cast<T>(value * norm);
+    }
+  }
 }
 
 template <typename T, typename KV, typename Head>
@@ -270,32 +291,35 @@ static void run(const Problem<T, KV>& p) {
           Head::attend(p, p.q + row * p.dim, nullptr, pages, task.head, task.key_begin, task.key_end, scores, &part);
           continue;
         }
+        std::vector<float> acc, stats;
         for (int64_t j = task.first; j < task.end; ++j) {
           const int64_t row = (p.query_start[task.seq] + j) * p.num_heads + task.head * groups;
           const int64_t visible = std::max<int64_t>(0, len - n + j + 1);
           const int64_t first_key = p.window > 0 ? std::max<int64_t>(0, visible - p.window) : 0;
-          Head::attend(p, p.q + row * p.dim, p.out + row * p.dim, pages, task.head, first_key, visible, scores, nullptr);
+          const int64_t keys = visible - first_key, span = span_keys(keys);
+          if (keys <= span) {
+            Head::attend(p, p.q + row * p.dim, p.out + row * p.dim, pages, task.head, first_key, visible, scores, nullptr);
+            continue;
+          }
+          // a prompt query past 128 keys takes the same spans as a decode row, one after another here, so
+          // a query's bits do not depend on how its prompt was chunked
+          const int64_t count = (keys + span - 1) / span;
+          acc.resize(count * groups * p.dim);
+          stats.resize(count * groups * 2);
+          for (int64_t s = 0; s < count; ++s) {
+            const Part part{acc.data() + s * groups * p.dim, stats.data() + s * groups * 2};
+            Head::attend(p, p.q + row * p.dim, nullptr, pages, task.head, first_key + s * span,
+                         std::min(visible, first_key + (s + 1) * span), scores, &part);
+          }
+          merge_spans(acc.data(), stats.data(), count, groups, p.dim, p.out + row * p.dim);
         }
       }
   });
-  // merge each split row's spans, in key order: out = sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m)
   at::parallel_for(0, static_cast<int64_t>(splits.size()), 8, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Split& split = splits[i];
-      for (int64_t g = 0; g < groups; ++g) {
-        auto part = [&](int64_t s) { return (split.first_part + s) * groups + g; };
-        float peak = -std::numeric_limits<float>::infinity(), scale[kMaxSpans], sum = 0.f;
-        for (int64_t s = 0; s < split.parts; ++s) peak = std::max(peak, part_stats[2 * part(s)]);
-        for (int64_t s = 0; s < split.parts; ++s) sum += part_stats[2 * part(s) + 1] * (scale[s] = std::exp(part_stats[2 * part(s)] - peak));
-        const float norm = sum > 0.f ? 1.f / sum : 0.f;
-        T* o_row = p.out + (split.row + g) * p.dim;
-        for (int64_t d = 0; d < p.dim; ++d) {
-          float value = 0.f;
-          for (int64_t s = 0; s < split.parts; ++s) value += part_acc[part(s) * p.dim + d] * scale[s];
-          o_row[d] = static_cast<T>(value * norm);
-        }
-      }
-    }
+    for (int64_t i = begin; i < end; ++i)
+      merge_spans(part_acc.data() + splits[i].first_part * groups * p.dim,
+                  part_stats.data() + splits[i].first_part * groups * 2, splits[i].parts, groups, p.dim,
+                  p.out + splits[i].row * p.dim);
   });
 }
 
