@@ -92,13 +92,9 @@ def huge_page_buffers(sizes: list[int]) -> list[torch.Tensor]:
 def place_in_huge_pages(model: torch.nn.Module, min_bytes: int = 1 << 16) -> int:
     """Move the model's CPU parameters and buffers of at least `min_bytes` into `huge_page_buffers`, in place
     (`tensor.data` points into them: the same tensor objects, values and ties). Returns the bytes moved."""
-    tensors: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if (tensor is not None and tensor.device.type == "cpu" and tensor.layout == torch.strided
-                    and tensor.is_contiguous() and tensor.nbytes >= min_bytes):
-                tensors.setdefault(id(tensor), tensor)
-    moved = list(tensors.values())
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # a tied weight once
+    moved = [t for t in unique.values() if t.device.type == "cpu" and t.layout == torch.strided
+             and t.is_contiguous() and t.nbytes >= min_bytes]
     with torch.no_grad():
         for tensor, buffer in zip(moved, huge_page_buffers([t.nbytes for t in moved])):
             view = buffer.view(tensor.dtype).view(tensor.shape)

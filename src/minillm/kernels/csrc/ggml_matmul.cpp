@@ -41,7 +41,6 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <immintrin.h>
 
@@ -596,7 +595,7 @@ at::Tensor dequantize_bf16(const at::Tensor& weight, int64_t fmt, int64_t in_fea
 // residual [..., N]: returned as residual + x W^T (+ bias), the decoder layer's skip connections fused.
 // norm: x is first RMS-normalized with these K weights and eps (see ggml_linear_normed).
 struct Norm {
-  const float* weight;
+  const at::Tensor& weight;  // [K] float32, contiguous
   float eps;
 };
 
@@ -629,8 +628,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt,
   const bool gemm = gemm_from >= 0 && gemm_from < rows && rows - gemm_from >= GEMM_MIN_ROWS &&
                     current == Isa::Avx512Vnni && bf16_gemm_supported();
   if (gemm && norm) {  // the GEMM reads x itself: normalize it as a tensor first
-    const at::Tensor w = at::from_blob(const_cast<float*>(norm->weight), {in_features}, x.options());
-    return linear(minillm::rms_norm(x, w, norm->eps), weight, fmt, in_features, bias, swiglu, gemm_from, residual, nullptr);
+    return linear(minillm::rms_norm(x, norm->weight, norm->eps), weight, fmt, in_features, bias, swiglu, gemm_from,
+                  residual, nullptr);
   }
   const int64_t all_rows = rows;
   if (gemm) rows = gemm_from;  // the int8 path below takes only the rows before it
@@ -638,12 +637,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt,
   if (norm) {  // RMSNorm into a buffer kept per thread, straight into the quantizer
     thread_local std::vector<float> normed;
     normed.resize(std::max<size_t>(normed.size(), rows * in_features));
-    float* dst = normed.data();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        minillm::rms_norm_row(src + r * in_features, norm->weight, in_features, norm->eps, dst + r * in_features);
-    });
-    src = dst;
+    minillm::rms_norm_rows(src, norm->weight.data_ptr<float>(), rows, in_features, norm->eps, normed.data());
+    src = normed.data();
   }
   // the quantized activations in a buffer kept per calling thread: three tensor allocations were ~1.2 us a call
   thread_local std::vector<uint8_t> scratch;  // (operator new's alignment suits the int32 and float parts)
@@ -752,7 +747,7 @@ at::Tensor ggml_linear_normed(const at::Tensor& x, const at::Tensor& norm_weight
   TORCH_CHECK(norm_weight.scalar_type() == at::kFloat && norm_weight.is_contiguous() &&
                   norm_weight.numel() == x.size(-1), "ggml_linear_normed: the norm needs ", x.size(-1),
               " contiguous float32 weights");
-  const Norm norm{norm_weight.data_ptr<float>(), static_cast<float>(eps)};
+  const Norm norm{norm_weight, static_cast<float>(eps)};
   return linear(x, weight, fmt, x.size(-1), bias, swiglu, gemm_from, std::nullopt, &norm);
 }
 

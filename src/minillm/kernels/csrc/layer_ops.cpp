@@ -25,9 +25,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   at::Tensor y = at::empty_like(x);
   const float *src = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* dst = y.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) rms_norm_row(src + r * dim, wp, dim, static_cast<float>(eps), dst + r * dim);
-  });
+  rms_norm_rows(src, wp, rows, dim, static_cast<float>(eps), dst);
   return y;
 }
 

@@ -3,6 +3,7 @@
 // the previous matmul's weights have streamed through the caches.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
@@ -18,6 +19,13 @@ inline void rms_norm_row(const float* a, const float* w, int64_t dim, float eps,
   for (int64_t i = 0; i < dim; ++i) sum += a[i] * a[i];
   const float inv = 1.f / std::sqrt(sum / dim + eps);
   for (int64_t i = 0; i < dim; ++i) dst[i] = w[i] * (a[i] * inv);
+}
+
+// `rows` rows of `dim` values normalized from src to dst, over PyTorch's threads.
+inline void rms_norm_rows(const float* src, const float* w, int64_t rows, int64_t dim, float eps, float* dst) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(src + r * dim, w, dim, eps, dst + r * dim);
+  });
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);  // layer_ops.cpp

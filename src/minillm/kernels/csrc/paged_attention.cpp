@@ -130,8 +130,9 @@ struct Part {
 
 template <typename T, typename KV, int64_t DIM, int64_t GROUPS>
 struct VectorHead {
-  __attribute__((noinline)) static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
-                     int64_t end, std::vector<float>& scores, const Part* part) {
+  __attribute__((noinline)) static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row,
+                                               const int64_t* pages, int64_t h, int64_t begin, int64_t end,
+                                               std::vector<float>& scores, const Part* part) {
     constexpr int64_t C = DIM / W;  // vectors per head row
     const int64_t len = end - begin;
     static_assert(DIM % W == 0, "head dim must be whole vectors");
@@ -176,8 +177,9 @@ struct VectorHead {
 // Any head dim and group count: the same computation in plain loops.
 template <typename T, typename KV>
 struct AnyHead {
-  __attribute__((noinline)) static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row, const int64_t* pages, int64_t h, int64_t begin,
-                     int64_t end, std::vector<float>& scores, const Part* part) {
+  __attribute__((noinline)) static void attend(const Problem<T, KV>& p, const T* q_row, T* o_row,
+                                               const int64_t* pages, int64_t h, int64_t begin, int64_t end,
+                                               std::vector<float>& scores, const Part* part) {
     const int64_t len = end - begin;
     const int64_t dim = p.dim, groups = p.num_heads / p.num_kv_heads, stride = (len + W - 1) / W * W;
     scores.resize(groups * stride);
@@ -209,12 +211,23 @@ struct AnyHead {
 // many cores as KV heads read K/V. Each span's softmax stays unnormalized beside its peak and sum, and the
 // spans are merged in key order after the parallel part. A prompt query with as many keys takes the same
 // spans inside its task. The span length depends on the query's own key count only, so its output depends
-// neither on what else is in the call nor on how its prompt was chunked. Measured on SmolLM2 (2 threads, paired): b1
-// at a 1,000-token context x0.89 a token, b1 at 200-330 x0.95, b16 at 200 x0.97; shorter spans (from 33 keys)
-// made short contexts 3 % slower (each span starts its page walk with a cache miss).
+// neither on what else is in the call nor on how its prompt was chunked. Measured on SmolLM2 (2 threads,
+// paired): b1 at a 1,000-token context x0.89 a token, b1 at 200-330 x0.95, b16 at 200 x0.97; shorter spans
+// (from 33 keys) made short contexts 3 % slower (each span starts its page walk with a cache miss).
 constexpr int64_t kMaxSpans = 4;
 static int64_t span_keys(int64_t keys) {  // >= keys / 4 in whole pages of 16, so at most kMaxSpans spans
   return std::max<int64_t>(128, (keys + 63) / 64 * 16);
+}
+
+// The keys query j of a sequence's n new tokens sees, [first, visible) of its `len`: causal, and its last
+// `window` only with a sliding window.
+struct KeyRange {
+  int64_t first, visible;
+};
+template <typename T, typename KV>
+static KeyRange key_range(const Problem<T, KV>& p, int64_t len, int64_t n, int64_t j) {
+  const int64_t visible = std::max<int64_t>(0, len - n + j + 1);
+  return {p.window > 0 ? std::max<int64_t>(0, visible - p.window) : 0, visible};
 }
 
 // One query row's spans merged, in key order: out = sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m), for each of
@@ -222,7 +235,8 @@ static int64_t span_keys(int64_t keys) {  // >= keys / 4 in whole pages of 16, s
 // `attend`: their callers must run the same code (inlined, the compiler contracts multiply-adds differently at
 // each call site, and a query's bits would depend on which path took it).
 template <typename T>
-__attribute__((noinline)) static void merge_spans(const float* acc, const float* stats, int64_t parts, int64_t groups, int64_t dim, T* out) {
+__attribute__((noinline)) static void merge_spans(const float* acc, const float* stats, int64_t parts, int64_t groups,
+                                                 int64_t dim, T* out) {
   for (int64_t g = 0; g < groups; ++g) {
     float peak = -std::numeric_limits<float>::infinity(), scale[kMaxSpans], sum = 0.f;
     for (int64_t s = 0; s < parts; ++s) peak = std::max(peak, stats[2 * (s * groups + g)]);
@@ -250,14 +264,15 @@ static void run(const Problem<T, KV>& p) {
     const int64_t n = p.query_start[b + 1] - p.query_start[b];
     const int64_t len = std::min(p.seqlens[b], p.max_pages * p.page);
     if (n == 1) {
-      const int64_t visible = std::max<int64_t>(0, len), first_key = p.window > 0 ? std::max<int64_t>(0, visible - p.window) : 0;
-      const int64_t keys = visible - first_key, span = span_keys(keys);
+      const KeyRange range = key_range(p, len, 1, 0);
+      const int64_t keys = range.visible - range.first, span = span_keys(keys);
       if (keys > span) {
         for (int64_t h = 0; h < p.num_kv_heads; ++h) {
           const int64_t row = p.query_start[b] * p.num_heads + h * groups;
           splits.push_back({row, (keys + span - 1) / span, parts});
-          for (int64_t k0 = first_key; k0 < visible; k0 += span)
-            tasks.push_back({b, h, 0, 1, std::min(span, visible - k0), k0, std::min(visible, k0 + span), parts++});
+          for (int64_t k0 = range.first; k0 < range.visible; k0 += span)
+            tasks.push_back({b, h, 0, 1, std::min(span, range.visible - k0), k0, std::min(range.visible, k0 + span),
+                             parts++});
         }
         continue;
       }
@@ -294,8 +309,7 @@ static void run(const Problem<T, KV>& p) {
         std::vector<float> acc, stats;
         for (int64_t j = task.first; j < task.end; ++j) {
           const int64_t row = (p.query_start[task.seq] + j) * p.num_heads + task.head * groups;
-          const int64_t visible = std::max<int64_t>(0, len - n + j + 1);
-          const int64_t first_key = p.window > 0 ? std::max<int64_t>(0, visible - p.window) : 0;
+          const auto [first_key, visible] = key_range(p, len, n, j);
           const int64_t keys = visible - first_key, span = span_keys(keys);
           if (keys <= span) {
             Head::attend(p, p.q + row * p.dim, p.out + row * p.dim, pages, task.head, first_key, visible, scores, nullptr);
