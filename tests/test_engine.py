@@ -1,15 +1,19 @@
 """The continuous-batching engine on the bundled model: batched equals alone, prefix caching,
-preemption, seeds, aborts, bad requests."""
+preemption, seeds, aborts, bad requests. The engines take the LLM's own settings (its float16 KV cache for
+the bundled GGUF file), so these run what ships."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
-from minillm import SamplingParams
+from minillm import SamplingParams, kernels
 from minillm.attention import flash_attention_with_kv_cache, sdpa_attention, standard_attention
 from minillm.attention.common import gather_pages
+from minillm.cache.paged_cache import bytes_per_block
 from minillm.engine import EngineConfig, LLMEngine
+from minillm.model.ggml_decoder import GGMLDecoder
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 SYSTEM = "You are a helpful assistant who answers in one short sentence. Be precise and friendly. "
@@ -27,7 +31,15 @@ def prompts(tokenizer, n=32):
 
 
 def engine(smollm, **options):
-    return LLMEngine(smollm.model, smollm.tokenizer, smollm.eos_token_ids, EngineConfig(**options))
+    """A fresh engine on the LLM's own engine settings (what `LLM` picked for the file: kv_cache_dtype
+    float16 for the bundled GGUF model), with the test's changes."""
+    return LLMEngine(smollm.model, smollm.tokenizer, smollm.eos_token_ids, replace(smollm.engine.config, **options))
+
+
+def block_bytes(smollm, block_size=16):
+    """One KV block's bytes in the LLM's own cache dtype."""
+    dtype = smollm.engine.config.kv_cache_dtype or smollm.model.dtype
+    return bytes_per_block(smollm.model.config, block_size, dtype)
 
 
 def run_all(eng, prompt_ids, params):
@@ -49,6 +61,7 @@ def alone(smollm):
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_batched_equals_alone(smollm, alone, prefix_caching):
     eng = engine(smollm, enable_prefix_caching=prefix_caching, max_num_batched_tokens=256)
+    assert eng.runner.cache.k[0].dtype == smollm.engine.runner.cache.k[0].dtype  # the shipped KV dtype
     assert run_all(eng, prompts(smollm.tokenizer), GREEDY) == alone
     stats = eng.stats()
     assert stats["running"] == stats["waiting"] == 0 and stats["free_blocks"] == stats["num_blocks"]
@@ -60,9 +73,8 @@ def test_batched_equals_alone(smollm, alone, prefix_caching):
 
 def test_preemption_under_a_tiny_cache(smollm, alone):
     # 24 blocks of 16 tokens: the 32 prompts cannot all run at once, so sequences get preempted.
-    block_bytes = 2 * 30 * 3 * 16 * 64 * 4
-    eng = engine(smollm, kv_cache_memory=24 * block_bytes, block_size=16, max_num_batched_tokens=256)
-    assert eng.blocks.num_blocks == 24
+    eng = engine(smollm, kv_cache_memory=24 * block_bytes(smollm, 16), block_size=16, max_num_batched_tokens=256)
+    assert eng.blocks.num_blocks == 24 and eng.runner.cache.nbytes == 24 * block_bytes(smollm, 16)
     assert run_all(eng, prompts(smollm.tokenizer), GREEDY) == alone
     assert eng.stats()["num_preemptions"] > 0
     assert eng.blocks.num_free == eng.blocks.num_blocks
@@ -102,7 +114,7 @@ def test_abort_frees_blocks_and_others_finish(smollm):
 
 
 def test_requests_that_can_never_run_are_refused(smollm):
-    eng = engine(smollm, kv_cache_memory=8 * 2 * 30 * 3 * 16 * 64 * 4)  # 8 blocks = 128 tokens
+    eng = engine(smollm, kv_cache_memory=8 * block_bytes(smollm), block_size=16)  # 8 blocks = 128 tokens
     ok = eng.add_request("Hello there", SamplingParams(max_tokens=4, temperature=0))
     with pytest.raises(ValueError, match="more than the whole KV cache holds \\(128 tokens\\)"):
         eng.add_request([5] * 120, SamplingParams(max_tokens=20))
@@ -148,47 +160,60 @@ def test_paged_attention_equals_contiguous(heads, kv_heads, page, q_len):
     assert (sdpa_attention(q, k, v, lengths) - ref).abs().max() <= 1e-5
 
 
-def test_fast_prefill_runs_prompt_chunks_on_the_gemm_path(smollm, monkeypatch):
-    """EngineConfig(fast_prefill=True) tells the kernels where each step's prompt rows start (decode
-    rows first); its greedy tokens stay close to the exact default's."""
-    from minillm.engine import model_runner
+def test_fast_prefill_marks_prompt_rows_for_the_gemm(smollm, monkeypatch):
+    """With fast_prefill, each step's prompt-chunk rows (after its decode rows) are marked for the bf16 GEMM
+    (`PagedStep.gemm_from`); by default no row is."""
+    def plans(eng):
+        seen = []
+        prepare = eng.runner.prepare
+        monkeypatch.setattr(eng.runner, "prepare", lambda step: seen.append(prepare(step)) or seen[-1])
+        run_all(eng, prompts(smollm.tokenizer, 8), GREEDY)
+        return [plan for _, plan in seen]
 
-    seen = []
-    real = model_runner.ggml.prefill_rows
-    monkeypatch.setattr(model_runner.ggml, "prefill_rows", lambda first: seen.append(first) or real(first))
-    texts = prompts(smollm.tokenizer, 8)
-    fast = run_all(engine(smollm, fast_prefill=True), texts, GREEDY)
-    exact = run_all(engine(smollm), texts, GREEDY)
-    assert seen[0] == 0 and -1 not in seen[: len(seen) // 2]  # the first step is all prompt rows
-    assert -1 in seen  # the exact engine never asks for the GEMM path
-    agree = sum(a == b for f, e in zip(fast, exact) for a, b in zip(f, e)) / sum(len(e) for e in exact)
-    assert agree >= 0.75
+    fast = plans(engine(smollm, fast_prefill=True, max_num_batched_tokens=64))
+    expected = [next((int(plan.query_start[b]) for b, n in enumerate(plan.counts) if n > 1), len(plan.slot_index))
+                for plan in fast]
+    assert [plan.gemm_from for plan in fast] == expected
+    assert any(0 < first < len(plan.slot_index) for first, plan in zip(expected, fast))  # a mixed step was seen
+    assert {plan.gemm_from for plan in plans(engine(smollm))} == {-1}
+    with pytest.raises(ValueError, match="fast_prefill"):
+        engine(smollm, fast_prefill=True, attention_backend="sdpa", kv_cache_dtype=None)
 
 
-def test_one_op_layers_compute_the_same_bits_as_the_modules(smollm):
-    """The default setting runs all layers as one C++ op in engine steps (each layer as one op when only
-    some can); the modules' own path must give the same logits, bit for bit (log-probabilities of 24
-    greedy tokens, prefill and decode)."""
-    layers = smollm.model.layers
-    assert all(layer.one_op for layer in layers)
+@pytest.mark.skipif(kernels.best_isa() != "avx512_vnni" or "avx512_bf16" not in open("/proc/cpuinfo").read(),
+                    reason="the bf16 GEMM prefill path needs AVX512-VNNI and AVX512-BF16")
+def test_fast_prefill_computes_prompt_rows_as_a_gemm(smollm):
+    """The fused decoder hands gemm_from to the kernels: prompt logits move (bf16), but stay close."""
+    eng = engine(smollm, fast_prefill=True, enable_prefix_caching=False)
+    ids = torch.tensor(prompts(smollm.tokenizer, 1)[0] * 4)[:96]
+
+    def logits(prompt_gemm):
+        plan = eng.runner.cache.plan([list(range(8))], [0], [len(ids)], eng.runner.attention, prompt_gemm=prompt_gemm)
+        return eng.runner.forward(ids, plan)
+
+    exact, fast = logits(False), logits(True)
+    assert not torch.equal(fast, exact)
+    assert (fast - exact).abs().max() <= 0.05 * exact.abs().max()
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+
+
+def test_fused_decoder_computes_the_same_bits_as_the_modules(smollm, monkeypatch):
+    """The default setting runs every layer in one C++ op (GGMLDecoder, chosen by the runner); the modules'
+    own path must give the same logits, bit for bit (log-probabilities of 24 greedy tokens, prefill and decode)."""
+    runner = smollm.engine.runner
+    assert isinstance(runner.forward.__self__, GGMLDecoder)
     params = SamplingParams(max_tokens=24, temperature=0, logprobs=5)
 
-    def run(*module_layers):
-        for i in module_layers:
-            layers[i].one_op = False
-        try:
-            out = []
-            for delta in smollm.stream("The three laws of thermodynamics are", params):
-                out += [(lp.token_id, lp.logprob, lp.top) for lp in delta.logprobs or []]
-            return out
-        finally:
-            for layer in layers:
-                layer.one_op = True
+    def run():
+        out = []
+        for delta in smollm.stream("The three laws of thermodynamics are", params):
+            out += [(lp.token_id, lp.logprob, lp.top) for lp in delta.logprobs or []]
+        return out
 
-    stacked = run()
-    assert len(stacked) == 24
-    assert run(5) == stacked  # layer 5 in modules, the others one op each
-    assert run(*range(len(layers))) == stacked
+    fused = run()
+    assert len(fused) == 24
+    monkeypatch.setattr(runner, "forward", smollm.model.forward)
+    assert run() == fused
 
 
 def test_kv_cache_dtype(smollm, smollm_f32):

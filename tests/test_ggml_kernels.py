@@ -169,15 +169,17 @@ def test_env_pins_a_lower_path(tmp_path):
     assert out.stdout.strip() == "portable"
 
 
-def test_fused_rms_norm_matches_pytorch():
-    from minillm.model.norm import RMSNorm
+def test_kernel_rms_norm_matches_pytorch():
+    from minillm.model.norm import RMSNorm, use_kernel_norms
 
-    norm = RMSNorm(96, eps=1e-5)
-    norm.weight.data = torch.randn(96)
+    model = torch.nn.Sequential(RMSNorm(96, eps=1e-5))
+    model[0].weight.data = torch.randn(96)
     x = torch.randn(3, 5, 96) * 4
-    reference = norm(x)
-    norm.fused = True
-    torch.testing.assert_close(norm(x), reference, rtol=1e-5, atol=1e-5)
+    reference = model(x)
+    use_kernel_norms(model)
+    assert type(model[0]).__name__ == "KernelRMSNorm" and model[0].eps == 1e-5
+    torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model(x), torch.ops.minillm.rms_norm(x, model[0].weight, 1e-5))  # the kernel's own bits
 
 
 def test_fused_rope_and_cache_write_match_pytorch():
@@ -302,10 +304,13 @@ def test_prefill_rows_as_bf16_gemm(name, swiglu):
     layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, cols, bias=torch.randn(38), swiglu=swiglu)
     x = torch.randn(70, cols)
     exact = layer(x)
-    with ggml.prefill_rows(5):
-        mixed = layer(x)
-    with ggml.prefill_rows(7):  # 63 prompt rows: below the threshold, all int8
-        assert torch.equal(layer(x), exact)
+
+    def linear(gemm_from: int):
+        return torch.ops.minillm.ggml_linear(x, layer.weight, fmt, cols, layer.bias, swiglu, gemm_from)
+
+    assert torch.equal(linear(-1), exact)
+    mixed = linear(5)
+    assert torch.equal(linear(7), exact)  # 63 prompt rows: below the threshold, all int8
     assert torch.equal(mixed[:5], exact[:5])
     w = torch.from_numpy(reference_weight(raw, kind))
     y = x.double() @ w.T + layer.bias.double()

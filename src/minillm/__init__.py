@@ -1,6 +1,6 @@
 """MiniLLM: a small, readable, fast LLM inference engine in PyTorch."""
 
-from .cache import CacheOverflowError, KVCache
+from .compat import CacheOverflowError, KVCache
 from .config import Configs, ModelConfig
 from .engine import RequestFailed
 from .llm import LLM, RequestOutput

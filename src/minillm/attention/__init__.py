@@ -55,11 +55,8 @@ PLAIN = LayerAttention()
 class AttentionBackend:
     name: str
     attend: Callable[..., Tensor]  # (q [N, Hq, D], k_pool, v_pool, step, LayerAttention) -> [N, Hq, D]
-    # float32 on CPU with our kernels: RoPE and the cache write run as one op before the paged kernel,
-    # and a layer whose weights are all GGUF blocks runs as one op (kernels/csrc/decoder_layer.cpp)
-    fused_cpu: bool = False
-    # (qkv, cos, sin, k_pool, v_pool, slots, Hq, Hkv, q_norm, k_norm, eps) -> q: q/k norms, RoPE and the
-    # cache write in one kernel (the Triton backend's, triton_rope.py)
+    # (qkv, cos, sin, k_pool, v_pool, slots, Hq, Hkv, q_norm, k_norm) -> q: the q/k norms (modules or None),
+    # RoPE and the cache write in one kernel, where the backend has one (None: the model's PyTorch ops)
     rope_write: Callable[..., Tensor] | None = None
 
 
@@ -77,7 +74,8 @@ def select_attention(backend: str | None, device: str | torch.device, dtype: tor
         if not kernel:
             raise ValueError(f"the 'paged_cpu' attention backend needs our C++ kernel on the CPU in float32 or bfloat16 "
                              f"(built with g++); here: {device.type}, {dtype}")
-        return AttentionBackend(name, _paged_cpu, dtype == torch.float32 and kernels.ops_available())
+        fused = dtype == torch.float32 and kernels.ops_available()
+        return AttentionBackend(name, _paged_cpu, paged_cpu.rope_cache_write if fused else None)
     if name == "triton":
         try:
             from . import triton_paged
@@ -87,7 +85,7 @@ def select_attention(backend: str | None, device: str | torch.device, dtype: tor
 
         if head_dim is not None:
             triton_paged.check_supported(head_dim, dtype)
-        return AttentionBackend(name, partial(_triton, triton_paged), rope_write=rope_cache_write)
+        return AttentionBackend(name, partial(_triton, triton_paged), partial(_triton_rope_write, rope_cache_write))
     if name == "flash":
         return AttentionBackend(name, partial(_flash, tile_size))
     return AttentionBackend(name, partial(_gathered, sdpa_attention if name == "sdpa" else standard_attention))
@@ -112,6 +110,12 @@ def _triton(kernels: Any, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, 
                                     layer.scale)
     return kernels.paged_prefill(q, k_pool, v_pool, step.block_table, step.seqlens, step.query_start,
                                  max(step.counts), layer.scale)[0]
+
+
+def _triton_rope_write(kernel: Callable[..., Tensor], qkv: Tensor, cos: Tensor, sin: Tensor, k_pool: Tensor,
+                       v_pool: Tensor, slots: Tensor, num_heads: int, num_kv_heads: int, q_norm: Any, k_norm: Any) -> Tensor:
+    norms = (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else ()
+    return kernel(qkv, cos, sin, k_pool, v_pool, slots, num_heads, num_kv_heads, *norms)
 
 
 def _flash(tile_size: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, step: Any, layer: LayerAttention = PLAIN) -> Tensor:

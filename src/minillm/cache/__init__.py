@@ -1,4 +1,3 @@
-from .kv_cache import CacheOverflowError, KVCache
-from .paged_cache import PagedKVCache, PagedStep
+from .paged_cache import PagedKVCache, PagedStep, bytes_per_block
 
-__all__ = ["CacheOverflowError", "KVCache", "PagedKVCache", "PagedStep"]
+__all__ = ["PagedKVCache", "PagedStep", "bytes_per_block"]

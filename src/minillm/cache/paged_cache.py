@@ -46,11 +46,12 @@ class PagedKVCache:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int],
-             attention: AttentionBackend, totals: list[int] | None = None) -> PagedStep:
+             attention: AttentionBackend, totals: list[int] | None = None, prompt_gemm: bool = False) -> PagedStep:
         """A packed step: sequence b feeds counts[b] tokens from position starts[b]; the input is
         [N = sum(counts)] token ids, the sequences' tokens one after another (no padding). totals[b]:
         sequence b's whole length so far (a prompt's full length while it is prefilled in chunks), for
-        the RoPE scalings whose frequencies depend on it (longrope, dynamic); default: starts + counts."""
+        the RoPE scalings whose frequencies depend on it (longrope, dynamic); default: starts + counts.
+        prompt_gemm: the prompt chunks' rows may run as a bf16 GEMM (EngineConfig.fast_prefill)."""
         size = self.block_size
         seqlens = [s + n for s, n in zip(starts, counts)]
         pages = (max(seqlens) + size - 1) // size
@@ -65,7 +66,7 @@ class PagedKVCache:
         flat = torch.tensor([i for part in parts for i in part], dtype=torch.long, device=self.device)
         positions_t, seqlens_t, table_t, query_start_t, slots_t, lengths_t = flat.split([len(p) for p in parts])
         return PagedStep(self, attention, positions_t, seqlens_t, table_t.view(len(table), pages), query_start_t,
-                         slots_t, query_start[decode], counts, seqlens, lengths_t)
+                         slots_t, query_start[decode] if prompt_gemm else -1, counts, seqlens, lengths_t)
 
 
 @dataclass
@@ -80,7 +81,9 @@ class PagedStep:
     block_table: Tensor  # [B, pages]
     query_start: Tensor  # [B + 1]
     slot_index: Tensor  # [N]: each token's slot in the pool seen as [num_blocks * block_size, Hkv, D]
-    first_prompt_row: int  # rows before it are one-token sequences (decode); from it on, prompt chunks
+    # rows from this one on (the prompt chunks: the scheduler puts decode rows first) may run as one bf16 GEMM
+    # on the GGUF blocks dequantized for the call (fast_prefill); -1: every row on the exact int8 kernel
+    gemm_from: int
     counts: list[int]  # the same lengths on the host, for the row layout of the reference backends
     host_seqlens: list[int]
     token_lengths: Tensor  # [N]: each token's sequence length so far (longrope / dynamic RoPE pick by it)

@@ -12,7 +12,7 @@ from ..attention import select_attention
 from ..cache.paged_cache import PagedKVCache, PagedStep, bytes_per_block
 from ..generation.guided import allowed_tokens
 from ..generation.sampler import TokenLogprobs, sample_requests
-from ..kernels import ggml
+from ..model.ggml_decoder import GGMLDecoder
 from ..model.transformer import MiniLLM
 from .compiled_step import compile_step
 from .cuda_graphs import DecodeGraphs
@@ -61,13 +61,19 @@ class ModelRunner:
                   and model.rope.switch_at is None)
         # a graph's padding rows write their K/V to one block past those the block manager hands out
         self.cache = allocate_cache(model, num_blocks + int(graphs), block_size, kv_dtype)
-        self.forward = model.forward
+        # chosen once: a model on GGUF blocks with Llama layers runs every layer in one C++ op
+        fused = (self.attention.name == "paged_cpu" and model.dtype == torch.float32 and GGMLDecoder.fits(model))
+        self.forward = GGMLDecoder(model).forward if fused else model.forward
+        if fast_prefill and not fused:
+            raise ValueError("fast_prefill runs prompt chunks as GEMMs in the fused GGUF decoder: it needs a GGUF file "
+                             "with Llama-shaped layers on its own blocks (dtype unset), on the CPU with the 'paged_cpu' "
+                             "attention backend")
         if compile:
             # the other backends lay a packed step out as rows, whose width is known only at run time
             if self.attention.name != "paged_cpu":
                 raise ValueError("compile=True needs the 'paged_cpu' attention backend (our C++ kernel: CPU, built "
                                  f"with g++); here: {self.attention.name!r} on {model.device.type}")
-            self.forward = compile_step(model.forward, [*self.cache.k, *self.cache.v])
+            self.forward = compile_step(self.forward, [*self.cache.k, *self.cache.v])
         self.graphs = DecodeGraphs(self.forward, self.cache, self.attention, max_batch, model.config.max_seq_len,
                                    num_blocks) if graphs else None
 
@@ -87,7 +93,7 @@ class ModelRunner:
         seqs, counts = step.seqs, step.num_tokens
         ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed:s.num_computed + n]]
         plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts, self.attention,
-                               [len(s) for s in seqs])
+                               [len(s) for s in seqs], prompt_gemm=self.fast_prefill)
         return torch.tensor(ids, device=self.model.device), plan
 
     @torch.inference_mode()
@@ -101,8 +107,7 @@ class ModelRunner:
                                      [s.block_table for s in seqs])
         else:
             ids, plan = self.prepare(step)
-            with ggml.prefill_rows(plan.first_prompt_row if self.fast_prefill else -1):
-                logits = self.forward(ids, plan, last_token_only=True)
+            logits = self.forward(ids, plan, last_token_only=True)
         out: list[tuple[int, TokenLogprobs | None] | RowError | None] = [None] * len(step.seqs)
         rows = [i for i, done in enumerate(step.samples) if done]
         if not rows:

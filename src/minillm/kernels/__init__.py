@@ -2,8 +2,8 @@
 
 - csrc/ggml_matmul.cpp: matmul on GGUF quantized blocks (`ggml_linear`), built for plain x86-64 with
   its AVX2 and AVX-512 VNNI paths picked at run time from the CPU's flags (`isa()`; MINILLM_ISA pins a
-  lower one); csrc/layer_ops.cpp: fused RMSNorm and RoPE + KV-cache write; csrc/decoder_layer.cpp: a
-  whole decoder layer on GGUF blocks as one op; csrc/greedy.cpp: greedy decoding's argmax (all four in one
+  lower one); csrc/layer_ops.cpp: fused RMSNorm and RoPE + KV-cache write; csrc/decoder_layer.cpp: every
+  decoder layer on GGUF blocks as one op; csrc/greedy.cpp: greedy decoding's argmax (all four in one
   library, "ggml");
 - csrc/paged_attention.cpp: attention over the paged KV cache, built with -march=native.
 
@@ -74,10 +74,6 @@ def _register_fakes(name: str) -> None:
     @torch.library.register_fake("minillm::ggml_linear")
     def _(x, weight, fmt, in_features, bias, swiglu, gemm_from=-1, residual=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0] // (2 if swiglu else 1)))
-
-    @torch.library.register_fake("minillm::decoder_layer")
-    def _(x, *_):
-        return torch.empty_like(x)
 
     @torch.library.register_fake("minillm::decoder_layers")
     def _(x, *_):

@@ -11,8 +11,6 @@ Other types have no kernel: the caller keeps a dequantized float layer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import gguf
 import numpy as np
@@ -140,78 +138,6 @@ def kernel_weights(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, int
     return interleave(rows, fmt), fmt
 
 
-_gemm_from = -1  # see prefill_rows
-
-
-@contextmanager
-def prefill_rows(first: int) -> Iterator[None]:
-    """Within this block, rows `first`.. of every GGMLLinear input are prompt tokens: when there are at
-    least 64 of them and the CPU has AVX512-BF16, they run as one bf16 GEMM on the weights dequantized
-    for the call (3-4x faster than the int8 kernel at 512 tokens on Zen 4); the rows before `first`
-    (a step's decode tokens) keep the int8 kernel, whose bits do not depend on the other rows, so a
-    sequence's decode logits do not depend on what shares its step. Outside it: the int8 kernel only.
-    The engine enters it when `EngineConfig.fast_prefill` is set: a prompt's own bits then depend on how
-    it was chunked and batched, so the default keeps every row on the exact kernel."""
-    global _gemm_from
-    previous, _gemm_from = _gemm_from, first
-    try:
-        yield
-    finally:
-        _gemm_from = previous
-
-
-def decoder_layer(block: nn.Module, x: Tensor, ctx) -> Tensor:
-    """A TransformerBlock whose matmuls are all GGMLLinear, in the engine's fused step (`ctx`: the model's
-    StepContext), as one C++ op (csrc/decoder_layer.cpp): the same kernels in the same order, so the
-    same bits, without ~10 Python module calls and op dispatches a layer. The layer's own arguments are
-    gathered once (~20 module attribute lookups a call were ~1 ms of a 8 ms decode token)."""
-    layer = block.__dict__.get("_one_op_arguments")  # a plain attribute: no nn.Module __getattr__ on the hot path
-    if layer is None:
-        layer = block._one_op_arguments = _layer_arguments(block)
-    index, weights, sizes = layer
-    step = ctx.step
-    return torch.ops.minillm.decoder_layer(
-        x, *weights, ctx.cos, ctx.sin, step.cache.k[index], step.cache.v[index], step.slot_index, step.block_table,
-        step.seqlens, step.query_start, *sizes, _gemm_from)
-
-
-def decoder_layers(layers: nn.ModuleList, x: Tensor, ctx) -> Tensor:
-    """Every layer (all one-op TransformerBlocks, in order) in one C++ op: one Python call a step instead of
-    one a layer (~20 us each on a decode token: see csrc/decoder_layer.cpp); the same bits as `decoder_layer`."""
-    stack = layers.__dict__.get("_one_op_arguments")
-    if stack is None:
-        stack = layers._one_op_arguments = _stack_arguments(layers)
-    step = ctx.step
-    norms, weights, formats, biases, eps, sizes, windows = stack
-    return torch.ops.minillm.decoder_layers(
-        x, norms, weights, formats, biases, eps, ctx.cos, ctx.sin, step.cache.k, step.cache.v, step.slot_index,
-        step.block_table, step.seqlens, step.query_start, *sizes, windows, _gemm_from)
-
-
-def _stack_arguments(layers: nn.ModuleList) -> tuple:
-    """The layers' `_layer_arguments` as the lists decoder_layers takes (head counts and eps are the model's)."""
-    norms, weights, formats, biases, windows = [], [], [], [], []
-    for position, block in enumerate(layers):
-        index, (attention_norm, ffn_norm, eps, wqkv, f_qkv, bqkv, wo, f_o, w13, f_13, w2, f_2), sizes = \
-            _layer_arguments(block)
-        assert index == position, "layers must use the cache's pools in order"
-        norms += [attention_norm, ffn_norm]
-        weights += [wqkv, wo, w13, w2]
-        formats += [f_qkv, f_o, f_13, f_2]
-        biases.append(bqkv)
-        windows.append(sizes[3])
-    return norms, weights, formats, biases, eps, sizes[:3], windows
-
-
-def _layer_arguments(block: nn.Module) -> tuple[int, tuple, tuple]:
-    """(layer index, weights and formats, head counts and attention settings) of a one-op layer."""
-    attn, ffn = block.attention, block.feed_forward
-    weights = (block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps,
-               attn.wqkv.weight, attn.wqkv.fmt, attn.wqkv.bias, attn.wo.weight, attn.wo.fmt,
-               ffn.w13.weight, ffn.w13.fmt, ffn.w2.weight, ffn.w2.fmt)
-    return attn.layer_idx, weights, (attn.num_heads, attn.num_kv_heads, attn.head_dim ** -0.5, attn.settings.window)
-
-
 class GGMLLinear(nn.Module):
     """y = x W^T (+ b) on quantized rows [out, bytes] as `kernel_weights` returns them; float32 in and out.
 
@@ -229,8 +155,9 @@ class GGMLLinear(nn.Module):
         self.applies_swiglu = swiglu
 
     def forward(self, x: Tensor) -> Tensor:
+        # every row on the exact int8 kernel (-1: no GEMM rows); fast_prefill's GEMM runs in the fused decoder
         return torch.ops.minillm.ggml_linear(x.float(), self.weight, self.fmt, self.in_features, self.bias,
-                                             self.applies_swiglu, _gemm_from)
+                                             self.applies_swiglu, -1)
 
     def dequantized_weight(self) -> Tensor:
         """The float32 [out, in] weight the kernel computes with."""

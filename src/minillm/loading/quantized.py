@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..kernels.ggml import KERNEL_TYPES, GGMLEmbedding, GGMLLinear, kernel_weights
-from ..model.norm import RMSNorm
+from ..model.norm import use_kernel_norms
 from ..model.transformer import MiniLLM
 from .gguf_file import GGUFCheckpoint
 from .weights import ModelLoadError, linear_sources
@@ -87,14 +87,10 @@ def build_quantized_model(checkpoint: GGUFCheckpoint, config: ModelConfig,
         attn.wo = linear(p + "attention.wo", attn.wo, None)
         ffn.w13 = linear(p + "feed_forward.w13", ffn.w13, None, swiglu=config.activation == "silu")
         ffn.w2 = linear(p + "feed_forward.w2", ffn.w2, None)
-        # every matmul on its blocks: the engine's steps run the layer as one C++ op (kernels/ggml.py)
-        layer.one_op = config.llama_layers and all(isinstance(m, GGMLLinear) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2))
         progress()
     for kind in sorted(without_kernel):
         logger.warning("%s: %s tensors have no quantized kernel; they are dequantized to float32", checkpoint.path.name, kind)
-    for module in model.modules():
-        if isinstance(module, RMSNorm):  # one kernel call instead of ~8 ops (summation order differs: float32 mode keeps PyTorch's)
-            module.fused = True
+    use_kernel_norms(model)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ModelLoadError(f"{checkpoint.path.name}: no weights for {', '.join(left)}")

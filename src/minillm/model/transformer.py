@@ -6,20 +6,18 @@ ffn_norm, feed_forward.{w13, w2}}, norm, output (w13: w1 and w3, gate and up, st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import LayerAttention
-from ..cache.kv_cache import KVCache
 from ..cache.paged_cache import PagedStep
+from ..compat.rows import forward_rows
 from ..config import ModelConfig
-from ..kernels import ggml
 from .norm import RMSNorm
-from .rows import forward_rows
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -59,13 +57,9 @@ class Attention(nn.Module):
         k_pool, v_pool = step.cache.k[layer], step.cache.v[layer]
         qkv = self.wqkv(x)
         cos, sin = (ctx.local_cos, ctx.local_sin) if self.local_rope else (ctx.cos, ctx.sin)
-        if step.attention.fused_cpu and self.q_norm is None:  # the same as below in one kernel call (~30 small ops)
-            q = torch.ops.minillm.rope_cache_write(qkv, cos, sin, k_pool, v_pool, step.slot_index,
-                                                   self.num_heads, self.num_kv_heads)
-        elif step.attention.rope_write is not None:  # likewise on a GPU, the q/k norms included
-            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else ()
+        if step.attention.rope_write is not None:  # the backend's one kernel for what the else-branch does
             q = step.attention.rope_write(qkv, cos, sin, k_pool, v_pool, step.slot_index, self.num_heads,
-                                          self.num_kv_heads, *norms)
+                                          self.num_kv_heads, self.q_norm, self.k_norm)
         else:
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -108,11 +102,8 @@ class TransformerBlock(nn.Module):
         # Gemma 2's sandwich: the attention and MLP outputs normalised too, before the residual add
         self.post_attention_norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype) if config.sandwich_norms else None
         self.post_ffn_norm = RMSNorm(config.dim_model, config.norm_eps, dtype=dtype) if config.sandwich_norms else None
-        self.one_op = False  # set by loading/quantized.py when every matmul is on GGUF blocks
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
-        if self.one_op and ctx.step.attention.fused_cpu:  # the computation below in one C++ op, for the Python overhead
-            return ggml.decoder_layer(self, x, ctx)
         a = self.attention(self.attention_norm(x), ctx)
         h = x + (a if self.post_attention_norm is None else self.post_attention_norm(a))
         f = self.feed_forward(self.ffn_norm(h))
@@ -145,44 +136,31 @@ class MiniLLM(nn.Module):
         """The dtype of activations and the KV cache (weights may be quantized)."""
         return self.norm.weight.dtype
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        step: PagedStep | None = None,
-        *,
-        last_token_only: bool = False,
-        kv_cache: KVCache | None = None,
-        use_flash_attention: bool = True,
-        flash_block_size: int = 128,
-        attention_backend: str | None = None,
-        input_lengths: Sequence[int] | None = None,
-    ) -> Tensor:
-        """Float32 logits. Two ways in, one route:
-
-        - the engine's: input_ids [N], the packed tokens of a `step` planned on a PagedKVCache;
-          returns [N, vocab], or with `last_token_only` each sequence's last token, [B, vocab].
-        - rows (the first release's interface): input_ids [B, T] (or [T]); returns [B, T, vocab]
-          (or [B, 1, vocab]). With `kv_cache` (a KVCache), each row's new tokens are written at that
-          row's current length and attend to everything it has cached; `input_lengths` says how many
-          of each row's T tokens are real (right-aligned: left padding). Without a cache: plain causal
-          attention over the rows. The backend is `attention_backend` ("paged_cpu", "flash", "sdpa",
-          "standard"), else our FlashAttention-2 (tiles of `flash_block_size`) when
-          `use_flash_attention`, else standard attention. The rows are laid onto a packed step of a
-          paged cache (model/rows.py) and take the route below.
-        """
+    def forward(self, input_ids: Tensor, step: PagedStep | None = None, *, last_token_only: bool = False,
+                **first_release: Any) -> Tensor:
+        """Float32 logits of one packed step planned on a PagedKVCache: input_ids [N] -> [N, vocab], or with
+        `last_token_only` each sequence's last token's, [B, vocab]. Without a step, the first release's
+        [B, T] rows call (`kv_cache=`, `use_flash_attention=`, `flash_block_size=`, ...: compat/rows.py)."""
         if step is None:
-            backend = attention_backend or ("flash" if use_flash_attention else "standard")
-            return forward_rows(self, input_ids, kv_cache, backend, flash_block_size, input_lengths, last_token_only)
+            return forward_rows(self, input_ids, last_token_only=last_token_only, **first_release)
+        ctx = self.step_context(step)
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return self.logits(h, step, last_token_only)
+
+    def step_context(self, step: PagedStep) -> StepContext:
         cos, sin = self.rope.tables(step.positions, step.token_lengths)
-        ctx = StepContext(cos, sin, step, *(self.local_rope.tables(step.positions) if self.local_rope else (None, None)))
+        local = self.local_rope.tables(step.positions) if self.local_rope else (None, None)
+        return StepContext(cos, sin, step, *local)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
         h = self.tok_embeddings(input_ids)
         if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(dim), rounded to the activations' dtype
             h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
-        if step.attention.fused_cpu and all(layer.one_op for layer in self.layers):
-            h = ggml.decoder_layers(self.layers, h, ctx)  # all of them in one C++ op: no Python between layers
-        else:
-            for layer in self.layers:
-                h = layer(h, ctx)
+        return h
+
+    def logits(self, h: Tensor, step: PagedStep, last_token_only: bool) -> Tensor:
         # a decode step's rows are already each sequence's last (the gather is ~3 small ops); a compiled step
         # keeps it, so that one graph serves every step
         if last_token_only and (torch.compiler.is_compiling() or h.shape[0] > len(step.counts)):
@@ -190,4 +168,3 @@ class MiniLLM(nn.Module):
         logits = self.output(self.norm(h)).float()
         cap = self.config.final_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
-

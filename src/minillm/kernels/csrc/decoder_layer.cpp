@@ -1,7 +1,8 @@
-// A whole Llama decoder layer on GGUF blocks in one op, for the engine's packed float32 step:
+// Every Llama decoder layer of a model on GGUF blocks in one op, for the engine's packed float32 step
+// (model/ggml_decoder.py), each layer
 //   h = x + wo(paged_attention(rope_cache_write(wqkv(rms_norm(x)))));  out = h + w2(swiglu(w13(rms_norm(h))))
-// The same kernels in the same order as the PyTorch modules run them (so the same bits), called from C++:
-// a Python module call and op dispatch cost ~3 us each on the CI machine, ~80 us a layer, 2.4 ms a token.
+// The same kernels in the same order as the PyTorch modules run them (so the same bits), called from C++,
+// so that no Python module call or op dispatch runs between them.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,8 +37,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attention_norm, 
 }
 
 // Every layer of the model in turn (layer l: norms 2l, 2l + 1; weights and formats 4l .. 4l + 3 as wqkv, wo,
-// w13, w2; pools l): one call a step instead of one a layer, whose Python module call and ~25 arguments cost
-// ~20 us each on a decode token whose layers' weights have just flushed the caches (~0.6 ms of ~6 ms).
+// w13, w2; pools l): one call a step, not one a layer, whose ~25 arguments would be parsed again each time.
 at::Tensor decoder_layers(const at::Tensor& x, at::TensorList norms, at::TensorList weights, at::IntArrayRef formats,
                           const c10::List<std::optional<at::Tensor>>& biases, double eps, const at::Tensor& cos,
                           const at::Tensor& sin, at::TensorList k_pools, at::TensorList v_pools,
@@ -67,13 +67,8 @@ TORCH_LIBRARY_FRAGMENT(minillm, m) {
         "Tensor cos, Tensor sin, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, Tensor block_table, "
         "Tensor seqlens, Tensor query_start, int num_heads, int num_kv_heads, float scale, int[] windows, "
         "int gemm_from) -> Tensor");
-  m.def("decoder_layer(Tensor x, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor wqkv, int fmt_qkv, "
-        "Tensor? bqkv, Tensor wo, int fmt_o, Tensor w13, int fmt_13, Tensor w2, int fmt_2, Tensor cos, Tensor sin, "
-        "Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots, Tensor block_table, Tensor seqlens, Tensor query_start, "
-        "int num_heads, int num_kv_heads, float scale, int window, int gemm_from) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minillm, CPU, m) {
-  m.impl("decoder_layer", &decoder_layer);
   m.impl("decoder_layers", &decoder_layers);
 }

@@ -2,19 +2,20 @@
 
 Row b owns a fixed run of pages, so its keys are contiguous and `k[layer]` can be shown as
 [B, Hkv, S, D]. A [B, T] step (real tokens right-aligned, left padding) is planned as one packed step
-of the paged cache with the real tokens only (model/rows.py runs it through the model).
+of the paged cache with the real tokens only (rows.py runs it through the model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ..attention import select_attention
+from ..cache.paged_cache import PagedKVCache, PagedStep
 from ..config import ModelConfig
-from .paged_cache import PagedKVCache, PagedStep
 
 MAX_PAGE = 256  # tokens per page of a row; the reference backends gather whole pages
 
