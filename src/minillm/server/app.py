@@ -1,11 +1,11 @@
 """The OpenAI-compatible HTTP API (FastAPI): the routes /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics. This process tokenizes, shapes responses (responses.py) and streams; the
+/health and /metrics. This process tokenizes, shapes responses (responses.py, formats.py) and streams; the
 continuous-batching engine runs in its own process (engine_core.py), reached through `EngineClient`."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,35 +13,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generation.guided import GuidedDecoding
 from ..loading import ModelLoadError, load_tokenizer
 from ..text.tokenizer import Tokenizer
 from .engine_client import EngineClient
+from .formats import ChatFormat, CompletionFormat
 from .guard import Guard
-from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
-from .responses import respond
+from .responses import Job, respond
+from .state import ServerState
 from .tools import template_messages
-
-
-@dataclass
-class ServerState:
-    model_name: str
-    tokenizer: Tokenizer | None = None
-    engine: EngineClient | None = None
-    load_error: str | None = None  # the tokenizer's (the engine process reports its own)
-    metrics: Metrics = field(default_factory=Metrics)
-    guided: GuidedDecoding | None = None
-
-    def guided_decoding(self, vocab_size: int) -> GuidedDecoding:
-        """Grammars compiled here too, so a bad schema is a 400 before the request reaches the engine."""
-        if self.guided is None:
-            self.guided = GuidedDecoding(self.tokenizer.backend, vocab_size, self.tokenizer.eos_token_ids)
-        return self.guided
-
-    @property
-    def error(self) -> str | None:
-        return self.load_error or (self.engine.error if self.engine else None)
 
 
 def create_app(model: str | None, model_name: str, llm_options: dict | None = None, api_key: str | None = None,
@@ -51,61 +31,70 @@ def create_app(model: str | None, model_name: str, llm_options: dict | None = No
     With `api_key`, every path but /health (and /metrics if `public_metrics`) answers 401 without it.
     A stream whose client reads nothing for `stream_timeout` seconds once its buffer is full is aborted."""
     state = ServerState(model_name)
-
-    def load_tokenizer_in_background() -> None:
-        try:
-            tokenizer, _ = load_tokenizer(model)
-            if tokenizer is None:
-                raise ModelLoadError(f"{model} has no tokenizer (tokenizer.json); the server needs one")
-            state.tokenizer = tokenizer
-        except Exception as err:  # reported by /health
-            state.load_error = f"{type(err).__name__}: {err}"
-
-    async def lifespan(app: FastAPI):
-        state.engine = EngineClient(model, llm_options or {}, stall_timeout=stream_timeout)
-        threading.Thread(target=load_tokenizer_in_background, name="minillm-tokenizer", daemon=True).start()
-        yield
-        state.engine.close()
-
-    app = FastAPI(title="MiniLLM", lifespan=lifespan)
+    app = FastAPI(title="MiniLLM", lifespan=_lifespan(state, model, llm_options, stream_timeout))
     app.state.minillm = state
     app.add_middleware(Guard, api_key=api_key, public={"/health"} | ({"/metrics"} if public_metrics else set()),
                        max_body_bytes=max_body_bytes)
+    _add_error_handlers(app)
+    _add_info_routes(app, state)
+    _add_completion_routes(app, state)
+    return app
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
-        param = loc[0] if loc else None
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(APIError(400, message, param).body(), status_code=400)
+def _lifespan(state: ServerState, model: str | None, llm_options: dict | None,
+              stream_timeout: float) -> Callable[[FastAPI], AsyncIterator[None]]:
+    """Start the engine process and load the tokenizer beside it, so /health answers at once."""
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine = EngineClient(model, llm_options or {}, stall_timeout=stream_timeout)
+        threading.Thread(target=_load_tokenizer, args=(state, model), name="minillm-tokenizer", daemon=True).start()
+        yield
+        state.engine.close()
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        message = f"no route {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
-        return JSONResponse(APIError(err.status_code, message, kind=kind).body(), status_code=err.status_code)
+    return lifespan
 
-    def ready() -> EngineClient:
-        if state.error is not None or state.engine is None or not state.engine.ready or state.tokenizer is None:
-            raise APIError(503, state.error or "the model is still loading", kind="service_unavailable")
-        return state.engine
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != state.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
-                           "model", kind="not_found_error", code="model_not_found")
+def _load_tokenizer(state: ServerState, model: str | None) -> None:
+    try:
+        tokenizer, _ = load_tokenizer(model)
+        if tokenizer is None:
+            raise ModelLoadError(f"{model} has no tokenizer (tokenizer.json); the server needs one")
+        state.tokenizer = tokenizer
+    except Exception as err:  # reported by /health
+        state.load_error = f"{type(err).__name__}: {err}"
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, pydantic's refusals of a body, and Starlette's 404 and 405."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
+    param = loc[0] if loc else None
+    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+    return JSONResponse(APIError(400, message, param).body(), status_code=400)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    message = f"no route {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
+    return JSONResponse(APIError(err.status_code, message, kind=kind).body(), status_code=err.status_code)
+
+
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> Response:
         try:
-            ready()
+            state.ready()
         except APIError:
             return JSONResponse({"status": "error" if state.error else "loading", "detail": state.error},
                                 status_code=503)
@@ -118,36 +107,26 @@ def create_app(model: str | None, model_name: str, llm_options: dict | None = No
 
     @app.get("/v1/models")
     async def models() -> dict:
-        ready()
+        state.ready()
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "minillm"}]}
 
+
+def _add_completion_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        engine = ready()
-        body.check()
-        check_model(body.model)
-        prompts = _prompt_ids(body.prompt, state.tokenizer)
-        return await respond(request, engine, state, body, prompts, chat=False, logprobs=body.logprobs)
+        state.admit(body)
+        job = Job(body, _prompt_ids(body.prompt, state.tokenizer), body.logprobs, "prompt",
+                  default_max_tokens=lambda prompt_len: 16)
+        return await respond(request, state, job, CompletionFormat)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        engine = ready()
-        body.check()
-        check_model(body.model)
-        functions, tokenizer = body.tool_functions(), state.tokenizer
-        native = tokenizer.template_renders_tools
-        messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages], functions,
-                                     body.tool_choice, native)
-        try:
-            ids = tokenizer.encode_chat(messages, tools=[{"type": "function", "function": f} for f in functions]
-                                        if functions and native else None)
-        except ValueError as err:  # the template refused the conversation
-            raise APIError(400, str(err), "messages") from None
+        engine = state.admit(body)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        tool_calls = None if not functions else "forced" if body.constraint()[0] == "tools" else "auto"
-        return await respond(request, engine, state, body, [ids], chat=True, logprobs=logprobs, tool_calls=tool_calls)
-
-    return app
+        # without max_tokens, a reply may fill the rest of the context (a completion gets 16 tokens, as OpenAI's)
+        job = Job(body, [_chat_prompt_ids(body, state.tokenizer)], logprobs, "messages",
+                  default_max_tokens=lambda prompt_len: max(engine.limits.max_seq_len - prompt_len, 1))
+        return await respond(request, state, job, ChatFormat)
 
 
 def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
@@ -166,3 +145,16 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
     if any(not p for p in ids):
         raise APIError(400, "prompt must not be empty", "prompt")
     return ids
+
+
+def _chat_prompt_ids(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    """The conversation through the chat template, with the tools as the template takes them (or as
+    a system message where it ignores them)."""
+    functions, native = body.tool_functions(), tokenizer.template_renders_tools
+    messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages], functions,
+                                 body.tool_choice, native)
+    try:
+        return tokenizer.encode_chat(messages, tools=[{"type": "function", "function": f} for f in functions]
+                                     if functions and native else None)
+    except ValueError as err:  # the template refused the conversation
+        raise APIError(400, str(err), "messages") from None

@@ -1,0 +1,47 @@
+"""What the server's routes share: the served model's name, its tokenizer, the engine process's client,
+the metrics, and the checks every completion request passes before it reaches the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..generation.guided import GuidedDecoding
+from ..text.tokenizer import Tokenizer
+from .engine_client import EngineClient
+from .metrics import Metrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class ServerState:
+    model_name: str
+    tokenizer: Tokenizer | None = None
+    engine: EngineClient | None = None
+    load_error: str | None = None  # the tokenizer's (the engine process reports its own)
+    metrics: Metrics = field(default_factory=Metrics)
+    guided: GuidedDecoding | None = None
+
+    def guided_decoding(self, vocab_size: int) -> GuidedDecoding:
+        """Grammars compiled here too, so a bad schema is a 400 before the request reaches the engine."""
+        if self.guided is None:
+            self.guided = GuidedDecoding(self.tokenizer.backend, vocab_size, self.tokenizer.eos_token_ids)
+        return self.guided
+
+    @property
+    def error(self) -> str | None:
+        return self.load_error or (self.engine.error if self.engine else None)
+
+    def ready(self) -> EngineClient:
+        """The engine, or a 503 while the model loads or after the engine process has died."""
+        if self.error is not None or self.engine is None or not self.engine.ready or self.tokenizer is None:
+            raise APIError(503, self.error or "the model is still loading", kind="service_unavailable")
+        return self.engine
+
+    def admit(self, body: CompletionRequest | ChatCompletionRequest) -> EngineClient:
+        """The engine for a completion request, checked in this order: readiness, its fields, its model."""
+        engine = self.ready()
+        body.check()
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", kind="not_found_error", code="model_not_found")
+        return engine
