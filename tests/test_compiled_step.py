@@ -4,14 +4,17 @@ import pytest
 import torch
 
 from minillm import Configs, MiniLLM
+from minillm.engine import EngineConfig
 from minillm.engine.model_runner import ModelRunner
+from minillm.engine.settings import resolve
 
 
 @pytest.fixture(scope="module")
 def compiled_runner():
     torch.manual_seed(0)
     model = MiniLLM(Configs.tiny()).eval()
-    runner = ModelRunner(model, num_blocks=64, block_size=16, attention_backend="paged_cpu", compile=True)
+    settings = resolve(model, EngineConfig(attention_backend="paged_cpu", compile=True))
+    runner = ModelRunner(model, num_blocks=64, block_size=16, settings=settings)
     for pool in (*runner.cache.k, *runner.cache.v):  # earlier tokens' keys and values
         pool.normal_()
     runner.warmup()
@@ -39,4 +42,4 @@ def test_compiled_step_equals_eager_without_recompiling(compiled_runner, starts,
 def test_compile_needs_the_paged_kernel():
     model = MiniLLM(Configs.tiny()).eval()
     with pytest.raises(ValueError, match="compile=True needs the 'paged_cpu' attention backend"):
-        ModelRunner(model, num_blocks=8, block_size=16, attention_backend="sdpa", compile=True)
+        resolve(model, EngineConfig(attention_backend="sdpa", compile=True))

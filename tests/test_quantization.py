@@ -135,11 +135,11 @@ def test_gguf_default_top1_agrees_with_float32_over_256_greedy_steps(smollm, smo
 
 
 def test_gguf_types_without_a_kernel_are_dequantized_with_one_warning(tmp_path, monkeypatch, caplog):
-    import minillm.loading.quantized as quantized
+    import minillm.loading.builder as builder
 
     hf = hf_model("llama", intermediate_size=128, vocab_size=320)
     path = write_gguf(tmp_path / "tiny.gguf", hf, qtype="Q8_0")
-    monkeypatch.setattr(quantized, "KERNEL_TYPES", {"Q4_0": 2})  # as if Q8_0 had no kernel
+    monkeypatch.setattr(builder, "KERNEL_TYPES", {"Q4_0": 2})  # as if Q8_0 had no kernel
     with caplog.at_level("WARNING", logger="minillm"):
         loaded = load_checkpoint(path, progress=False)
     assert [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()] == [

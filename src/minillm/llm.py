@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .attention import paged_cpu
-from .engine import EngineConfig, LLMEngine, RequestFailed, StepOutput
+from .engine import EngineConfig, LLMEngine, RequestFailed, RequestOutput, StepOutput
 from .generation.sampler import per_row
 from .loading import ModelLoadError, load_checkpoint
 from .model.onednn_linear import use_onednn_linears
@@ -20,16 +18,6 @@ from .runtime import place_in_huge_pages
 from .sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
-
-
-@dataclass
-class RequestOutput:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS, stop token or stop string), "length", or "error" (see `error`)
-    error: str | None = None  # why this request failed; the others in the batch are unaffected
 
 
 class LLM:
@@ -75,9 +63,6 @@ class LLM:
         self.quantized = loaded.quantized
         self.eos_token_ids = loaded.eos_token_ids
         self.progress = progress
-        if (engine_options.get("kv_cache_dtype") is None and loaded.quantized and paged_cpu.available()
-                and engine_options.get("attention_backend") in (None, "paged_cpu")):
-            engine_options["kv_cache_dtype"] = "float16"  # the file's own setting: a 16-bit cache, as llama.cpp's
         self.engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, EngineConfig(**engine_options))
 
     @property
@@ -123,9 +108,10 @@ class LLM:
         params = per_row(sampling_params or SamplingParams(), len(ids), "sampling_params")
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not self.progress or len(ids) < 2,
                   leave=False) as bar:
-            results = self.engine.generate(ids, params, on_finish=bar.update)
-        return [RequestOutput(text, prompt, r.text, r.token_ids, r.finish_reason, r.error)
-                for text, prompt, r in zip(texts, ids, results)]
+            outputs = self.engine.generate(ids, params, on_finish=bar.update)
+        for text, out in zip(texts, outputs):
+            out.prompt = text  # the engine saw token ids only
+        return outputs
 
     def _stream(self, ids: list[int], params: SamplingParams | None) -> Iterator[StepOutput]:
         request_id = self.engine.add_request(ids, params or SamplingParams())

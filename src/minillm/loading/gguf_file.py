@@ -16,38 +16,12 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from .architectures import gguf_architecture, sliding_layers, supported
+from .errors import ModelLoadError
 from .gguf_reader import GGUFFile
-from .weights import ModelLoadError, checkpoint_names
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
-GEMMA = ("gemma2", "gemma3")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-
-# canonical name -> GGUF name ({i} is the layer index)
-_LAYER_NAMES = {
-    "attention_norm": "blk.{i}.attn_norm.weight",
-    "wq": "blk.{i}.attn_q.weight",
-    "wk": "blk.{i}.attn_k.weight",
-    "wv": "blk.{i}.attn_v.weight",
-    "bq": "blk.{i}.attn_q.bias",
-    "bk": "blk.{i}.attn_k.bias",
-    "bv": "blk.{i}.attn_v.bias",
-    "wo": "blk.{i}.attn_output.weight",
-    "q_norm": "blk.{i}.attn_q_norm.weight",
-    "k_norm": "blk.{i}.attn_k_norm.weight",
-    "ffn_norm": "blk.{i}.ffn_norm.weight",
-    "w1": "blk.{i}.ffn_gate.weight",
-    "w2": "blk.{i}.ffn_down.weight",
-    "w3": "blk.{i}.ffn_up.weight",
-}
-# llama.cpp's Gemma files: norms before and after attention and the MLP, each stored as (1 + w) already
-_GEMMA_NAMES = {**_LAYER_NAMES, "post_attention_norm": "blk.{i}.post_attention_norm.weight",
-                "post_ffn_norm": "blk.{i}.post_ffw_norm.weight"}
-# Phi-3: q/k/v in one attn_qkv, gate then up in one ffn_up ("#part" names a slice of their rows)
-_PHI3_NAMES = {**_LAYER_NAMES, **{w: "blk.{i}.attn_qkv.weight#" + w[1] for w in ("wq", "wk", "wv")},
-               "w1": "blk.{i}.ffn_up.weight#0", "w3": "blk.{i}.ffn_up.weight#1"}
-_GLOBAL_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                 "output.weight": "output.weight"}
+FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 class GGUFCheckpoint:
@@ -60,11 +34,13 @@ class GGUFCheckpoint:
         except Exception as err:  # struct.error, ValueError, ... on damaged files
             raise ModelLoadError(f"{self.path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
         self.tensors = self.reader.tensors
+        self.name = self.path.name
         self.architecture = self.meta("general.architecture")
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(
-                f"{self.path.name}: architecture {self.architecture!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        arch = gguf_architecture(self.architecture)
+        if arch is None:
+            raise ModelLoadError(f"{self.path.name}: architecture {self.architecture!r} is not supported "
+                                 f"(supported: {supported('gguf')})")
+        self.arch, self.tensor_table = arch, arch.gguf_tensors
 
     def meta(self, key: str, default: Any = None) -> Any:
         return self.reader.fields.get(key, default)
@@ -83,22 +59,12 @@ class GGUFCheckpoint:
         if "token_embd.weight" not in self.tensors:
             raise ModelLoadError(f"{self.path.name}: the checkpoint has no tensor 'token_embd.weight'")
         vocab = int(self.tensors["token_embd.weight"].shape[1])  # GGUF shape is [dim, vocab]
-        scaling = self._rope_scaling()
-        layers, gemma = required["block_count"], self.architecture in GEMMA
+        scaling, layers, a = self._rope_scaling(), required["block_count"], self.arch
         head_dim = arch("attention.key_length", dim // heads)
-        window, pattern = arch("attention.sliding_window"), arch("attention.sliding_window_pattern")
-        if self.architecture == "gemma2":
-            window, pattern = window or 4096, pattern or 2
-        elif self.architecture == "gemma3":
-            pattern = pattern or 6
-        else:  # llama.cpp ignores a window in the files of other architectures (Phi-3 writes 0)
-            window = None
-        if gemma and window:
-            sliding = [i % pattern < pattern - 1 for i in range(layers)]  # llama.cpp's rule: the last of each period is global
-        else:
-            sliding = None
-        # llama.cpp's Gemma attention scale: 1/sqrt(dim/heads) for the 27B models (46 / 62 layers), 1/sqrt(head_dim) else
-        scale = (dim / heads if layers in (46, 62) else head_dim) ** -0.5 if gemma else None
+        window = (arch("attention.sliding_window") or a.default_window) if a.sliding_window else None
+        pattern = arch("attention.sliding_window_pattern") or a.window_pattern
+        scale = (dim / heads if layers in a.wide_scale_layers else head_dim) ** -0.5 if a.gemma else None
+        attention_cap, final_cap = a.softcaps or (None, None)
         try:
             return ModelConfig(
                 dim_model=dim,
@@ -112,20 +78,18 @@ class GGUFCheckpoint:
                 rope_theta=float(arch("rope.freq_base", 10000.0)),
                 norm_eps=float(arch("attention.layer_norm_rms_epsilon", 1e-5)),
                 tie_embeddings="output.weight" not in self.tensors,
-                qkv_bias="blk.0.attn_q.bias" in self.tensors,
-                qk_norm="blk.0.attn_q_norm.weight" in self.tensors,
+                qkv_bias=a.qkv_bias or "blk.0.attn_q.bias" in self.tensors,
+                qk_norm=a.qk_norm,
                 rope_scaling=scaling,
                 sliding_window=window or None,
-                sliding_layers=sliding,
-                activation="gelu_tanh" if gemma else "silu",
-                embedding_multiplier=dim ** 0.5 if gemma else 1.0,
-                sandwich_norms=gemma,
+                sliding_layers=sliding_layers(pattern, layers) if window else None,
+                activation="gelu_tanh" if a.gemma else "silu",
+                embedding_multiplier=dim ** 0.5 if a.gemma else 1.0,
+                sandwich_norms=a.gemma,
                 attention_scale=scale,
-                attention_softcap=(arch("attn_logit_softcapping") or 50.0) if self.architecture == "gemma2" else None,
-                final_softcap=(arch("final_logit_softcapping") or 30.0) if self.architecture == "gemma2"
-                else arch("final_logit_softcapping"),
-                local_rope_theta=float(arch("rope.freq_base_swa", 10000.0)) if self.architecture == "gemma3" and window
-                else None,
+                attention_softcap=(arch("attn_logit_softcapping") or attention_cap) if a.softcaps else None,
+                final_softcap=arch("final_logit_softcapping") or final_cap,
+                local_rope_theta=float(arch("rope.freq_base_swa", 10000.0)) if a.local_rope and window else None,
                 dtype=dtype,
             )
         except ValueError as err:  # a ModelConfig rule
@@ -168,24 +132,10 @@ class GGUFCheckpoint:
         info = self.tensors[name]
         return gguf.quants.dequantize(info.data, info.tensor_type).reshape(-1).tolist()
 
-    def canonical_names(self, num_layers: int) -> dict[str, str]:
-        layers = _PHI3_NAMES if self.architecture == "phi3" else _GEMMA_NAMES if self.architecture in GEMMA else _LAYER_NAMES
-        return checkpoint_names(_GLOBAL_NAMES, layers, num_layers)
-
-    def _rows(self, part: str, rows: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-        """A "#part" slice of a fused tensor's output rows (anything laid out by row: weights, blocks)."""
-        if not part:
-            return rows
-        if part in "01":  # gate, up
-            return rows.chunk(2)[int(part)]
-        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        return rows.split([q, kv, kv])["qkv".index(part)]
-
     def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
         """Dequantized float32 tensor in PyTorch's [out, in] layout, or None if absent."""
         import gguf
 
-        name, _, part = name.partition("#")
         info = self.tensors.get(name)
         if info is None:
             return None
@@ -201,20 +151,19 @@ class GGUFCheckpoint:
         data = np.ascontiguousarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(info.shape)))
         if not data.flags.writeable:  # F32 tensors are views of the read-only memory map
             data = data.copy()
-        return self._rows(part, self._rope_rows_in_hf_order(name, torch.from_numpy(data), config), config)
+        return self._rope_rows_in_hf_order(name, torch.from_numpy(data), config)
 
     def _rope_rows_in_hf_order(self, name: str, rows: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         """Undo llama.cpp's Q/K row permutation on anything laid out by output row (weights, codes, scales)."""
-        if self.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+        if self.arch.permuted_qk and (".attn_q." in name or ".attn_k." in name):
             return unpermute_rope_rows(rows, config.num_heads if ".attn_q." in name else config.num_kv_heads)
         return rows
 
-    def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int] | None:
+    def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int, str] | None:
         """A quantized tensor's own blocks, one row of bytes per output feature ([out, bytes], in our
-        row order), and its GGML type id; None if the tensor is absent or not quantized."""
-        name, _, part = name.partition("#")
+        row order), its GGML type id and name; None if the tensor is absent or not quantized."""
         info = self.tensors.get(name)
-        if info is None or info.tensor_type.name in ("F32", "F16", "BF16"):
+        if info is None or info.tensor_type.name in FLOAT_TYPES:
             return None
         import gguf
 
@@ -225,7 +174,7 @@ class GGUFCheckpoint:
                                  f"{[int(d) for d in info.shape]}) holds {info.data.size} bytes, which do not fit its shape")
         raw = np.array(info.data, dtype=np.uint8).reshape(rows, cols // per * size)  # a copy: the map is read-only
         rows_in_order = self._rope_rows_in_hf_order(name, torch.from_numpy(raw), config)
-        return np.ascontiguousarray(self._rows(part, rows_in_order, config).numpy()), int(info.tensor_type)
+        return np.ascontiguousarray(rows_in_order.numpy()), int(info.tensor_type), info.tensor_type.name
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

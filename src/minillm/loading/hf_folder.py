@@ -12,37 +12,10 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from .weights import ModelLoadError, checkpoint_names
+from .architectures import hf_architecture, sliding_layers, supported
+from .errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
-GEMMA = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-
-_LAYER_NAMES = {
-    "attention_norm": "model.layers.{i}.input_layernorm.weight",
-    "wq": "model.layers.{i}.self_attn.q_proj.weight",
-    "wk": "model.layers.{i}.self_attn.k_proj.weight",
-    "wv": "model.layers.{i}.self_attn.v_proj.weight",
-    "bq": "model.layers.{i}.self_attn.q_proj.bias",
-    "bk": "model.layers.{i}.self_attn.k_proj.bias",
-    "bv": "model.layers.{i}.self_attn.v_proj.bias",
-    "wo": "model.layers.{i}.self_attn.o_proj.weight",
-    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
-    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
-    "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
-    "w1": "model.layers.{i}.mlp.gate_proj.weight",
-    "w2": "model.layers.{i}.mlp.down_proj.weight",
-    "w3": "model.layers.{i}.mlp.up_proj.weight",
-}
-# Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj: "#part" names a slice of them
-_PHI3_NAMES = {**_LAYER_NAMES, **{w: "model.layers.{i}.self_attn.qkv_proj.weight#" + w[1] for w in ("wq", "wk", "wv")},
-               "w1": "model.layers.{i}.mlp.gate_up_proj.weight#0", "w3": "model.layers.{i}.mlp.gate_up_proj.weight#1"}
-# Gemma 2: norms before and after attention and the MLP ("sandwich")
-_GEMMA2_NAMES = {**_LAYER_NAMES, "post_attention_norm": "model.layers.{i}.post_attention_layernorm.weight",
-                 "ffn_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
-                 "post_ffn_norm": "model.layers.{i}.post_feedforward_layernorm.weight"}
-_GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -62,10 +35,12 @@ class HFCheckpoint:
             raise ModelLoadError(f"{self.folder} has no config.json; a Hugging Face checkpoint folder needs one")
         self.hf_config = read_json(config_file)
         model_type = self.hf_config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = hf_architecture(model_type)
+        if arch is None:
             raise ModelLoadError(f"{self.folder.name}: model_type {model_type!r} is not supported "
-                                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        self.model_type = model_type
+                                 f"(supported: {supported('hf')})")
+        self.model_type, self.arch, self.tensor_table = model_type, arch, arch.hf_tensors
+        self.name = self.folder.name
         self._files = self._weight_files()  # tensor name -> shard file
         self._open: dict[Path, Any] = {}
 
@@ -118,12 +93,12 @@ class HFCheckpoint:
             if rope_type == "dynamic":  # the checkpoint's context is where the base starts to grow; run to factor x it
                 scaling["original_max_position_embeddings"] = context
                 context = int(context * scaling.get("factor", 1.0))
-        window = c.get("sliding_window") if self.model_type in ("mistral", *GEMMA) else None
-        gemma = self.model_type in GEMMA
-        layer_types = c.get("layer_types") or (
-            ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.get("num_hidden_layers", 0))]
-            if gemma else None)
-        if self.model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
+        a = self.arch
+        window = c.get("sliding_window") if a.sliding_window else None
+        layer_types = c.get("layer_types")
+        sliding = ([t == "sliding_attention" for t in layer_types] if layer_types
+                   else sliding_layers(c.get("sliding_window_pattern") or a.window_pattern, c.get("num_hidden_layers", 0)))
+        if a.refuses_use_sliding_window and c.get("use_sliding_window"):
             # Qwen's window covers only layers from max_window_layers on: a per-layer pattern not done yet
             raise ModelLoadError(f"{self.folder.name}: Qwen's use_sliding_window (on some layers) is not supported")
         try:
@@ -141,17 +116,17 @@ class HFCheckpoint:
                 norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v bias; Llama-style configs (Qwen3 too) say so with attention_bias.
-                qkv_bias=self.model_type == "qwen2" or bool(c.get("attention_bias", False)),
-                qk_norm=self.model_type in ("qwen3", "gemma3_text"),
-                local_rope_theta=float(local_theta) if gemma and local_theta else None,
+                qkv_bias=a.qkv_bias or bool(c.get("attention_bias", False)),
+                qk_norm=a.qk_norm,
+                local_rope_theta=float(local_theta) if a.local_rope and local_theta else None,
                 sliding_window=window if window and window < context else None,
-                sliding_layers=[t == "sliding_attention" for t in layer_types] if layer_types else None,
+                sliding_layers=sliding,
                 activation=ACTIVATIONS[activation],
-                embedding_multiplier=c["hidden_size"] ** 0.5 if gemma else 1.0,
-                sandwich_norms=gemma,
-                attention_scale=c["query_pre_attn_scalar"] ** -0.5 if gemma else None,
-                attention_softcap=c.get("attn_logit_softcapping") if gemma else None,
-                final_softcap=c.get("final_logit_softcapping") if gemma else None,
+                embedding_multiplier=c["hidden_size"] ** 0.5 if a.gemma else 1.0,
+                sandwich_norms=a.gemma,
+                attention_scale=c["query_pre_attn_scalar"] ** -0.5 if a.gemma else None,
+                attention_softcap=c.get("attn_logit_softcapping") if a.softcaps else None,
+                final_softcap=c.get("final_logit_softcapping") if a.gemma else None,
                 rope_scaling=scaling,
                 dtype=dtype,
             )
@@ -160,21 +135,14 @@ class HFCheckpoint:
         except ValueError as err:
             raise ModelLoadError(f"{self.folder.name}/config.json: {err}") from None
 
-    def canonical_names(self, num_layers: int) -> dict[str, str]:
-        layers = {"phi3": _PHI3_NAMES, "gemma2": _GEMMA2_NAMES, "gemma3_text": _GEMMA2_NAMES}.get(self.model_type, _LAYER_NAMES)
-        return checkpoint_names(_GLOBAL_NAMES, layers, num_layers)
-
     def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
-        name, _, part = name.partition("#")
         tensor = self._read(name)
-        if tensor is not None and self.model_type in GEMMA and name.endswith("norm.weight"):
+        if tensor is not None and self.arch.gemma and name.endswith("norm.weight"):
             return tensor.float() + 1.0  # Gemma's RMSNorm scales by (1 + weight)
-        if tensor is None or not part:
-            return tensor
-        if part in "01":  # gate, up
-            return tensor.chunk(2)[int(part)]
-        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        return tensor.split([q, kv, kv])["qkv".index(part)]
+        return tensor
+
+    def blocks(self, name: str, config: ModelConfig) -> None:
+        return None  # safetensors hold float tensors only
 
     def _read(self, name: str) -> torch.Tensor | None:
         from safetensors import safe_open

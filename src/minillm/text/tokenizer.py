@@ -116,11 +116,10 @@ class Tokenizer:
                    chat_template=meta("tokenizer.chat_template"))
 
     @classmethod
-    def from_hf_folder(cls, folder: Path, extra_eos_ids: Sequence[int] = ()) -> "Tokenizer":
-        from ..loading.hf_folder import read_json
-
+    def from_hf_folder(cls, folder: Path, config: dict[str, Any], extra_eos_ids: Sequence[int] = ()) -> "Tokenizer":
+        """From the folder's tokenizer.json, with `config` its tokenizer_config.json as the loader read it
+        ({} where there is none)."""
         backend = Backend.from_file(str(folder / "tokenizer.json"))
-        config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
 
         def token_id(key: str) -> int | None:
             value = config.get(key)
