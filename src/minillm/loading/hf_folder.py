@@ -65,34 +65,11 @@ class HFCheckpoint:
 
     def model_config(self, dtype: str | torch.dtype) -> ModelConfig:
         c = self.hf_config
-        # transformers 5 writes RoPE settings as rope_parameters (rope_theta included; Gemma 3: one dict
-        # per layer type), earlier versions as rope_scaling beside rope_theta: read both, ignore neither
-        params = c.get("rope_parameters") or {}
-        local = params.get("sliding_attention") if "full_attention" in params else None
-        params = params.get("full_attention", params)
-        rope = {**(c.get("rope_scaling") or {}), **params}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_theta = c.get("rope_theta") or rope.get("rope_theta", 10000.0)
-        local_theta = (local or {}).get("rope_theta") or c.get("rope_local_base_freq")  # Gemma 3's sliding layers
-        if local and local.get("rope_type", "default") != "default":
-            raise ModelLoadError(f"{self.folder.name}: RoPE scaling on sliding-window layers is not supported")
-        context = c.get("max_position_embeddings", 2048)
-        scaling = None
-        if float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor") or 1.0)) != 1.0:
-            raise ModelLoadError(f"{self.folder.name}: partial rotary embeddings are not supported")
+        rope_theta, local_theta, scaling, context = self._rope()
         activation = c.get("hidden_activation") or c.get("hidden_act") or "silu"
         if activation not in ACTIVATIONS:
             raise ModelLoadError(f"{self.folder.name}: activation {activation!r} is not supported "
                                  f"(supported: {', '.join(ACTIVATIONS)})")
-        if rope_type not in (None, "default"):
-            scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": rope_type}
-            if rope_type in ("llama3", "yarn", "longrope"):  # transformers' default for the pre-training context
-                scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings", context))
-            if rope_type == "longrope":  # Phi-3: the attention factor comes from context / original
-                scaling.setdefault("factor", context / scaling["original_max_position_embeddings"])
-            if rope_type == "dynamic":  # the checkpoint's context is where the base starts to grow; run to factor x it
-                scaling["original_max_position_embeddings"] = context
-                context = int(context * scaling.get("factor", 1.0))
         a = self.arch
         window = c.get("sliding_window") if a.sliding_window else None
         layer_types = c.get("layer_types")
@@ -112,7 +89,7 @@ class HFCheckpoint:
                 head_dim=c.get("head_dim") or c["hidden_size"] // heads,
                 max_seq_len=context,
                 vocab_size=c["vocab_size"],
-                rope_theta=float(rope_theta),
+                rope_theta=rope_theta,
                 norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v bias; Llama-style configs (Qwen3 too) say so with attention_bias.
@@ -134,6 +111,35 @@ class HFCheckpoint:
             raise ModelLoadError(f"{self.folder.name}/config.json lacks {err.args[0]!r}") from None
         except ValueError as err:
             raise ModelLoadError(f"{self.folder.name}/config.json: {err}") from None
+
+    def _rope(self) -> tuple[float, float | None, dict[str, Any] | None, int]:
+        """(rope_theta, the sliding layers' own base or None, the scaling in ModelConfig's form, the context).
+        transformers 5 writes RoPE settings as rope_parameters (rope_theta included; Gemma 3: one dict per
+        layer type), earlier versions as rope_scaling beside rope_theta: read both, ignore neither."""
+        c = self.hf_config
+        params = c.get("rope_parameters") or {}
+        local = params.get("sliding_attention") if "full_attention" in params else None
+        params = params.get("full_attention", params)
+        rope = {**(c.get("rope_scaling") or {}), **params}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_theta = c.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        local_theta = (local or {}).get("rope_theta") or c.get("rope_local_base_freq")
+        if local and local.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"{self.folder.name}: RoPE scaling on sliding-window layers is not supported")
+        if float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor") or 1.0)) != 1.0:
+            raise ModelLoadError(f"{self.folder.name}: partial rotary embeddings are not supported")
+        context = c.get("max_position_embeddings", 2048)
+        if rope_type in (None, "default"):
+            return float(rope_theta), local_theta, None, context
+        scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": rope_type}
+        if rope_type in ("llama3", "yarn", "longrope"):  # transformers' default for the pre-training context
+            scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings", context))
+        if rope_type == "longrope":  # Phi-3: the attention factor comes from context / original
+            scaling.setdefault("factor", context / scaling["original_max_position_embeddings"])
+        if rope_type == "dynamic":  # the checkpoint's context is where the base starts to grow; run to factor x it
+            scaling["original_max_position_embeddings"] = context
+            context = int(context * scaling.get("factor", 1.0))
+        return float(rope_theta), local_theta, scaling, context
 
     def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
         tensor = self._read(name)
