@@ -7,11 +7,8 @@ kernels are fast only with bf16 activations, so inputs are cast to bf16 and outp
 "int8": int8 weights with one bfloat16 scale per output row (symmetric), `_weight_int8pack_mm`.
 "int4": 4-bit weights in groups of 32 along the input, each with a scale and a zero point
   (asymmetric, min/max), `_weight_int4pack_mm_for_cpu`, every layer re-quantized.
-"gguf" (a GGUF file's own quantized blocks, our C++ kernels) is not a swap: it is built at load
-(loading/builder.py, kernels/ggml.py).
-
-Batch-1 decode of the bundled SmolLM2-135M through the engine on the 2-core CI machine
-(measured): float32 59.8 ms, int8 25.5 ms, int4 16.4 ms per token.
+"gguf" (a GGUF file's own quantized blocks, our C++ kernels) is swapped in at load instead
+(loading/builder.py, kernels/ggml.py). Speeds: benchmarks/results/.
 """
 
 from __future__ import annotations

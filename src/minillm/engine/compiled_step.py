@@ -2,7 +2,7 @@
 model's hundreds of tiny ops. Every step is packed ([N] tokens of B sequences), so one dynamic graph
 serves them all (the KV pools static, sizes of 1 not specialised); warm-up traces the two graphs
 dynamo makes and no later step recompiles them (tests/test_compiled_step.py). Opt-in, paid at engine
-start: what it gains and costs is measured in docs/performance.md ("Compile time").
+start: what it gains and costs is in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 def compile_step(forward: Callable[..., Tensor], static_tensors: Iterable[Tensor]) -> Callable[..., Tensor]:
     for tensor in static_tensors:
         torch._dynamo.mark_static(tensor)
-    # size_asserts off: inductor's per-call checks of every input's sizes and strides cost ~0.7 ms a step
+    # size_asserts off: inductor's per-call checks of every input's sizes and strides cost as much as a small step
     compiled = torch.compile(forward, dynamic=True, fullgraph=True, options={"size_asserts": False})
 
     def step(*args, **kwargs) -> Tensor:

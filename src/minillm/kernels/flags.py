@@ -2,7 +2,7 @@
 
 EXTENSIONS = {
     # plain x86-64: the matmul's vector paths carry their own target attributes, chosen at run time
-    # (-ffp-contract=off was tried for the SwiGLU's bits: the 16-token matmuls ran 20-35 % slower)
+    # (not -ffp-contract=off, which slows the matmuls: the SwiGLU's bits come from explicit fmas instead)
     "ggml": (["ggml_matmul.cpp", "layer_ops.cpp", "decoder_layer.cpp", "greedy.cpp"], ["-O3", "-fopenmp"]),
     "paged_attention": (["paged_attention.cpp"], ["-O3", "-march=native", "-fopenmp"]),  # built where it runs
 }

@@ -107,7 +107,7 @@ def interleave(rows: np.ndarray, fmt: int) -> np.ndarray:
     codes as vectors of 4 consecutive weights of every row (int8 codes plus 128). See csrc/ggml_matmul.cpp."""
     n, row_bytes = rows.shape
     size, head = BLOCK_BYTES[fmt], HEADER_BYTES[fmt]
-    field = np.uint32 if fmt in (Q4F, I8S16) else np.uint16  # moved as whole values: ~4x faster than bytes
+    field = np.uint32 if fmt in (Q4F, I8S16) else np.uint16  # moved as whole values, not byte by byte
     nb = row_bytes // size
     out = np.empty_like(rows)
     full = n - n % GROUP

@@ -1,8 +1,7 @@
 """Float32 linear layers on oneDNN's matmul, for the float32 setting on CPU.
 
-`F.linear` goes to MKL's sgemm, which on AMD CPUs runs its slower code paths: measured on a Zen 4
-(AVX-512), SmolLM2's gate/up layer (3072 x 576, weights from DRAM) took 628 / 1077 / 2386 µs at
-1 / 16 / 64 rows, oneDNN's matmul on the same [out, in] weight 303 / 660 / 1439 µs. Results equal
+`F.linear` goes to MKL's sgemm, which on AMD CPUs runs its slower code paths; oneDNN's matmul on the
+same [out, in] weight is up to twice as fast there (docs/performance.md). Results equal
 `nn.Linear`'s up to float summation order (both libraries' per-row sums depend on the row count).
 """
 

@@ -379,7 +379,7 @@ QBlock quantize_block_portable(const float* src, int8_t* q) {
   return {amax / 127.f, lo, hi};
 }
 
-// (the scalar loop above calls libm's nearbyintf per value: ~2 us for a 576-wide token, ~0.5 ms a decode step)
+// (the scalar loop above calls libm's nearbyintf per value, too slow for every token of every layer)
 VEC_TARGET_AVX2 inline int32_t hsum(__m256i a) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -452,9 +452,9 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d,
 // silu(g) = g / (1 + exp(-g)); exp by range reduction (x = n ln2 + r, |r| <= ln2 / 2, ln2 in Cephes' two
 // parts) and a degree-7 Taylor polynomial (relative error < 1e-8 before rounding). Every path does the
 // same roundings in the same order (round to even, exact scaling by 2^n, each product-then-sum written as
-// an fma, so that the compiler's contraction cannot make the paths differ): all give the same bits. It
-// replaced at::silu + mul_, ~6 us of a ~100 us decode layer: their dispatch and TensorIterator set-up run
-// cold after each layer's weights stream through.
+// an fma, so that the compiler's contraction cannot make the paths differ): all give the same bits. Done in
+// the matmul's output loop rather than as at::silu + mul_, whose dispatch and TensorIterator set-up run cold
+// after each layer's weights stream through.
 constexpr float kExpLo = -87.f, kExpHi = 88.f;  // 2^n stays a normal float; beyond, silu is ~g or ~0 anyway
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[8] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
@@ -569,7 +569,7 @@ std::vector<uint8_t> widen_group(int64_t fmt, const uint8_t* group, int64_t widt
   return out;
 }
 
-constexpr int64_t GEMM_MIN_ROWS = 64;  // below it the dequantization does not pay (measured: 64 rows ~1.7x)
+constexpr int64_t GEMM_MIN_ROWS = 64;  // below it the per-call dequantization costs more than it saves
 
 bool bf16_gemm_supported() {
   static const bool ok = __builtin_cpu_supports("avx512bf16");
@@ -640,7 +640,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt,
     minillm::rms_norm_rows(src, norm->weight.data_ptr<float>(), rows, in_features, norm->eps, normed.data());
     src = normed.data();
   }
-  // the quantized activations in a buffer kept per calling thread: three tensor allocations were ~1.2 us a call
+  // the quantized activations in a buffer kept per calling thread: no tensor allocations per call
   thread_local std::vector<uint8_t> scratch;  // (operator new's alignment suits the int32 and float parts)
   scratch.resize(std::max<size_t>(scratch.size(), rows * (in_features + nb * 24)));
   int32_t* xqs = reinterpret_cast<int32_t*>(scratch.data());

@@ -2,8 +2,8 @@
 // decode rows (one query each) and prefill chunks (many) in one call.
 //
 // Why a kernel: in PyTorch ops, paged attention is a gather of every sequence's pages into a padded
-// copy, then a masked SDPA over the padding; at 52 rows x 9 queries x 176 keys that was 7.5 ms per
-// layer (gather and mask included) for K/V that are ~3 MB. Here each task reads its pages in place.
+// copy, then a masked SDPA over the padding, which at a few dozen decoding sequences cost more than the
+// layer's matmuls. Here each task reads its pages in place.
 //
 // q [N, Hq, D]: sequence b's new tokens are rows query_start[b] .. query_start[b+1] of q, and they are
 // that sequence's last keys, so its query j of n sees keys 0 .. seqlens[b] - n + j (causal, aligned
@@ -73,8 +73,7 @@ static inline float capped(float score, float softcap) {
 
 // Call fn(t - begin, row) for keys begin <= t < count of one sequence, row pointing at key t's KV head h in `pool`:
 // walks the block table a page at a time (no division per key), and asks for the next page while
-// working on this one (pages are scattered over the pool, so the hardware prefetcher cannot guess
-// them; measured over 30 layers of 10 MB of K/V each: 1.5-1.9 ms per layer without, at ~6 GB/s).
+// working on this one (pages are scattered over the pool, so the hardware prefetcher cannot guess them).
 template <typename T, typename KV, typename Fn>
 static inline void for_each_key(const Problem<T, KV>& p, const KV* pool, const int64_t* pages, int64_t h, int64_t dim,
                                 int64_t begin, int64_t count, Fn fn) {
@@ -211,9 +210,8 @@ struct AnyHead {
 // many cores as KV heads read K/V. Each span's softmax stays unnormalized beside its peak and sum, and the
 // spans are merged in key order after the parallel part. A prompt query with as many keys takes the same
 // spans inside its task. The span length depends on the query's own key count only, so its output depends
-// neither on what else is in the call nor on how its prompt was chunked. Measured on SmolLM2 (2 threads,
-// paired): b1 at a 1,000-token context x0.89 a token, b1 at 200-330 x0.95, b16 at 200 x0.97; shorter spans
-// (from 33 keys) made short contexts 3 % slower (each span starts its page walk with a cache miss).
+// neither on what else is in the call nor on how its prompt was chunked. Spans are not shorter than 128 keys:
+// each starts its page walk with a cache miss, which short contexts would pay for.
 constexpr int64_t kMaxSpans = 4;
 static int64_t span_keys(int64_t keys) {  // >= keys / 4 in whole pages of 16, so at most kMaxSpans spans
   return std::max<int64_t>(128, (keys + 63) / 64 * 16);
