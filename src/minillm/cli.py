@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Sequence
 
+from .argtypes import positive_int
 from .cache import CacheOverflowError
 from .engine import RequestFailed
 from .quantization import QUANTIZATION_MODES
@@ -46,13 +47,6 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 def unescape(text: str) -> str:
     """A shell gives `--stop "\\n\\n"` as backslash, n, backslash, n: read those as the characters meant."""
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _port(text: str) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -150,11 +150,6 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype)
 
-    @property
-    def num_groups(self) -> int:
-        """Query heads per KV head (1 = multi-head, num_heads = multi-query)."""
-        return self.num_heads // self.num_kv_heads
-
     def num_parameters(self) -> int:
         """Parameter count of `MiniLLM(self)`, computed from the shapes (tested against the real module)."""
         d, hd, h, hkv = self.dim_model, self.head_dim, self.num_heads, self.num_kv_heads
@@ -164,14 +159,6 @@ class ModelConfig:
         per_layer = attention + mlp + (4 if self.sandwich_norms else 2) * d  # RMSNorm weights
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embeddings + d  # + final norm
-
-    def replace(self, **changes) -> "ModelConfig":
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["dtype"] = str(out["dtype"]).replace("torch.", "")
-        return out
 
 
 class Configs:

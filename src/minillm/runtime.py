@@ -19,9 +19,9 @@ def tune_allocator() -> bool:
     """Keep freed activation buffers in the heap instead of returning them to the OS.
 
     glibc serves allocations above 128 KiB with fresh mmap()s, so every per-layer temporary of a
-    batched decode step (gathered K/V pages, MLP activations) is page-faulted in again: measured
-    here, a 64-sequence decode step ran at 0.49 s instead of 0.30 s. Raising the mmap and trim
-    thresholds (as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would) lets the heap reuse them.
+    batched decode step (gathered K/V pages, MLP activations) is page-faulted in again, every step.
+    Raising the mmap and trim thresholds (as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would)
+    lets the heap reuse them.
     A no-op off glibc. Returns whether the setting was applied.
     """
     global _tuned
@@ -43,9 +43,9 @@ def freeze_heap() -> None:
     """In a process that is the engine's own (the CLI, the server's engine process, the benchmarks), once a
     model is loaded: move every live object to the garbage collector's permanent generation.
 
-    Python's full collections walk every tracked object -- ~310,000 after loading (torch, sympy, the model) --
-    and one ran about every thousand decode tokens here, a ~0.2 s stall each (~3 % of a decode run's samples).
-    vLLM's engine process freezes its heap the same way. Each call first thaws and collects what an earlier
+    Python's full collections walk every tracked object, hundreds of thousands after loading (torch, sympy,
+    the model), and so stall decoding each time; frozen objects are never walked. vLLM's engine process
+    freezes its heap the same way. Each call first thaws and collects what an earlier
     call froze, so an engine dropped in between (the benchmarks load one after another) is still freed; but a
     frozen object that becomes cyclic garbage is not collected until then, so this is not for library callers.
     """
@@ -61,9 +61,9 @@ def freeze_heap() -> None:
 # ------------------------------------------------------------------ huge pages
 # A decode token streams every weight once. On 4 KB pages the bundled model's 97 MB are ~24,000 page
 # translations a token, far more than the TLB holds: a page walk every 4 KB of each stream. In one private
-# anonymous mapping advised MADV_HUGEPAGE before its first touch they sit on ~50 pages of 2 MB instead:
-# b1 decode x0.88 a token on SmolLM2 (AMD EPYC Zen 4, paired in one process). A shared mapping (Python's
-# mmap default) gets no huge pages where shmem THP is off, as it is by default; hence MAP_PRIVATE. Where
+# anonymous mapping advised MADV_HUGEPAGE before its first touch they sit on ~50 pages of 2 MB instead,
+# and the walks all but vanish. A shared mapping (Python's mmap default) gets no huge pages where shmem
+# THP is off, as it is by default; hence MAP_PRIVATE. Where
 # THP is off or no huge page is free, the memory is simply on 4 KB pages.
 _HUGE_PAGE = 2 << 20
 

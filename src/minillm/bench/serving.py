@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import positive_int
+from ..argtypes import positive_int
 from .common import environment
 from .report import heading, table, write_report
 
@@ -86,7 +86,7 @@ def _start_server(model: str | None, wait_policy: str, flags: list[str]) -> tupl
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "minillm", "serve", "--port", str(port), *flags] + (["--model", model] if model else [])
     # The server shares the cores with this client; PASSIVE OpenMP waits stop threads spinning for a
-    # descheduled partner, at a cost when the machine is otherwise idle (both are measured).
+    # descheduled partner, at a cost when the machine is otherwise idle.
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": wait_policy},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import positive_int
+from ..argtypes import positive_int
 from ..engine import LLMEngine
 from ..llm import LLM
 from ..quantization import QUANTIZATION_MODES

@@ -12,7 +12,7 @@ preempted: its blocks are freed and it goes back to the front of the queue, to b
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
@@ -22,7 +22,6 @@ from .sequence import Sequence, Status
 class ScheduledStep:
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens each sequence feeds, from its num_computed on
-    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def samples(self) -> list[bool]:
@@ -84,7 +83,6 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledStep:
         """One token for every decoding sequence, preempting the newest running ones for blocks."""
-        preempted: list[Sequence] = []
         scheduled: list[Sequence] = []
         for seq in [s for s in self.running if not s.in_prefill and not s.paused]:
             if seq.status is not Status.RUNNING:
@@ -92,12 +90,12 @@ class Scheduler:
             while not self.blocks.ensure_capacity(seq, len(seq)):
                 victim = self.running[-1]  # the newest sequence gives way
                 self._preempt(victim)
-                preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
                 scheduled.append(seq)
-        return ScheduledStep(scheduled, [1] * len(scheduled), preempted=preempted)
+        return ScheduledStep(scheduled, [1] * len(scheduled))
+
     def recompute(self, seq: Sequence) -> None:
         """Compute a running sequence's K/V again from its first token, into the blocks it holds (Phi-3's
         longrope once the sequence outgrows the original context, as transformers' generate does); with no

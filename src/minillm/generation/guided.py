@@ -2,10 +2,10 @@
 schema, regular expression or list of choices.
 
 The engine is llguidance (the grammar library vLLM and llama.cpp use): no dependencies of its own (xgrammar
-pulls in transformers and triton), it reads this project's `tokenizers` JSON as it is, and on SmolLM2's
-49k-token vocabulary it compiles a schema in under a millisecond and computes a mask in well under one
-(benchmarks/bench_guided.py). A grammar is compiled once per distinct spec and cached; each request
-gets its own matcher, which the engine advances with every token it accepts.
+pulls in transformers and triton), it reads this project's `tokenizers` JSON as it is, and it compiles a
+schema and computes a mask fast enough to run at every decode step (benchmarks/bench_guided.py). A
+grammar is compiled once per distinct spec and cached; each request gets its own matcher, which the
+engine advances with every token it accepts.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class GuidedDecoding:
     def __init__(self, backend: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
         """backend: the `tokenizers.Tokenizer` of the model's tokenizer."""
         self._backend, self.vocab_size, self._eos = backend, vocab_size, eos_token_ids
-        self._tokenizer = None  # llguidance's view of the vocabulary: built on first use (~0.25 s)
+        self._tokenizer = None  # llguidance's view of the vocabulary: built on first use (it is slow to build)
         self._grammars: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     @property
