@@ -8,7 +8,6 @@ import sys
 from collections.abc import Sequence
 
 from .argtypes import positive_int
-from .cache import CacheOverflowError
 from .engine import RequestFailed
 from .quantization import QUANTIZATION_MODES
 from .sampling_params import SamplingParams
@@ -243,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     try:
         (_generate if args.command == "generate" else _chat)(args)
-    except (ValueError, OSError, CacheOverflowError, RequestFailed) as err:  # one line, no traceback
+    except (ValueError, OSError, RequestFailed) as err:  # one line, no traceback
         print(f"minillm: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

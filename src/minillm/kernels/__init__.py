@@ -51,7 +51,8 @@ def _load(name: str) -> bool:
             return True
         from torch.utils.cpp_extension import get_default_build_root, load as build
 
-        if not (Path(get_default_build_root()) / f"minillm_{name}" / f"minillm_{name}.so").exists():
+        # (torch builds under a folder named for the Python and CUDA versions, e.g. py311_cpu)
+        if not any(Path(get_default_build_root()).glob(f"*/minillm_{name}/minillm_{name}.so")):
             logger.warning("compiling the %s kernel for this machine, once (`pip install --no-build-isolation -e .` "
                            "compiles it at install)", name)
         build(f"minillm_{name}", [str(source) for source in sources(name)], extra_cflags=EXTENSIONS[name][1],
