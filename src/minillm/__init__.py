@@ -2,8 +2,8 @@
 
 from .compat import CacheOverflowError, KVCache
 from .config import Configs, ModelConfig
-from .engine import RequestFailed
-from .llm import LLM, RequestOutput
+from .engine import RequestFailed, RequestOutput
+from .llm import LLM
 from .loading import ModelLoadError
 from .model import MiniLLM
 from .sampling_params import SamplingParams
