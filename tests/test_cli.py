@@ -14,6 +14,7 @@ def run(*args, stdin=None):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_streams_from_the_bundled_model(smollm):
     result = run("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0")
     assert result.returncode == 0, result.stderr
@@ -21,6 +22,7 @@ def test_generate_streams_from_the_bundled_model(smollm):
     assert result.stdout == "The capital of France is" + expected.text + "\n"
 
 
+@pytest.mark.slow
 def test_chat_reads_piped_lines_and_keeps_history(smollm):
     result = run("chat", "--temperature", "0", "--max-tokens", "16", stdin="My name is Ada.\nWhat is my name?\n")
     assert result.returncode == 0, result.stderr
@@ -42,6 +44,7 @@ def test_chat_reads_piped_lines_and_keeps_history(smollm):
     *([(["generate", "hi", "--device", "cuda"], "PyTorch sees no CUDA GPU here")] if not torch.cuda.is_available() else []),
     (["serve", "--device", "cuda:7"], "cuda" if not torch.cuda.is_available() else "CUDA GPU(s)"),
 ])
+@pytest.mark.slow
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     result = run(*args)
     assert result.returncode == 1
@@ -49,6 +52,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     assert message in result.stderr and result.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_not_a_gguf_file(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_text("this is not a model")
@@ -57,6 +61,7 @@ def test_not_a_gguf_file(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_freeze_heap_moves_live_objects_out_of_collections():
     """The CLI, server and benchmarks freeze the loaded heap (runtime.freeze_heap), and a later call still frees
     a cycle dropped in between (an engine the benchmarks are done with); in a fresh process, as freezing here

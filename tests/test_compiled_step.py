@@ -8,6 +8,8 @@ from minillm.engine import EngineConfig
 from minillm.engine.model_runner import ModelRunner
 from minillm.engine.settings import resolve
 
+pytestmark = pytest.mark.slow  # torch.compile at start-up
+
 
 @pytest.fixture(scope="module")
 def compiled_runner():

@@ -36,11 +36,35 @@ def test_parameter_count_matches_the_module(overrides):
     assert cfg.num_parameters() == sum(p.numel() for p in model.parameters())
 
 
-def test_presets():
-    expected = {"small": (512, 8), "medium": (1024, 16), "large": (2048, 32)}
-    for name, (dim, heads) in expected.items():
-        cfg = getattr(Configs, name)()
-        assert (cfg.dim_model, cfg.num_heads) == (dim, heads)
-        assert cfg.num_layers >= 8
-    assert round(Configs.small().num_parameters() / 1e6, 1) == 60.0
-    assert round(Configs.large().num_parameters() / 1e9, 2) == 1.12
+# The preset table as published (README's "Configs" table and the Configs docstring): shape, then
+# parameter count in the units shown there.
+PUBLISHED = {
+    "small": (dict(dim_model=512, num_heads=8, num_kv_heads=8, num_layers=8, hidden_dim=1536), 60.0, 1e6, 1),
+    "medium": (dict(dim_model=1024, num_heads=16, num_kv_heads=16, num_layers=16, hidden_dim=2816), 271.1, 1e6, 1),
+    "large": (dict(dim_model=2048, num_heads=32, num_kv_heads=8, num_layers=22, hidden_dim=5632), 1.12, 1e9, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_match_the_published_table(name):
+    """Each preset has the published shape, and the real module (built on the meta device: shapes, no memory)
+    has the published parameter count; num_parameters() agrees with the module."""
+    shape, published, unit, digits = PUBLISHED[name]
+    cfg = getattr(Configs, name)()
+    assert {key: getattr(cfg, key) for key in shape} == shape
+    assert cfg.vocab_size == 32000 and not cfg.tie_embeddings
+    with torch.device("meta"):
+        model = MiniLLM(cfg)
+    count = sum(p.numel() for p in model.parameters())
+    assert round(count / unit, digits) == published
+    assert cfg.num_parameters() == count
+
+
+def test_small_preset_parameters_by_hand():
+    """Llama arithmetic for Configs.small(): untied embedding and LM head, per layer q/k/v/o (4 d^2), the
+    SwiGLU's three matrices (3 d h) and two RMSNorm weights, plus the final norm."""
+    d, h, layers, vocab = 512, 1536, 8, 32000
+    expected = 2 * vocab * d + layers * (4 * d * d + 3 * d * h + 2 * d) + d  # 60,039,680
+    with torch.device("meta"):
+        model = MiniLLM(Configs.small())
+    assert sum(p.numel() for p in model.parameters()) == expected

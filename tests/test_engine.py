@@ -31,15 +31,14 @@ def prompts(tokenizer, n=32):
 
 
 def engine(smollm, **options):
-    """A fresh engine on the LLM's own engine settings (what `LLM` picked for the file: kv_cache_dtype
-    float16 for the bundled GGUF model), with the test's changes."""
+    """A fresh engine on the LLM's own engine settings (the shipped defaults: for the bundled GGUF model a
+    float16 KV cache), with the test's changes."""
     return LLMEngine(smollm.model, smollm.tokenizer, smollm.eos_token_ids, replace(smollm.engine.config, **options))
 
 
 def block_bytes(smollm, block_size=16):
-    """One KV block's bytes in the LLM's own cache dtype."""
-    dtype = smollm.engine.config.kv_cache_dtype or smollm.model.dtype
-    return bytes_per_block(smollm.model.config, block_size, dtype)
+    """One KV block's bytes in the dtype of the LLM's own cache pools."""
+    return bytes_per_block(smollm.model.config, block_size, smollm.engine.runner.cache.k[0].dtype)
 
 
 def run_all(eng, prompt_ids, params):
@@ -59,6 +58,7 @@ def alone(smollm):
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.slow
 def test_batched_equals_alone(smollm, alone, prefix_caching):
     eng = engine(smollm, enable_prefix_caching=prefix_caching, max_num_batched_tokens=256)
     assert eng.runner.cache.k[0].dtype == smollm.engine.runner.cache.k[0].dtype  # the shipped KV dtype
@@ -71,6 +71,7 @@ def test_batched_equals_alone(smollm, alone, prefix_caching):
         assert stats["prefix_cache_hit_rate"] == 0
 
 
+@pytest.mark.slow
 def test_preemption_under_a_tiny_cache(smollm, alone):
     # 24 blocks of 16 tokens: the 32 prompts cannot all run at once, so sequences get preempted.
     eng = engine(smollm, kv_cache_memory=24 * block_bytes(smollm, 16), block_size=16, max_num_batched_tokens=256)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.py"))
+pytestmark = pytest.mark.slow  # each a Python process loading the bundled model
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)

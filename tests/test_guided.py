@@ -93,6 +93,7 @@ def test_guided_needs_a_tokenizer(tiny_model):
 # -- the server: response_format and vLLM's guided_* fields ------------------------------------------
 
 
+@pytest.mark.slow
 def test_server_response_format_json_schema(server):
     schema = SCHEMAS["person"]
     body = {"messages": [{"role": "user", "content": "Give a person as JSON."}], "max_tokens": 120, "seed": 3,
@@ -125,6 +126,7 @@ def test_server_response_format_json_schema(server):
     ({"guided_regex": "a(b"}, "guided_regex"),
     ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}, "response_format"),
 ])
+@pytest.mark.slow
 def test_server_refuses_bad_constraints_by_field(server, extra, param):
     response = post(server, "/v1/chat/completions",
                     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra})

@@ -16,6 +16,8 @@ import pytest
 
 from serving import API_KEY, metric, post, start_server, wait_until_idle
 
+pytestmark = pytest.mark.slow  # `minillm serve` and CLI processes
+
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 

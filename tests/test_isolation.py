@@ -3,11 +3,12 @@ tokens they get alone. And a stream nobody reads is paused, then aborted, freein
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 
 from minillm import RequestFailed, SamplingParams
-from minillm.engine import EngineConfig, LLMEngine
+from minillm.engine import LLMEngine
 from minillm.server.engine_client import EngineClient
 
 PROMPTS = ["The capital of France is", "List three colours:", "def fibonacci(n):", "Water boils at"]
@@ -15,7 +16,9 @@ POISON = 1234  # a token id the broken forward below refuses
 
 
 def fresh_engine(smollm) -> LLMEngine:
-    return LLMEngine(smollm.model, smollm.tokenizer, smollm.eos_token_ids, EngineConfig(max_num_seqs=16))
+    """On the LLM's own engine settings (its float16 KV cache for the bundled GGUF file), 16 sequences at once."""
+    config = replace(smollm.engine.config, max_num_seqs=16)
+    return LLMEngine(smollm.model, smollm.tokenizer, smollm.eos_token_ids, config)
 
 
 def innocent_params():
@@ -90,6 +93,7 @@ def test_llm_reports_a_failed_request(smollm):
     assert smollm.engine.blocks.num_free == smollm.engine.blocks.num_blocks
 
 
+@pytest.mark.slow
 def test_a_stream_nobody_reads_is_paused_then_aborted(smollm):
     """The server's engine client (the engine in its own process): a reader that falls 8 outputs
     behind pauses its stream; catching up resumes it; reading nothing for 1.5 s aborts it."""

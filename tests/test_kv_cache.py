@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from minillm import CacheOverflowError, Configs, KVCache
+from minillm.cache.paged_cache import PagedKVCache, bytes_per_block
 
 
 def test_shapes_and_nbytes():
@@ -12,6 +13,19 @@ def test_shapes_and_nbytes():
     assert KVCache(cfg, 3, max_seq_len=40, dtype="bfloat16").nbytes == cache.nbytes // 2
     with pytest.raises(ValueError, match="max_seq_len"):
         KVCache(cfg, 1, max_seq_len=cfg.max_seq_len + 1)
+
+
+@pytest.mark.parametrize("dtype,element", [("float32", 4), ("float16", 2), ("bfloat16", 2)])
+def test_paged_block_bytes_are_what_the_pools_take(dtype, element):
+    """The engine divides kv_cache_memory by bytes_per_block: it must be what a block of the real pools
+    holds (tiny: K and V x 2 layers x 16 tokens x 2 KV heads (of 4 query heads) x 16 dims)."""
+    cfg = Configs.tiny()
+    assert bytes_per_block(cfg, 16, dtype) == 2 * 2 * 16 * 2 * 16 * element
+    cache = PagedKVCache(cfg, num_blocks=5, block_size=16, dtype=dtype)
+    assert cache.k[0].dtype == cache.v[-1].dtype == getattr(torch, dtype)
+    assert len(cache.k) == len(cache.v) == cfg.num_layers
+    assert sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v)) == 5 * bytes_per_block(cfg, 16, dtype)
+    assert cache.nbytes == 5 * bytes_per_block(cfg, 16, dtype)
 
 
 def test_reset_one_row_leaves_the_other_intact(tiny_model):

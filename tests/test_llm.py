@@ -76,9 +76,11 @@ def test_sampling_params_validation(kwargs, message):
 
 def test_prompt_too_long_is_a_clear_error(smollm):
     ids = [200] * 8190
+    before = smollm.generate("Hi", SamplingParams(max_tokens=4, temperature=0))[0].token_ids
     with pytest.raises(ValueError, match="prompt 0: the prompt has 8190 tokens; with max_tokens=16 that is 8206, beyond the model's context of 8192"):
         smollm.generate([ids], SamplingParams())
-    assert smollm.generate("Hi", SamplingParams(max_tokens=2)) is not None  # still usable
+    assert smollm.generate("Hi", SamplingParams(max_tokens=4, temperature=0))[0].token_ids == before  # still usable
+    assert smollm.engine.blocks.num_free == smollm.engine.blocks.num_blocks  # nothing held by the refused prompt
 
 
 def test_unknown_model_path():

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from minillm import Configs, MiniLLM
+from minillm.model.rope import RotaryEmbedding, apply_rotary
 
 
 def test_logits_shape_and_backends_agree(tiny_model):
@@ -26,13 +27,33 @@ def test_causality(tiny_model):
     assert not torch.allclose(a[:, 20:], b[:, 20:], atol=1e-3)
 
 
-def test_rope_makes_attention_position_dependent(tiny_model):
-    """Same tokens at shifted positions (after a prefix) give different logits."""
-    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 6))
+def test_rope_scores_depend_on_the_relative_position_only():
+    """RoPE: a query at position m and a key at n score by m - n alone (both shifted: the same score), a
+    different distance scores differently, and position 0 is not rotated."""
+    rope = RotaryEmbedding(64, 256, 10000.0)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 64, generator=g), torch.randn(1, 2, 64, generator=g)
+
+    def score(m, n):
+        return (apply_rotary(q, *rope.tables(torch.tensor([m]))) * apply_rotary(k, *rope.tables(torch.tensor([n])))).sum(-1)
+
+    torch.testing.assert_close(score(0, 0), (q * k).sum(-1))
+    for m, n in [(5, 2), (17, 17), (100, 3)]:
+        torch.testing.assert_close(score(m + 50, n + 50), score(m, n), rtol=1e-4, atol=1e-4)
+    assert (score(5, 2) - score(5, 4)).abs().min() > 1e-2
+
+
+def test_the_forward_rotates_by_position(tiny_model, monkeypatch):
+    """With the rotation tables made the identity (no RoPE), position 0 (never rotated) keeps its logits
+    and every later position changes: the forward applies the model's RoPE tables."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        alone = tiny_model(ids)[0, -1]
-        shifted = tiny_model(torch.cat([ids, ids], dim=1))[0, -1]
-    assert not torch.allclose(alone, shifted, atol=1e-3)
+        rotated = tiny_model(ids)
+        monkeypatch.setattr(tiny_model.rope, "cos", torch.ones_like(tiny_model.rope.cos))
+        monkeypatch.setattr(tiny_model.rope, "sin", torch.zeros_like(tiny_model.rope.sin))
+        unrotated = tiny_model(ids)
+    torch.testing.assert_close(unrotated[0, 0], rotated[0, 0], rtol=1e-5, atol=1e-5)
+    assert ((unrotated[0, 1:] - rotated[0, 1:]).abs().amax(-1) > 1e-3).all()
 
 
 def test_tied_embeddings_and_qkv_bias():
@@ -40,10 +61,13 @@ def test_tied_embeddings_and_qkv_bias():
     model = MiniLLM(Configs.tiny(tie_embeddings=True, qkv_bias=True)).eval()
     assert model.output.weight is model.tok_embeddings.weight
     assert model.layers[0].attention.wqkv.bias is not None
+    ids = torch.randint(0, 512, (1, 20))
     with torch.no_grad():
+        before = model(ids)
         torch.nn.init.normal_(model.layers[0].attention.wqkv.bias)
-        ids = torch.randint(0, 512, (1, 20))
-        assert (model(ids) - model(ids, attention_backend="standard")).abs().max() <= 1e-4
+        after = model(ids)
+        assert (after - model(ids, attention_backend="standard")).abs().max() <= 1e-4
+    assert (after - before).abs().max() > 1e-2  # the bias is applied
 
 
 def test_bfloat16_model_close_to_float32():
@@ -56,7 +80,10 @@ def test_bfloat16_model_close_to_float32():
     with torch.no_grad():
         ref, out = model(ids), bf16(ids, flash_block_size=16)
     assert out.dtype == torch.float32
-    assert (ref.softmax(-1) - out.softmax(-1)).abs().max() <= 2e-2
+    # logits within 2 % of the largest (measured 0.7 %; another random model: over 100 %), same top-1
+    # tokens (probabilities are no measure here: over 512 tokens none is above 0.02)
+    assert (ref - out).abs().max() <= 0.02 * ref.abs().max()
+    assert (ref.argmax(-1) == out.argmax(-1)).float().mean() >= 0.95
 
 
 def test_bad_input(tiny_model):

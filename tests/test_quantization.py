@@ -53,6 +53,7 @@ def test_tiny_model(mode, overrides):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.slow
 def test_smollm(smollm_f32, mode):
     ids = torch.tensor([smollm_f32.tokenizer.encode("The capital of France is Paris. The capital of Germany is")])
     rel, agree = check(smollm_f32.model, ids, mode)
@@ -102,6 +103,7 @@ def test_gguf_default_computes_on_the_files_blocks(tmp_path, qtype):
     assert rel <= GGUF_RELATIVE_TOL
 
 
+@pytest.mark.slow
 def test_gguf_default_on_smollm():
     """Q4_1 layers and the Q8_0 tied LM head run on the file's own blocks; the reference is the file
     dequantized to float32 (what transformers computes with)."""
@@ -115,6 +117,7 @@ def test_gguf_default_on_smollm():
     assert agree >= 0.9
 
 
+@pytest.mark.slow
 def test_gguf_default_top1_agrees_with_float32_over_256_greedy_steps(smollm, smollm_f32):
     """The default setting generates 256 greedy tokens for several prompts; both settings then read
     those sequences (teacher forcing) and must pick the same next token at >= 97 % of the positions."""

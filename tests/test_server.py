@@ -11,6 +11,8 @@ import pytest
 
 from serving import API_KEY, post, wait_until_idle
 
+pytestmark = pytest.mark.slow  # a `minillm serve` process with the bundled model
+
 
 @pytest.fixture(scope="module")
 def client(server):

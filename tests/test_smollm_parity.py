@@ -1,8 +1,11 @@
 """The bundled SmolLM2-135M-Instruct: MiniLLM against HF transformers on the same GGUF weights."""
 
+import pytest
 import torch
 
 from minillm import SamplingParams
+
+pytestmark = pytest.mark.slow  # transformers loads the same file in float32 beside ours
 
 PROMPTS = [
     "The capital of France is",

@@ -52,6 +52,7 @@ def test_tools_reach_a_template_that_does_not_render_them():
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}},
                                     {"type": "function", "function": {"name": "add"}}])
+@pytest.mark.slow
 def test_forced_calls_parse_and_validate(client, choice):
     for seed in range(3):
         reply = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice=choice,
@@ -64,6 +65,7 @@ def test_forced_calls_parse_and_validate(client, choice):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER if call.function.name == "get_weather" else ADD)
 
 
+@pytest.mark.slow
 def test_streamed_call_and_the_next_turn(client):
     stream = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice="required",
                                             max_tokens=80, temperature=0, stream=True)
@@ -79,6 +81,7 @@ def test_streamed_call_and_the_next_turn(client):
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+@pytest.mark.slow
 def test_auto_replies_are_text_or_calls(client):
     reply = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, max_tokens=24, temperature=0)
     message = reply.choices[0].message
@@ -98,6 +101,7 @@ def test_auto_replies_are_text_or_calls(client):
     ({"tools": TOOLS, "tool_choice": "required", "extra_body": {"response_format": {"type": "json_object"}}},
      "tool_choice"),
 ])
+@pytest.mark.slow
 def test_malformed_tools_are_refused_by_field(client, kwargs, param):
     with pytest.raises(BadRequestError) as err:
         client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=8, **kwargs)

@@ -16,6 +16,8 @@ from minillm.attention import standard_attention  # noqa: E402
 from minillm.attention.common import gather_pages  # noqa: E402
 from minillm.attention.triton_paged import paged_decode, paged_prefill  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the Triton interpreter, in Python
+
 
 def pools(lengths, page, kv_heads, dim, seed=0):
     g = torch.Generator().manual_seed(seed)
