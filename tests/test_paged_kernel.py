@@ -23,7 +23,7 @@ def kernel(q, k_pool, v_pool, table, seqlens, starts=None):
 def packed_step(backend, table, seqlens, starts, page):
     counts = (starts[1:] - starts[:-1]).tolist()
     return PagedStep(SimpleNamespace(block_size=page), select_attention(backend, "cpu", torch.float32),
-                     torch.zeros(sum(counts), dtype=torch.long), seqlens, table, starts, None, 0, counts, seqlens.tolist(),
+                     torch.zeros(sum(counts), dtype=torch.long), seqlens, table, starts, None, -1, counts, seqlens.tolist(),
                      torch.zeros(sum(counts), dtype=torch.long))
 
 

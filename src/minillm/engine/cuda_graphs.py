@@ -52,7 +52,7 @@ class StaticDecodeInputs:
         table = seg("table").view(self.max_batch, self.pages)[:batch]
         seqlens = seg("seqlens")[:batch]  # a decode token's sequence length is its row's
         step = PagedStep(self.cache, attention, seg("positions")[:batch], seqlens, table, seg("query_start")[:batch + 1],
-                         seg("slots")[:batch], batch, [1] * batch, [self.max_seq_len] * batch, seqlens)
+                         seg("slots")[:batch], -1, [1] * batch, [self.max_seq_len] * batch, seqlens)
         return seg("ids")[:batch], step
 
     def load(self, ids: list[int], starts: list[int], tables: list[list[int]], batch: int) -> None:
