@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from checkpoints import dequantized_copy, hf_model, write_gguf, write_sentencepiece_gguf
-from minillm.loading import ModelLoadError, load_checkpoint
+from minillm import Configs, MiniLLM
+from minillm.loading import ModelLoadError, architectures, load_checkpoint
 from minillm.loading.gguf_file import GGUFCheckpoint
 from minillm.model.ggml_decoder import GGMLDecoder
 
@@ -424,3 +425,16 @@ def test_greedy_equals_transformers_and_batched_equals_alone(tmp_path, name):
     alone = [gen.generate(p, max_new_tokens=12, temperature=0).token_ids for p in prompts]
     assert alone == expected
     assert [g.token_ids for g in gen.generate(prompts, max_new_tokens=12, temperature=0)] == alone
+
+
+@pytest.mark.parametrize("name", architectures.ARCHITECTURES)
+def test_architecture_tables_name_every_parameter_of_the_model(name):
+    """Each architecture's GGUF and HF tables name exactly the model's parameters (with every optional part
+    switched on: q/k/v bias, q/k norms, and Gemma's sandwich norms), so the builder can never miss one."""
+    arch = architectures.ARCHITECTURES[name]
+    config = Configs.tiny(qkv_bias=True, qk_norm=True, sandwich_norms=arch.gemma)
+    with torch.device("meta"):
+        model = MiniLLM(config)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for table in (arch.gguf_tensors, arch.hf_tensors):
+        assert set(architectures.layer_tensors(table, config.num_layers)) == params
