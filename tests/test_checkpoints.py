@@ -438,3 +438,19 @@ def test_architecture_tables_name_every_parameter_of_the_model(name):
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for table in (arch.gguf_tensors, arch.hf_tensors):
         assert set(architectures.layer_tensors(table, config.num_layers)) == params
+
+
+def test_swiglu_in_the_kernel_with_a_dequantized_down_projection(tmp_path, monkeypatch):
+    """gate/up on GGUF blocks (SwiGLU applied in its kernel) beside a down projection dequantized (as for a
+    type without a kernel): the layer applies SwiGLU once."""
+    from minillm.kernels.ggml import GGMLLinear
+
+    hf = hf_model("llama")
+    path = write_gguf(tmp_path / "mixed.gguf", hf, qtype="Q8_0")
+    blocks = GGUFCheckpoint.blocks
+    monkeypatch.setattr(GGUFCheckpoint, "blocks",
+                        lambda self, name, config: None if "ffn_down" in name else blocks(self, name, config))
+    model = load_checkpoint(path, progress=False).model
+    ffn = model.layers[0].feed_forward
+    assert isinstance(ffn.w13, GGMLLinear) and ffn.w13.applies_swiglu and not isinstance(ffn.w2, GGMLLinear)
+    assert long_diff(model, dequantized_copy(hf, "Q8_0")) <= 0.05

@@ -142,7 +142,7 @@ class GGMLLinear(nn.Module):
     """y = x W^T (+ b) on quantized rows [out, bytes] as `kernel_weights` returns them; float32 in and out.
 
     With `swiglu`, the rows are gate then up (as FeedForward.w13) and the layer returns
-    silu(gate) * up, fused in the kernel (`applies_swiglu` tells the model)."""
+    silu(gate) * up, fused in the kernel (see GGMLFeedForward)."""
 
     def __init__(self, weight: Tensor, fmt: int, in_features: int, bias: Tensor | None = None,
                  swiglu: bool = False) -> None:
@@ -168,6 +168,20 @@ class GGMLLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, swiglu={self.applies_swiglu}"
 
 
+class GGMLFeedForward(nn.Module):
+    """FeedForward (SwiGLU) whose gate/up layer applies silu(gate) * up in its kernel: swapped in for the
+    model's FeedForward when that layer is on GGUF blocks (w2 may be too, or a dequantized nn.Linear)."""
+
+    def __init__(self, w13: GGMLLinear, w2: nn.Module) -> None:
+        super().__init__()
+        if not w13.applies_swiglu:
+            raise ValueError("GGMLFeedForward needs a gate/up layer that applies SwiGLU (GGMLLinear(swiglu=True))")
+        self.w13, self.w2 = w13, w2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.w13(x))
+
+
 class GGMLEmbedding(nn.Module):
     """Token embeddings looked up in a quantized table (rows as `kernel_weights` returns them): only the rows
     asked for are dequantized."""
@@ -182,4 +196,4 @@ class GGMLEmbedding(nn.Module):
         return rows.view(*ids.shape, self.embedding_dim)
 
 
-__all__ = ["GGMLEmbedding", "GGMLLinear", "KERNEL_TYPES", "decode_codes", "encode", "interleave", "kernel_weights"]
+__all__ = ["GGMLEmbedding", "GGMLFeedForward", "GGMLLinear", "KERNEL_TYPES", "decode_codes", "encode", "interleave", "kernel_weights"]

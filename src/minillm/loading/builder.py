@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..kernels.ggml import KERNEL_TYPES, GGMLEmbedding, GGMLLinear, kernel_weights
+from ..kernels.ggml import KERNEL_TYPES, GGMLEmbedding, GGMLFeedForward, GGMLLinear, kernel_weights
 from ..model.norm import use_kernel_norms
 from ..model.transformer import MiniLLM
 from .architectures import Tensors, layer_tensors
@@ -45,6 +45,7 @@ def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch
         for name, module in list(model.get_submodule(group).named_modules(prefix=group)):
             parts.load(model, name, module)
         if group.startswith("layers."):
+            _fuse_swiglu(model.get_submodule(group))
             progress()
     embeddings = model.tok_embeddings
     if tied and isinstance(embeddings, GGMLEmbedding):  # the LM head reads the same blocks
@@ -59,6 +60,13 @@ def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch
     if left:
         raise ModelLoadError(f"{checkpoint.name}: no weights for {', '.join(left)}")
     return model.to(device).eval()
+
+
+def _fuse_swiglu(block: nn.Module) -> None:
+    """A layer whose gate/up matmul applies SwiGLU in its kernel gets the FeedForward that leaves it to it."""
+    w13 = block.feed_forward.w13
+    if isinstance(w13, GGMLLinear) and w13.applies_swiglu:
+        block.feed_forward = GGMLFeedForward(w13, block.feed_forward.w2)
 
 
 class _Parts:

@@ -84,11 +84,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.hidden_dim, config.dim_model, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.w13(x)
-        if not getattr(self.w13, "applies_swiglu", False):  # fused kernels (kernels.ggml) apply it themselves
-            gate, up = h.chunk(2, dim=-1)
-            h = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
-        return self.w2(h)
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up)
 
 
 class TransformerBlock(nn.Module):
