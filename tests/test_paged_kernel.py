@@ -2,11 +2,15 @@
 gathered into a contiguous copy: decode rows, and packed steps mixing decode rows with prefill
 chunks; the reference backends on the same packed steps; and the choice when it cannot be built."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from minillm import kernels
 from minillm.attention import LayerAttention, paged_cpu, select_attention, standard_attention
 from minillm.attention.common import gather_pages
 from minillm.cache import PagedStep
@@ -45,6 +49,29 @@ def paged_case(batch, heads, kv_heads, head_dim, page, lengths, dtype, seed=0):
 def test_kernel_builds_here():
     # CI machines have a C++ compiler; without one the engine would silently lose the kernel
     assert paged_cpu.available()
+
+
+LEVELS = list(kernels.PAGED_ATTENTION_LEVELS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_build_this_cpu_runs_passes_the_kernel_tests(level):
+    """The kernel is built once per x86 level (never for one machine alone); each build this CPU can run,
+    pinned with MINILLM_ISA, is the one loaded and passes the rest of this file."""
+    best = kernels.paged_attention_level()
+    if LEVELS.index(level) < LEVELS.index(best):
+        pytest.skip(f"this CPU runs the {best} build at best, not {level}")
+    env = {key: value for key, value in os.environ.items() if key != "MINILLM_ISA"}
+    if level != best:
+        env["MINILLM_ISA"] = level
+    code = "from minillm import kernels; from minillm.attention import paged_cpu; " \
+           "print(kernels.paged_attention_level(), paged_cpu.available())"
+    loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == [level, "True"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "not every_build"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:]
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (6, 2, 80), (10, 2, 32)])

@@ -1,4 +1,4 @@
-"""Our C++ kernel for attention over the paged KV cache on CPU (kernels/csrc/paged_attention.cpp).
+"""Our C++ kernel for attention over the paged KV cache on CPU (kernels/csrc/paged_attention_kernel.h).
 
 In PyTorch ops, paged attention is a gather of every sequence's pages into a padded copy and a
 masked SDPA (or many tiny matmuls) over it: at 64 decoding sequences it cost more than all the
@@ -23,7 +23,7 @@ def available() -> bool:
     """Whether the kernel builds and loads here (tried once per process)."""
     global _available
     if _available is None:
-        _available = kernels.load("paged_attention")
+        _available = kernels.paged_attention_available()
     return _available
 
 

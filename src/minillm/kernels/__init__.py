@@ -5,22 +5,24 @@
   lower one); csrc/layer_ops.cpp: fused RMSNorm and RoPE + KV-cache write; csrc/decoder_layer.cpp: every
   decoder layer on GGUF blocks as one op; csrc/greedy.cpp: greedy decoding's argmax (all four in one
   library, "ggml");
-- csrc/paged_attention.cpp: attention over the paged KV cache, built with -march=native.
+- csrc/paged_attention_kernel.h: attention over the paged KV cache, built once per x86 level
+  (paged_attention_{portable,avx2,avx512}.cpp), of which the loader picks the one this CPU runs.
 
-`pip install --no-build-isolation -e .` compiles both (setup.py) into this folder. Without that (a
-plain `pip install`, whose isolated build has no torch), the first use compiles them into PyTorch's
-extension cache: about 15 s and 40 s on 2 cores, once per machine. Without a C++ compiler `load`
+`pip install --no-build-isolation -e .` compiles them all (setup.py) into this folder. Without that (a
+plain `pip install`, whose isolated build has no torch), the first use compiles the ones this CPU runs into
+PyTorch's extension cache, once. Without a C++ compiler `load`
 returns False after one warning, and callers keep their PyTorch paths.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from .flags import EXTENSIONS
+from .flags import EXTENSIONS, PAGED_ATTENTION_LEVELS
 
 logger = logging.getLogger("minillm")
 
@@ -67,7 +69,7 @@ def _load(name: str) -> bool:
 
 def _register_fakes(name: str) -> None:
     """Output shapes of each op, for torch.compile (the kernels themselves come from the C++ library)."""
-    if name == "paged_attention":
+    if name.startswith("paged_attention"):
         # contiguous, as the kernel returns it (empty_like would copy q's strides)
         torch.library.register_fake("minillm::paged_attention", lambda q, *_: q.new_empty(q.shape))
         return
@@ -91,6 +93,21 @@ def _register_fakes(name: str) -> None:
     @torch.library.register_fake("minillm::ggml_dequantize_rows")
     def _(weight, fmt, in_features, ids):
         return weight.new_empty((ids.numel(), in_features), dtype=torch.float32)
+
+
+def paged_attention_level() -> str:
+    """The paged attention build this CPU runs: the best of PAGED_ATTENTION_LEVELS its flags allow (as
+    PyTorch detects them), or a lower one pinned by MINILLM_ISA ("portable", "avx2"), as for the GGUF kernels."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    levels = list(PAGED_ATTENTION_LEVELS)
+    best = next((level for level in levels if level.upper() in capability), "portable")
+    pinned = {"portable": "portable", "avx2": "avx2"}.get(os.environ.get("MINILLM_ISA", ""), best)
+    return max(best, pinned, key=levels.index)  # the lower of the two (levels run best first)
+
+
+def paged_attention_available() -> bool:
+    """Whether the paged attention kernel for this CPU is loaded (built and loaded on first call)."""
+    return load(f"paged_attention_{paged_attention_level()}")
 
 
 def ops_available() -> bool:

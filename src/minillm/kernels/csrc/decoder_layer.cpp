@@ -19,7 +19,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attention_norm, 
                          at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& slots,
                          const at::Tensor& block_table, const at::Tensor& seqlens, const at::Tensor& query_start,
                          int64_t num_heads, int64_t num_kv_heads, double scale, int64_t window, int64_t gemm_from) {
-  // the attention kernel lives in another library (built with -march=native): through the dispatcher
+  // the attention kernel lives in another library (one per x86 level): through the dispatcher
   static auto paged_attention = c10::Dispatcher::singleton()
       .findSchemaOrThrow("minillm::paged_attention", "")
       .typed<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, int64_t, double)>();

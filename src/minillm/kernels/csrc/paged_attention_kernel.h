@@ -13,8 +13,11 @@
 // seqlens [B] (keys per sequence, the new ones included); query_start [B + 1]; all int64.
 // Returns [N, Hq, D] in q's dtype. Scores and softmax in float32 (scores, then max / exp / sum, then P @ V).
 
-// at::vec picks its vector width from these macros; the kernel is built with -march=native, so the
-// compiler's own feature macros say what this machine has.
+// Included by one source per x86 level (paged_attention_{portable,avx2,avx512}.cpp), each built as its own
+// library with that level's -march (kernels/flags.py): at::vec picks its vector width from these macros, set
+// from the compiler's own feature macros, and only the library this CPU runs is ever loaded.
+#pragma once
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
@@ -37,6 +40,20 @@
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t W = fVec::size();
+
+// The sum of a vector's lanes. at::vec's reduce_add does not compile in its non-vector (DEFAULT) build in
+// every torch version: the portable build adds the lanes in order instead.
+static inline float lane_sum(const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return v.reduce_add();
+#else
+  float lanes[W];
+  v.store(lanes);
+  float sum = 0.f;
+  for (int64_t i = 0; i < W; ++i) sum += lanes[i];
+  return sum;
+#endif
+}
 
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
@@ -105,7 +122,7 @@ static void softmax_rows(float* scores, int64_t groups, int64_t len, int64_t str
       e.store(s + t);
       total = total + e;
     }
-    float sum = total.reduce_add();
+    float sum = lane_sum(total);
     for (int64_t t = full; t < len; ++t) sum += (s[t] = std::exp(s[t] - peak));
     if (stats != nullptr) {
       stats[2 * g] = peak;
@@ -149,7 +166,7 @@ struct VectorHead {
       for (int64_t g = 0; g < GROUPS; ++g) {
         fVec s = query[g][0] * k[0];
         for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(query[g][c], k[c], s);
-        scores[g * stride + t] = capped(s.reduce_add(), p.softcap);
+        scores[g * stride + t] = capped(lane_sum(s), p.softcap);
       }
     });
     softmax_rows(scores.data(), GROUPS, len, stride, part ? part->stats : nullptr);
