@@ -454,3 +454,36 @@ def test_swiglu_in_the_kernel_with_a_dequantized_down_projection(tmp_path, monke
     ffn = model.layers[0].feed_forward
     assert isinstance(ffn.w13, GGMLLinear) and ffn.w13.applies_swiglu and not isinstance(ffn.w2, GGMLLinear)
     assert long_diff(model, dequantized_copy(hf, "Q8_0")) <= 0.05
+
+
+@pytest.mark.parametrize("method,value,message", [
+    ("add_block_count", 10**9, r"llama.block_count is 1000000000, but the file holds tensors for 2 layers"),
+    ("add_head_count", 0, r"llama.attention.head_count must be a positive integer, got '0'"),
+    ("add_context_length", 0, r"llama.context_length must be a positive integer, got '0'"),
+])
+def test_crafted_header_sizes_are_refused_before_anything_is_sized_by_them(tmp_path, monkeypatch, method, value,
+                                                                           message):
+    """A header whose sizes are absurd (a billion layers, no heads) is refused by name, at once, instead of
+    building a model of that size or dividing by zero."""
+    import gguf
+
+    hf = hf_model("llama")
+    write = getattr(gguf.GGUFWriter, method)
+    monkeypatch.setattr(gguf.GGUFWriter, method, lambda self, _: write(self, value))
+    path = write_gguf(tmp_path / "crafted.gguf", hf)
+    with pytest.raises(ModelLoadError, match=message):
+        load_checkpoint(path, progress=False)
+
+
+def test_a_model_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    """A FIFO would block the first read forever: refused before it is opened (in a child, so a regression
+    fails on its timeout instead of hanging the suite)."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    code = f"from minillm.loading import load_checkpoint\nload_checkpoint({str(fifo)!r}, progress=False)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "neither a regular file nor a folder" in result.stderr

@@ -52,9 +52,7 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     the CPU: the HF-parity setting)."""
     check_device(device)
     path = default_model_path() if path is None else Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"no such model file or folder: {path}")
-    checkpoint = HFCheckpoint(path) if path.is_dir() else GGUFCheckpoint(path)
+    checkpoint = open_checkpoint(path)
     quantized = (dtype is None and isinstance(checkpoint, GGUFCheckpoint) and torch.device(device).type == "cpu"
                  and kernels.ops_available())
     default = "bfloat16" if torch.device(device).type == "cuda" else "float32"
@@ -84,9 +82,19 @@ def check_device(device: str | torch.device) -> None:
 def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer | None, list[int]]:
     """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model)."""
     path = default_model_path() if path is None else Path(path)
+    return _tokenizer(open_checkpoint(path), path)
+
+
+def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
+    """A folder is a Hugging Face checkpoint, a regular file a GGUF one; anything else (a FIFO, a device)
+    is refused before it is read, since reading it could block forever."""
     if not path.exists():
         raise ModelLoadError(f"no such model file or folder: {path}")
-    return _tokenizer(HFCheckpoint(path) if path.is_dir() else GGUFCheckpoint(path), path)
+    if path.is_dir():
+        return HFCheckpoint(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is neither a regular file nor a folder")
+    return GGUFCheckpoint(path)
 
 
 def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[Tokenizer | None, list[int]]:

@@ -9,6 +9,7 @@ so the weights fit our (Hugging Face) rotate-half RoPE.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ class GGUFCheckpoint:
         missing = [k for k, v in required.items() if v is None]
         if missing:
             raise ModelLoadError(f"{self.path.name}: metadata lacks {', '.join(f'{self.architecture}.{k}' for k in missing)}")
+        self._check_sizes(required)
         dim, heads = required["embedding_length"], required["attention.head_count"]
         if "token_embd.weight" not in self.tensors:
             raise ModelLoadError(f"{self.path.name}: the checkpoint has no tensor 'token_embd.weight'")
@@ -94,6 +96,20 @@ class GGUFCheckpoint:
             )
         except ValueError as err:  # a ModelConfig rule
             raise ModelLoadError(f"{self.path.name}: {err}") from None
+
+    def _check_sizes(self, required: dict[str, Any]) -> None:
+        """Sizes that are positive integers, and a layer count the file's tensors bear out, before anything is
+        sized by them (a crafted header must not start a billion-layer build)."""
+        sizes = {**required, **{k: self.arch_meta(k) for k in ("attention.head_count_kv", "attention.key_length",
+                                                               "context_length") if self.arch_meta(k) is not None}}
+        for key, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ModelLoadError(f"{self.path.name}: {self.architecture}.{key} must be a positive integer, "
+                                     f"got {str(value)[:40]!r}")
+        layers = {int(name.split(".")[1]) for name in self.tensors if re.match(r"blk\.\d+\.", name)}
+        if len(layers) != required["block_count"] or max(layers, default=-1) != len(layers) - 1:  # not 0 .. n - 1
+            raise ModelLoadError(f"{self.path.name}: {self.architecture}.block_count is {required['block_count']}, but "
+                                 f"the file holds tensors for {len(layers)} layers")
 
     def _rope_scaling(self) -> dict[str, Any] | None:
         """llama.cpp's RoPE settings in transformers' form: a `rope_freqs` tensor (Llama 3.1's frequency
