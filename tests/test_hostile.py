@@ -111,6 +111,24 @@ def test_extreme_values_that_cannot_run_are_refused(server, extra, param):
     assert_refused(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **extra}), 400, param)
 
 
+WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": WEATHER_TOOL, "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
+    ({"tools": WEATHER_TOOL, "tool_choice": {"type": "function", "function": {"name": ["get_weather"]}}}, "tool_choice"),
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": "abc"}]}, "messages"),
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [1]}]}, "messages"),
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"function": "x"}]}]}, "messages"),
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]}, "messages"),
+    ({"messages": [*ASK, {"role": "tool", "tool_call_id": 5, "content": "3"}]}, "messages"),
+])
+def test_malformed_tool_fields_are_a_400_naming_the_field(server, extra, param):
+    """Tool fields of the wrong shape, with or without `tools` in the request, never reach the template."""
+    assert_refused(post(server, "/v1/chat/completions", {"messages": ASK, "max_tokens": 2, **extra}), 400, param)
+
+
 def test_extreme_values_that_can_run_are_safe(server):
     def text(**extra):
         response = post(server, "/v1/completions", {"prompt": "The sea is", "max_tokens": 6, **extra})

@@ -162,10 +162,27 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI's: the arguments as a JSON text
+
+
+class ToolCall(BaseModel):
+    """An earlier call of the assistant's, checked here so that a malformed one is a 400 naming it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # tool_calls, tool_call_id, name pass through
+    model_config = ConfigDict(extra="allow", strict=True)  # other fields (name, ...) pass through to the template
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_Request):

@@ -43,8 +43,9 @@ def check_tools(tools: list[Any] | None, tool_choice: Any) -> list[dict[str, Any
         if not functions:
             raise ValueError("tool_choice 'required' needs tools")
         return functions
-    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
-    if name is None:
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
         raise ValueError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
                          "'function': {'name': ...}}")
     if name not in names:
