@@ -174,9 +174,8 @@ class GGMLFeedForward(nn.Module):
 
     def __init__(self, w13: GGMLLinear, w2: nn.Module) -> None:
         super().__init__()
-        if not w13.applies_swiglu:
-            raise ValueError("GGMLFeedForward needs a gate/up layer that applies SwiGLU (GGMLLinear(swiglu=True))")
-        self.w13, self.w2 = w13, w2
+        self.w13 = GGMLLinear(w13.weight, w13.fmt, w13.in_features, w13.bias, swiglu=True)  # the same blocks
+        self.w2 = w2
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.w13(x))

@@ -45,7 +45,7 @@ def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch
         for name, module in list(model.get_submodule(group).named_modules(prefix=group)):
             parts.load(model, name, module)
         if group.startswith("layers."):
-            _fuse_swiglu(model.get_submodule(group))
+            _fuse_swiglu(model.get_submodule(group), config)
             progress()
     embeddings = model.tok_embeddings
     if tied and isinstance(embeddings, GGMLEmbedding):  # the LM head reads the same blocks
@@ -62,10 +62,10 @@ def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch
     return model.to(device).eval()
 
 
-def _fuse_swiglu(block: nn.Module) -> None:
-    """A layer whose gate/up matmul applies SwiGLU in its kernel gets the FeedForward that leaves it to it."""
+def _fuse_swiglu(block: nn.Module, config: ModelConfig) -> None:
+    """A SwiGLU layer whose gate/up matmul is on GGUF blocks applies silu(gate) * up in that kernel."""
     w13 = block.feed_forward.w13
-    if isinstance(w13, GGMLLinear) and w13.applies_swiglu:
+    if isinstance(w13, GGMLLinear) and config.activation == "silu":
         block.feed_forward = GGMLFeedForward(w13, block.feed_forward.w2)
 
 
@@ -122,5 +122,4 @@ class _Parts:
             raise ModelLoadError(f"{self.checkpoint.name}: {name} has {rows.shape[0]} output rows, the config implies "
                                  f"{module.out_features}")
         bias = None if module.bias is None else self.dense(name + ".bias", module.bias).float()
-        swiglu = name.endswith(".w13") and self.config.activation == "silu"  # gate and up: the kernel applies SwiGLU
-        return GGMLLinear(torch.from_numpy(rows), fmt, module.in_features, bias, swiglu)
+        return GGMLLinear(torch.from_numpy(rows), fmt, module.in_features, bias)
