@@ -100,10 +100,9 @@ class GGUFCheckpoint:
     def _check_sizes(self, required: dict[str, Any]) -> None:
         """Sizes that are positive integers, and a layer count the file's tensors bear out, before anything is
         sized by them (a crafted header must not start a billion-layer build)."""
-        sizes = {**required, **{k: self.arch_meta(k) for k in ("attention.head_count_kv", "attention.key_length",
-                                                               "context_length") if self.arch_meta(k) is not None}}
-        for key, value in sizes.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        optional = {k: self.arch_meta(k) for k in ("attention.head_count_kv", "attention.key_length", "context_length")}
+        for key, value in {**required, **optional}.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ModelLoadError(f"{self.path.name}: {self.architecture}.{key} must be a positive integer, "
                                      f"got {str(value)[:40]!r}")
         layers = {int(name.split(".")[1]) for name in self.tensors if re.match(r"blk\.\d+\.", name)}
