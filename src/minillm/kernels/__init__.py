@@ -101,8 +101,8 @@ def paged_attention_level() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     levels = list(PAGED_ATTENTION_LEVELS)
     best = next((level for level in levels if level.upper() in capability), "portable")
-    pinned = {"portable": "portable", "avx2": "avx2"}.get(os.environ.get("MINILLM_ISA", ""), best)
-    return max(best, pinned, key=levels.index)  # the lower of the two (levels run best first)
+    pinned = os.environ.get("MINILLM_ISA", "")
+    return max(best, pinned if pinned in levels else best, key=levels.index)  # the lower (levels run best first)
 
 
 def paged_attention_available() -> bool:
