@@ -1,7 +1,7 @@
 """Our GGUF quantized matmul kernels against dequantize-then-matmul references in float64.
 
 Random blocks of every type with a kernel; the weights are decoded by the `gguf` package (the
-reference) and by our repacking; every vector path this CPU can run is forced in turn.
+reference) and by our kernels' decoder; every vector path this CPU can run is forced in turn.
 """
 
 import gguf
@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(not kernels.ops_available(), reason="the C++ ker
 ISAS = [isa for isa in ("portable", "avx2", "avx512_vnni")
         if kernels.ops_available() and ("portable", "avx2", "avx512_vnni").index(isa)
         <= ("portable", "avx2", "avx512_vnni").index(kernels.best_isa())]
+T = ggml.KERNEL_TYPES
 # fp16 fields of each block layout (byte offsets), filled with finite scales
-SCALE_FIELDS = {ggml.Q4_0: [0], ggml.Q4_1: [0, 2], ggml.Q8_0: [0], ggml.Q5_0: [0], ggml.Q5_1: [0, 2],
-                ggml.Q4_K: [0, 2], ggml.Q5_K: [0, 2], ggml.Q6_K: [208]}
+SCALE_FIELDS = {T["Q4_0"]: [0], T["Q4_1"]: [0, 2], T["Q8_0"]: [0], T["Q5_0"]: [0], T["Q5_1"]: [0, 2],
+                T["Q4_K"]: [0, 2], T["Q5_K"]: [0, 2], T["Q6_K"]: [208], T["IQ4_NL"]: [0], T["IQ4_XS"]: [0]}
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +39,11 @@ def random_blocks(kind: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
+def linear(parts: list[tuple[np.ndarray, int]], cols: int, **kwargs) -> ggml.GGMLLinear:
+    """A layer on the given tensors' blocks (stacked by rows), repacked as the loader does."""
+    return ggml.GGMLLinear([(ggml.repack(torch.from_numpy(raw), kind), kind) for raw, kind in parts], cols, **kwargs)
+
+
 def reference_weight(raw: np.ndarray, kind: int) -> np.ndarray:
     return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind)).reshape(raw.shape[0], -1).astype(np.float64)
 
@@ -53,11 +59,15 @@ def quantize_activations(x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("name", list(ggml.KERNEL_TYPES))
 def test_repacked_weights_equal_gguf_dequantization(name):
+    """Every weight decoded from the repacked blocks equals the gguf package's dequantization exactly (so a
+    scale off by one code, a nibble or a high bit misplaced, fails), and the blocks keep the file's size."""
     kind = ggml.KERNEL_TYPES[name]
-    raw = random_blocks(kind, 7, 512)
-    rows, fmt = ggml.kernel_weights([(raw, kind)])
-    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 512)
+    raw = random_blocks(kind, 21, 512)  # a group of 16 and one of 5
+    layer = linear([(raw, kind)], 512)
+    assert layer.weights[0].shape == raw.shape
     np.testing.assert_array_equal(layer.dequantized_weight().double().numpy(), reference_weight(raw, kind))
+    table = ggml.GGMLEmbedding(torch.from_numpy(raw), kind, 512, interleaved=False)  # the file's rows as stored
+    np.testing.assert_array_equal(table(torch.tensor([20, 0, 7])).double().numpy(), reference_weight(raw, kind)[[20, 0, 7]])
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -71,8 +81,7 @@ def test_matmul_matches_float64_reference(name, isa, batch):
     weight = reference_weight(raw, kind)
     x = np.random.default_rng(1).standard_normal((batch, cols)).astype(np.float32)
     bias = np.random.default_rng(2).standard_normal(out_rows).astype(np.float32)
-    rows, fmt = ggml.kernel_weights([(raw, kind)])
-    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, cols, bias=torch.from_numpy(bias))
+    layer = linear([(raw, kind)], cols, bias=torch.from_numpy(bias))
     kernels.set_isa(isa)
     y = layer(torch.from_numpy(x)).double().numpy()
     # exact up to float32 summation: the reference quantizes x as the kernel does
@@ -85,16 +94,15 @@ def test_matmul_matches_float64_reference(name, isa, batch):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_swiglu_and_stacked_mixed_types(isa):
-    """w13 = gate (Q4_K) stacked on up (Q6_K): repacked to one layout, silu(gate) * up fused."""
-    gate, up = random_blocks(ggml.Q4_K, 8, 256, seed=3), random_blocks(ggml.Q6_K, 8, 256, seed=4)
-    rows, fmt = ggml.kernel_weights([(gate, ggml.Q4_K), (up, ggml.Q6_K)])
-    assert fmt == ggml.I8S16
-    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 256, swiglu=True)
+    """w13 = gate (Q4_K, 24 rows) stacked on up (Q6_K): each keeps its type, silu(gate) * up fused."""
+    gate, up = random_blocks(T["Q4_K"], 24, 256, seed=3), random_blocks(T["Q6_K"], 24, 256, seed=4)
+    layer = linear([(gate, T["Q4_K"]), (up, T["Q6_K"])], 256, swiglu=True)
+    assert layer.formats == [T["Q4_K"], T["Q6_K"]]
     x = np.random.default_rng(5).standard_normal((4, 256)).astype(np.float32)
     kernels.set_isa(isa)
     y = layer(torch.from_numpy(x)).double().numpy()
     xq = quantize_activations(x)
-    g, u = xq @ reference_weight(gate, ggml.Q4_K).T, xq @ reference_weight(up, ggml.Q6_K).T
+    g, u = xq @ reference_weight(gate, T["Q4_K"]).T, xq @ reference_weight(up, T["Q6_K"]).T
     expected = g / (1 + np.exp(-g)) * u
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
@@ -103,10 +111,9 @@ def test_swiglu_epilogue_same_bits_on_every_path_and_close_to_float64():
     """Our silu (a polynomial exp) on the layer's own gate/up outputs: within float32 rounding of float64
     silu(gate) * up over gates from -300 to 300 (past the exp's clamps), NaN in, NaN out, and the same bits on
     every path (h = 40: two vectors of 16 and a tail)."""
-    raw = random_blocks(ggml.Q8_0, 80, 64, seed=8)
-    rows, fmt = ggml.kernel_weights([(raw, ggml.Q8_0)])
-    plain = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 64)
-    fused = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 64, swiglu=True)
+    raw = random_blocks(T["Q8_0"], 80, 64, seed=8)
+    plain = linear([(raw, T["Q8_0"])], 64)
+    fused = ggml.GGMLLinear(plain.parts, 64, swiglu=True)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(9)) * torch.tensor([1, 30, 300, 3000, 1])[:, None]
     x[4, 3] = float("nan")
     outputs = {}
@@ -127,32 +134,34 @@ def test_swiglu_epilogue_same_bits_on_every_path_and_close_to_float64():
 @pytest.mark.parametrize("isa", ISAS)
 def test_residual_is_added_in_the_output_loop(isa):
     """ggml_linear(x, residual=r) is r + ggml_linear(x), bit for bit (the decoder layer's skip connections)."""
-    raw = random_blocks(ggml.Q4_1, 37, 96, seed=6)
-    rows, fmt = ggml.kernel_weights([(raw, ggml.Q4_1)])
-    weight, bias = torch.from_numpy(rows), torch.randn(37)
+    layer = linear([(random_blocks(T["Q4_1"], 37, 96, seed=6), T["Q4_1"])], 96)
+    weights, fmts, bias = layer.weights, layer.formats, torch.randn(37)
     x, r = torch.randn(6, 96), torch.randn(6, 37)
     kernels.set_isa(isa)
     op = torch.ops.minillm.ggml_linear
-    assert torch.equal(op(x, weight, fmt, 96, bias, False, -1, r), r + op(x, weight, fmt, 96, bias, False, -1))
+    assert torch.equal(op(x, weights, fmts, 96, bias, False, -1, r), r + op(x, weights, fmts, 96, bias, False, -1))
     with pytest.raises(RuntimeError, match="residual"):
-        op(x, weight, fmt, 96, None, False, -1, r[:, :5])
+        op(x, weights, fmts, 96, None, False, -1, r[:, :5])
 
 
 def test_embedding_rows_dequantized():
-    raw = random_blocks(ggml.Q8_0, 50, 64)  # three groups of 16 rows and a last one of 2
-    rows, fmt = ggml.kernel_weights([(raw, ggml.Q8_0)])
-    table = ggml.GGMLEmbedding(torch.from_numpy(rows), fmt, 64)
+    raw = random_blocks(T["Q8_0"], 50, 64)  # three groups of 16 rows and a last one of 2
+    table = ggml.GGMLEmbedding(ggml.repack(torch.from_numpy(raw), T["Q8_0"]), T["Q8_0"], 64, interleaved=True)
     ids = torch.tensor([[3, 49, 0]])
-    np.testing.assert_array_equal(table(ids)[0].double().numpy(), reference_weight(raw, ggml.Q8_0)[[3, 49, 0]])
+    np.testing.assert_array_equal(table(ids)[0].double().numpy(), reference_weight(raw, T["Q8_0"])[[3, 49, 0]])
     with pytest.raises(RuntimeError, match="outside"):
         table(torch.tensor([50]))
 
 
 def test_bad_shapes_and_paths_are_refused():
-    raw = random_blocks(ggml.Q4_0, 4, 64)
-    with pytest.raises(ValueError, match="bytes per row"):
-        ggml.GGMLLinear(torch.from_numpy(raw), ggml.Q4_0, 96)
-    layer = ggml.GGMLLinear(torch.from_numpy(raw), ggml.Q4_0, 64)
+    raw = random_blocks(T["Q4_0"], 4, 64)
+    with pytest.raises(RuntimeError, match="bytes"):
+        linear([(raw, T["Q4_0"])], 96)(torch.zeros(1, 96))
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        linear([(random_blocks(T["Q4_K"], 4, 256), T["Q4_K"])], 128)(torch.zeros(1, 128))
+    with pytest.raises(RuntimeError, match="no kernel for GGML type 10"):
+        ggml.repack(torch.from_numpy(raw), 10)
+    layer = linear([(raw, T["Q4_0"])], 64)
     with pytest.raises(RuntimeError, match="features"):
         layer(torch.zeros(1, 32))
     with pytest.raises(RuntimeError, match="unknown ISA"):
@@ -222,12 +231,11 @@ def test_rope_and_cache_write_into_float16_pools():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q4_K", "Q6_K"])
 def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
     """Tokens are tiled 4 at a time; a token's output must not depend on its neighbours (batched == alone)."""
     kind = ggml.KERNEL_TYPES[name]
-    rows, fmt = ggml.kernel_weights([(random_blocks(kind, 24, 768), kind)])  # 3 super-blocks of 256 = 24 blocks of 32
-    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 768)
+    layer = linear([(random_blocks(kind, 24, 768), kind)], 768)  # 3 super-blocks of 256 = 24 blocks of 32
     x = torch.randn(7, 768, generator=torch.Generator().manual_seed(0))
     kernels.set_isa(isa)
     full = layer(x)
@@ -243,8 +251,7 @@ def test_every_path_computes_the_same_bits(name):
     of 16 and one of 5)."""
     kind = ggml.KERNEL_TYPES[name]
     cols = 512 if gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] == 256 else 96
-    rows, fmt = ggml.kernel_weights([(random_blocks(kind, 37, cols, seed=11), kind)])
-    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, cols)
+    layer = linear([(random_blocks(kind, 37, cols, seed=11), kind)], cols)
     x = torch.randn(6, cols, generator=torch.Generator().manual_seed(2))
     x[0, :32] = 0  # a block of zeros: scale 0
     x[1, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-16, 15)])  # codes exactly halfway: round to even
@@ -260,9 +267,7 @@ def test_every_path_computes_the_same_bits(name):
 def test_non_finite_activations_give_nan_rows_on_every_path():
     """A token with a NaN or an infinity gets NaN outputs on every path (the engine then fails that sequence
     alone), and the other tokens of the call are untouched."""
-    kind = ggml.Q4_1
-    rows, fmt = ggml.kernel_weights([(random_blocks(kind, 20, 96, seed=3), kind)])
-    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, 96)
+    layer = linear([(random_blocks(T["Q4_1"], 20, 96, seed=3), T["Q4_1"])], 96)
     x = torch.randn(4, 96, generator=torch.Generator().manual_seed(4))
     x[1, 40] = float("nan")
     x[2, 70] = float("-inf")
@@ -275,8 +280,8 @@ def test_non_finite_activations_give_nan_rows_on_every_path():
 
 def test_interleaved_layout():
     """Row r, weights 4c..4c+3 of a block sit at lane r of code vector c, after the group's scale fields."""
-    raw = random_blocks(ggml.Q8_0, 18, 32)  # one block a row: a group of 16 and one of 2
-    tiles = ggml.interleave(raw, ggml.Q8_0)
+    raw = random_blocks(T["Q8_0"], 18, 32)  # one block a row: a group of 16 and one of 2
+    tiles = ggml.repack(torch.from_numpy(raw), T["Q8_0"]).numpy()
     group = tiles[:16].reshape(-1)
     np.testing.assert_array_equal(group[:32].reshape(16, 2), raw[:16, :2])  # the 16 fp16 scales first
     codes = (group[32:] ^ 0x80).reshape(8, 16, 4)  # then [vector][row][4 weights], stored plus 128
@@ -300,17 +305,16 @@ def test_prefill_rows_as_bf16_gemm(name, swiglu):
     kind = ggml.KERNEL_TYPES[name]
     cols = 512 if gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] == 256 else 96
     raw = random_blocks(kind, 38, cols, seed=7)
-    rows, fmt = ggml.kernel_weights([(raw, kind)])
-    layer = ggml.GGMLLinear(torch.from_numpy(rows), fmt, cols, bias=torch.randn(38), swiglu=swiglu)
+    layer = linear([(raw, kind)], cols, bias=torch.randn(38), swiglu=swiglu)
     x = torch.randn(70, cols)
     exact = layer(x)
 
-    def linear(gemm_from: int):
-        return torch.ops.minillm.ggml_linear(x, layer.weight, fmt, cols, layer.bias, swiglu, gemm_from)
+    def run(gemm_from: int):
+        return torch.ops.minillm.ggml_linear(x, layer.weights, layer.formats, cols, layer.bias, swiglu, gemm_from)
 
-    assert torch.equal(linear(-1), exact)
-    mixed = linear(5)
-    assert torch.equal(linear(7), exact)  # 63 prompt rows: below the threshold, all int8
+    assert torch.equal(run(-1), exact)
+    mixed = run(5)
+    assert torch.equal(run(7), exact)  # 63 prompt rows: below the threshold, all int8
     assert torch.equal(mixed[:5], exact[:5])
     w = torch.from_numpy(reference_weight(raw, kind))
     y = x.double() @ w.T + layer.bias.double()

@@ -75,8 +75,8 @@ def _register_fakes(name: str) -> None:
         return
 
     @torch.library.register_fake("minillm::ggml_linear")
-    def _(x, weight, fmt, in_features, bias, swiglu, gemm_from=-1, residual=None):
-        return x.new_empty((*x.shape[:-1], weight.shape[0] // (2 if swiglu else 1)))
+    def _(x, weights, fmts, in_features, bias, swiglu, gemm_from=-1, residual=None):
+        return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights) // (2 if swiglu else 1)))
 
     @torch.library.register_fake("minillm::decoder_layers")
     def _(x, *_):
@@ -91,7 +91,7 @@ def _register_fakes(name: str) -> None:
         return qkv.new_empty((slots.numel(), num_heads, k_pool.shape[-1]))
 
     @torch.library.register_fake("minillm::ggml_dequantize_rows")
-    def _(weight, fmt, in_features, ids):
+    def _(weight, fmt, in_features, ids, interleaved=True):
         return weight.new_empty((ids.numel(), in_features), dtype=torch.float32)
 
 

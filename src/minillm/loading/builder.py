@@ -2,11 +2,15 @@
 checkpoint for each one's parts (the architecture's tensor table, architectures.py). On GGUF blocks
 (`on_blocks`), a linear layer or the embedding table whose parts all have a kernel type becomes a
 GGMLLinear / GGMLEmbedding computing on them, as gpt-fast swaps in quantized modules; every other
-parameter is dequantized (float tensors, types without a kernel: logged once per type)."""
+parameter is dequantized (float tensors, and types without a kernel: their memory cost is logged).
+
+Tensors are read from the file's memory map one at a time, repacked, and their pages released, so a load
+holds the model plus one tensor of the file; an untied embedding table is used as stored, not copied."""
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Protocol
 
@@ -15,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..kernels.ggml import KERNEL_TYPES, GGMLEmbedding, GGMLFeedForward, GGMLLinear, kernel_weights
+from ..kernels.ggml import KERNEL_TYPES, GGMLEmbedding, GGMLFeedForward, GGMLLinear, repack
 from ..model.norm import use_kernel_norms
 from ..model.transformer import MiniLLM
 from .architectures import Tensors, layer_tensors
@@ -30,6 +34,7 @@ class Checkpoint(Protocol):
 
     def tensor(self, name: str, config: ModelConfig) -> Tensor | None: ...
     def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int, str] | None: ...
+    def release(self, name: str) -> None: ...
 
 
 def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch.device = "cpu",
@@ -49,11 +54,12 @@ def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch
             progress()
     embeddings = model.tok_embeddings
     if tied and isinstance(embeddings, GGMLEmbedding):  # the LM head reads the same blocks
-        model.output = GGMLLinear(embeddings.weight, embeddings.fmt, config.dim_model)
+        model.output = GGMLLinear([(embeddings.weight, embeddings.fmt)], config.dim_model)
     elif tied:
         model.output.weight = embeddings.weight
-    for kind in sorted(parts.without_kernel):
-        logger.warning("%s: %s tensors have no quantized kernel; they are dequantized to float32", checkpoint.name, kind)
+    for kind, (count, size) in sorted(parts.without_kernel.items()):
+        logger.warning("%s: %d %s tensors have no quantized kernel: dequantized to float32, %.0f MB instead of "
+                       "%.0f MB", checkpoint.name, count, kind, size[1] / 1e6, size[0] / 1e6)
     if on_blocks:
         use_kernel_norms(model)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -75,7 +81,7 @@ class _Parts:
     def __init__(self, checkpoint: Checkpoint, config: ModelConfig, on_blocks: bool) -> None:
         self.checkpoint, self.config, self.on_blocks = checkpoint, config, on_blocks
         self.sources = layer_tensors(checkpoint.tensor_table, config.num_layers)
-        self.without_kernel: set[str] = set()
+        self.without_kernel: dict[str, tuple[int, tuple[int, int]]] = {}  # type -> count, (file, float32) bytes
 
     def load(self, model: MiniLLM, name: str, module: nn.Module) -> None:
         kernel = self.kernel_module(name, module) if self.on_blocks else None
@@ -94,32 +100,54 @@ class _Parts:
 
     def dense(self, param: str, like: Tensor) -> Tensor:
         names = self.names(param)
-        tensors = [self.checkpoint.tensor(n, self.config) for n in names]
-        missing = [n for n, t in zip(names, tensors) if t is None]
-        if missing:
-            raise ModelLoadError(f"{self.checkpoint.name}: the checkpoint has no tensor {missing[0]!r} (for {param})")
+        tensors = [self.read(n) for n in names]
         tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         if tuple(tensor.shape) != tuple(like.shape):
             raise ModelLoadError(f"{self.checkpoint.name}: tensor {param} has shape {list(tensor.shape)}, the config "
                                  f"implies {list(like.shape)}")
         return tensor.to(like.dtype)
 
+    def read(self, name: str) -> Tensor:
+        tensor = self.checkpoint.tensor(name, self.config)
+        if tensor is None:
+            raise ModelLoadError(f"{self.checkpoint.name}: the checkpoint has no tensor {name!r}")
+        self.checkpoint.release(name)
+        return tensor
+
     def kernel_module(self, name: str, module: nn.Module) -> nn.Module | None:
         """A GGML module on the blocks of `module`'s weight, or None where a part is not quantized with a kernel."""
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             return None
-        blocks = [self.checkpoint.blocks(n, self.config) for n in self.names(name + ".weight")]
+        names = self.names(name + ".weight")
+        blocks = [self.checkpoint.blocks(n, self.config) for n in names]
         if any(b is None for b in blocks):  # absent (an error, raised by dense) or a float tensor
             return None
-        without = {type_name for _, kind, type_name in blocks if kind not in KERNEL_TYPES.values()}
+        without = [(raw, type_name) for raw, kind, type_name in blocks if kind not in KERNEL_TYPES.values()]
+        for raw, type_name in without:
+            count, (stored, dense) = self.without_kernel.get(type_name, (0, (0, 0)))
+            self.without_kernel[type_name] = count + 1, (stored + raw.nbytes, dense + raw.shape[0] * module.weight.shape[1] * 4)
         if without:
-            self.without_kernel |= without
             return None
-        rows, fmt = kernel_weights([(raw, kind) for raw, kind, _ in blocks])
         if isinstance(module, nn.Embedding):
-            return GGMLEmbedding(torch.from_numpy(rows), fmt, module.embedding_dim)
-        if rows.shape[0] != module.out_features:
-            raise ModelLoadError(f"{self.checkpoint.name}: {name} has {rows.shape[0]} output rows, the config implies "
-                                 f"{module.out_features}")
+            (raw, kind, _), = blocks
+            if not self.config.tie_embeddings:  # looked up row by row: used as stored, in the memory map
+                return GGMLEmbedding(_view(raw), kind, module.embedding_dim, interleaved=False)
+            parts = [(repack(_view(raw), kind), kind)]
+            self.checkpoint.release(names[0])
+            return GGMLEmbedding(parts[0][0], kind, module.embedding_dim, interleaved=True)
+        parts = []
+        for n, (raw, kind, _) in zip(names, blocks):  # one tensor of the file in memory at a time
+            parts.append((repack(_view(raw), kind), kind))
+            self.checkpoint.release(n)
+        if sum(weight.shape[0] for weight, _ in parts) != module.out_features:
+            raise ModelLoadError(f"{self.checkpoint.name}: {name} has {sum(w.shape[0] for w, _ in parts)} output rows, "
+                                 f"the config implies {module.out_features}")
         bias = None if module.bias is None else self.dense(name + ".bias", module.bias).float()
-        return GGMLLinear(torch.from_numpy(rows), fmt, module.in_features, bias)
+        return GGMLLinear(parts, module.in_features, bias)
+
+
+def _view(raw: np.ndarray) -> Tensor:
+    """A tensor over the file's bytes (a read-only memory map, never written: no copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that the array is not writable
+        return torch.from_numpy(raw)

@@ -175,8 +175,9 @@ class GGUFCheckpoint:
         return rows
 
     def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int, str] | None:
-        """A quantized tensor's own blocks, one row of bytes per output feature ([out, bytes], in our
-        row order), its GGML type id and name; None if the tensor is absent or not quantized."""
+        """A quantized tensor's own blocks, one row of bytes per output feature ([out, bytes], in our row
+        order): a read-only view of the memory map where the rows are in order, else a copy; its GGML type id
+        and name. None if the tensor is absent or not quantized."""
         info = self.tensors.get(name)
         if info is None or info.tensor_type.name in FLOAT_TYPES:
             return None
@@ -187,9 +188,14 @@ class GGUFCheckpoint:
         if len(info.shape) != 2 or cols % per or info.data.size != rows * cols // per * size:
             raise ModelLoadError(f"{self.path.name}: tensor {name} ({info.tensor_type.name}, shape "
                                  f"{[int(d) for d in info.shape]}) holds {info.data.size} bytes, which do not fit its shape")
-        raw = np.array(info.data, dtype=np.uint8).reshape(rows, cols // per * size)  # a copy: the map is read-only
-        rows_in_order = self._rope_rows_in_hf_order(name, torch.from_numpy(raw), config)
-        return np.ascontiguousarray(rows_in_order.numpy()), int(info.tensor_type), info.tensor_type.name
+        raw = info.data.reshape(rows, cols // per * size)
+        if self.arch.permuted_qk and (".attn_q." in name or ".attn_k." in name):
+            raw = np.ascontiguousarray(self._rope_rows_in_hf_order(name, torch.from_numpy(raw.copy()), config).numpy())
+        return raw, int(info.tensor_type), info.tensor_type.name
+
+    def release(self, name: str) -> None:
+        """The tensor has been copied: its pages of the map leave this process's memory."""
+        self.reader.release(self.tensors[name])
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ dequantization still come from the `gguf` package.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ class TensorInfo:
     tensor_type: gguf.GGMLQuantizationType
     shape: list[int]  # innermost first, as GGUF lists dimensions
     data: np.ndarray  # floats in numpy's order, or quantized blocks as uint8 [rows, bytes per row]
+    offset: int  # of its data in the file
 
 
 class GGUFFile:
@@ -91,4 +93,12 @@ class GGUFFile:
             dtype, nbytes, rows = np.dtype(np.uint8), count // per * size, [-1, shape[0] // per * size]
         if at + nbytes > len(self.map):
             raise ValueError(f"tensor {name} ({kind.name}, {nbytes} bytes) runs past the end of the file")
-        return TensorInfo(name, kind, shape, self.map[at:at + nbytes].view(dtype).reshape(rows))
+        return TensorInfo(name, kind, shape, self.map[at:at + nbytes].view(dtype).reshape(rows), at)
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop a tensor's pages from this process's memory once it has been copied (they stay in the page
+        cache): a load that repacks tensor by tensor then holds one tensor of the file at a time, not all."""
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        end = info.offset + info.data.nbytes
+        self.map._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)

@@ -150,6 +150,9 @@ class HFCheckpoint:
     def blocks(self, name: str, config: ModelConfig) -> None:
         return None  # safetensors hold float tensors only
 
+    def release(self, name: str) -> None:
+        pass  # safetensors' reads are copies already
+
     def _read(self, name: str) -> torch.Tensor | None:
         from safetensors import safe_open
 

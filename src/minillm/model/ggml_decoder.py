@@ -22,17 +22,19 @@ class GGMLDecoder(nn.Module):
             raise ValueError("GGMLDecoder needs plain Llama layers whose matmuls are all on GGUF blocks")
         super().__init__()
         self.model = model
-        norms, weights, formats, biases, windows = [], [], [], [], []
+        norms, weights, formats, parts, biases, windows = [], [], [], [], [], []
         for block in model.layers:  # gathered once: the op takes every layer's tensors as lists
             attention, mlp = block.attention, block.feed_forward
             linears = (attention.wqkv, attention.wo, mlp.w13, mlp.w2)
             norms += [block.attention_norm.weight, block.ffn_norm.weight]
-            weights += [linear.weight for linear in linears]
-            formats += [linear.fmt for linear in linears]
+            for linear in linears:
+                weights += linear.weights
+                formats += linear.formats
+                parts.append(len(linear.formats))
             biases.append(attention.wqkv.bias)
             windows.append(attention.settings.window)
         config = model.config
-        self.layer_arguments = (norms, weights, formats, biases, config.norm_eps)
+        self.layer_arguments = (norms, weights, formats, parts, biases, config.norm_eps)
         self.head_arguments = (config.num_heads, config.num_kv_heads, config.head_dim ** -0.5)
         self.windows = windows
 

@@ -1,33 +1,23 @@
 // Matrix multiplication with GGUF (llama.cpp) quantized weights on CPU: y = x W^T (+ bias).
 //
-// Block types, 32 weights each (a GGUF file's own, or what kernels/ggml.py repacks K-quants to, exactly):
-//   Q4_0  (18 B / 32 weights): fp16 d, 16 B of nibbles;          w = (q - 8) d
-//   Q4_1  (20 B):              fp16 d, fp16 m, 16 B of nibbles;  w = q d + m
-//   Q8_0  (34 B):              fp16 d, 32 int8;                  w = q d
-//   Q4F   (24 B):              f32 d, f32 m, 16 B of nibbles;    w = q d + m               (from Q4_K)
-//   I8S16 (48 B):              f32 d[2], f32 m[2], 32 int8;      w = q d[h] + m[h] per half h of 16
-//                                                                 (from Q5_0, Q5_1, Q5_K, Q6_K)
+// The weights stay in the file's own block types and bits (ggml_formats.h: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+// IQ4_NL, Q4_K, Q5_K, Q6_K, IQ4_XS), their rows interleaved in groups of 16 at load (`ggml_repack`), so
+// that a vector load reads the same unit of 8 or 16 rows, one per lane: the kernels compute 16 rows at once
+// and need no horizontal sums. A linear layer may be made of several tensors of different types (Q/K/V,
+// gate/up, as Q4_K_M mixes them): each is a segment of the output columns, on the same activations.
 //
-// Interleaved layout (repacked once at load by kernels/ggml.py `interleave`): output rows in groups of 16
-// (the last group: the rows left over), each group stored block by block. Block b's tile holds, for the
-// group's W rows, each scale field in turn (W d's, then W m's, ...), then the codes as vectors of four
-// consecutive weights of every row: vector c = [row 0: weights 4c..4c+3][row 1: 4c..4c+3]... So one 512-bit
-// vpdpbusd multiplies four weights of 16 rows by four broadcast activation codes, one row per lane: a
-// block's dot products for 16 rows are 8 instructions and need no horizontal sum (llama.cpp repacks Q4_0
-// for its AVX-512 GEMM the same way). Nibble codes: byte i of row r in vector p (0-3) holds weight 4p + i in
-// its low half and 16 + 4p + i in its high half (the file's own pairing: byte j holds weights j and j + 16).
-// Int8 codes are stored plus 128 (q ^ 0x80: unsigned, as vpdpbusd wants its first operand). A group of W rows
-// takes W x (bytes per row), so a tensor keeps the file's shape [rows, bytes per row].
-//
-// Activations are quantized per token to 8 bits in blocks of 32 (dx = max|x| / 127, as llama.cpp's Q8_0).
-// A block's dot product with one row is then an exact integer per half of 16 (the code offset -- 8 for Q4_0,
-// 128 for stored int8 codes -- taken out as offset x sum of the activation codes), and every path does the
-// same float arithmetic per row, block after block:
+// Activations are quantized per token to 8 bits in blocks of 32 (dx = max|x| / 127, as llama.cpp's Q8_0;
+// also for the K-quants, where llama.cpp's Q8_K keeps one scale per 256: ours is finer). A block's dot
+// product with one row is then an exact integer per 32 (or per 16, for Q6_K's scales) -- code offsets
+// (8 for Q4_0, 16 for Q5_0, 32 for Q6_K, 128 for stored int8 codes) taken out as offset x sum of the
+// activation codes -- and every path does the same float arithmetic per row, block after block
+// (ggml_dot.h `group_portable`):
 //     acc = fma(float(isum), d dx, acc)        macc = fma(m, dx sum(xq), macc)        y = acc + macc
-// (per half for I8S16). The portable, AVX2 and AVX-512 VNNI paths therefore give the same bits, chosen at run
-// time from the CPU's flags (see `isa`; this file is compiled for plain x86-64, each vector path in functions
-// marked with its target), and a row's result does not depend on the tile of tokens it was computed in:
-// batched equals alone.
+// with d and m each sub-block's scale and minimum decoded from the file's bits (for Q4_K: d x 6-bit scale).
+// The portable, AVX2 and AVX-512 VNNI paths therefore give the same bits, chosen at run time from the CPU's
+// flags (see `isa`; this file is compiled for plain x86-64, each vector path in functions marked with its
+// target), and a row's result does not depend on the tile of tokens it was computed in: batched equals
+// alone. The AVX-512 VNNI path covers Q4_0, Q4_1 and Q8_0; the other types take their AVX2 path there.
 //
 // Prefill chunks: rows from `gemm_from` on, when there are at least 64 of them and the CPU has AVX512-BF16,
 // may run instead as one bf16 GEMM (PyTorch's, oneDNN) on the weight dequantized for the call (opt-in:
@@ -53,243 +43,14 @@
 #include <string>
 #include <vector>
 
+#include "ggml_dot_avx2.h"
+#include "ggml_dot_q4q8.h"
 #include "ops.h"
 
 namespace {
 
-enum Format : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4F = 100, I8S16 = 101 };  // GGML's ids where they exist
-constexpr int64_t QK = 32, GROUP = 16, NT = 4;  // weights per block, rows per group, tokens per tile
-
-constexpr int64_t block_size(int64_t fmt) {  // bytes per block of 32 weights; 0 for an unknown format
-  return fmt == Q4_0 ? 18 : fmt == Q4_1 ? 20 : fmt == Q8_0 ? 34 : fmt == Q4F ? 24 : fmt == I8S16 ? 48 : 0;
-}
-constexpr int64_t header_size(int64_t fmt) {  // bytes of scale fields per row and block
-  return fmt == Q4_0 || fmt == Q8_0 ? 2 : fmt == Q4_1 ? 4 : fmt == Q4F ? 8 : 16;
-}
-constexpr bool has_nibbles(int64_t fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4F; }
-constexpr bool f32_scales(int64_t fmt) { return fmt == Q4F || fmt == I8S16; }  // our repacks; the file's are fp16
-constexpr bool has_min(int64_t fmt) { return fmt == Q4_1 || fmt == Q4F; }  // one m per block (I8S16: per half)
-
-int64_t block_bytes(int64_t fmt) {
-  TORCH_CHECK(block_size(fmt) > 0, "ggml_linear: unknown weight format ", fmt);
-  return block_size(fmt);
-}
-
-// Activations of one token: blocks of 32 int8 codes, their scale dx, the codes' sum per half block, and
-// dx x that sum per half and per block.
-struct XRow {
-  const int8_t* q;    // [K]
-  const float* d;     // [K / 32]
-  const int32_t* qs;  // [K / 32 * 2]
-  const float* s;     // [K / 32 * 2]
-  const float* sb;    // [K / 32]
-};
-
-inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
-inline int32_t load_i32(const void* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
-
-// Block b of one row in plain C++: its 32 codes with the offset taken out (Q4_0: q - 8; int8: signed), and
-// its scale d and minimum m per half (weight j = q[j] d[h] + m[h]). `tile` is block b's tile of a group of
-// `width` rows, `lane` the row within it. Shared by the portable dot and by dequantization.
-void decode_block(int64_t fmt, const uint8_t* tile, int64_t width, int64_t lane, int32_t* q, float* d, float* m) {
-  const uint8_t* codes = tile + width * header_size(fmt);
-  auto field = [&](int f) -> float {  // scale field f of this row: fp16, or f32 for the repacked types
-    if (f32_scales(fmt)) { float v; std::memcpy(&v, tile + (f * width + lane) * 4, 4); return v; }
-    uint16_t h; std::memcpy(&h, tile + (f * width + lane) * 2, 2); return half_to_float(h);
-  };
-  if (has_nibbles(fmt)) {
-    const int offset = fmt == Q4_0 ? 8 : 0;
-    for (int p = 0; p < 4; ++p)
-      for (int i = 0; i < 4; ++i) {
-        const uint8_t byte = codes[(p * width + lane) * 4 + i];
-        q[4 * p + i] = (byte & 15) - offset;
-        q[16 + 4 * p + i] = (byte >> 4) - offset;
-      }
-  } else {
-    for (int c = 0; c < 8; ++c)
-      for (int i = 0; i < 4; ++i) q[4 * c + i] = static_cast<int8_t>(codes[(c * width + lane) * 4 + i] ^ 0x80);
-  }
-  if (fmt == I8S16) {
-    d[0] = field(0); d[1] = field(1); m[0] = field(2); m[1] = field(3);
-  } else {
-    d[0] = d[1] = field(0);
-    m[0] = m[1] = has_min(fmt) ? field(1) : 0.f;
-  }
-}
-
-// ---------------------------------------------------------------- portable path
-// The reference for the vector paths, bit for bit (std::fma: one rounding, as the vector FMAs).
-template <int64_t FMT, int NR>
-void group_portable(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
-  constexpr int64_t tile = GROUP * block_size(FMT);
-  for (int lane = 0; lane < GROUP; ++lane) {
-    float acc[NR] = {}, macc[NR] = {};
-    for (int64_t b = 0; b < nb; ++b) {
-      int32_t q[QK];
-      float d[2], m[2];
-      decode_block(FMT, g + b * tile, GROUP, lane, q, d, m);
-      for (int r = 0; r < NR; ++r) {
-        const int8_t* xq = x[r].q + b * QK;
-        int32_t lo = 0, hi = 0;
-        for (int j = 0; j < 16; ++j) lo += q[j] * xq[j];
-        for (int j = 16; j < 32; ++j) hi += q[j] * xq[j];
-        const float dx = x[r].d[b];
-        if constexpr (FMT == I8S16) {
-          acc[r] = std::fma(static_cast<float>(lo), d[0] * dx, acc[r]);
-          acc[r] = std::fma(static_cast<float>(hi), d[1] * dx, acc[r]);
-          macc[r] = std::fma(m[0], x[r].s[2 * b], macc[r]);
-          macc[r] = std::fma(m[1], x[r].s[2 * b + 1], macc[r]);
-        } else {
-          acc[r] = std::fma(static_cast<float>(lo + hi), d[0] * dx, acc[r]);
-          if constexpr (has_min(FMT)) macc[r] = std::fma(m[0], x[r].sb[b], macc[r]);
-        }
-      }
-    }
-    for (int r = 0; r < NR; ++r) out[r][lane] = acc[r] + macc[r];
-  }
-}
-
-// ---------------------------------------------------------------- AVX-512 VNNI: a group per register
-#define VEC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define VEC_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-
-// Scale field f of a tile for 16 rows, as floats (fp16 in the file's types, f32 in the repacked ones).
-template <int64_t FMT>
-VEC_TARGET_VNNI inline __m512 field16(const uint8_t* tile, int f) {
-  if constexpr (f32_scales(FMT)) return _mm512_loadu_ps(tile + f * 64);
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + f * 32)));
-}
-
-template <int64_t FMT, int NR>
-VEC_TARGET_VNNI void group_vnni(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
-  constexpr int64_t tile_bytes = GROUP * block_size(FMT), codes_at = GROUP * header_size(FMT);
-  constexpr int32_t offset = FMT == Q4_0 ? 8 : has_nibbles(FMT) ? 0 : 128;
-  __m512 acc[NR], macc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* tile = g + b * tile_bytes;
-    const uint8_t* codes = tile + codes_at;
-    // two chains of integer sums per token, weights 0-15 and 16-31: half the dependent vpdpbusd latency
-    __m512i lo[NR], hi[NR];
-    for (int r = 0; r < NR; ++r) {
-      lo[r] = _mm512_set1_epi32(-offset * x[r].qs[2 * b]);
-      hi[r] = _mm512_set1_epi32(-offset * x[r].qs[2 * b + 1]);
-    }
-    if constexpr (has_nibbles(FMT)) {
-      const __m512i mask = _mm512_set1_epi8(15);
-      for (int p = 0; p < 4; ++p) {
-        const __m512i v = _mm512_loadu_si512(codes + 64 * p);
-        const __m512i low = _mm512_and_si512(v, mask), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-        for (int r = 0; r < NR; ++r) {
-          const int8_t* xq = x[r].q + b * QK;
-          lo[r] = _mm512_dpbusd_epi32(lo[r], low, _mm512_set1_epi32(load_i32(xq + 4 * p)));
-          hi[r] = _mm512_dpbusd_epi32(hi[r], high, _mm512_set1_epi32(load_i32(xq + 16 + 4 * p)));
-        }
-      }
-    } else {
-      for (int c = 0; c < 8; ++c) {
-        const __m512i v = _mm512_loadu_si512(codes + 64 * c);
-        for (int r = 0; r < NR; ++r) {
-          __m512i& sum = c < 4 ? lo[r] : hi[r];
-          sum = _mm512_dpbusd_epi32(sum, v, _mm512_set1_epi32(load_i32(x[r].q + b * QK + 4 * c)));
-        }
-      }
-    }
-    if constexpr (FMT == I8S16) {
-      const __m512 d0 = field16<FMT>(tile, 0), d1 = field16<FMT>(tile, 1);
-      const __m512 m0 = field16<FMT>(tile, 2), m1 = field16<FMT>(tile, 3);
-      for (int r = 0; r < NR; ++r) {
-        const __m512 dx = _mm512_set1_ps(x[r].d[b]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[r]), _mm512_mul_ps(d0, dx), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[r]), _mm512_mul_ps(d1, dx), acc[r]);
-        macc[r] = _mm512_fmadd_ps(m0, _mm512_set1_ps(x[r].s[2 * b]), macc[r]);
-        macc[r] = _mm512_fmadd_ps(m1, _mm512_set1_ps(x[r].s[2 * b + 1]), macc[r]);
-      }
-    } else {
-      const __m512 d = field16<FMT>(tile, 0), m = has_min(FMT) ? field16<FMT>(tile, 1) : d;
-      for (int r = 0; r < NR; ++r) {
-        const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[r], hi[r]));
-        acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(x[r].d[b])), acc[r]);
-        if constexpr (has_min(FMT)) macc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x[r].sb[b]), macc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(out[r], _mm512_add_ps(acc[r], macc[r]));
-}
-
-// ---------------------------------------------------------------- AVX2: a group as two halves of 8 rows
-template <int64_t FMT>
-VEC_TARGET_AVX2 inline __m256 field8(const uint8_t* tile, int f, int half) {
-  if constexpr (f32_scales(FMT)) return _mm256_loadu_ps(reinterpret_cast<const float*>(tile + f * 64 + half * 32));
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + f * 32 + half * 16)));
-}
-
-// u8 x s8 -> int32 per lane (four products each): vpmaddubsw + vpmaddwd. Its int16 middle step saturates
-// above 32767, so int8 codes go in as |q| against x with q's sign (as llama.cpp does): no offset then.
-VEC_TARGET_AVX2 inline __m256i udot8(__m256i u, __m256i s) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-}
-
-template <int64_t FMT, int NR>
-VEC_TARGET_AVX2 void group_avx2(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
-  constexpr int64_t tile_bytes = GROUP * block_size(FMT), codes_at = GROUP * header_size(FMT);
-  constexpr int32_t offset = FMT == Q4_0 ? 8 : 0;
-  for (int half = 0; half < 2; ++half) {
-    __m256 acc[NR], macc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* tile = g + b * tile_bytes;
-      const uint8_t* codes = tile + codes_at + 32 * half;
-      __m256i lo[NR], hi[NR];
-      for (int r = 0; r < NR; ++r) {
-        lo[r] = _mm256_set1_epi32(-offset * x[r].qs[2 * b]);
-        hi[r] = _mm256_set1_epi32(-offset * x[r].qs[2 * b + 1]);
-      }
-      if constexpr (has_nibbles(FMT)) {
-        const __m256i mask = _mm256_set1_epi8(15);
-        for (int p = 0; p < 4; ++p) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * p));
-          const __m256i low = _mm256_and_si256(v, mask), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-          for (int r = 0; r < NR; ++r) {
-            const int8_t* xq = x[r].q + b * QK;
-            lo[r] = _mm256_add_epi32(lo[r], udot8(low, _mm256_set1_epi32(load_i32(xq + 4 * p))));
-            hi[r] = _mm256_add_epi32(hi[r], udot8(high, _mm256_set1_epi32(load_i32(xq + 16 + 4 * p))));
-          }
-        }
-      } else {
-        for (int c = 0; c < 8; ++c) {
-          const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * c)),
-                                             _mm256_set1_epi8(static_cast<char>(0x80)));  // signed codes
-          const __m256i magnitude = _mm256_sign_epi8(v, v);
-          for (int r = 0; r < NR; ++r) {
-            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x[r].q + b * QK + 4 * c)), v);
-            __m256i& sum = c < 4 ? lo[r] : hi[r];
-            sum = _mm256_add_epi32(sum, udot8(magnitude, xs));
-          }
-        }
-      }
-      if constexpr (FMT == I8S16) {
-        const __m256 d0 = field8<FMT>(tile, 0, half), d1 = field8<FMT>(tile, 1, half);
-        const __m256 m0 = field8<FMT>(tile, 2, half), m1 = field8<FMT>(tile, 3, half);
-        for (int r = 0; r < NR; ++r) {
-          const __m256 dx = _mm256_set1_ps(x[r].d[b]);
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo[r]), _mm256_mul_ps(d0, dx), acc[r]);
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi[r]), _mm256_mul_ps(d1, dx), acc[r]);
-          macc[r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(x[r].s[2 * b]), macc[r]);
-          macc[r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(x[r].s[2 * b + 1]), macc[r]);
-        }
-      } else {
-        const __m256 d = field8<FMT>(tile, 0, half), m = has_min(FMT) ? field8<FMT>(tile, 1, half) : d;
-        for (int r = 0; r < NR; ++r) {
-          const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(lo[r], hi[r]));
-          acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), acc[r]);
-          if constexpr (has_min(FMT)) macc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r].sb[b]), macc[r]);
-        }
-      }
-    }
-    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r] + 8 * half, _mm256_add_ps(acc[r], macc[r]));
-  }
-}
+using namespace ggml;
+constexpr int64_t NT = 4;  // tokens per tile
 
 // ---------------------------------------------------------------- dispatch
 enum class Isa { Portable = 0, Avx2 = 1, Avx512Vnni = 2 };
@@ -323,11 +84,14 @@ using GroupFn = void (*)(const uint8_t*, int64_t, const XRow*, float (*)[GROUP])
 
 template <int64_t FMT, int NR>
 GroupFn group_fn_for() {
-  switch (current) {
-    case Isa::Avx512Vnni: return &group_vnni<FMT, NR>;
-    case Isa::Avx2: return &group_avx2<FMT, NR>;
-    default: return &group_portable<FMT, NR>;
+  constexpr bool legacy = FMT == Q4_0 || FMT == Q4_1 || FMT == Q8_0;  // the types with an AVX-512 path
+  if constexpr (legacy) {
+    if (current == Isa::Avx512Vnni) return &group_vnni<FMT, NR>;
+    if (current == Isa::Avx2) return &group_avx2<FMT, NR>;
+  } else {
+    if (current != Isa::Portable) return &group_avx2_native<FMT, NR>;
   }
+  return &group_portable<FMT, NR>;
 }
 
 template <int NR>
@@ -335,9 +99,14 @@ GroupFn group_fn(int64_t fmt) {
   switch (fmt) {
     case Q4_0: return group_fn_for<Q4_0, NR>();
     case Q4_1: return group_fn_for<Q4_1, NR>();
+    case Q5_0: return group_fn_for<Q5_0, NR>();
+    case Q5_1: return group_fn_for<Q5_1, NR>();
     case Q8_0: return group_fn_for<Q8_0, NR>();
-    case Q4F: return group_fn_for<Q4F, NR>();
-    default: return group_fn_for<I8S16, NR>();  // formats were checked by check_weight
+    case IQ4_NL: return group_fn_for<IQ4_NL, NR>();
+    case Q4_K: return group_fn_for<Q4_K, NR>();
+    case Q5_K: return group_fn_for<Q5_K, NR>();
+    case Q6_K: return group_fn_for<Q6_K, NR>();
+    default: return group_fn_for<IQ4_XS, NR>();  // formats were checked by check_weight
   }
 }
 
@@ -523,49 +292,52 @@ void swiglu_rows(const float* y, float* z, int64_t rows, int64_t h) {
 void check_weight(const at::Tensor& weight, int64_t fmt, int64_t in_features) {
   TORCH_CHECK(weight.dtype() == at::kByte && weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
               "ggml_linear: weight must be a contiguous uint8 CPU tensor [out, bytes per row]");
-  TORCH_CHECK(in_features > 0 && in_features % QK == 0, "ggml_linear: in_features ", in_features,
-              " is not a positive multiple of 32");
-  TORCH_CHECK(weight.size(1) == in_features / QK * block_bytes(fmt), "ggml_linear: a row of ", in_features,
-              " weights in format ", fmt, " has ", in_features / QK * block_bytes(fmt), " bytes, the tensor has ",
+  check_format(fmt);
+  const Layout l = layout(fmt);
+  TORCH_CHECK(in_features > 0 && in_features % l.weights == 0, "ggml_linear: in_features ", in_features,
+              " is not a positive multiple of ", l.weights, " (GGML type ", fmt, ")");
+  TORCH_CHECK(weight.size(1) == in_features / l.weights * l.bytes, "ggml_linear: a row of ", in_features,
+              " weights of GGML type ", fmt, " has ", in_features / l.weights * l.bytes, " bytes, the tensor has ",
               weight.size(1));
 }
 
-// Row o of an interleaved weight: its group's first byte, the group's width and the row's lane.
+// Row o of a weight: its group's first byte, the group's width and the row's lane (a table as stored in the
+// file, not interleaved, is a group of one row per row).
 struct RowRef {
   const uint8_t* group;
   int64_t width, lane;
 };
 
-RowRef row_ref(const at::Tensor& weight, int64_t o) {
-  const int64_t first = o / GROUP * GROUP;
-  return {weight.data_ptr<uint8_t>() + first * weight.size(1), std::min(GROUP, weight.size(0) - first), o - first};
+RowRef row_ref(const at::Tensor& weight, int64_t o, bool interleaved) {
+  const int64_t first = interleaved ? o / GROUP * GROUP : o;
+  return {weight.data_ptr<uint8_t>() + first * weight.size(1), std::min(interleaved ? GROUP : 1, weight.size(0) - first),
+          o - first};
 }
 
-// One row dequantized to float32 values (written through `put(j, value)`).
+// One row dequantized to float32 values (written through `put(j, value)`); `stored`: the file's own bytes.
 template <typename Put>
-void dequantize_row(int64_t fmt, const RowRef& row, int64_t nb, Put put) {
-  const int64_t tile = row.width * block_bytes(fmt);
+void dequantize_row(int64_t fmt, const RowRef& row, int64_t nb, bool stored, Put put) {
+  const Layout l = layout(fmt);
+  uint8_t block[256];
+  int32_t q[256];
+  float d[16], m[16];
   for (int64_t b = 0; b < nb; ++b) {
-    int32_t q[QK];
-    float d[2], m[2];
-    decode_block(fmt, row.group + b * tile, row.width, row.lane, q, d, m);
-    for (int j = 0; j < QK; ++j) put(b * QK + j, d[j / 16] * q[j] + m[j / 16]);
+    const uint8_t* tile = row.group + b * row.width * l.bytes;
+    if (!stored) gather_block(fmt, tile, row.width, row.lane, block);
+    decode_block(fmt, stored ? tile : block, q, d, m);
+    for (int j = 0; j < l.weights; ++j) put(b * l.weights + j, d[j / 16] * q[j] + m[j / 16]);
   }
 }
 
 // The last group when it has fewer than 16 rows, widened to 16 (zero codes and scales in the rows it lacks),
 // so that every path runs whole groups.
-std::vector<uint8_t> widen_group(int64_t fmt, const uint8_t* group, int64_t width, int64_t nb) {
-  const int64_t bb = block_bytes(fmt), head = header_size(fmt), field = f32_scales(fmt) ? 4 : 2;
-  std::vector<uint8_t> out(GROUP * bb * nb, 0);
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* src = group + b * width * bb;
-    uint8_t* dst = out.data() + b * GROUP * bb;
-    for (int64_t f = 0; f < head / field; ++f) std::memcpy(dst + f * GROUP * field, src + f * width * field, width * field);
-    const int64_t vectors = has_nibbles(fmt) ? 4 : 8;
-    for (int64_t c = 0; c < vectors; ++c)
-      std::memcpy(dst + GROUP * head + c * GROUP * 4, src + width * head + c * width * 4, width * 4);
-  }
+std::vector<uint8_t> widen_group(int64_t fmt, const uint8_t* group, int64_t width, int64_t row_bytes) {
+  const Layout l = layout(fmt);
+  std::vector<uint8_t> rows(GROUP * row_bytes, 0), out(GROUP * row_bytes);
+  for (int64_t lane = 0; lane < width; ++lane)
+    for (int64_t b = 0; b < row_bytes / l.bytes; ++b)
+      gather_block(fmt, group + b * width * l.bytes, width, lane, rows.data() + lane * row_bytes + b * l.bytes);
+  interleave_groups(fmt, rows.data(), out.data(), GROUP, row_bytes, 0, 1);
   return out;
 }
 
@@ -578,17 +350,25 @@ bool bf16_gemm_supported() {
 
 // The whole weight as bf16 [N, K], for one GEMM call.
 at::Tensor dequantize_bf16(const at::Tensor& weight, int64_t fmt, int64_t in_features) {
-  const int64_t n = weight.size(0), nb = in_features / QK;
+  const int64_t n = weight.size(0), nb = in_features / layout(fmt).weights;
   at::Tensor out = at::empty({n, in_features}, weight.options().dtype(at::kBFloat16));
   c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       c10::BFloat16* row = dst + o * in_features;
-      dequantize_row(fmt, row_ref(weight, o), nb, [&](int64_t j, float v) { row[j] = c10::BFloat16(v); });
+      dequantize_row(fmt, row_ref(weight, o, true), nb, false, [&](int64_t j, float v) { row[j] = c10::BFloat16(v); });
     }
   });
   return out;
 }
+
+// One tensor of a linear layer: its rows are output columns [first, first + rows) of the layer.
+struct Segment {
+  const uint8_t* w;
+  int64_t fmt, rows, row_bytes, nb, first, groups;
+  std::vector<uint8_t> widened;  // the last group, widened to 16 rows (empty if it is whole)
+  GroupFn kernels[NT];
+};
 
 // x [..., K] float32 -> [..., N]; with swiglu, N = 2H outputs become silu(y[:H]) * y[H:] ([..., H]).
 // gemm_from: rows from here on may run as a bf16 GEMM (see the top of this file); -1: none.
@@ -599,15 +379,20 @@ struct Norm {
   float eps;
 };
 
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt, int64_t in_features,
+at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef fmts, int64_t in_features,
                   const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from,
                   const std::optional<at::Tensor>& residual, const Norm* norm) {
-  check_weight(weight, fmt, in_features);
+  TORCH_CHECK(!weights.empty() && weights.size() == fmts.size(), "ggml_linear: one format per weight tensor");
+  int64_t n = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    check_weight(weights[i], fmts[i], in_features);
+    n += weights[i].size(0);
+  }
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(), "ggml_linear: x must be float32 on CPU");
   TORCH_CHECK(x_in.size(-1) == in_features, "ggml_linear: x has ", x_in.size(-1), " features, the weight ", in_features);
   const at::Tensor x = x_in.contiguous();
   int64_t rows = x.numel() / in_features;
-  const int64_t n = weight.size(0), nb = in_features / QK, row_bytes = weight.size(1);
+  const int64_t nb = in_features / QK;
   TORCH_CHECK(!swiglu || n % 2 == 0, "ggml_linear: swiglu needs an even number of outputs");
   const float* b = nullptr;
   at::Tensor bias_c;
@@ -628,7 +413,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt,
   const bool gemm = gemm_from >= 0 && gemm_from < rows && rows - gemm_from >= GEMM_MIN_ROWS &&
                     current == Isa::Avx512Vnni && bf16_gemm_supported();
   if (gemm && norm) {  // the GEMM reads x itself: normalize it as a tensor first
-    return linear(minillm::rms_norm(x, norm->weight, norm->eps), weight, fmt, in_features, bias, swiglu, gemm_from,
+    return linear(minillm::rms_norm(x, norm->weight, norm->eps), weights, fmts, in_features, bias, swiglu, gemm_from,
                   residual, nullptr);
   }
   const int64_t all_rows = rows;
@@ -654,13 +439,21 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt,
   shape.back() = n;
   at::Tensor y = at::empty(shape, x.options());
   float* out = y.data_ptr<float>();
-  const uint8_t* wbase = weight.data_ptr<uint8_t>();
-  const int64_t groups = (n + GROUP - 1) / GROUP, tail = n % GROUP;
-  const std::vector<uint8_t> widened = tail ? widen_group(fmt, wbase + (n - tail) * row_bytes, tail, nb)
-                                            : std::vector<uint8_t>();
-  const GroupFn kernels[NT] = {group_fn<1>(fmt), group_fn<2>(fmt), group_fn<3>(fmt), group_fn<4>(fmt)};
+  std::vector<Segment> segments(weights.size());
+  int64_t groups = 0, first = 0, widest = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    Segment& s = segments[i];
+    const int64_t fmt = fmts[i], rows_i = weights[i].size(0), row_bytes = weights[i].size(1), tail = rows_i % GROUP;
+    s.w = weights[i].data_ptr<uint8_t>();
+    s.fmt = fmt, s.rows = rows_i, s.row_bytes = row_bytes, s.nb = in_features / layout(fmt).weights;
+    s.first = first, s.groups = (rows_i + GROUP - 1) / GROUP;
+    if (tail) s.widened = widen_group(fmt, s.w + (rows_i - tail) * row_bytes, tail, row_bytes);
+    s.kernels[0] = group_fn<1>(fmt), s.kernels[1] = group_fn<2>(fmt);
+    s.kernels[2] = group_fn<3>(fmt), s.kernels[3] = group_fn<4>(fmt);
+    first += rows_i, groups += s.groups, widest = std::max(widest, row_bytes);
+  }
   // ~16 KB of weights per chunk: they stay in L1 while every token passes over them
-  const int64_t chunk = std::max<int64_t>(1, 16384 / (GROUP * row_bytes));
+  const int64_t chunk = std::max<int64_t>(1, 16384 / (GROUP * widest));
   at::parallel_for(0, groups, chunk, [&](int64_t begin, int64_t end) {
     for (int64_t c0 = begin; c0 < end; c0 += chunk) {
       const int64_t c1 = std::min(end, c0 + chunk);
@@ -671,14 +464,18 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt,
           const int64_t t = r0 + i;
           xr[i] = {xq + t * in_features, xd + t * nb, xqs + t * nb * 2, xs + t * nb * 2, xsb + t * nb};
         }
+        size_t si = 0;
+        int64_t before = 0;  // groups of the segments before segment si
         for (int64_t g = c0; g < c1; ++g) {
-          const int64_t o = g * GROUP, width = std::min(GROUP, n - o);
+          while (g - before >= segments[si].groups) before += segments[si++].groups;
+          const Segment& s = segments[si];
+          const int64_t lg = g - before, o = lg * GROUP, width = std::min(GROUP, s.rows - o);
           float res[NT][GROUP];
-          kernels[nr - 1](width < GROUP ? widened.data() : wbase + o * row_bytes, nb, xr, res);
+          s.kernels[nr - 1](width < GROUP ? s.widened.data() : s.w + o * s.row_bytes, s.nb, xr, res);
           for (int i = 0; i < nr; ++i)
             for (int64_t l = 0; l < width; ++l) {
-              const int64_t at = (r0 + i) * n + o + l;
-              const float v = res[i][l] + (b ? b[o + l] : 0.f);
+              const int64_t col = s.first + o + l, at = (r0 + i) * n + col;
+              const float v = res[i][l] + (b ? b[col] : 0.f);
               out[at] = skip ? skip[at] + v : v;
             }
         }
@@ -687,10 +484,11 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt,
   });
   if (gemm) {
     const int64_t count = all_rows - rows;
-    at::Tensor tail_rows = at::mm(x.view({all_rows, in_features}).narrow(0, rows, count).to(at::kBFloat16),
-                                  dequantize_bf16(weight, fmt, in_features).t());
+    const at::Tensor xs16 = x.view({all_rows, in_features}).narrow(0, rows, count).to(at::kBFloat16);
     at::Tensor target = y.view({all_rows, n}).narrow(0, rows, count);
-    target.copy_(tail_rows);
+    for (size_t i = 0; i < weights.size(); ++i)
+      target.narrow(1, segments[i].first, segments[i].rows)
+          .copy_(at::mm(xs16, dequantize_bf16(weights[i], fmts[i], in_features).t()));
     if (b) target.add_(bias_c);
     if (skip) target.add_(residual_c.view({all_rows, n}).narrow(0, rows, count));
     rows = all_rows;
@@ -702,11 +500,13 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t fmt,
   return z;
 }
 
-// Rows `ids` of a quantized table dequantized to float32 (token embeddings that the file stores quantized).
-at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t fmt, int64_t in_features, const at::Tensor& ids_in) {
+// Rows `ids` of a quantized table dequantized to float32 (token embeddings that the file stores quantized);
+// `interleaved`: as ggml_repack laid it out, else the file's own rows.
+at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t fmt, int64_t in_features, const at::Tensor& ids_in,
+                                bool interleaved) {
   check_weight(weight, fmt, in_features);
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
-  const int64_t count = ids.numel(), nb = in_features / QK, rows = weight.size(0);
+  const int64_t count = ids.numel(), nb = in_features / layout(fmt).weights, rows = weight.size(0);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i)
     TORCH_CHECK(id[i] >= 0 && id[i] < rows, "ggml_dequantize_rows: row ", id[i], " outside [0, ", rows, ")");
@@ -715,10 +515,27 @@ at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t fmt, int64_t i
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* dst = out + i * in_features;
-      dequantize_row(fmt, row_ref(weight, id[i]), nb, [&](int64_t j, float v) { dst[j] = v; });
+      dequantize_row(fmt, row_ref(weight, id[i], interleaved), nb, !interleaved, [&](int64_t j, float v) { dst[j] = v; });
     }
   });
   return y;
+}
+
+// A tensor's rows of file blocks [rows, bytes per row] -> the kernels' interleaved layout (a new tensor, the
+// same size): once per tensor at load, over PyTorch's threads.
+at::Tensor ggml_repack(const at::Tensor& raw_in, int64_t fmt) {
+  check_format(fmt);
+  TORCH_CHECK(raw_in.dtype() == at::kByte && raw_in.dim() == 2 && raw_in.size(1) % layout(fmt).bytes == 0,
+              "ggml_repack: expected uint8 rows of whole blocks of GGML type ", fmt);
+  const at::Tensor raw = raw_in.contiguous();
+  at::Tensor out = at::empty(raw.sizes(), raw.options());
+  const int64_t rows = raw.size(0), row_bytes = raw.size(1), groups = (rows + GROUP - 1) / GROUP;
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    interleave_groups(fmt, src, dst, rows, row_bytes, begin, end);
+  });
+  return out;
 }
 
 std::string ggml_isa() { return isa_name(current); }
@@ -736,27 +553,29 @@ void ggml_set_isa(const std::string& name) {
 
 namespace minillm {
 
-at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& weight, int64_t fmt, int64_t in_features,
+at::Tensor ggml_linear(const at::Tensor& x, at::TensorList weights, at::IntArrayRef fmts, int64_t in_features,
                        const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from,
                        const std::optional<at::Tensor>& residual) {
-  return linear(x, weight, fmt, in_features, bias, swiglu, gemm_from, residual, nullptr);
+  return linear(x, weights, fmts, in_features, bias, swiglu, gemm_from, residual, nullptr);
 }
 
-at::Tensor ggml_linear_normed(const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& weight,
-                              int64_t fmt, const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from) {
+at::Tensor ggml_linear_normed(const at::Tensor& x, const at::Tensor& norm_weight, double eps, at::TensorList weights,
+                              at::IntArrayRef fmts, const std::optional<at::Tensor>& bias, bool swiglu,
+                              int64_t gemm_from) {
   TORCH_CHECK(norm_weight.scalar_type() == at::kFloat && norm_weight.is_contiguous() &&
                   norm_weight.numel() == x.size(-1), "ggml_linear_normed: the norm needs ", x.size(-1),
               " contiguous float32 weights");
   const Norm norm{norm_weight, static_cast<float>(eps)};
-  return linear(x, weight, fmt, x.size(-1), bias, swiglu, gemm_from, std::nullopt, &norm);
+  return linear(x, weights, fmts, x.size(-1), bias, swiglu, gemm_from, std::nullopt, &norm);
 }
 
 }  // namespace minillm
 
 TORCH_LIBRARY_FRAGMENT(minillm, m) {
-  m.def("ggml_linear(Tensor x, Tensor weight, int fmt, int in_features, Tensor? bias, bool swiglu, int gemm_from=-1, "
-        "Tensor? residual=None) -> Tensor");
-  m.def("ggml_dequantize_rows(Tensor weight, int fmt, int in_features, Tensor ids) -> Tensor");
+  m.def("ggml_linear(Tensor x, Tensor[] weights, int[] fmts, int in_features, Tensor? bias, bool swiglu, "
+        "int gemm_from=-1, Tensor? residual=None) -> Tensor");
+  m.def("ggml_dequantize_rows(Tensor weight, int fmt, int in_features, Tensor ids, bool interleaved=True) -> Tensor");
+  m.def("ggml_repack(Tensor raw, int fmt) -> Tensor");
   m.def("ggml_isa() -> str", &ggml_isa);
   m.def("ggml_best_isa() -> str", &ggml_best_isa);
   m.def("ggml_set_isa(str name) -> ()", &ggml_set_isa);
@@ -765,4 +584,5 @@ TORCH_LIBRARY_FRAGMENT(minillm, m) {
 TORCH_LIBRARY_IMPL(minillm, CPU, m) {
   m.impl("ggml_linear", &minillm::ggml_linear);
   m.impl("ggml_dequantize_rows", &ggml_dequantize_rows);
+  m.impl("ggml_repack", &ggml_repack);
 }

@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cmath>
 #include <cstdint>
@@ -34,10 +35,11 @@ at::Tensor rope_cache_write(const at::Tensor& qkv, const at::Tensor& cos, const 
 
 // ggml_matmul.cpp: the ggml_linear op, and the same on rms_norm(x, norm_weight, eps) with the norm fused into
 // the activations' quantization (its rows never become a tensor; the same bits as the two ops in turn)
-at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& weight, int64_t fmt, int64_t in_features,
+at::Tensor ggml_linear(const at::Tensor& x, at::TensorList weights, at::IntArrayRef fmts, int64_t in_features,
                        const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from,
                        const std::optional<at::Tensor>& residual);
-at::Tensor ggml_linear_normed(const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& weight,
-                              int64_t fmt, const std::optional<at::Tensor>& bias, bool swiglu, int64_t gemm_from);
+at::Tensor ggml_linear_normed(const at::Tensor& x, const at::Tensor& norm_weight, double eps, at::TensorList weights,
+                              at::IntArrayRef fmts, const std::optional<at::Tensor>& bias, bool swiglu,
+                              int64_t gemm_from);
 
 }  // namespace minillm

@@ -1,0 +1,203 @@
+// GGUF (llama.cpp) block types as our kernels keep them: the file's own bytes, rows interleaved in groups.
+//
+// Every type is a block of 32 or 256 weights made of "units" (fp16 scales: 2 bytes; packed codes or scales:
+// 4 bytes) in the file's order. A group of W rows (16; the last group: the rows left) is stored block by
+// block; in a block's tile each run of units of the file's block is stored unit by unit, each unit for the
+// group's W rows in turn: [unit k][row][unit bytes]. One vector load then reads a unit of 8 or 16 rows, one
+// row per 32-bit lane (llama.cpp's repacked AVX layouts do the same), and a row's bytes are the file's, only
+// moved: a tensor keeps its size. With W = 1 the layout is the file's own, so a table used as stored (an
+// untied embedding, still in the memory map) is read by the same decoder. Q8_0 alone stores its codes
+// plus 128 (code ^ 0x80), as the AVX-512 kernel's vpdpbusd wants unsigned bytes.
+
+#pragma once
+
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace ggml {
+
+enum Format : int64_t {  // GGML's type ids
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23
+};
+constexpr int64_t GROUP = 16;  // rows interleaved together: one per lane of a 512-bit vector of int32
+
+struct Run {  // `count` units of `size` bytes from byte `offset` of a block
+  int16_t offset, size, count;
+};
+
+struct Layout {
+  int64_t weights, bytes;  // per block
+  int nruns;
+  Run runs[4];
+};
+
+// weights per block, bytes per block, then the runs of units (see llama.cpp's ggml-common.h block_* structs)
+constexpr Layout layout(int64_t fmt) {
+  switch (fmt) {
+    case Q4_0: return {32, 18, 2, {{0, 2, 1}, {2, 4, 4}}};                             // d, qs
+    case Q4_1: return {32, 20, 2, {{0, 2, 2}, {4, 4, 4}}};                             // d, m, qs
+    case Q5_0: return {32, 22, 3, {{0, 2, 1}, {2, 4, 1}, {6, 4, 4}}};                  // d, qh, qs
+    case Q5_1: return {32, 24, 3, {{0, 2, 2}, {4, 4, 1}, {8, 4, 4}}};                  // d, m, qh, qs
+    case Q8_0: return {32, 34, 2, {{0, 2, 1}, {2, 4, 8}}};                             // d, qs
+    case IQ4_NL: return {32, 18, 2, {{0, 2, 1}, {2, 4, 4}}};                           // d, qs
+    case Q4_K: return {256, 144, 3, {{0, 2, 2}, {4, 4, 3}, {16, 4, 32}}};              // d, dmin, scales, qs
+    case Q5_K: return {256, 176, 4, {{0, 2, 2}, {4, 4, 3}, {16, 4, 8}, {48, 4, 32}}};  // ..., qh, qs
+    case Q6_K: return {256, 210, 4, {{0, 4, 32}, {128, 4, 16}, {192, 4, 4}, {208, 2, 1}}};  // ql, qh, scales, d
+    case IQ4_XS: return {256, 136, 4, {{0, 2, 2}, {4, 4, 1}, {8, 4, 32}}};             // d, scales_h, scales_l, qs
+    default: return {0, 0, 0, {}};
+  }
+}
+
+inline void check_format(int64_t fmt) {
+  TORCH_CHECK(layout(fmt).bytes > 0, "ggml: no kernel for GGML type ", fmt);
+}
+
+// Where unit `k` of the run at block byte `offset` (units of `size` bytes) lies for `lane` in a tile of `width` rows.
+inline int64_t unit_at(int64_t width, int64_t offset, int64_t size, int64_t k, int64_t lane) {
+  return width * offset + (k * width + lane) * size;
+}
+
+// One row's block, gathered from its tile into the file's byte order (and Q8_0's codes back to signed).
+inline void gather_block(int64_t fmt, const uint8_t* tile, int64_t width, int64_t lane, uint8_t* block) {
+  const Layout l = layout(fmt);
+  for (int r = 0; r < l.nruns; ++r)
+    for (int k = 0; k < l.runs[r].count; ++k)
+      std::memcpy(block + l.runs[r].offset + k * l.runs[r].size,
+                  tile + unit_at(width, l.runs[r].offset, l.runs[r].size, k, lane), l.runs[r].size);
+  if (fmt == Q8_0)
+    for (int j = 2; j < 34; ++j) block[j] ^= 0x80;
+}
+
+// `rows` rows of file blocks (row_bytes each) -> the interleaved layout, groups [begin, end) of them.
+inline void interleave_groups(int64_t fmt, const uint8_t* src, uint8_t* dst, int64_t rows, int64_t row_bytes,
+                              int64_t begin, int64_t end) {
+  const Layout l = layout(fmt);
+  const int64_t nb = row_bytes / l.bytes;
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t first = g * GROUP, width = std::min(GROUP, rows - first);
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* tile = dst + first * row_bytes + b * width * l.bytes;
+      for (int64_t lane = 0; lane < width; ++lane) {
+        const uint8_t* block = src + (first + lane) * row_bytes + b * l.bytes;
+        for (int r = 0; r < l.nruns; ++r)
+          for (int k = 0; k < l.runs[r].count; ++k)
+            std::memcpy(tile + unit_at(width, l.runs[r].offset, l.runs[r].size, k, lane),
+                        block + l.runs[r].offset + k * l.runs[r].size, l.runs[r].size);
+      }
+      if (fmt == Q8_0)
+        for (int64_t j = width * 2; j < width * l.bytes; ++j) tile[j] ^= 0x80;
+    }
+  }
+}
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+// IQ4_NL / IQ4_XS: the 16 values a 4-bit code stands for (llama.cpp's kvalues_iq4nl, a non-uniform grid).
+constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// How a type's dot product is summed (every path alike, so the same bits):
+//   PER32: per 32 weights, acc = fma(float(isum), d dx, acc) [+ macc = fma(m, dx sum(xq), macc) with a min]
+//   PER16: per 16 weights, acc = fma(float(isum16), d dx, acc)
+constexpr bool per16(int64_t fmt) { return fmt == Q6_K; }
+constexpr bool has_min(int64_t fmt) { return fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K; }
+
+// The 6-bit scale and min of sub-block j (0-7) from a Q4_K / Q5_K block's 12 scale bytes.
+inline void k_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// One block in the file's byte order -> its codes q (offset taken out: weight = q d + m) and, per 16
+// weights, the scale d and minimum m; returns the number of weights. The portable path and dequantization
+// use it; the vector paths compute the same values.
+inline int decode_block(int64_t fmt, const uint8_t* b, int32_t* q, float* d, float* m) {
+  switch (fmt) {
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case IQ4_NL: {
+      const bool five = fmt == Q5_0 || fmt == Q5_1, with_min = fmt == Q4_1 || fmt == Q5_1;
+      const uint8_t* qs = b + (with_min ? 4 : 2) + (five ? 4 : 0);
+      uint32_t qh = 0;
+      if (five) std::memcpy(&qh, b + (with_min ? 4 : 2), 4);
+      const int offset = fmt == Q4_0 ? 8 : fmt == Q5_0 ? 16 : 0;
+      for (int j = 0; j < 16; ++j) {
+        int lo = qs[j] & 15, hi = qs[j] >> 4;
+        if (five) lo |= ((qh >> j) & 1) << 4, hi |= ((qh >> (j + 16)) & 1) << 4;
+        q[j] = fmt == IQ4_NL ? kIq4Values[lo] : lo - offset;
+        q[j + 16] = fmt == IQ4_NL ? kIq4Values[hi] : hi - offset;
+      }
+      d[0] = d[1] = fp16(b);
+      m[0] = m[1] = with_min ? fp16(b + 2) : 0.f;
+      return 32;
+    }
+    case Q8_0:
+      for (int j = 0; j < 32; ++j) q[j] = static_cast<int8_t>(b[2 + j]);
+      d[0] = d[1] = fp16(b);
+      m[0] = m[1] = 0.f;
+      return 32;
+    case Q4_K: case Q5_K: {
+      const float dd = fp16(b), dmin = fp16(b + 2);
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (fmt == Q4_K ? 16 : 48);
+      for (int c = 0; c < 4; ++c)  // 64 weights: sub-block 2c in the low nibbles, 2c + 1 in the high ones
+        for (int l = 0; l < 32; ++l) {
+          int lo = qs[32 * c + l] & 15, hi = qs[32 * c + l] >> 4;
+          if (fmt == Q5_K) lo |= ((qh[l] >> (2 * c)) & 1) << 4, hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+          q[64 * c + l] = lo;
+          q[64 * c + 32 + l] = hi;
+        }
+      for (int j = 0; j < 8; ++j) {
+        int sc, mn;
+        k_scale_min(b + 4, j, sc, mn);
+        d[2 * j] = d[2 * j + 1] = dd * static_cast<float>(sc);
+        m[2 * j] = m[2 * j + 1] = -(dmin * static_cast<float>(mn));
+      }
+      return 256;
+    }
+    case Q6_K: {
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float dd = fp16(b + 208);
+      for (int n = 0; n < 2; ++n)  // two halves of 128 weights
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t a = ql[64 * n + l], c = ql[64 * n + 32 + l], h = qh[32 * n + l];
+          q[128 * n + l] = ((a & 15) | ((h & 3) << 4)) - 32;
+          q[128 * n + 32 + l] = ((c & 15) | (((h >> 2) & 3) << 4)) - 32;
+          q[128 * n + 64 + l] = ((a >> 4) | (((h >> 4) & 3) << 4)) - 32;
+          q[128 * n + 96 + l] = ((c >> 4) | (((h >> 6) & 3) << 4)) - 32;
+        }
+      for (int j = 0; j < 16; ++j) d[j] = dd * static_cast<float>(sc[j]), m[j] = 0.f;
+      return 256;
+    }
+    case IQ4_XS: {
+      const float dd = fp16(b);
+      uint16_t sh;
+      std::memcpy(&sh, b + 2, 2);
+      for (int ib = 0; ib < 8; ++ib) {
+        const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
+        d[2 * ib] = d[2 * ib + 1] = dd * static_cast<float>(ls - 32);
+        m[2 * ib] = m[2 * ib + 1] = 0.f;
+        for (int j = 0; j < 16; ++j) {
+          q[32 * ib + j] = kIq4Values[b[8 + 16 * ib + j] & 15];
+          q[32 * ib + 16 + j] = kIq4Values[b[8 + 16 * ib + j] >> 4];
+        }
+      }
+      return 256;
+    }
+    default: TORCH_CHECK(false, "ggml: no kernel for GGML type ", fmt);
+  }
+  return 0;
+}
+
+}  // namespace ggml
