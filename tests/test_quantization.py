@@ -1,6 +1,7 @@
 """Weight-only int8 / int4 and GGUF blocks: logits close to the same model run in float32 with the dequantized weights."""
 
 import copy
+import re
 
 import pytest
 import torch

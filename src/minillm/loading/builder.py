@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -41,7 +42,7 @@ def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch
                 on_blocks: bool = False, progress: Callable[[], None] = lambda: None) -> MiniLLM:
     """The model with the checkpoint's weights; `progress` is called once per layer. on_blocks: a GGUF
     file's quantized blocks stay as they are (config must be float32: activations, norms and cache)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = MiniLLM(config)
     parts = _Parts(checkpoint, config, on_blocks)
     tied = config.tie_embeddings
@@ -58,14 +59,31 @@ def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch
     elif tied:
         model.output.weight = embeddings.weight
     for kind, (count, size) in sorted(parts.without_kernel.items()):
-        logger.warning("%s: %d %s tensors have no quantized kernel: dequantized to float32, %.0f MB instead of "
-                       "%.0f MB", checkpoint.name, count, kind, size[1] / 1e6, size[0] / 1e6)
+        logger.warning("%s: %d %s tensors have no quantized kernel: dequantized to float32, %.1f MB instead of "
+                       "%.1f MB", checkpoint.name, count, kind, size[1] / 1e6, size[0] / 1e6)
     if on_blocks:
         use_kernel_norms(model)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ModelLoadError(f"{checkpoint.name}: no weights for {', '.join(left)}")
     return model.to(device).eval()
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Parameters built on the meta device get no random initial values: they are replaced from the checkpoint,
+    and `normal_` on a meta tensor imports torch._dynamo (2.5 s of a load)."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    for name in _INITS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, init in saved.items():
+            setattr(nn.init, name, init)
+
+
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
 
 
 def _fuse_swiglu(block: nn.Module, config: ModelConfig) -> None:
@@ -100,17 +118,17 @@ class _Parts:
 
     def dense(self, param: str, like: Tensor) -> Tensor:
         names = self.names(param)
-        tensors = [self.read(n) for n in names]
+        tensors = [self.read(n, param) for n in names]
         tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         if tuple(tensor.shape) != tuple(like.shape):
             raise ModelLoadError(f"{self.checkpoint.name}: tensor {param} has shape {list(tensor.shape)}, the config "
                                  f"implies {list(like.shape)}")
         return tensor.to(like.dtype)
 
-    def read(self, name: str) -> Tensor:
+    def read(self, name: str, param: str) -> Tensor:
         tensor = self.checkpoint.tensor(name, self.config)
         if tensor is None:
-            raise ModelLoadError(f"{self.checkpoint.name}: the checkpoint has no tensor {name!r}")
+            raise ModelLoadError(f"{self.checkpoint.name}: the checkpoint has no tensor {name!r} (for {param})")
         self.checkpoint.release(name)
         return tensor
 

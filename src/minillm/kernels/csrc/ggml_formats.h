@@ -71,6 +71,12 @@ inline void gather_block(int64_t fmt, const uint8_t* tile, int64_t width, int64_
     for (int j = 2; j < 34; ++j) block[j] ^= 0x80;
 }
 
+// Copies of 2 and 4 bytes, each a single move: the repack moves every unit of the file once.
+template <int SIZE>
+inline void move_units(const uint8_t* src, int64_t src_step, uint8_t* dst, int64_t count) {
+  for (int64_t lane = 0; lane < count; ++lane) std::memcpy(dst + lane * SIZE, src + lane * src_step, SIZE);
+}
+
 // `rows` rows of file blocks (row_bytes each) -> the interleaved layout, groups [begin, end) of them.
 inline void interleave_groups(int64_t fmt, const uint8_t* src, uint8_t* dst, int64_t rows, int64_t row_bytes,
                               int64_t begin, int64_t end) {
@@ -80,13 +86,14 @@ inline void interleave_groups(int64_t fmt, const uint8_t* src, uint8_t* dst, int
     const int64_t first = g * GROUP, width = std::min(GROUP, rows - first);
     for (int64_t b = 0; b < nb; ++b) {
       uint8_t* tile = dst + first * row_bytes + b * width * l.bytes;
-      for (int64_t lane = 0; lane < width; ++lane) {
-        const uint8_t* block = src + (first + lane) * row_bytes + b * l.bytes;
-        for (int r = 0; r < l.nruns; ++r)
-          for (int k = 0; k < l.runs[r].count; ++k)
-            std::memcpy(tile + unit_at(width, l.runs[r].offset, l.runs[r].size, k, lane),
-                        block + l.runs[r].offset + k * l.runs[r].size, l.runs[r].size);
-      }
+      const uint8_t* block = src + first * row_bytes + b * l.bytes;  // lane 0's; the next lane's is a row further
+      for (int r = 0; r < l.nruns; ++r)
+        for (int k = 0; k < l.runs[r].count; ++k) {
+          const int64_t from = l.runs[r].offset + k * l.runs[r].size;
+          uint8_t* to = tile + unit_at(width, l.runs[r].offset, l.runs[r].size, k, 0);
+          if (l.runs[r].size == 4) move_units<4>(block + from, row_bytes, to, width);
+          else move_units<2>(block + from, row_bytes, to, width);
+        }
       if (fmt == Q8_0)
         for (int64_t j = width * 2; j < width * l.bytes; ++j) tile[j] ^= 0x80;
     }
