@@ -17,6 +17,10 @@ VEC_TARGET_AVX2 inline __m256 fp16x8(const uint8_t* tile, int offset, int k, int
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + unit_at(GROUP, offset, 2, k, 8 * half))));
 }
 VEC_TARGET_AVX2 inline __m256i bcast4(const int8_t* p) { return _mm256_set1_epi32(load_i32(p)); }
+// vpmaddubsw's int16 pairs summed over several code vectors before one vpmaddwd: callers keep the sum of
+// |code| x 127 x 2 over the vectors summed below 32768 (so never saturating: the same integers as int32 sums)
+VEC_TARGET_AVX2 inline __m256i pairs16(__m256i u, __m256i s) { return _mm256_maddubs_epi16(u, s); }
+VEC_TARGET_AVX2 inline __m256i widen16(__m256i sum16) { return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1)); }
 VEC_TARGET_AVX2 inline __m256i nibbles(__m256i v, bool high) {
   return _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
 }
@@ -97,16 +101,17 @@ VEC_TARGET_AVX2 inline void k_scale_min8(const __m256i* w, int j, __m256& sc, __
   mn = _mm256_cvtepi32_ps(m);
 }
 
-// Q4_K / Q5_K super-block: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones
+// Q4_K / Q5_K super-block: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones.
+// int16 sums: 8 vectors of 4-bit codes (8 x 2 x 15 x 127 = 30480), or 4 of 5-bit ones (4 x 2 x 31 x 127 = 31496).
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, __m256* macc) {
-  constexpr int qs_at = FMT == Q5_K ? 48 : 16;
+  constexpr int qs_at = FMT == Q5_K ? 48 : 16, run = FMT == Q5_K ? 4 : 8;
   const __m256 d = fp16x8(tile, 0, 0, half), dmin = fp16x8(tile, 0, 1, half);
   const __m256i w[3] = {units8(tile, 4, 0, half), units8(tile, 4, 1, half), units8(tile, 4, 2, half)};
   for (int c = 0; c < 4; ++c) {
     const int64_t a = ab0 + 2 * c, b = a + 1;
-    __m256i lo[NR], hi[NR];
-    for (int r = 0; r < NR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+    __m256i lo[NR], hi[NR], lo16[NR], hi16[NR];
+    for (int r = 0; r < NR; ++r) lo[r] = hi[r] = lo16[r] = hi16[r] = _mm256_setzero_si256();
     for (int p = 0; p < 8; ++p) {
       const __m256i v = units8(tile, qs_at, 8 * c + p, half);
       __m256i low = nibbles(v, false), high = nibbles(v, true);
@@ -116,8 +121,13 @@ VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, con
         high = _mm256_or_si256(high, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
       }
       for (int r = 0; r < NR; ++r) {
-        lo[r] = _mm256_add_epi32(lo[r], udot8(low, bcast4(x[r].q + a * QK + 4 * p)));
-        hi[r] = _mm256_add_epi32(hi[r], udot8(high, bcast4(x[r].q + b * QK + 4 * p)));
+        lo16[r] = _mm256_add_epi16(lo16[r], pairs16(low, bcast4(x[r].q + a * QK + 4 * p)));
+        hi16[r] = _mm256_add_epi16(hi16[r], pairs16(high, bcast4(x[r].q + b * QK + 4 * p)));
+        if (p % run == run - 1) {
+          lo[r] = _mm256_add_epi32(lo[r], widen16(lo16[r]));
+          hi[r] = _mm256_add_epi32(hi[r], widen16(hi16[r]));
+          lo16[r] = hi16[r] = _mm256_setzero_si256();
+        }
       }
     }
     __m256 sc, mn;
@@ -130,33 +140,50 @@ VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, con
   }
 }
 
-// Q6_K super-block: 8 blocks of 32, a scale per 16; 6-bit codes from a nibble of ql and 2 bits of qh, minus 32
+// Q6_K super-block: 8 blocks of 32, a scale per 16; 6-bit codes from a nibble of ql and 2 bits of qh, minus 32.
+// In each half n of 128 weights, ql byte l holds weights l (low nibble) and l + 64 (high), byte l + 32 weights
+// l + 32 and l + 96, and qh byte l their top bits (2 each): one pass over p reads them once for 4 blocks.
 template <int NR>
 VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc) {
   const __m256 d = fp16x8(tile, 208, 0, half);
-  for (int jb = 0; jb < 8; ++jb) {  // block 4n + k of half n: ql byte l (k even) or l + 32 (odd), high nibble if k >= 2
-    const int n = jb / 4, k = jb % 4;
-    const int64_t ab = ab0 + jb;
-    __m256i lo[NR], hi[NR];
-    for (int r = 0; r < NR; ++r) {
-      lo[r] = _mm256_set1_epi32(-32 * x[r].qs[2 * ab]);
-      hi[r] = _mm256_set1_epi32(-32 * x[r].qs[2 * ab + 1]);
-    }
-    for (int p = 0; p < 8; ++p) {
-      const __m256i ql = nibbles(units8(tile, 0, 16 * n + 8 * (k % 2) + p, half), k >= 2);
-      const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(units8(tile, 128, 8 * n + p, half), 2 * k), _mm256_set1_epi8(3));
-      const __m256i code = _mm256_or_si256(ql, _mm256_slli_epi16(qh, 4));
-      for (int r = 0; r < NR; ++r) {
-        __m256i& sum = p < 4 ? lo[r] : hi[r];
-        sum = _mm256_add_epi32(sum, udot8(code, bcast4(x[r].q + ab * QK + 4 * p)));
+  const __m256i top = _mm256_set1_epi8(0x30);
+  for (int n = 0; n < 2; ++n) {
+    __m256i sums[2][4][NR];  // [16-weight half][block 4n + k][token]: int32
+    for (int h = 0; h < 2; ++h) {
+      __m256i sum16[4][NR];  // int16 over 2 vectors: 2 x 2 x 63 x 127 = 32004
+      for (int p = 4 * h; p < 4 * h + 4; ++p) {
+        const __m256i a = units8(tile, 0, 16 * n + p, half), b = units8(tile, 0, 16 * n + 8 + p, half);
+        const __m256i qh = units8(tile, 128, 8 * n + p, half);
+        const __m256i code[4] = {
+            _mm256_or_si256(nibbles(a, false), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top)),
+            _mm256_or_si256(nibbles(b, false), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top)),
+            _mm256_or_si256(nibbles(a, true), _mm256_and_si256(qh, top)),
+            _mm256_or_si256(nibbles(b, true), _mm256_and_si256(_mm256_srli_epi16(qh, 2), top))};
+        for (int k = 0; k < 4; ++k)
+          for (int r = 0; r < NR; ++r) {
+            const __m256i dot = pairs16(code[k], bcast4(x[r].q + (ab0 + 4 * n + k) * QK + 4 * p));
+            sum16[k][r] = p % 2 ? _mm256_add_epi16(sum16[k][r], dot) : dot;
+            if (p % 2 == 0) continue;
+            const __m256i wide = widen16(sum16[k][r]);
+            sums[h][k][r] = p % 4 == 1 ? wide : _mm256_add_epi32(sums[h][k][r], wide);
+          }
       }
     }
-    const __m256i scales = units8(tile, 192, jb / 2, half);  // int8 scales 4u .. 4u + 3 of each row
-    const int byte = 2 * (jb % 2);
-    const __m256 s0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(scales, 24 - 8 * byte), 24));
-    const __m256 s1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(scales, 16 - 8 * byte), 24));
-    scale_add<NR>(lo, _mm256_mul_ps(d, s0), x, ab, acc);
-    scale_add<NR>(hi, _mm256_mul_ps(d, s1), x, ab, acc);
+    for (int k = 0; k < 4; ++k) {
+      const int jb = 4 * n + k;
+      const int64_t ab = ab0 + jb;
+      __m256i lo[NR], hi[NR];
+      for (int r = 0; r < NR; ++r) {  // the codes' offset of 32, taken out per half of 16
+        lo[r] = _mm256_sub_epi32(sums[0][k][r], _mm256_set1_epi32(32 * x[r].qs[2 * ab]));
+        hi[r] = _mm256_sub_epi32(sums[1][k][r], _mm256_set1_epi32(32 * x[r].qs[2 * ab + 1]));
+      }
+      const __m256i scales = units8(tile, 192, jb / 2, half);  // int8 scales 4u .. 4u + 3 of each row
+      const int byte = 2 * (jb % 2);
+      const __m256 s0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(scales, 24 - 8 * byte), 24));
+      const __m256 s1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(scales, 16 - 8 * byte), 24));
+      scale_add<NR>(lo, _mm256_mul_ps(d, s0), x, ab, acc);
+      scale_add<NR>(hi, _mm256_mul_ps(d, s1), x, ab, acc);
+    }
   }
 }
 
