@@ -69,11 +69,12 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> str:
+                            tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        """`template_kwargs`: the template's own arguments (enable_thinking, ...), as transformers takes them."""
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use generate() with a plain prompt")
         return render_chat_template(self.chat_template, messages, add_generation_prompt, tools,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
+                                    template_kwargs, bos_token=self.bos_token, eos_token=self.eos_token)
 
     @property
     def template_renders_tools(self) -> bool:
@@ -81,12 +82,13 @@ class Tokenizer:
         return "tools" in (self.chat_template or "")
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> list[int]:
         """Template-rendered ids; the template decides where BOS goes, so none is added twice."""
         bad = find_invalid_text(messages, "messages")
         if bad is not None:
             raise ValueError(f"{bad} is not valid Unicode (it holds a lone surrogate)")
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=True)
+        prompt = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
+        return self.encode(prompt, add_special_tokens=True)
 
     # -- construction -------------------------------------------------------------------------
 
