@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..model.transformer import MiniLLM
 from .. import kernels
+from ..text.chat_formats import select_chat_template
 from ..text.tokenizer import Tokenizer
 from .gguf_file import GGUFCheckpoint
 from .hf_folder import HFCheckpoint, read_json
@@ -43,8 +44,11 @@ def default_model_path() -> Path:
 
 
 def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu", progress: bool = True) -> LoadedModel:
+                    device: str | torch.device = "cpu", progress: bool = True,
+                    chat_template: str | None = None) -> LoadedModel:
     """Load a GGUF file or a Hugging Face folder (config.json + safetensors); None is the bundled model.
+    chat_template: a built-in template's name, a Jinja file or Jinja text, instead of the checkpoint's own
+    (a checkpoint without one gets its family's built-in template: text/chat_formats.py).
 
     dtype None: a GGUF file on the CPU keeps its quantized blocks and computes with our kernels
     (float32 activations), as llama.cpp does; anything else is loaded in float32 on the CPU and in
@@ -53,6 +57,7 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     check_device(device)
     path = default_model_path() if path is None else Path(path)
     checkpoint = open_checkpoint(path)
+    tokenizer, eos = _tokenizer(checkpoint, path, chat_template)  # first: a bad template fails before the weights load
     quantized = (dtype is None and isinstance(checkpoint, GGUFCheckpoint) and torch.device(device).type == "cpu"
                  and kernels.ops_available())
     default = "bfloat16" if torch.device(device).type == "cuda" else "float32"
@@ -60,7 +65,6 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     with tqdm(total=config.num_layers, desc=f"Loading {path.name}", unit="layer", disable=not progress,
               leave=False) as bar:
         model = build_model(checkpoint, config, device, on_blocks=quantized, progress=lambda: bar.update())
-    tokenizer, eos = _tokenizer(checkpoint, path)
     return LoadedModel(model, tokenizer, eos, path.name, quantized)
 
 
@@ -79,10 +83,11 @@ def check_device(device: str | torch.device) -> None:
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
-def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer | None, list[int]]:
-    """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model)."""
+def load_tokenizer(path: str | Path | None = None, chat_template: str | None = None) -> tuple[Tokenizer | None, list[int]]:
+    """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model); chat_template as
+    for load_checkpoint."""
     path = default_model_path() if path is None else Path(path)
-    return _tokenizer(open_checkpoint(path), path)
+    return _tokenizer(open_checkpoint(path), path, chat_template)
 
 
 def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
@@ -97,7 +102,20 @@ def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
     return GGUFCheckpoint(path)
 
 
-def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[Tokenizer | None, list[int]]:
+def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path,
+               chat_template: str | None) -> tuple[Tokenizer | None, list[int]]:
+    """The checkpoint's tokenizer with the chat template it is used with: `chat_template` if given, else its
+    own, else its family's built-in one."""
+    tokenizer, eos = _own_tokenizer(checkpoint, path)
+    if tokenizer is not None:
+        architecture = checkpoint.architecture if isinstance(checkpoint, GGUFCheckpoint) else checkpoint.model_type
+        tokenizer.chat_template = select_chat_template(
+            tokenizer.chat_template, architecture, lambda token: tokenizer.token_to_id(token) is not None, path.name,
+            chat_template)
+    return tokenizer, eos
+
+
+def _own_tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[Tokenizer | None, list[int]]:
     if isinstance(checkpoint, GGUFCheckpoint):
         tokenizer = Tokenizer.from_gguf(checkpoint) if checkpoint.meta("tokenizer.ggml.model") is not None else None
         return tokenizer, tokenizer.eos_token_ids if tokenizer else []
