@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..sampling_params import SamplingParams
+from ..text.chat_template import RESERVED
 from ..text.unicode import find_invalid_text
 from .tools import check_tools, forced_call_schema
 
@@ -107,6 +108,10 @@ class _Request(BaseModel):
         schema = self.response_schema()
         return ("response_format", schema) if schema is not None else ("guided_json", self.guided_json)
 
+    def constrained(self) -> bool:
+        """Whether a grammar shapes the output (response_format, guided_*, a forced tool call)."""
+        return self.constraint()[1] is not None or self.guided_regex is not None or self.guided_choice is not None
+
     def guided_field(self) -> str:
         """The request field a grammar error is about."""
         field, schema = self.constraint()
@@ -190,6 +195,14 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None
     tool_choice: Any = None
+    # the chat template's own arguments (vLLM's and llama.cpp's field); enable_thinking alone: Qwen3's switch
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's own arguments: enable_thinking, then chat_template_kwargs (which win)."""
+        thinking = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return {**thinking, **(self.chat_template_kwargs or {})}
 
     def tool_functions(self) -> list[dict[str, Any]]:
         """The functions shown to the model (none for tool_choice "none")."""
@@ -212,6 +225,10 @@ class ChatCompletionRequest(_Request):
     def check(self) -> None:
         super().check()
         self.constraint()
+        reserved = [name for name in RESERVED if name in (self.chat_template_kwargs or {})]
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs cannot set {reserved[0]!r}; the server sets it",
+                           "chat_template_kwargs")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
