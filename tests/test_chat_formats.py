@@ -37,7 +37,8 @@ CORPUS = {
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
         {"role": "assistant", "content": "It is 21 degrees."}, {"role": "user", "content": "Thanks"}],
     "two tool results": [
-        {"role": "user", "content": "Both?"}, {"role": "assistant", "content": "Calling.", "tool_calls": [CALL, DICT_CALL]},
+        {"role": "user", "content": "Both?"},
+        {"role": "assistant", "content": "Calling.", "tool_calls": [CALL, DICT_CALL]},
         {"role": "tool", "content": "21"}, {"role": "tool", "content": "3"}],
     "reasoning": [{"role": "user", "content": "2+2?"},
                   {"role": "assistant", "content": "4", "reasoning_content": "Two and two."},
@@ -178,3 +179,18 @@ def test_selection_logs_and_override(tmp_path, caplog):
     file.write_text("{% if %}")
     with pytest.raises(ChatTemplateError, match="does not compile"):
         resolve_chat_template(str(file))
+
+
+def test_a_file_without_a_template_gets_its_family_at_load(tmp_path, caplog):
+    from checkpoints import write_sentencepiece_gguf
+
+    from minillm.loading import load_tokenizer
+
+    path = write_sentencepiece_gguf(tmp_path / "spm.gguf")  # architecture llama, SentencePiece, no template
+    with caplog.at_level(logging.WARNING, logger="minillm"):
+        tokenizer, _ = load_tokenizer(path)
+    assert tokenizer.chat_template == builtin_template("llama2") and "built-in 'llama2'" in caplog.text
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hello"}]) == "<s>[INST] hello [/INST]"
+    assert load_tokenizer(path, chat_template="zephyr")[0].chat_template == builtin_template("zephyr")
+    with pytest.raises(ChatTemplateError, match="neither a built-in"):
+        load_tokenizer(path, chat_template="nope")

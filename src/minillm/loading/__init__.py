@@ -83,7 +83,8 @@ def check_device(device: str | torch.device) -> None:
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
-def load_tokenizer(path: str | Path | None = None, chat_template: str | None = None) -> tuple[Tokenizer | None, list[int]]:
+def load_tokenizer(path: str | Path | None = None,
+                   chat_template: str | None = None) -> tuple[Tokenizer | None, list[int]]:
     """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model); chat_template as
     for load_checkpoint."""
     path = default_model_path() if path is None else Path(path)
