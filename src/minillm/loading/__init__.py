@@ -109,7 +109,7 @@ def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path,
     own, else its family's built-in one."""
     tokenizer, eos = _own_tokenizer(checkpoint, path)
     if tokenizer is not None:
-        architecture = checkpoint.architecture if isinstance(checkpoint, GGUFCheckpoint) else checkpoint.model_type
+        architecture = checkpoint.model_type if isinstance(checkpoint, HFCheckpoint) else checkpoint.architecture
         tokenizer.chat_template = select_chat_template(
             tokenizer.chat_template, architecture, lambda token: tokenizer.token_to_id(token) is not None, path.name,
             chat_template)
