@@ -194,3 +194,28 @@ def test_a_file_without_a_template_gets_its_family_at_load(tmp_path, caplog):
     assert load_tokenizer(path, chat_template="zephyr")[0].chat_template == builtin_template("zephyr")
     with pytest.raises(ChatTemplateError, match="neither a built-in"):
         load_tokenizer(path, chat_template="nope")
+
+
+def test_a_hf_folder_without_a_template_gets_its_family_by_model_type(tmp_path):
+    from checkpoints import hf_model
+
+    from minillm.loading import load_tokenizer
+
+    hf_model("gemma2").save_pretrained(tmp_path)  # config.json (model_type gemma2) + model.safetensors
+    vocab = Backend(models.WordLevel({"<unk>": 0, "<bos>": 1, "<eos>": 2}, unk_token="<unk>"))
+    vocab.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>"}))
+    tokenizer, _ = load_tokenizer(tmp_path)
+    assert tokenizer.chat_template == builtin_template("gemma")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]) == \
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_the_bundled_models_own_template_renders_as_transformers_does():
+    from minillm.loading import load_tokenizer
+
+    template = load_tokenizer()[0].chat_template
+    for messages in CORPUS.values():
+        for add_generation_prompt in (True, False):
+            ours, theirs = _both(template, messages, tools=TOOLS, add_generation_prompt=add_generation_prompt)
+            assert ours == theirs
