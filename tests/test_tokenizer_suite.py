@@ -80,3 +80,15 @@ def test_metadata_rules():
     assert qwen2.encode("<|im_start|>", add_special_tokens=False) == [qwen2.token_to_id("<|im_start|>")]
     assert len(qwen2.encode("<|im_start|>", add_special_tokens=False, parse_special=False)) > 1
     assert qwen2.encode("[PAD151646]", add_special_tokens=False, parse_special=False) == [151646]
+
+
+def test_load_tokenizer_and_the_tokenize_command_need_no_supported_architecture(capsys):
+    import minillm
+    from minillm.cli import main
+
+    path = _suite() / "ggml-vocab-falcon.gguf"  # vocabulary only, and an architecture MiniLLM does not run
+    assert minillm.load_tokenizer(path).encode("Hello world") == [9856, 1079]
+    assert main(["tokenize", "--model", str(path), "Hello world"]) == 0
+    assert capsys.readouterr().out.split() == ["9856", "'Hello'", "1079", "'Ġworld'"]
+    assert main(["tokenize", "--model", str(_suite() / "ggml-vocab-bert-bge.gguf"), "x"]) == 1
+    assert "'bert' (WPM" in capsys.readouterr().err

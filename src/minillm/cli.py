@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message")
     _chat_template_option(chat)
     _model_options(chat)
+    tokenize = commands.add_parser("tokenize", help="print a text's token ids and pieces (no weights are loaded)")
+    tokenize.add_argument("text", help="the text (\\n, \\t, \\\\ are unescaped)")
+    tokenize.add_argument("--model", default=None, help="a GGUF file (vocabulary-only too) or a Hugging Face folder "
+                                                        "(default: the bundled SmolLM2-135M-Instruct)")
+    tokenize.add_argument("--no-special", action="store_true",
+                          help="neither BOS/EOS nor special-token text as control tokens (llama.cpp's test suite)")
     return parser
 
 
@@ -231,6 +237,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> None:
+    """One line per token: its id and its piece as the vocabulary writes it ("▁" or "Ġ" for a space, <0xXX>
+    for a byte), since a piece alone may be part of a character."""
+    from .loading import open_tokenizer
+
+    tokenizer = open_tokenizer(args.model)
+    special = not args.no_special
+    for token_id in tokenizer.encode(unescape(args.text), add_special_tokens=special, parse_special=special):
+        print(f"{token_id:>7} {tokenizer.backend.id_to_token(token_id)!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.command == "bench":
@@ -254,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     try:
-        (_generate if args.command == "generate" else _chat)(args)
+        {"generate": _generate, "chat": _chat, "tokenize": _tokenize}[args.command](args)
     except (ValueError, OSError, RequestFailed) as err:  # one line, no traceback
         print(f"minillm: error: {err}", file=sys.stderr)
         return 1

@@ -13,8 +13,8 @@ from ..model.transformer import MiniLLM
 from .. import kernels
 from ..text.chat_formats import select_chat_template
 from ..text.tokenizer import Tokenizer
-from .gguf_file import GGUFCheckpoint
-from .hf_folder import HFCheckpoint, read_json
+from .gguf_file import GGUFCheckpoint, GGUFMetadata
+from .hf_folder import HFCheckpoint, HFFolder, read_json
 from .builder import build_model
 from .errors import ModelLoadError
 
@@ -88,38 +88,53 @@ def load_tokenizer(path: str | Path | None = None,
     """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model); chat_template as
     for load_checkpoint."""
     path = default_model_path() if path is None else Path(path)
-    return _tokenizer(open_checkpoint(path), path, chat_template)
+    return _tokenizer(open_checkpoint(path, tokenizer_only=True), path, chat_template)
 
 
-def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
+def open_tokenizer(path: str | Path | None = None, chat_template: str | None = None) -> Tokenizer:
+    """A GGUF file's (vocabulary-only or not) or a Hugging Face folder's tokenizer, whatever the model's
+    architecture, without its weights (None: the bundled model); `minillm.load_tokenizer`."""
+    tokenizer, _ = load_tokenizer(path, chat_template)
+    if tokenizer is None:
+        raise ModelLoadError(f"{path} has no tokenizer (no tokenizer.json)")
+    return tokenizer
+
+
+def open_checkpoint(path: Path, tokenizer_only: bool = False) -> GGUFMetadata | HFFolder:
     """A folder is a Hugging Face checkpoint, a regular file a GGUF one; anything else (a FIFO, a device)
-    is refused before it is read, since reading it could block forever."""
+    is refused before it is read, since reading it could block forever. `tokenizer_only`: its configuration
+    and metadata, of any architecture, without its weights."""
     if not path.exists():
         raise ModelLoadError(f"no such model file or folder: {path}")
     if path.is_dir():
-        return HFCheckpoint(path)
+        return HFFolder(path) if tokenizer_only else HFCheckpoint(path)
     if not path.is_file():
         raise ModelLoadError(f"{path} is neither a regular file nor a folder")
-    return GGUFCheckpoint(path)
+    return GGUFMetadata(path) if tokenizer_only else GGUFCheckpoint(path)
 
 
-def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path,
+def _tokenizer(checkpoint: GGUFMetadata | HFFolder, path: Path,
                chat_template: str | None) -> tuple[Tokenizer | None, list[int]]:
     """The checkpoint's tokenizer with the chat template it is used with: `chat_template` if given, else its
     own, else its family's built-in one."""
     tokenizer, eos = _own_tokenizer(checkpoint, path)
     if tokenizer is not None:
-        architecture = checkpoint.model_type if isinstance(checkpoint, HFCheckpoint) else checkpoint.architecture
+        architecture = checkpoint.model_type if isinstance(checkpoint, HFFolder) else checkpoint.architecture
         tokenizer.chat_template = select_chat_template(
             tokenizer.chat_template, architecture, lambda token: tokenizer.token_to_id(token) is not None, path.name,
             chat_template)
     return tokenizer, eos
 
 
-def _own_tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[Tokenizer | None, list[int]]:
-    if isinstance(checkpoint, GGUFCheckpoint):
-        tokenizer = Tokenizer.from_gguf(checkpoint) if checkpoint.meta("tokenizer.ggml.model") is not None else None
-        return tokenizer, tokenizer.eos_token_ids if tokenizer else []
+def _own_tokenizer(checkpoint: GGUFMetadata | HFFolder, path: Path) -> tuple[Tokenizer | None, list[int]]:
+    if isinstance(checkpoint, GGUFMetadata):
+        if checkpoint.meta("tokenizer.ggml.model") is None:
+            return None, []
+        try:
+            tokenizer = Tokenizer.from_gguf(checkpoint)
+        except ValueError as err:  # a tokenizer kind or pre-tokenizer we do not implement: one line, no traceback
+            raise ModelLoadError(str(err)) from None
+        return tokenizer, tokenizer.eos_token_ids
     eos = checkpoint.generation_eos_ids()
     if not (path / "tokenizer.json").is_file():
         return None, eos
@@ -128,4 +143,5 @@ def _own_tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tup
     return tokenizer, tokenizer.eos_token_ids
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "check_device", "default_model_path", "load_checkpoint", "load_tokenizer"]
+__all__ = ["LoadedModel", "ModelLoadError", "check_device", "default_model_path", "load_checkpoint", "load_tokenizer",
+           "open_tokenizer"]
