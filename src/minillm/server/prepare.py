@@ -20,6 +20,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from ..sampling_params import SamplingParams
+from ..text.reasoning import Reasoning, reply_reasoning
 from ..text.tokenizer import Tokenizer
 from .bounds import Bounds
 from .protocol import MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, validation_error
@@ -41,6 +42,7 @@ class Job:
     prompts: list[list[int]]
     logprobs: int | None  # top logprobs per token (0: the sampled token's alone); None: no logprobs
     runs: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
+    reasoning: Reasoning | None = None  # how a chat reply marks its reasoning (None: its template has none)
 
 
 async def prepare(state: ServerState, request: Request, build: Callable[[ServerState, bytes], Job]) -> Job:
@@ -66,7 +68,10 @@ def chat_job(state: ServerState, raw: bytes) -> Job:
     body = parse(raw, ChatCompletionRequest, state.bounds)
     state.admit(body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    job = Job(body, [_chat_prompt_ids(body, state.tokenizer)], logprobs)
+    ids = _chat_prompt_ids(body, state.tokenizer)
+    # read from the prompt's end (DeepSeek-R1's opens the section); a tag and its whitespace are a few tokens
+    prompt_end = state.tokenizer.decode(ids[-32:], skip_special_tokens=False)
+    job = Job(body, [ids], logprobs, reasoning=reply_reasoning(state.tokenizer.chat_template, prompt_end))
     # without max_tokens, a reply may fill the rest of its room (a completion gets 16 tokens, as OpenAI's)
     return _planned(state, job, "messages", default_max_tokens=lambda prompt_len, room: max(room - prompt_len, 1))
 

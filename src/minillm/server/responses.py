@@ -58,7 +58,7 @@ def submit(state: ServerState, job: Job) -> Batch:
 async def respond(request: Request, state: ServerState, job: Job, format_type: type[ResponseFormat]) -> Response:
     """Submit the job, then answer with its whole response or its stream, in the endpoint's format."""
     batch = submit(state, job)
-    fmt = format_type(state, job.body, job.logprobs)
+    fmt = format_type(state, job)
     if job.body.stream:
         return StreamingResponse(Stream(state, batch, fmt).events(), media_type="text/event-stream")
     return await _collected(request, state, batch, fmt)
