@@ -153,10 +153,13 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
     ours = Tokenizer.from_gguf(GGUFCheckpoint(path))
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert ours.add_bos and ours.bos_token_id == 1
-    for text in ["hello world", " hello  world", "abc", "héllo wörld", "ab c", "hello\nworld", "xyz 😀"]:
+    for text in ["hello world", "abc", "héllo wörld", "ab c", "hello\nworld", "xyz 😀"]:
         ids = ours.encode(text)
         assert ids == theirs.encode(text), text
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    # A leading space: llama.cpp (our reference for GGUF files) adds its "▁" before it, transformers does not.
+    pieces = [ours.backend.id_to_token(i) for i in ours.encode(" hello", add_special_tokens=False)]
+    assert "".join(pieces).startswith("▁▁h") and ours.decode(ours.encode(" hello")) == " hello"
 
 
 # -- long-context RoPE, Qwen3, Mistral's window ---------------------------------------------------

@@ -82,3 +82,12 @@ def test_stop_strings_read_backslash_escapes():
 
     args = build_parser().parse_args(["generate", "hi", "--stop", r"\n\n", "--stop", r"a\\n", "--stop", "é\\t"])
     assert args.stop == ["\n\n", "a\\n", "é\t"]
+
+
+@pytest.mark.slow
+def test_chat_template_option():
+    result = run("chat", "--chat-template", "llama3", "--temperature", "0", "--max-tokens", "4", stdin="Hi\n")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    for command in ("chat", "serve"):  # refused before the model loads (or the server starts)
+        result = run(command, "--chat-template", "no-such-template", stdin="")
+        assert result.returncode == 1 and "neither a built-in template" in result.stderr, result.stderr

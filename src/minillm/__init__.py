@@ -5,6 +5,7 @@ from .config import Configs, ModelConfig
 from .engine import RequestFailed, RequestOutput
 from .llm import LLM
 from .loading import ModelLoadError
+from .loading import open_tokenizer as load_tokenizer
 from .model import MiniLLM
 from .sampling_params import SamplingParams
 from .text_generator import Generation, TextGenerator
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM", "CacheOverflowError", "Configs", "Generation", "KVCache", "MiniLLM", "ModelConfig", "ModelLoadError",
-    "RequestFailed", "RequestOutput", "SamplingParams", "TextGenerator",
+    "RequestFailed", "load_tokenizer", "RequestOutput", "SamplingParams", "TextGenerator",
 ]

@@ -11,6 +11,7 @@ from .argtypes import positive_int
 from .engine import RequestFailed
 from .quantization import QUANTIZATION_MODES
 from .sampling_params import SamplingParams
+from .text.chat_formats import BUILTIN, resolve_chat_template
 from .text.unicode import check_text
 
 
@@ -38,6 +39,12 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="the KV cache's dtype. Default: float16 for a GGUF file on its own blocks (llama.cpp's "
                              "default: half the memory, and half the bytes a decode token reads), else the model's")
+
+
+def _chat_template_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                        help=f"the chat template: a built-in one ({', '.join(BUILTIN)}) or a Jinja file. Default: the "
+                             "model's own; a model without one gets its family's built-in template, named in the log")
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(gen)
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
     _weights_options(serve)
+    _chat_template_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--api-key", default=None,
@@ -94,7 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--serve", action="store_true", help="load test of `minillm serve` on loopback")
     chat = commands.add_parser("chat", help="interactive chat (reads lines from stdin; /reset, /exit)")
     chat.add_argument("--system", default=None, help="a system message")
+    _chat_template_option(chat)
     _model_options(chat)
+    tokenize = commands.add_parser("tokenize", help="print a text's token ids and pieces (no weights are loaded)")
+    tokenize.add_argument("text", help="the text (\\n, \\t, \\\\ are unescaped)")
+    tokenize.add_argument("--model", default=None, help="a GGUF file (vocabulary-only too) or a Hugging Face folder "
+                                                        "(default: the bundled SmolLM2-135M-Instruct)")
+    tokenize.add_argument("--no-special", action="store_true",
+                          help="neither BOS/EOS nor special-token text as control tokens (llama.cpp's test suite)")
     return parser
 
 
@@ -110,7 +125,8 @@ def _load(args: argparse.Namespace):
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
               progress=sys.stderr.isatty(), compile=args.compile, fast_prefill=args.fast_prefill,
-              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype)
+              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
+              chat_template=getattr(args, "chat_template", None))
     freeze_heap()
     return llm
 
@@ -198,12 +214,15 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.stem
     try:
         check_device(args.device)
+        if args.chat_template is not None:
+            resolve_chat_template(args.chat_template)  # refused here, not by /health once the server runs
     except ValueError as err:
         print(f"minillm: error: {err}", file=sys.stderr)
         return 1
     options = {"dtype": args.dtype, "device": args.device, "quantization": args.quantization,
                "max_num_seqs": args.max_concurrency, "compile": args.compile, "fast_prefill": args.fast_prefill,
-               "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype}
+               "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype,
+               "chat_template": args.chat_template}
     app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
                      stream_timeout=args.stream_timeout)
     try:
@@ -216,6 +235,17 @@ def _serve(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    """One line per token: its id and its piece as the vocabulary writes it ("▁" or "Ġ" for a space, <0xXX>
+    for a byte), since a piece alone may be part of a character."""
+    from .loading import open_tokenizer
+
+    tokenizer = open_tokenizer(args.model)
+    special = not args.no_special
+    for token_id in tokenizer.encode(unescape(args.text), add_special_tokens=special, parse_special=special):
+        print(f"{token_id:>7} {tokenizer.backend.id_to_token(token_id)!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     try:
-        (_generate if args.command == "generate" else _chat)(args)
+        {"generate": _generate, "chat": _chat, "tokenize": _tokenize}[args.command](args)
     except (ValueError, OSError, RequestFailed) as err:  # one line, no traceback
         print(f"minillm: error: {err}", file=sys.stderr)
         return 1

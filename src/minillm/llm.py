@@ -30,13 +30,15 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
                  device: str | torch.device = "cpu", quantization: str | None = None, progress: bool = True,
-                 **engine_options: Any) -> None:
+                 chat_template: str | None = None, **engine_options: Any) -> None:
         """dtype None (the default): a GGUF file computes with its own quantized blocks through our C++
         kernels (float32 activations, a float16 KV cache; the fastest setting, as llama.cpp runs the file),
         other checkpoints in float32; on a GPU (device "cuda"), bfloat16. dtype "float32" or "bfloat16":
         every weight dequantized to it; float32 is the setting whose greedy tokens equal HF transformers'.
         quantization: None, "gguf" (insists on the file's blocks: a GGUF file, dtype None) or "int8" /
-        "int4" (weight-only, re-quantized from float; see minillm.quantization). engine_options: the
+        "int4" (weight-only, re-quantized from float; see minillm.quantization). chat_template: a built-in
+        template's name ("chatml", "llama3", ...), a Jinja file or Jinja text, used instead of the checkpoint's
+        own; a checkpoint without one gets its family's built-in template. engine_options: the
         fields of `EngineConfig` (block_size, kv_cache_memory in bytes, gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, attention_backend, compile,
         cuda_graphs, fast_prefill, kv_cache_dtype)."""
@@ -47,7 +49,7 @@ class LLM:
         requantize = quantization in ("int8", "int4")
         if requantize and dtype is None:
             dtype = "float32"  # int8 / int4 re-quantize float weights
-        loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress)
+        loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress, chat_template=chat_template)
         if quantization == "gguf" and not loaded.quantized:
             raise ValueError(f"quantization='gguf' needs a GGUF file on the CPU and the C++ kernels; {loaded.name} "
                              "was loaded dequantized instead")
@@ -77,11 +79,13 @@ class LLM:
         return self._collect(texts, ids, sampling_params)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> RequestOutput | list[RequestOutput]:
-        """Reply to one conversation (a list of {"role", "content"} dicts) or to a list of them."""
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> RequestOutput | list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} dicts) or to a list of them;
+        `chat_template_kwargs` are the template's own arguments ({"enable_thinking": False} for Qwen3)."""
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
-        ids = [self.tokenizer.encode_chat(c) for c in conversations]
+        ids = [self.tokenizer.encode_chat(c, **(chat_template_kwargs or {})) for c in conversations]
         outputs = self._collect([None] * len(ids), ids, sampling_params)
         return outputs[0] if single else outputs
 
@@ -90,8 +94,9 @@ class LLM:
         _, ids = self._prepare(prompt)
         yield from self._stream(ids[0], sampling_params)
 
-    def stream_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None) -> Iterator[StepOutput]:
-        yield from self._stream(self.tokenizer.encode_chat(messages), sampling_params)
+    def stream_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> Iterator[StepOutput]:
+        yield from self._stream(self.tokenizer.encode_chat(messages, **(chat_template_kwargs or {})), sampling_params)
 
     # -- internals ---------------------------------------------------------------------------
 

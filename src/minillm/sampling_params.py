@@ -6,15 +6,21 @@ ValueError, whose message starts with the field's name.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
+from .excerpt import excerpt
 from .text.unicode import check_text
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's rule): logits / 1e-300 overflow
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it every seen token is banned or forced anyway
 MAX_STOP_STRINGS = 16
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+# Grammar sizes: past these, compiling (and every step's token mask) takes long enough to stall the batch
+# (measured: 10k choices compile in 0.1 s and mask in 50 ms a step; 100k break llguidance's own limits).
+MAX_GUIDED_CHOICES = 1024
+MAX_GRAMMAR_CHARS = 64 << 10  # a schema's JSON text, a regex, or all choices together
 
 
 @dataclass
@@ -68,13 +74,13 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {excerpt(self.stop)}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
         for i, s in enumerate(self.stop):
             check_text(s, f"stop[{i}]")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {excerpt(self.stop_token_ids)}")
         self._check_guided()
 
     @property
@@ -89,10 +95,21 @@ class SamplingParams:
         if self.guided_json is not None and not isinstance(self.guided_json, (dict, str)):
             raise ValueError(f"guided_json must be a JSON schema (an object or its text), got {type(self.guided_json).__name__}")
         if self.guided_regex is not None and not (isinstance(self.guided_regex, str) and self.guided_regex):
-            raise ValueError(f"guided_regex must be a non-empty string, got {self.guided_regex!r}")
+            raise ValueError(f"guided_regex must be a non-empty string, got {excerpt(repr(self.guided_regex))}")
         if self.guided_choice is not None and not (isinstance(self.guided_choice, list) and self.guided_choice
                                                    and all(isinstance(c, str) and c for c in self.guided_choice)):
-            raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, got {self.guided_choice!r}")
+            raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, got {excerpt(self.guided_choice)}")
+        if self.guided_choice is not None and len(self.guided_choice) > MAX_GUIDED_CHOICES:
+            raise ValueError(f"guided_choice has {len(self.guided_choice)} entries; at most {MAX_GUIDED_CHOICES} are allowed")
+        if given and _grammar_chars(getattr(self, given[0])) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"{given[0]} is longer than {MAX_GRAMMAR_CHARS} characters (the size limit of a grammar)")
+
+
+def _grammar_chars(spec: dict | str | list[str]) -> int:
+    """A schema's JSON text, a regex, or all choices together, in characters."""
+    if isinstance(spec, dict):
+        return len(json.dumps(spec))
+    return len(spec) if isinstance(spec, str) else sum(map(len, spec))
 
 
 def _is_int(value: object) -> bool:

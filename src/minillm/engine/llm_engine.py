@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..cache.paged_cache import bytes_per_block
+from ..excerpt import excerpt
 from ..model.transformer import MiniLLM
 from ..runtime import tune_allocator
 from ..sampling_params import SamplingParams
@@ -254,7 +255,9 @@ class LLMEngine:
         else:
             text = detokenizer.add(token) if detokenizer else ""
             if state.matcher is not None and not state.matcher.consume_token(token):
-                return self._fail(seq, f"the grammar refused token {token}: {state.matcher.get_error()}")
+                # its first line: the rest is the grammar library's internal state
+                return self._fail(seq, f"the grammar refused token {token}: "
+                                       f"{excerpt(state.matcher.get_error().split(chr(10))[0])}")
             if detokenizer and detokenizer.stopped:
                 reason = "stop"
             elif state.matcher is not None and state.matcher.is_stopped():  # the schema / regex / choice is complete

@@ -5,19 +5,24 @@ The engine is llguidance (the grammar library vLLM and llama.cpp use): no depend
 pulls in transformers and triton), it reads this project's `tokenizers` JSON as it is, and it compiles a
 schema and computes a mask fast enough to run at every decode step (benchmarks/bench_guided.py). A
 grammar is compiled once per distinct spec and cached; each request gets its own matcher, which the
-engine advances with every token it accepts.
+engine advances with every token it accepts. A grammar that admits no string at all is refused when it
+is compiled, so a request never runs (and ends "stop" with nothing) on one.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
 
-GRAMMAR_CACHE_SIZE = 256
+from ..excerpt import excerpt
+from .json_schema_check import requires_itself
+
+GRAMMAR_CACHE_BYTES = 64 << 20  # compiled grammars kept, by the size of their spec and grammar texts
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -34,34 +39,55 @@ def spec_of(params: Any) -> tuple[str, str] | None:
 
 
 class GuidedDecoding:
-    """Grammars and matchers for one tokenizer and vocabulary."""
+    """Grammars and matchers for one tokenizer and vocabulary; safe to share between threads (the server
+    compiles in worker threads)."""
 
     def __init__(self, backend: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
         """backend: the `tokenizers.Tokenizer` of the model's tokenizer."""
         self._backend, self.vocab_size, self._eos = backend, vocab_size, eos_token_ids
         self._tokenizer = None  # llguidance's view of the vocabulary: built on first use (it is slow to build)
         self._grammars: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
 
     @property
     def tokenizer(self):
         import llguidance
 
-        if self._tokenizer is None:
-            self._tokenizer = llguidance.LLTokenizer(self._backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos)
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.LLTokenizer(self._backend.to_str(), n_vocab=self.vocab_size,
+                                                         eos_token=self._eos)
         return self._tokenizer
 
     def grammar(self, params: Any) -> str | None:
         """The compiled grammar of a request's constraint; a ValueError starting with the field's name
         when it is not a valid schema, regex or choice list."""
-        import llguidance
-
         spec = spec_of(params)
         if spec is None:
             return None
-        if spec in self._grammars:
-            self._grammars.move_to_end(spec)
-            return self._grammars[spec]
-        field, text = spec
+        with self._lock:
+            if spec in self._grammars:
+                self._grammars.move_to_end(spec)
+                return self._grammars[spec]
+        grammar = self._compile(*spec)
+        with self._lock:
+            if spec not in self._grammars:
+                self._grammars[spec] = grammar
+                self._cached_bytes += len(spec[1]) + len(grammar)
+            while self._cached_bytes > GRAMMAR_CACHE_BYTES and self._grammars:
+                (_, text), old = self._grammars.popitem(last=False)
+                self._cached_bytes -= len(text) + len(old)
+        return grammar
+
+    def _compile(self, field: str, text: str) -> str:
+        """A checked grammar: it compiles, and it admits some string (a matcher made from it is not in
+        error before its first token); library errors are cut to one short line."""
+        import llguidance
+
+        def refused(why: str) -> ValueError:
+            return ValueError(f"{field}: {excerpt(' '.join(why.split()))}")  # one line (it comes with caret drawings)
+
         try:
             if field == "guided_json":
                 # one fixed spacing (", ", ": "), no free whitespace: small models otherwise pad with
@@ -70,13 +96,17 @@ class GuidedDecoding:
             else:
                 grammar = llguidance.grammar_from("regex" if field == "guided_regex" else "choice", text)
         except ValueError as err:
-            raise ValueError(f"{field}: {err}") from None
+            raise refused(str(err)) from None
+        if field == "guided_json" and requires_itself(json.loads(text)):
+            raise ValueError(f"{field}: the schema requires itself (through required properties or $ref), so no "
+                             "finite JSON value satisfies it")
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
-            raise ValueError(f"{field}: {' '.join(messages[0].split())}")  # one line (it comes with caret drawings)
-        self._grammars[spec] = grammar
-        if len(self._grammars) > GRAMMAR_CACHE_SIZE:
-            self._grammars.popitem(last=False)
+            raise refused(messages[0])
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        matcher.compute_bitmask()
+        if matcher.is_error():
+            raise ValueError(f"{field}: admits no string ({excerpt(matcher.get_error().split(chr(10))[0], 80)})")
         return grammar
 
     def matcher(self, params: Any):

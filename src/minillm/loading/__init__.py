@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 
 from ..model.transformer import MiniLLM
 from .. import kernels
+from ..text.chat_formats import select_chat_template
 from ..text.tokenizer import Tokenizer
-from .gguf_file import GGUFCheckpoint
-from .hf_folder import HFCheckpoint, read_json
+from .gguf_file import GGUFCheckpoint, GGUFMetadata
+from .hf_folder import HFCheckpoint, HFFolder, read_json
 from .builder import build_model
 from .errors import ModelLoadError
 
@@ -43,8 +44,11 @@ def default_model_path() -> Path:
 
 
 def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu", progress: bool = True) -> LoadedModel:
+                    device: str | torch.device = "cpu", progress: bool = True,
+                    chat_template: str | None = None) -> LoadedModel:
     """Load a GGUF file or a Hugging Face folder (config.json + safetensors); None is the bundled model.
+    chat_template: a built-in template's name, a Jinja file or Jinja text, instead of the checkpoint's own
+    (a checkpoint without one gets its family's built-in template: text/chat_formats.py).
 
     dtype None: a GGUF file on the CPU keeps its quantized blocks and computes with our kernels
     (float32 activations), as llama.cpp does; anything else is loaded in float32 on the CPU and in
@@ -53,6 +57,7 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     check_device(device)
     path = default_model_path() if path is None else Path(path)
     checkpoint = open_checkpoint(path)
+    tokenizer, eos = _tokenizer(checkpoint, path, chat_template)  # first: a bad template fails before the weights load
     quantized = (dtype is None and isinstance(checkpoint, GGUFCheckpoint) and torch.device(device).type == "cpu"
                  and kernels.ops_available())
     default = "bfloat16" if torch.device(device).type == "cuda" else "float32"
@@ -60,7 +65,6 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     with tqdm(total=config.num_layers, desc=f"Loading {path.name}", unit="layer", disable=not progress,
               leave=False) as bar:
         model = build_model(checkpoint, config, device, on_blocks=quantized, progress=lambda: bar.update())
-    tokenizer, eos = _tokenizer(checkpoint, path)
     return LoadedModel(model, tokenizer, eos, path.name, quantized)
 
 
@@ -79,28 +83,58 @@ def check_device(device: str | torch.device) -> None:
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
-def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer | None, list[int]]:
-    """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model)."""
+def load_tokenizer(path: str | Path | None = None,
+                   chat_template: str | None = None) -> tuple[Tokenizer | None, list[int]]:
+    """A checkpoint's tokenizer and EOS ids without its weights (None: the bundled model); chat_template as
+    for load_checkpoint."""
     path = default_model_path() if path is None else Path(path)
-    return _tokenizer(open_checkpoint(path), path)
+    return _tokenizer(open_checkpoint(path, tokenizer_only=True), path, chat_template)
 
 
-def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
+def open_tokenizer(path: str | Path | None = None, chat_template: str | None = None) -> Tokenizer:
+    """A GGUF file's (vocabulary-only or not) or a Hugging Face folder's tokenizer, whatever the model's
+    architecture, without its weights (None: the bundled model); `minillm.load_tokenizer`."""
+    tokenizer, _ = load_tokenizer(path, chat_template)
+    if tokenizer is None:
+        raise ModelLoadError(f"{path} has no tokenizer (no tokenizer.json)")
+    return tokenizer
+
+
+def open_checkpoint(path: Path, tokenizer_only: bool = False) -> GGUFMetadata | HFFolder:
     """A folder is a Hugging Face checkpoint, a regular file a GGUF one; anything else (a FIFO, a device)
-    is refused before it is read, since reading it could block forever."""
+    is refused before it is read, since reading it could block forever. `tokenizer_only`: its configuration
+    and metadata, of any architecture, without its weights."""
     if not path.exists():
         raise ModelLoadError(f"no such model file or folder: {path}")
     if path.is_dir():
-        return HFCheckpoint(path)
+        return HFFolder(path) if tokenizer_only else HFCheckpoint(path)
     if not path.is_file():
         raise ModelLoadError(f"{path} is neither a regular file nor a folder")
-    return GGUFCheckpoint(path)
+    return GGUFMetadata(path) if tokenizer_only else GGUFCheckpoint(path)
 
 
-def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[Tokenizer | None, list[int]]:
-    if isinstance(checkpoint, GGUFCheckpoint):
-        tokenizer = Tokenizer.from_gguf(checkpoint) if checkpoint.meta("tokenizer.ggml.model") is not None else None
-        return tokenizer, tokenizer.eos_token_ids if tokenizer else []
+def _tokenizer(checkpoint: GGUFMetadata | HFFolder, path: Path,
+               chat_template: str | None) -> tuple[Tokenizer | None, list[int]]:
+    """The checkpoint's tokenizer with the chat template it is used with: `chat_template` if given, else its
+    own, else its family's built-in one."""
+    tokenizer, eos = _own_tokenizer(checkpoint, path)
+    if tokenizer is not None:
+        architecture = checkpoint.model_type if isinstance(checkpoint, HFFolder) else checkpoint.architecture
+        tokenizer.chat_template = select_chat_template(
+            tokenizer.chat_template, architecture, lambda token: tokenizer.token_to_id(token) is not None, path.name,
+            chat_template)
+    return tokenizer, eos
+
+
+def _own_tokenizer(checkpoint: GGUFMetadata | HFFolder, path: Path) -> tuple[Tokenizer | None, list[int]]:
+    if isinstance(checkpoint, GGUFMetadata):
+        if checkpoint.meta("tokenizer.ggml.model") is None:
+            return None, []
+        try:
+            tokenizer = Tokenizer.from_gguf(checkpoint)
+        except ValueError as err:  # a tokenizer kind or pre-tokenizer we do not implement: one line, no traceback
+            raise ModelLoadError(str(err)) from None
+        return tokenizer, tokenizer.eos_token_ids
     eos = checkpoint.generation_eos_ids()
     if not (path / "tokenizer.json").is_file():
         return None, eos
@@ -109,4 +143,5 @@ def _tokenizer(checkpoint: GGUFCheckpoint | HFCheckpoint, path: Path) -> tuple[T
     return tokenizer, tokenizer.eos_token_ids
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "check_device", "default_model_path", "load_checkpoint", "load_tokenizer"]
+__all__ = ["LoadedModel", "ModelLoadError", "check_device", "default_model_path", "load_checkpoint", "load_tokenizer",
+           "open_tokenizer"]

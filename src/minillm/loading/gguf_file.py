@@ -25,8 +25,9 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
-class GGUFCheckpoint:
-    """An open GGUF file: its metadata as plain values and its tensors by name."""
+class GGUFMetadata:
+    """An open GGUF file's metadata as plain values, whatever its architecture (enough for its tokenizer;
+    a vocabulary-only file has nothing else)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -34,17 +35,24 @@ class GGUFCheckpoint:
             self.reader = GGUFFile(self.path)
         except Exception as err:  # struct.error, ValueError, ... on damaged files
             raise ModelLoadError(f"{self.path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
-        self.tensors = self.reader.tensors
         self.name = self.path.name
         self.architecture = self.meta("general.architecture")
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        return self.reader.fields.get(key, default)
+
+
+class GGUFCheckpoint(GGUFMetadata):
+    """An open GGUF file of a supported architecture: its metadata and its tensors by name."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.tensors = self.reader.tensors
         arch = gguf_architecture(self.architecture)
         if arch is None:
             raise ModelLoadError(f"{self.path.name}: architecture {self.architecture!r} is not supported "
                                  f"(supported: {supported('gguf')})")
         self.arch, self.tensor_table = arch, arch.gguf_tensors
-
-    def meta(self, key: str, default: Any = None) -> Any:
-        return self.reader.fields.get(key, default)
 
     def arch_meta(self, key: str, default: Any = None) -> Any:
         return self.meta(f"{self.architecture}.{key}", default)

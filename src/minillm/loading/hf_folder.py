@@ -25,22 +25,39 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"cannot read {path}: {err}") from None
 
 
-class HFCheckpoint:
-    """A folder with config.json and model.safetensors (or model.safetensors.index.json + shards)."""
+class HFFolder:
+    """A Hugging Face folder's configuration, whatever its model type or weights (enough for its tokenizer:
+    tokenizer.json beside an optional config.json)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        self.name = self.folder.name
         config_file = self.folder / "config.json"
-        if not config_file.is_file():
+        self.hf_config = read_json(config_file) if config_file.is_file() else {}
+        self.model_type = self.hf_config.get("model_type")
+
+    def generation_eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        for file in (self.folder / "generation_config.json", self.folder / "config.json"):
+            if file.is_file():
+                eos = read_json(file).get("eos_token_id")
+                ids += [eos] if isinstance(eos, int) else list(eos or [])
+        return list(dict.fromkeys(ids))
+
+
+class HFCheckpoint(HFFolder):
+    """A folder with config.json and model.safetensors (or model.safetensors.index.json + shards)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        super().__init__(folder)
+        if not (self.folder / "config.json").is_file():
             raise ModelLoadError(f"{self.folder} has no config.json; a Hugging Face checkpoint folder needs one")
-        self.hf_config = read_json(config_file)
-        model_type = self.hf_config.get("model_type")
+        model_type = self.model_type
         arch = hf_architecture(model_type)
         if arch is None:
             raise ModelLoadError(f"{self.folder.name}: model_type {model_type!r} is not supported "
                                  f"(supported: {supported('hf')})")
-        self.model_type, self.arch, self.tensor_table = model_type, arch, arch.hf_tensors
-        self.name = self.folder.name
+        self.arch, self.tensor_table = arch, arch.hf_tensors
         self._files = self._weight_files()  # tensor name -> shard file
         self._open: dict[Path, Any] = {}
 
@@ -164,11 +181,3 @@ class HFCheckpoint:
                 raise ModelLoadError(f"shard {shard.name} named in the index is missing")
             self._open[shard] = safe_open(shard, framework="pt")
         return self._open[shard].get_tensor(name)
-
-    def generation_eos_ids(self) -> list[int]:
-        ids: list[int] = []
-        for file in (self.folder / "generation_config.json", self.folder / "config.json"):
-            if file.is_file():
-                eos = read_json(file).get("eos_token_id")
-                ids += [eos] if isinstance(eos, int) else list(eos or [])
-        return list(dict.fromkeys(ids))

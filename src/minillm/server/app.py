@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,14 +13,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..loading import ModelLoadError, load_tokenizer
-from ..text.tokenizer import Tokenizer
+from .bounds import longest_token_bytes
 from .engine_client import EngineClient
 from .formats import ChatFormat, CompletionFormat
 from .guard import Guard
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
-from .responses import Job, respond
+from .prepare import chat_job, completion_job, prepare
+from .protocol import APIError, validation_error
+from .responses import respond
 from .state import ServerState
-from .tools import template_messages
 
 
 def create_app(model: str | None, model_name: str, llm_options: dict | None = None, api_key: str | None = None,
@@ -46,18 +45,21 @@ def _lifespan(state: ServerState, model: str | None, llm_options: dict | None,
     """Start the engine process and load the tokenizer beside it, so /health answers at once."""
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine = EngineClient(model, llm_options or {}, stall_timeout=stream_timeout)
-        threading.Thread(target=_load_tokenizer, args=(state, model), name="minillm-tokenizer", daemon=True).start()
+        threading.Thread(target=_load_tokenizer, args=(state, model, (llm_options or {}).get("chat_template")),
+                         name="minillm-tokenizer", daemon=True).start()
         yield
+        state.workers.shutdown(wait=False, cancel_futures=True)
         state.engine.close()
 
     return lifespan
 
 
-def _load_tokenizer(state: ServerState, model: str | None) -> None:
+def _load_tokenizer(state: ServerState, model: str | None, chat_template: str | None) -> None:
     try:
-        tokenizer, _ = load_tokenizer(model)
+        tokenizer, _ = load_tokenizer(model, chat_template)  # the template LLM(chat_template=...) uses too
         if tokenizer is None:
             raise ModelLoadError(f"{model} has no tokenizer (tokenizer.json); the server needs one")
+        state.longest_token = longest_token_bytes(tokenizer)
         state.tokenizer = tokenizer
     except Exception as err:  # reported by /health
         state.load_error = f"{type(err).__name__}: {err}"
@@ -75,13 +77,7 @@ async def _api_error(request: Request, err: APIError) -> JSONResponse:
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0] if err.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
-    param = loc[0] if loc else None
-    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-    return JSONResponse(APIError(400, message, param).body(), status_code=400)
+    return JSONResponse(validation_error(err.errors()).body(), status_code=400)
 
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -112,49 +108,11 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_completion_routes(app: FastAPI, state: ServerState) -> None:
+    """Each body is parsed, checked and tokenized in a worker thread (prepare.py), never on the event loop."""
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        state.admit(body)
-        job = Job(body, _prompt_ids(body.prompt, state.tokenizer), body.logprobs, "prompt",
-                  default_max_tokens=lambda prompt_len: 16)
-        return await respond(request, state, job, CompletionFormat)
+    async def completions(request: Request) -> Response:
+        return await respond(request, state, await prepare(state, request, completion_job), CompletionFormat)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        engine = state.admit(body)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        # without max_tokens, a reply may fill the rest of the context (a completion gets 16 tokens, as OpenAI's)
-        job = Job(body, [_chat_prompt_ids(body, state.tokenizer)], logprobs, "messages",
-                  default_max_tokens=lambda prompt_len: max(engine.limits.max_seq_len - prompt_len, 1))
-        return await respond(request, state, job, ChatFormat)
-
-
-def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif prompt and all(isinstance(t, int) for t in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
-    if not prompts:
-        raise APIError(400, "prompt must not be empty", "prompt")
-    try:
-        ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    except ValueError as err:
-        raise APIError(400, str(err), "prompt") from None
-    if any(not p for p in ids):
-        raise APIError(400, "prompt must not be empty", "prompt")
-    return ids
-
-
-def _chat_prompt_ids(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
-    """The conversation through the chat template, with the tools as the template takes them (or as
-    a system message where it ignores them)."""
-    functions, native = body.tool_functions(), tokenizer.template_renders_tools
-    messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages], functions,
-                                 body.tool_choice, native)
-    try:
-        return tokenizer.encode_chat(messages, tools=[{"type": "function", "function": f} for f in functions]
-                                     if functions and native else None)
-    except ValueError as err:  # the template refused the conversation
-        raise APIError(400, str(err), "messages") from None
+    async def chat_completions(request: Request) -> Response:
+        return await respond(request, state, await prepare(state, request, chat_job), ChatFormat)

@@ -1,5 +1,5 @@
 """OpenAI's JSON for the two completion endpoints: one formatter per endpoint shapes its whole response
-body and its streamed chunks (choices, logprobs, usage and, for chat, tool calls)."""
+body and its streamed chunks (choices, logprobs, usage and, for chat, tool calls and reasoning)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..engine import StepOutput
-from .protocol import ChatCompletionRequest, CompletionRequest
+from ..text.reasoning import ReasoningParser
+from .prepare import Job
 from .state import ServerState
 from .tools import parse_tool_calls
 
@@ -50,11 +51,10 @@ class ResponseFormat:
     body_object: ClassVar[str]
     chunk_object: ClassVar[str]
 
-    def __init__(self, state: ServerState, body: CompletionRequest | ChatCompletionRequest,
-                 logprobs: int | None) -> None:
+    def __init__(self, state: ServerState, job: Job) -> None:
         self.model_name, self.tokenizer = state.model_name, state.tokenizer
-        self.want_logprobs = logprobs is not None
-        self.include_usage = body.stream_options is not None and body.stream_options.include_usage
+        self.want_logprobs = job.logprobs is not None
+        self.include_usage = job.body.stream_options is not None and job.body.stream_options.include_usage
         self.id = self.id_prefix + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -127,10 +127,14 @@ class CompletionFormat(ResponseFormat):
 class ChatFormat(ResponseFormat):
     id_prefix, body_object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, state: ServerState, body: ChatCompletionRequest, logprobs: int | None) -> None:
-        super().__init__(state, body, logprobs)
+    def __init__(self, state: ServerState, job: Job) -> None:
+        super().__init__(state, job)
+        body = job.body
         # None: no tools; "auto": replies are parsed for calls; "forced": each reply is one call
         self.tool_calls = None if not body.tool_functions() else "forced" if body.constraint()[0] == "tools" else "auto"
+        # a reply a grammar shapes (response_format, guided_*, a forced call) is all content
+        self.reasoning = None if body.constrained() else job.reasoning
+        self._parsers: dict[int, ReasoningParser] = {}  # per choice, while it streams
 
     def opening(self, choices: list[Choice]) -> list[str]:
         """The role comes first, once per choice."""
@@ -145,10 +149,21 @@ class ChatFormat(ResponseFormat):
     def piece(self, choice: Choice, item: StepOutput, finish: str | None) -> dict[str, Any] | None:
         if self.tool_calls is not None:  # held until the reply ends: a call is parsed from all of it
             return self._whole_reply(choice) if finish else None
-        if not self._shows(item, finish):
+        delta = self._delta(choice, item.text, finish is not None)
+        if not (delta or finish or self.want_logprobs):  # nothing visible yet (held back)
             return None
-        return {"index": choice.index, "delta": {"content": item.text} if item.text else {},
-                "logprobs": self._step_logprobs(item), "finish_reason": finish}
+        return {"index": choice.index, "delta": delta, "logprobs": self._step_logprobs(item), "finish_reason": finish}
+
+    def _delta(self, choice: Choice, text: str, last: bool) -> dict[str, str]:
+        """What one output adds to a streamed reply: its content and, apart, its reasoning."""
+        if self.reasoning is None:
+            return {"content": text} if text else {}
+        parser = self._parsers.setdefault(choice.index, self.reasoning.parser())
+        reasoning, content = parser.feed(text)
+        if last:
+            rest = parser.finish()
+            reasoning, content = reasoning + rest[0], content + rest[1]
+        return {key: value for key, value in (("reasoning_content", reasoning), ("content", content)) if value}
 
     def logprobs(self, entries: list[tuple[str, Any]]) -> dict[str, Any]:
         """As for completions, each token's text is the text it released."""
@@ -165,13 +180,18 @@ class ChatFormat(ResponseFormat):
         message, finish = self._message(choice)
         delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]} \
             if "tool_calls" in message else {"content": message["content"]}
+        if "reasoning_content" in message:
+            delta = {"reasoning_content": message["reasoning_content"], **delta}
         return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def _message(self, choice: Choice) -> tuple[dict[str, Any], str | None]:
-        """The reply as OpenAI's assistant message, its tool calls parsed out (finish reason "tool_calls")."""
+        """The reply as OpenAI's assistant message: its reasoning apart (reasoning_content, where there is
+        some), its tool calls parsed out of the rest (finish reason "tool_calls")."""
+        reasoning, text = self.reasoning.split(choice.text) if self.reasoning else ("", choice.text)
+        message = {"role": "assistant", "content": text, **({"reasoning_content": reasoning} if reasoning else {})}
         if self.tool_calls is None:
-            return {"role": "assistant", "content": choice.text}, choice.finish_reason
-        content, calls = parse_tool_calls(choice.text, self.tool_calls == "forced")
+            return message, choice.finish_reason
+        message["content"], calls = parse_tool_calls(text, self.tool_calls == "forced")
         if not calls:
-            return {"role": "assistant", "content": content}, choice.finish_reason
-        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            return message, choice.finish_reason
+        return {**message, "tool_calls": calls}, "tool_calls"

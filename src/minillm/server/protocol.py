@@ -11,11 +11,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..excerpt import excerpt
 from ..sampling_params import SamplingParams
+from ..text.chat_template import RESERVED
 from ..text.unicode import find_invalid_text
 from .tools import check_tools, forced_call_schema
 
 MAX_CHOICES = 128  # prompts x n in one request
+MAX_MESSAGE_CHARS = 1000  # an error message at most (any input it quotes is cut to ~200 characters before)
 
 
 class APIError(Exception):
@@ -25,8 +28,17 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": _printable(self.message), "type": self.kind,
+        return {"error": {"message": _printable(excerpt(self.message, MAX_MESSAGE_CHARS)), "type": self.kind,
                           "param": None if self.param is None else _printable(self.param), "code": self.code}}
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """pydantic's first complaint about a body as a 400 naming the field (never FastAPI's 422)."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON")
+    return APIError(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}", loc[0] if loc else None)
 
 
 def _printable(text: str) -> str:
@@ -107,6 +119,10 @@ class _Request(BaseModel):
         schema = self.response_schema()
         return ("response_format", schema) if schema is not None else ("guided_json", self.guided_json)
 
+    def constrained(self) -> bool:
+        """Whether a grammar shapes the output (response_format, guided_*, a forced tool call)."""
+        return self.constraint()[1] is not None or self.guided_regex is not None or self.guided_choice is not None
+
     def guided_field(self) -> str:
         """The request field a grammar error is about."""
         field, schema = self.constraint()
@@ -125,9 +141,10 @@ class _Request(BaseModel):
                 frequency_penalty=self.frequency_penalty, stop=self.stop, ignore_eos=self.ignore_eos,
                 seed=self.seed if self.seed is None or not seed_offset else (self.seed + seed_offset) % 2**64,
                 logprobs=logprobs)
-        except ValueError as err:  # its message starts with the field's name
+        except ValueError as err:  # its message starts with the field's name (guided_*: the field asking for it)
             message = str(err)
-            raise APIError(400, message, re.match(r"\w*", message).group()) from None
+            name = re.match(r"\w*", message).group()
+            raise APIError(400, message, self.guided_field() if name.startswith("guided_") else name) from None
 
     def requested_max_tokens(self) -> int | None:
         value = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -156,12 +173,6 @@ class CompletionRequest(_Request):
             raise APIError(400, "best_of other than n is not supported", "best_of")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["text"]
-    text: str
-
-
 class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     name: str
@@ -180,7 +191,7 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # other fields (name, ...) pass through to the template
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[dict[str, Any]] | None = None  # parts checked by ChatCompletionRequest.check
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
@@ -190,6 +201,14 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None
     tool_choice: Any = None
+    # the chat template's own arguments (vLLM's and llama.cpp's field); enable_thinking alone: Qwen3's switch
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's own arguments: enable_thinking, then chat_template_kwargs (which win)."""
+        thinking = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return {**thinking, **(self.chat_template_kwargs or {})}
 
     def tool_functions(self) -> list[dict[str, Any]]:
         """The functions shown to the model (none for tool_choice "none")."""
@@ -205,14 +224,31 @@ class ChatCompletionRequest(_Request):
         if forced is None:
             return super().constraint()
         if super().constraint()[1] is not None or self.guided_regex is not None or self.guided_choice is not None:
-            raise APIError(400, f"tool_choice {self.tool_choice!r} forces a tool call; it excludes response_format "
+            raise APIError(400, f"tool_choice {excerpt(self.tool_choice)} forces a tool call; it excludes response_format "
                                 "and guided_*", "tool_choice")
         return "tools", forced
 
     def check(self) -> None:
         super().check()
+        self._check_parts()
         self.constraint()
+        reserved = [name for name in RESERVED if name in (self.chat_template_kwargs or {})]
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs cannot set {reserved[0]!r}; the server sets it",
+                           "chat_template_kwargs")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise APIError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
+
+    def _check_parts(self) -> None:
+        """Content parts: text only (the served models read no images, audio or files), refused by name."""
+        for i, message in enumerate(self.messages):
+            for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+                kind = part.get("type")
+                if kind != "text":
+                    what = f"{excerpt(kind, 40)!r} content parts are" if isinstance(kind, str) else "a part without a type is"
+                    raise APIError(400, f"messages[{i}].content[{j}]: {what} not supported; this server's model reads "
+                                        "text only ({'type': 'text', 'text': ...})", "messages")
+                if not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{i}].content[{j}].text must be a string", "messages")

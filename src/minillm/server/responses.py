@@ -6,29 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import RequestFailed, StepOutput
-from ..sampling_params import SamplingParams
 from .engine_client import EngineClient
 from .formats import Choice, ResponseFormat, sse
-from .protocol import MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest
+from .prepare import Job
+from .protocol import APIError
 from .state import ServerState
-
-
-@dataclass
-class Job:
-    """What a route hands over: the request, its prompts tokenized, and the endpoint's rules for them."""
-
-    body: CompletionRequest | ChatCompletionRequest
-    prompts: list[list[int]]
-    logprobs: int | None  # top logprobs per token (0: the sampled token's alone); None: no logprobs
-    prompt_field: str  # the request field blamed when the engine refuses a prompt
-    default_max_tokens: Callable[[int], int]  # prompt length -> max_tokens when the request sets none
 
 
 @dataclass
@@ -53,51 +42,23 @@ class Batch:
 
 
 def submit(state: ServerState, job: Job) -> Batch:
-    """Every choice of every prompt, each checked and then queued in the engine; if any is refused,
-    those already queued are aborted, so a request runs whole or not at all."""
-    asked = job.body.requested_max_tokens()
-    n = job.body.n
-    if len(job.prompts) * n > MAX_CHOICES:
-        raise APIError(400, f"{len(job.prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request",
-                       "prompt" if len(job.prompts) > 1 else "n")
+    """Every choice of a prepared job queued in the engine, one path for both endpoints."""
     batch = Batch(state.engine, sum(len(ids) for ids in job.prompts))
-    try:
-        for ids in job.prompts:
-            max_tokens = asked if asked is not None else job.default_max_tokens(len(ids))
-            for i in range(n):
-                params = job.body.sampling_params(max_tokens, job.logprobs, seed_offset=i)
-                _check(state, job, ids, params)
-                try:
-                    request_id, outputs = state.engine.submit(ids, params)
-                except RequestFailed as err:  # the engine process died since ready() looked
-                    raise APIError(503, str(err), kind="service_unavailable") from None
-                batch.choices.append(Choice(len(batch.choices), request_id, outputs))
-    except APIError:
-        batch.abort_unfinished()
-        raise
+    for ids, params in job.runs:
+        try:
+            request_id, outputs = state.engine.submit(ids, params)
+        except RequestFailed as err:  # the engine process died since ready() looked
+            batch.abort_unfinished()
+            raise APIError(503, str(err), kind="service_unavailable") from None
+        batch.choices.append(Choice(len(batch.choices), request_id, outputs))
     state.metrics.prompt_tokens.inc(batch.prompt_tokens)
     return batch
-
-
-def _check(state: ServerState, job: Job, ids: list[int], params: SamplingParams) -> None:
-    """The engine's limits and the request's grammar, checked here so that a refusal is a 400."""
-    limits = state.engine.limits
-    try:
-        limits.check(ids, params)
-    except ValueError as err:
-        raise APIError(400, str(err), job.prompt_field,
-                       code="context_length_exceeded" if "context" in str(err) else None) from None
-    if params.guided:  # the schema, regex or choices compile (cached: the engine compiles them again)
-        try:
-            state.guided_decoding(limits.vocab_size).grammar(params)
-        except ValueError as err:
-            raise APIError(400, str(err), job.body.guided_field()) from None
 
 
 async def respond(request: Request, state: ServerState, job: Job, format_type: type[ResponseFormat]) -> Response:
     """Submit the job, then answer with its whole response or its stream, in the endpoint's format."""
     batch = submit(state, job)
-    fmt = format_type(state, job.body, job.logprobs)
+    fmt = format_type(state, job)
     if job.body.stream:
         return StreamingResponse(Stream(state, batch, fmt).events(), media_type="text/event-stream")
     return await _collected(request, state, batch, fmt)

@@ -3,13 +3,18 @@ the metrics, and the checks every completion request passes before it reaches th
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..excerpt import excerpt
 from ..generation.guided import GuidedDecoding
 from ..text.tokenizer import Tokenizer
 from .engine_client import EngineClient
 from .metrics import Metrics
+from .bounds import Bounds
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+PREPARE_WORKERS = 2  # requests parsed, tokenized and compiled at once; more queue (each is bounded in size)
 
 
 @dataclass
@@ -20,12 +25,21 @@ class ServerState:
     load_error: str | None = None  # the tokenizer's (the engine process reports its own)
     metrics: Metrics = field(default_factory=Metrics)
     guided: GuidedDecoding | None = None
+    longest_token: int = 1  # bytes of the tokenizer's longest token, found when it loads
+    workers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="minillm-prepare"))
 
     def guided_decoding(self, vocab_size: int) -> GuidedDecoding:
         """Grammars compiled here too, so a bad schema is a 400 before the request reaches the engine."""
         if self.guided is None:
             self.guided = GuidedDecoding(self.tokenizer.backend, vocab_size, self.tokenizer.eos_token_ids)
         return self.guided
+
+    @property
+    def bounds(self) -> Bounds:
+        """What a request's raw JSON must fit (once ready): the context and the KV cache."""
+        limits = self.engine.limits
+        return Bounds(limits.max_seq_len, limits.max_cached_tokens, self.longest_token)
 
     @property
     def error(self) -> str | None:
@@ -42,6 +56,6 @@ class ServerState:
         engine = self.ready()
         body.check()
         if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+            raise APIError(404, f"the model {excerpt(repr(body.model))} does not exist; this server serves {self.model_name!r}",
                            "model", kind="not_found_error", code="model_not_found")
         return engine

@@ -17,6 +17,8 @@ import re
 import uuid
 from typing import Any
 
+from ..excerpt import excerpt
+
 CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 SYSTEM_PROMPT = ("You can call these functions (JSON schemas of their parameters):\n<tools>\n{tools}\n</tools>\n"
                  "To call one, reply with nothing but\n<tool_call>\n{{\"name\": <function name>, \"arguments\": "
@@ -49,7 +51,7 @@ def check_tools(tools: list[Any] | None, tool_choice: Any) -> list[dict[str, Any
         raise ValueError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
                          "'function': {'name': ...}}")
     if name not in names:
-        raise ValueError(f"tool_choice names {name!r}, which is not in tools")
+        raise ValueError(f"tool_choice names {excerpt(repr(name))}, which is not in tools")
     return functions
 
 
@@ -59,10 +61,24 @@ def forced_call_schema(functions: list[dict[str, Any]], tool_choice: Any) -> dic
         return None
     if isinstance(tool_choice, dict):
         functions = [f for f in functions if f["name"] == tool_choice["function"]["name"]]
+    # Each function's parameters go under the root's $defs, their local $refs rewritten to point there:
+    # nested under "arguments" as they are, "#/$defs/City" (what pydantic emits) would point nowhere.
+    defs = {f"function_{i}": _rebased(f.get("parameters") or {"type": "object"}, f"#/$defs/function_{i}")
+            for i, f in enumerate(functions)}
     options = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                                 "arguments": f.get("parameters") or {"type": "object"}},
-                "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+                                                 "arguments": {"$ref": f"#/$defs/function_{i}"}},
+                "required": ["name", "arguments"], "additionalProperties": False} for i, f in enumerate(functions)]
+    return {**(options[0] if len(options) == 1 else {"anyOf": options}), "$defs": defs}
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """`schema` with every local `$ref` ("#", "#/...") made relative to `root` instead of the document's root."""
+    if isinstance(schema, list):
+        return [_rebased(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            else _rebased(value, root) for key, value in schema.items()}
 
 
 def template_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any]], tool_choice: Any,

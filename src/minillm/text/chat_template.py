@@ -20,8 +20,9 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @lru_cache(maxsize=8)
@@ -37,8 +38,20 @@ def _compile(template: str):
         raise ChatTemplateError(f"the model's chat template does not compile: {err}") from None
 
 
+def check_template(template: str) -> None:
+    """Refuse a template that does not compile (a ChatTemplateError naming the problem)."""
+    _compile(template)
+
+
+# Names a message's reasoning comes under; transformers gives a template all of them (reasoning_content is
+# what Qwen3's reads, thinking what gpt-oss's reads).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
 def normalise_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check a conversation's shape; text-part lists ([{"type": "text", "text": ...}]) become strings."""
+    """Check a conversation's shape and give it to the template as transformers does: fields that are None
+    dropped, the reasoning under each of its names; text-part lists ([{"type": "text", "text": ...}]) become
+    strings, and a missing content an empty one (templates concatenate it)."""
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("a conversation must be a non-empty list of messages")
     out = []
@@ -54,17 +67,31 @@ def normalise_messages(messages: Any) -> list[dict[str, Any]]:
             content = ""
         if not isinstance(content, str):
             raise ChatTemplateError(f"message {i}: content must be a string or a list of text parts")
+        message = {key: value for key, value in message.items() if value is not None}
+        reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append({**message, "content": content})
     return out
 
 
+# Variables the renderer sets itself; a template argument may not replace them.
+RESERVED = ("messages", "tools", "documents", "add_generation_prompt")
+
+
 def render_chat_template(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                         tools: list[dict[str, Any]] | None = None, **special_tokens: Any) -> str:
-    """Render `messages` with the checkpoint's template; `tools` (OpenAI's tool list) as transformers passes
-    them; `special_tokens` gives bos_token, eos_token, ..."""
+                         tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
+                         **special_tokens: Any) -> str:
+    """Render `messages` with a chat template, as transformers' apply_chat_template does: `tools` (OpenAI's
+    tool list) as it passes them; `special_tokens` (bos_token, eos_token, ...) and then `template_kwargs`,
+    the template's own arguments (enable_thinking, ...), as variables."""
+    variables = {**special_tokens, **(template_kwargs or {})}
+    reserved = [name for name in RESERVED if name in variables]
+    if reserved:
+        raise ChatTemplateError(f"{reserved[0]} is set by the renderer; it cannot be a template argument")
     try:
-        return _compile(template).render(messages=normalise_messages(messages), tools=tools,
-                                         add_generation_prompt=add_generation_prompt, **special_tokens)
+        return _compile(template).render(messages=normalise_messages(messages), tools=tools, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **variables)
     except ChatTemplateError:
         raise
     except TemplateError as err:

@@ -2,45 +2,38 @@
 
 from __future__ import annotations
 
-import warnings
+import json
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from .chat_template import ChatTemplateError, render_chat_template
+from .gguf_vocab import gguf_tokenizer_args
+from .special_text import SpecialText, strings_in
 from .unicode import check_text, find_invalid_text
 
-# Pre-tokenizer split patterns, by llama.cpp's `tokenizer.ggml.pre` name.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {
-    # digits one by one, then GPT-2's rule
-    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"), ["\\p{N}", _GPT2_SPLIT]),
-    **dict.fromkeys(("llama3", "llama-bpe", "llama-v3", "smaug-bpe", "dbrx", "falcon3", "pixtral"), [_LLAMA3_SPLIT]),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), [_QWEN2_SPLIT]),
-    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais"), [_GPT2_SPLIT]),
-}
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+if TYPE_CHECKING:
+    from ..loading.gguf_file import GGUFMetadata
 
 
 class Tokenizer:
     """Encode/decode text, with the checkpoint's BOS rule, EOS ids and chat template.
 
-    `encode` adds BOS only where the checkpoint asks for it (`add_bos`), and never a second one.
+    `encode` adds BOS only where the checkpoint asks for it (`add_bos`), and never a second one, and EOS where
+    it asks for that (`add_eos`). Special-token text is parsed in a prompt (as llama.cpp's completion does), in a
+    chat template's own markup, and never inside the messages (unless asked).
     """
 
     def __init__(self, backend: Backend, *, bos_token_id: int | None, eos_token_ids: Sequence[int], add_bos: bool,
-                 chat_template: str | None = None) -> None:
+                 add_eos: bool = False, chat_template: str | None = None) -> None:
         self.backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(dict.fromkeys(eos_token_ids))
         self.add_bos = add_bos and bos_token_id is not None
+        self.add_eos = add_eos and bool(self.eos_token_ids)
         self.chat_template = chat_template
 
     @property
@@ -55,12 +48,38 @@ class Tokenizer:
     def eos_token(self) -> str:
         return self.backend.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """`parse_special` False: special-token text ("<|im_start|>") is plain text; user-defined tokens
+        are still matched, as in llama.cpp."""
         check_text(text, "the prompt")
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
+        backend = self.backend if parse_special else self._plain[0]
+        ids = backend.encode(text, add_special_tokens=False).ids
+        return self._with_special(ids, bos=add_special_tokens, eos=add_special_tokens)
+
+    def _with_special(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        if bos and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
+        if eos and self.add_eos:
+            ids = [*ids, self.eos_token_ids[0]]
         return ids
+
+    @cached_property
+    def _plain(self) -> tuple[Backend, Backend]:
+        """Copies of the backend that read special-token text as plain text: for text at the start, and for
+        text after a special token (where a Metaspace pre-tokenizer that marks only the first word does not
+        add its "▁", as `tokenizers` treats the pieces between special tokens)."""
+        config = json.loads(self.backend.to_str())
+        first = Backend.from_str(json.dumps(config))
+        first.encode_special_tokens = True
+        if not _metaspace_first_to_never(config):
+            return first, first
+        rest = Backend.from_str(json.dumps(config))
+        rest.encode_special_tokens = True
+        return first, rest
+
+    @cached_property
+    def _special_text(self) -> SpecialText:
+        return SpecialText(self.backend)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -69,11 +88,12 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> str:
+                            tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        """`template_kwargs`: the template's own arguments (enable_thinking, ...), as transformers takes them."""
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use generate() with a plain prompt")
         return render_chat_template(self.chat_template, messages, add_generation_prompt, tools,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
+                                    template_kwargs, bos_token=self.bos_token, eos_token=self.eos_token)
 
     @property
     def template_renders_tools(self) -> bool:
@@ -81,39 +101,40 @@ class Tokenizer:
         return "tools" in (self.chat_template or "")
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Template-rendered ids; the template decides where BOS goes, so none is added twice."""
+                    tools: list[dict[str, Any]] | None = None, *, special_in_content: bool = False,
+                    **template_kwargs: Any) -> list[int]:
+        """Template-rendered ids; the template decides where BOS goes, so none is added twice (nor EOS).
+
+        Special-token text inside the messages, tools and `template_kwargs` is plain text, so a message cannot
+        forge a turn; `special_in_content` True parses it as control tokens (the behaviour before)."""
         bad = find_invalid_text(messages, "messages")
         if bad is not None:
             raise ValueError(f"{bad} is not valid Unicode (it holds a lone surrogate)")
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=True)
+        if special_in_content:
+            prompt = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
+            return self._with_special(self.backend.encode(prompt, add_special_tokens=False).ids, bos=True, eos=False)
+        special, swaps = self._special_text, {}
+        taken = {c for text in strings_in([messages, tools, template_kwargs, self.chat_template, *special.tokens])
+                 for c in text if ord(c) >= 0xF0000}
+        messages, tools, template_kwargs = special.shield([messages, tools, template_kwargs], swaps, taken)
+        prompt = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
+        first, rest = self._plain
+        originals = {ord(c): text for c, text in swaps.items()}
+        ids: list[int] = []
+        for piece in special.split(prompt):
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                text, offset = piece
+                ids += (first if offset == 0 else rest).encode(text.translate(originals), add_special_tokens=False).ids
+        return self._with_special(ids, bos=True, eos=False)
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, checkpoint) -> "Tokenizer":
-        meta = checkpoint.meta
-        kind = meta("tokenizer.ggml.model")
-        tokens: list[str] = meta("tokenizer.ggml.tokens") or []
-        if not tokens:
-            raise ValueError(f"{checkpoint.path.name} has no tokenizer in its metadata")
-        types = meta("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if kind == "gpt2":
-            backend = _byte_level_bpe(tokens, meta("tokenizer.ggml.merges") or [], meta("tokenizer.ggml.pre"))
-            default_bos = False
-        elif kind == "llama":
-            backend = _sentencepiece_bpe(tokens, meta("tokenizer.ggml.scores"), types, meta("tokenizer.ggml.unknown_token_id", 0))
-            default_bos = True
-        else:
-            raise ValueError(f"{checkpoint.path.name}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
-        special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
-        backend.add_special_tokens(special)
-        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
-        eos = [meta(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
-        return cls(backend, bos_token_id=meta("tokenizer.ggml.bos_token_id"),
-                   eos_token_ids=[e for e in eos if e is not None],
-                   add_bos=bool(meta("tokenizer.ggml.add_bos_token", default_bos)),
-                   chat_template=meta("tokenizer.chat_template"))
+    def from_gguf(cls, gguf: GGUFMetadata) -> "Tokenizer":
+        """From a GGUF file's metadata, whatever its architecture."""
+        return cls(**gguf_tokenizer_args(gguf.meta, gguf.name))
 
     @classmethod
     def from_hf_folder(cls, folder: Path, config: dict[str, Any], extra_eos_ids: Sequence[int] = ()) -> "Tokenizer":
@@ -141,39 +162,16 @@ class Tokenizer:
         return cls(backend, bos_token_id=bos, eos_token_ids=eos, add_bos=add_bos, chat_template=template)
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Backend:
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                 merges=[tuple(m.split(" ", 1)) for m in merges]))
-    splits = _SPLITS.get(pre or "default")
-    if splits is None:
-        warnings.warn(f"unknown GGUF pre-tokenizer {pre!r}; splitting text with GPT-2's rule", stacklevel=3)
-        splits = [_GPT2_SPLIT]
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, types: list[int], unk_id: int) -> Backend:
-    """A SentencePiece-style BPE vocabulary (llama.cpp's "llama" model) as a `tokenizers` BPE.
-
-    Merges are recovered from the scores: every split of a token into two known pieces is a merge,
-    ranked by the merged token's score (SentencePiece merges the best-scoring pair first).
-    """
-    vocab = {t: i for i, t in enumerate(tokens)}
-    scores = scores or [-float(i) for i in range(len(tokens))]
-    merges = []
-    for token, score in zip(tokens, scores):
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in vocab and right in vocab:
-                merges.append((score, vocab[left], vocab[right], left, right))
-    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
-    backend = Backend(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=tokens[unk_id],
-                                 fuse_unk=True, byte_fallback=True))
-    # Spaces become "▁", and one "▁" leads the text unless it starts with a space (as HF's Llama tokenizer).
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    return backend
+def _metaspace_first_to_never(config: Any) -> bool:
+    """Turn each Metaspace step that prepends "▁" to the first piece only into one that never does, in a
+    tokenizer.json structure; whether there was one."""
+    found = False
+    if isinstance(config, dict):
+        if config.get("type") == "Metaspace" and config.get("prepend_scheme") == "first":
+            config["prepend_scheme"], found = "never", True
+        for value in config.values():
+            found = _metaspace_first_to_never(value) or found
+    elif isinstance(config, list):
+        for value in config:
+            found = _metaspace_first_to_never(value) or found
+    return found
