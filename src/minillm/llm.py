@@ -59,7 +59,7 @@ class LLM:
             use_onednn_linears(loaded.model)  # MKL is slow on AMD CPUs (model/onednn_linear.py)
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{loaded.name} has no tokenizer (tokenizer.json); LLM needs one")
-        if loaded.model.device.type == "cpu":
+        if loaded.model.device.type == "cpu" and not loaded.quantized:  # (GGUF blocks are loaded into huge pages)
             place_in_huge_pages(loaded.model)  # fewer TLB misses as each decode step streams the weights
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.quantized = loaded.quantized

@@ -68,25 +68,35 @@ def freeze_heap() -> None:
 _HUGE_PAGE = 2 << 20
 
 
+class HugePageArena:
+    """One anonymous mapping of `size` bytes on a 2 MB boundary, advised for huge pages where the platform has
+    them, handed out as uint8 tensors (`take`), each on a cache line; each tensor keeps the mapping alive.
+    Pages are faulted in (zeroed) on first touch: bytes never taken or never written cost no memory."""
+
+    def __init__(self, size: int) -> None:
+        self.mapping = None
+        if hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE") and size:
+            self.mapping = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            try:
+                self.mapping.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: pages are faulted in as 2 MB ones
+            except OSError:  # a kernel without transparent huge pages: 4 KB pages, the same memory
+                pass
+            self.offset = -torch.frombuffer(self.mapping, dtype=torch.uint8, count=1).data_ptr() % _HUGE_PAGE
+            self.end = self.offset + size
+
+    def take(self, n: int) -> torch.Tensor:
+        """A zeroed uint8 tensor of n bytes (a plain tensor where there is no mapping, or no room left)."""
+        if self.mapping is None or not n or self.offset + n > self.end:
+            return torch.zeros(n, dtype=torch.uint8)
+        buffer = torch.frombuffer(self.mapping, dtype=torch.uint8, count=n, offset=self.offset)
+        self.offset += -(-n // 64) * 64
+        return buffer
+
+
 def huge_page_buffers(sizes: list[int]) -> list[torch.Tensor]:
-    """Zeroed CPU buffers (uint8) of these sizes, each a tensor with its own storage, together in one mapping
-    that starts on a 2 MB boundary and is advised for huge pages where the platform has them (elsewhere:
-    plain tensors). Each tensor keeps the mapping alive."""
-    if not (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")) or not any(sizes):
-        return [torch.zeros(n, dtype=torch.uint8) for n in sizes]
-    padded = [-(-n // 64) * 64 for n in sizes]  # each on a cache line
-    arena = mmap.mmap(-1, sum(padded) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        arena.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: pages are faulted in as 2 MB ones
-    except OSError:  # a kernel without transparent huge pages: 4 KB pages, the same memory
-        pass
-    offset = -torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr() % _HUGE_PAGE
-    buffers = []
-    for n, step in zip(sizes, padded):
-        buffers.append(torch.frombuffer(arena, dtype=torch.uint8, count=n, offset=offset) if n
-                       else torch.zeros(0, dtype=torch.uint8))
-        offset += step
-    return buffers
+    """Zeroed CPU buffers (uint8) of these sizes, together in one `HugePageArena`."""
+    arena = HugePageArena(sum(-(-n // 64) * 64 for n in sizes))
+    return [arena.take(n) for n in sizes]
 
 
 def place_in_huge_pages(model: torch.nn.Module, min_bytes: int = 1 << 16) -> int:

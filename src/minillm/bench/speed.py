@@ -23,6 +23,7 @@ from ..runtime import freeze_heap
 from .. import kernels
 from ..sampling_params import SamplingParams
 from .common import environment, median_seconds
+from .load import load_figures
 from .report import heading, table, write_report
 
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 512, 128, 16
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     path = Path(args.model) if args.model else default_model_path()
     threads = torch.get_num_threads()
-    steps = tqdm(total=len(specs) + 3, desc="minillm bench", unit="engine")
+    steps = tqdm(total=len(specs) + 4, desc="minillm bench", unit="engine")
     results: dict = {"env": environment(), "model": path.name, "threads": threads}
     engines: dict[str, dict] = {}
     for setting, flags in specs:
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
                     **rounds, "ratio_median": statistics.median([a / b for a, b in zip(rounds["default"], rounds["llama.cpp"])]),
                     "bandwidth_fraction_median": statistics.median([t * step_bytes / 1e9 / m for t, m in zip(rounds["default"], rounds["machine"])])}
     steps.update()
+    with_llama_cpp = "paired_b1" in results or "llama.cpp (llama-cpp-python)" in engines
+    results["load"] = load_figures(["minillm", *(["llama.cpp"] if with_llama_cpp else [])], path, args.runs)
+    results["file_mb"] = path.stat().st_size / 1e6 if path.is_file() else None
     # Measured last: streaming a 1 GiB buffer first slows the decodes that follow it.
     results["machine_bandwidth_gb_s"] = bandwidth_probe()() / 1e9
     steps.update()
@@ -267,6 +271,13 @@ def _write(out: Path, results: dict, args: argparse.Namespace) -> None:
                      f"{f['compile_s']:.0f}" if f.get("compile_s") else "—"])
     lines = [*heading("`minillm bench`", description, results["env"], f"minillm bench --engines {' '.join(args.engines)} --batch-sizes {' '.join(map(str, args.batch_sizes))}"),
              *table(header, rows)]
+    if "load" in results:
+        file_mb = results.get("file_mb")
+        lines += ["", f"Load (each in a fresh process, the file in the page cache; median of {args.runs}"
+                      + (f"; file {file_mb:.0f} MB" if file_mb else "") + "):", ""]
+        lines += table(["engine", "load (s)", "peak RSS (MiB)", "RSS after imports (MiB)", "KV cache pool (MiB)"],
+                       [[name, f"{f['load_s']:.2f}", f"{f['peak_rss_mib']:.0f}", f"{f['import_rss_mib']:.0f}",
+                         f"{f['kv_cache_mib']:.0f}" if "kv_cache_mib" in f else "—"] for name, f in results["load"].items()])
     if "greedy_matches_hf_float32" in results:
         lines += ["", f"Greedy tokens of MiniLLM float32 equal HF transformers' (32 tokens): "
                       f"**{results['greedy_matches_hf_float32']}**."]

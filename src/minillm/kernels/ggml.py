@@ -17,9 +17,12 @@ KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 1
                 "IQ4_NL": 20, "IQ4_XS": 23}
 
 
-def repack(raw: Tensor, fmt: int) -> Tensor:
-    """Rows of file blocks [rows, bytes] (uint8) -> the kernels' interleaved layout, a new tensor of that size."""
-    return torch.ops.minillm.ggml_repack(raw, fmt)
+def repack(raw: Tensor, fmt: int, out: Tensor | None = None) -> Tensor:
+    """Rows of file blocks [rows, bytes] (uint8) -> the kernels' interleaved layout in `out` (uint8, as many
+    bytes; default: a new tensor), shaped as `raw`."""
+    out = torch.empty_like(raw) if out is None else out.view(raw.shape)
+    torch.ops.minillm.ggml_repack(raw, fmt, out)
+    return out
 
 
 class GGMLLinear(nn.Module):

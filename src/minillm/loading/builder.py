@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..kernels.ggml import KERNEL_TYPES, GGMLEmbedding, GGMLFeedForward, GGMLLinear, repack
 from ..model.norm import use_kernel_norms
 from ..model.transformer import MiniLLM
+from ..runtime import HugePageArena
 from .architectures import Tensors, layer_tensors
 from .errors import ModelLoadError
 
@@ -36,6 +37,7 @@ class Checkpoint(Protocol):
     def tensor(self, name: str, config: ModelConfig) -> Tensor | None: ...
     def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int, str] | None: ...
     def release(self, name: str) -> None: ...
+    def quantized_bytes(self) -> int: ...
 
 
 def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch.device = "cpu",
@@ -100,6 +102,9 @@ class _Parts:
         self.checkpoint, self.config, self.on_blocks = checkpoint, config, on_blocks
         self.sources = layer_tensors(checkpoint.tensor_table, config.num_layers)
         self.without_kernel: dict[str, tuple[int, tuple[int, int]]] = {}  # type -> count, (file, float32) bytes
+        # repacked blocks go straight into huge pages (fewer TLB misses as each decode step streams them); sized
+        # for every quantized tensor of the file, since pages never written cost nothing
+        self.arena = HugePageArena(checkpoint.quantized_bytes() + 64 * len(self.sources)) if on_blocks else None
 
     def load(self, model: MiniLLM, name: str, module: nn.Module) -> None:
         kernel = self.kernel_module(name, module) if self.on_blocks else None
@@ -150,18 +155,21 @@ class _Parts:
             (raw, kind, _), = blocks
             if not self.config.tie_embeddings:  # looked up row by row: used as stored, in the memory map
                 return GGMLEmbedding(_view(raw), kind, module.embedding_dim, interleaved=False)
-            parts = [(repack(_view(raw), kind), kind)]
-            self.checkpoint.release(names[0])
-            return GGMLEmbedding(parts[0][0], kind, module.embedding_dim, interleaved=True)
-        parts = []
-        for n, (raw, kind, _) in zip(names, blocks):  # one tensor of the file in memory at a time
-            parts.append((repack(_view(raw), kind), kind))
-            self.checkpoint.release(n)
+            table = self.repack(names[0], raw, kind)
+            return GGMLEmbedding(table, kind, module.embedding_dim, interleaved=True)
+        parts = [(self.repack(n, raw, kind), kind) for n, (raw, kind, _) in zip(names, blocks)]
         if sum(weight.shape[0] for weight, _ in parts) != module.out_features:
             raise ModelLoadError(f"{self.checkpoint.name}: {name} has {sum(w.shape[0] for w, _ in parts)} output rows, "
                                  f"the config implies {module.out_features}")
         bias = None if module.bias is None else self.dense(name + ".bias", module.bias).float()
         return GGMLLinear(parts, module.in_features, bias)
+
+    def repack(self, name: str, raw: np.ndarray, kind: int) -> Tensor:
+        """One tensor's blocks from the file into the arena, interleaved; its pages of the file then released,
+        so a load holds one tensor of the file at a time."""
+        out = repack(_view(raw), kind, self.arena.take(raw.nbytes))
+        self.checkpoint.release(name)
+        return out
 
 
 def _view(raw: np.ndarray) -> Tensor:

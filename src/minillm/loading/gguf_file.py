@@ -205,6 +205,9 @@ class GGUFCheckpoint(GGUFMetadata):
         """The tensor has been copied: its pages of the map leave this process's memory."""
         self.reader.release(self.tensors[name])
 
+    def quantized_bytes(self) -> int:
+        return sum(info.data.nbytes for info in self.tensors.values() if info.tensor_type.name not in FLOAT_TYPES)
+
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's per-head row order (pairs interleaved) back to HF's rotate-half order.

@@ -170,6 +170,9 @@ class HFCheckpoint(HFFolder):
     def release(self, name: str) -> None:
         pass  # safetensors' reads are copies already
 
+    def quantized_bytes(self) -> int:
+        return 0
+
     def _read(self, name: str) -> torch.Tensor | None:
         from safetensors import safe_open
 

@@ -521,21 +521,22 @@ at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t fmt, int64_t i
   return y;
 }
 
-// A tensor's rows of file blocks [rows, bytes per row] -> the kernels' interleaved layout (a new tensor, the
-// same size): once per tensor at load, over PyTorch's threads.
-at::Tensor ggml_repack(const at::Tensor& raw_in, int64_t fmt) {
+// A tensor's rows of file blocks [rows, bytes per row] -> the kernels' interleaved layout, into `out` (the same
+// shape): once per tensor at load, over PyTorch's threads.
+void ggml_repack(const at::Tensor& raw_in, int64_t fmt, at::Tensor& out) {
   check_format(fmt);
   TORCH_CHECK(raw_in.dtype() == at::kByte && raw_in.dim() == 2 && raw_in.size(1) % layout(fmt).bytes == 0,
               "ggml_repack: expected uint8 rows of whole blocks of GGML type ", fmt);
+  TORCH_CHECK(out.dtype() == at::kByte && out.sizes() == raw_in.sizes() && out.is_contiguous() &&
+                  out.data_ptr() != raw_in.data_ptr(), "ggml_repack: out must be another contiguous uint8 tensor of "
+              "the same shape");
   const at::Tensor raw = raw_in.contiguous();
-  at::Tensor out = at::empty(raw.sizes(), raw.options());
   const int64_t rows = raw.size(0), row_bytes = raw.size(1), groups = (rows + GROUP - 1) / GROUP;
   const uint8_t* src = raw.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
     interleave_groups(fmt, src, dst, rows, row_bytes, begin, end);
   });
-  return out;
 }
 
 std::string ggml_isa() { return isa_name(current); }
@@ -575,7 +576,7 @@ TORCH_LIBRARY_FRAGMENT(minillm, m) {
   m.def("ggml_linear(Tensor x, Tensor[] weights, int[] fmts, int in_features, Tensor? bias, bool swiglu, "
         "int gemm_from=-1, Tensor? residual=None) -> Tensor");
   m.def("ggml_dequantize_rows(Tensor weight, int fmt, int in_features, Tensor ids, bool interleaved=True) -> Tensor");
-  m.def("ggml_repack(Tensor raw, int fmt) -> Tensor");
+  m.def("ggml_repack(Tensor raw, int fmt, Tensor(a!) out) -> ()");
   m.def("ggml_isa() -> str", &ggml_isa);
   m.def("ggml_best_isa() -> str", &ggml_best_isa);
   m.def("ggml_set_isa(str name) -> ()", &ggml_set_isa);
