@@ -20,7 +20,8 @@ ISAS = [isa for isa in ("portable", "avx2", "avx512_vnni")
 T = ggml.KERNEL_TYPES
 # fp16 fields of each block layout (byte offsets), filled with finite scales
 SCALE_FIELDS = {T["Q4_0"]: [0], T["Q4_1"]: [0, 2], T["Q8_0"]: [0], T["Q5_0"]: [0], T["Q5_1"]: [0, 2],
-                T["Q4_K"]: [0, 2], T["Q5_K"]: [0, 2], T["Q6_K"]: [208], T["IQ4_NL"]: [0], T["IQ4_XS"]: [0]}
+                T["Q4_K"]: [0, 2], T["Q5_K"]: [0, 2], T["Q6_K"]: [208], T["IQ4_NL"]: [0], T["IQ4_XS"]: [0],
+                T["Q2_K"]: [80, 82], T["Q3_K"]: [108]}
 
 
 @pytest.fixture(autouse=True)
@@ -159,8 +160,8 @@ def test_bad_shapes_and_paths_are_refused():
         linear([(raw, T["Q4_0"])], 96)(torch.zeros(1, 96))
     with pytest.raises(RuntimeError, match="multiple of 256"):
         linear([(random_blocks(T["Q4_K"], 4, 256), T["Q4_K"])], 128)(torch.zeros(1, 128))
-    with pytest.raises(RuntimeError, match="no kernel for GGML type 10"):
-        ggml.repack(torch.from_numpy(raw), 10)
+    with pytest.raises(RuntimeError, match="no kernel for GGML type 16"):  # IQ2_XXS
+        ggml.repack(torch.from_numpy(raw), 16)
     layer = linear([(raw, T["Q4_0"])], 64)
     with pytest.raises(RuntimeError, match="features"):
         layer(torch.zeros(1, 32))

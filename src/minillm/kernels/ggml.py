@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 # the GGML types our kernels compute on: name -> type id
-KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
-                "IQ4_NL": 20, "IQ4_XS": 23}
+KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12,
+                "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
 
 
 def repack(raw: Tensor, fmt: int, out: Tensor | None = None) -> Tensor:

@@ -196,6 +196,7 @@ class GGUFCheckpoint(GGUFMetadata):
         if len(info.shape) != 2 or cols % per or info.data.size != rows * cols // per * size:
             raise ModelLoadError(f"{self.path.name}: tensor {name} ({info.tensor_type.name}, shape "
                                  f"{[int(d) for d in info.shape]}) holds {info.data.size} bytes, which do not fit its shape")
+        self.reader.map_in(info)
         raw = info.data.reshape(rows, cols // per * size)
         if self.arch.permuted_qk and (".attn_q." in name or ".attn_k." in name):
             raw = np.ascontiguousarray(self._rope_rows_in_hf_order(name, torch.from_numpy(raw.copy()), config).numpy())

@@ -60,6 +60,10 @@ void group_portable(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GR
           if constexpr (per16(FMT)) {
             acc[r] = std::fma(static_cast<float>(lo), d[2 * s] * dx, acc[r]);
             acc[r] = std::fma(static_cast<float>(hi), d[2 * s + 1] * dx, acc[r]);
+            if constexpr (has_min(FMT)) {
+              macc[r] = std::fma(m[2 * s], x[r].s[2 * ab], macc[r]);
+              macc[r] = std::fma(m[2 * s + 1], x[r].s[2 * ab + 1], macc[r]);
+            }
           } else {
             acc[r] = std::fma(static_cast<float>(lo + hi), d[2 * s] * dx, acc[r]);
             if constexpr (has_min(FMT)) macc[r] = std::fma(m[2 * s], x[r].sb[ab], macc[r]);

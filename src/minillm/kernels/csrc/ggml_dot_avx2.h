@@ -1,4 +1,4 @@
-// AVX2 paths of the types beyond Q4_0 / Q4_1 / Q8_0 (Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K, IQ4_XS), on the
+// AVX2 paths of the types beyond Q4_0 / Q4_1 / Q8_0 (Q5_0, Q5_1, IQ4_NL, Q2_K - Q6_K, IQ4_XS), on the
 // file's own bits (ggml_formats.h): each unit of a tile is read for 8 rows at once (one row per 32-bit
 // lane), the codes are unpacked in registers, and the scales are decoded per row from their packed bits.
 // They run on AVX-512 machines too. Same integer sums and float steps as group_portable, so the same bits.
@@ -187,6 +187,67 @@ VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const 
   }
 }
 
+// Q2_K / Q3_K super-block: 2-bit codes, weight 128n + 32j + l in bits 2j of qs byte 32n + l (Q3_K: its third
+// bit in bit 4n + j of hmask byte l, and an offset of 4); a scale (Q2_K: and a min) per 16 weights. One pass
+// over p reads each unit once for the 4 blocks of half n; int16 sums over 4 vectors (4 x 2 x 7 x 127 = 7112).
+template <int64_t FMT, int NR>
+VEC_TARGET_AVX2 void k23_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, __m256* macc) {
+  constexpr bool q3 = FMT == Q3_K;
+  const __m256 d = fp16x8(tile, q3 ? 108 : 80, 0, half), dmin = q3 ? d : fp16x8(tile, 80, 1, half);
+  const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  for (int n = 0; n < 2; ++n) {
+    __m256i sums[2][4][NR];  // [16-weight half][block 4n + j][token]: int32
+    for (int h = 0; h < 2; ++h) {
+      __m256i sum16[4][NR];
+      for (int p = 4 * h; p < 4 * h + 4; ++p) {
+        const __m256i qs = units8(tile, q3 ? 32 : 16, 8 * n + p, half);
+        const __m256i hm = q3 ? units8(tile, 0, p, half) : qs;
+        for (int j = 0; j < 4; ++j) {
+          __m256i code = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three);
+          if constexpr (q3)
+            code = _mm256_or_si256(code, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * n + j), one), 2));
+          for (int r = 0; r < NR; ++r) {
+            const __m256i dot = pairs16(code, bcast4(x[r].q + (ab0 + 4 * n + j) * QK + 4 * p));
+            sum16[j][r] = p % 4 ? _mm256_add_epi16(sum16[j][r], dot) : dot;
+            if (p % 4 == 3) sums[h][j][r] = widen16(sum16[j][r]);
+          }
+        }
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      const int jb = 4 * n + j;
+      const int64_t ab = ab0 + jb;
+      __m256i isum[2][NR];
+      __m256 scale[2], low[2];
+      for (int h = 0; h < 2; ++h) {
+        const int k = 2 * jb + h;  // the scale of these 16 weights
+        for (int r = 0; r < NR; ++r)
+          isum[h][r] = q3 ? _mm256_sub_epi32(sums[h][j][r], _mm256_set1_epi32(4 * x[r].qs[2 * ab + h])) : sums[h][j][r];
+        if constexpr (q3) {
+          const __m256i lo4 = _mm256_and_si256(_mm256_srli_epi32(units8(tile, 96, (k / 4) % 2, half), 8 * (k % 4) + (k >= 8 ? 4 : 0)),
+                                               _mm256_set1_epi32(15));
+          const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi32(units8(tile, 96, 2, half), 8 * (k % 4) + 2 * (k / 4)),
+                                               _mm256_set1_epi32(3));
+          const __m256i sc = _mm256_sub_epi32(_mm256_or_si256(lo4, _mm256_slli_epi32(hi2, 4)), _mm256_set1_epi32(32));
+          scale[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+        } else {
+          const __m256i byte = _mm256_and_si256(_mm256_srli_epi32(units8(tile, 0, k / 4, half), 8 * (k % 4)),
+                                                _mm256_set1_epi32(255));
+          scale[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(byte, _mm256_set1_epi32(15))));
+          low[h] = negate(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_srli_epi32(byte, 4))));
+        }
+      }
+      scale_add<NR>(isum[0], scale[0], x, ab, acc);
+      scale_add<NR>(isum[1], scale[1], x, ab, acc);
+      if constexpr (!q3)
+        for (int r = 0; r < NR; ++r) {
+          macc[r] = _mm256_fmadd_ps(low[0], _mm256_set1_ps(x[r].s[2 * ab]), macc[r]);
+          macc[r] = _mm256_fmadd_ps(low[1], _mm256_set1_ps(x[r].s[2 * ab + 1]), macc[r]);
+        }
+    }
+  }
+}
+
 // IQ4_XS super-block: 8 blocks of 32 as IQ4_NL's, each with a 6-bit scale (minus 32) from scales_l / scales_h
 template <int NR>
 VEC_TARGET_AVX2 void iq4xs_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc) {
@@ -226,6 +287,7 @@ VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow*
       const int64_t ab = b * (L.weights / QK);
       if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc, macc);
       else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc);
+      else if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc, macc);
       else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc);
       else block32_half<FMT, NR>(tile, half, ab, x, acc, macc);
     }

@@ -20,7 +20,8 @@
 namespace ggml {
 
 enum Format : int64_t {  // GGML's type ids
-  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+  IQ4_NL = 20, IQ4_XS = 23
 };
 constexpr int64_t GROUP = 16;  // rows interleaved together: one per lane of a 512-bit vector of int32
 
@@ -43,6 +44,8 @@ constexpr Layout layout(int64_t fmt) {
     case Q5_1: return {32, 24, 3, {{0, 2, 2}, {4, 4, 1}, {8, 4, 4}}};                  // d, m, qh, qs
     case Q8_0: return {32, 34, 2, {{0, 2, 1}, {2, 4, 8}}};                             // d, qs
     case IQ4_NL: return {32, 18, 2, {{0, 2, 1}, {2, 4, 4}}};                           // d, qs
+    case Q2_K: return {256, 84, 3, {{0, 4, 4}, {16, 4, 16}, {80, 2, 2}}};              // scales, qs, d, dmin
+    case Q3_K: return {256, 110, 4, {{0, 4, 8}, {32, 4, 16}, {96, 4, 3}, {108, 2, 1}}};  // hmask, qs, scales, d
     case Q4_K: return {256, 144, 3, {{0, 2, 2}, {4, 4, 3}, {16, 4, 32}}};              // d, dmin, scales, qs
     case Q5_K: return {256, 176, 4, {{0, 2, 2}, {4, 4, 3}, {16, 4, 8}, {48, 4, 32}}};  // ..., qh, qs
     case Q6_K: return {256, 210, 4, {{0, 4, 32}, {128, 4, 16}, {192, 4, 4}, {208, 2, 1}}};  // ql, qh, scales, d
@@ -111,9 +114,16 @@ constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 
 
 // How a type's dot product is summed (every path alike, so the same bits):
 //   PER32: per 32 weights, acc = fma(float(isum), d dx, acc) [+ macc = fma(m, dx sum(xq), macc) with a min]
-//   PER16: per 16 weights, acc = fma(float(isum16), d dx, acc)
-constexpr bool per16(int64_t fmt) { return fmt == Q6_K; }
-constexpr bool has_min(int64_t fmt) { return fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K; }
+//   PER16: the same per 16 weights (Q2_K, Q3_K, Q6_K: a scale, and for Q2_K a min, per 16)
+constexpr bool per16(int64_t fmt) { return fmt == Q2_K || fmt == Q3_K || fmt == Q6_K; }
+constexpr bool has_min(int64_t fmt) { return fmt == Q4_1 || fmt == Q5_1 || fmt == Q2_K || fmt == Q4_K || fmt == Q5_K; }
+
+// Q3_K's 16 six-bit scales from its 12 scale bytes: the low 4 bits from bytes 0-7 (a nibble each), the top 2
+// from bytes 8-11 (four pairs each).
+inline int q3k_scale(const uint8_t* s, int j) {
+  const int low = (s[j % 8] >> (j < 8 ? 0 : 4)) & 15, high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+  return low | (high << 4);
+}
 
 // The 6-bit scale and min of sub-block j (0-7) from a Q4_K / Q5_K block's 12 scale bytes.
 inline void k_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
@@ -168,6 +178,24 @@ inline int decode_block(int64_t fmt, const uint8_t* b, int32_t* q, float* d, flo
         k_scale_min(b + 4, j, sc, mn);
         d[2 * j] = d[2 * j + 1] = dd * static_cast<float>(sc);
         m[2 * j] = m[2 * j + 1] = -(dmin * static_cast<float>(mn));
+      }
+      return 256;
+    }
+    case Q2_K: case Q3_K: {  // 2-bit codes: weight 128n + 32j + l from bits 2j of qs byte 32n + l (l < 32)
+      const uint8_t* qs = b + (fmt == Q2_K ? 16 : 32);
+      for (int n = 0; n < 2; ++n)
+        for (int j = 0; j < 4; ++j)
+          for (int l = 0; l < 32; ++l) {
+            int code = (qs[32 * n + l] >> (2 * j)) & 3;
+            if (fmt == Q3_K) code = (code | (((b[l] >> (4 * n + j)) & 1) << 2)) - 4;  // hmask bit: the third bit
+            q[128 * n + 32 * j + l] = code;
+          }
+      if (fmt == Q2_K) {
+        const float dd = fp16(b + 80), dmin = fp16(b + 82);
+        for (int k = 0; k < 16; ++k) d[k] = dd * static_cast<float>(b[k] & 15), m[k] = -(dmin * static_cast<float>(b[k] >> 4));
+      } else {
+        const float dd = fp16(b + 108);
+        for (int k = 0; k < 16; ++k) d[k] = dd * static_cast<float>(q3k_scale(b + 96, k) - 32), m[k] = 0.f;
       }
       return 256;
     }

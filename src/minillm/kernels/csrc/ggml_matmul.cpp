@@ -1,15 +1,15 @@
 // Matrix multiplication with GGUF (llama.cpp) quantized weights on CPU: y = x W^T (+ bias).
 //
 // The weights stay in the file's own block types and bits (ggml_formats.h: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-// IQ4_NL, Q4_K, Q5_K, Q6_K, IQ4_XS), their rows interleaved in groups of 16 at load (`ggml_repack`), so
+// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), their rows interleaved in groups of 16 at load (`ggml_repack`), so
 // that a vector load reads the same unit of 8 or 16 rows, one per lane: the kernels compute 16 rows at once
 // and need no horizontal sums. A linear layer may be made of several tensors of different types (Q/K/V,
 // gate/up, as Q4_K_M mixes them): each is a segment of the output columns, on the same activations.
 //
 // Activations are quantized per token to 8 bits in blocks of 32 (dx = max|x| / 127, as llama.cpp's Q8_0;
 // also for the K-quants, where llama.cpp's Q8_K keeps one scale per 256: ours is finer). A block's dot
-// product with one row is then an exact integer per 32 (or per 16, for Q6_K's scales) -- code offsets
-// (8 for Q4_0, 16 for Q5_0, 32 for Q6_K, 128 for stored int8 codes) taken out as offset x sum of the
+// product with one row is then an exact integer per 32 (or per 16, for Q2_K, Q3_K and Q6_K's scales) -- code
+// offsets (8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32 for Q6_K, 128 for stored int8 codes) taken out as offset x sum of the
 // activation codes -- and every path does the same float arithmetic per row, block after block
 // (ggml_dot.h `group_portable`):
 //     acc = fma(float(isum), d dx, acc)        macc = fma(m, dx sum(xq), macc)        y = acc + macc
@@ -102,6 +102,8 @@ GroupFn group_fn(int64_t fmt) {
     case Q5_0: return group_fn_for<Q5_0, NR>();
     case Q5_1: return group_fn_for<Q5_1, NR>();
     case Q8_0: return group_fn_for<Q8_0, NR>();
+    case Q2_K: return group_fn_for<Q2_K, NR>();
+    case Q3_K: return group_fn_for<Q3_K, NR>();
     case IQ4_NL: return group_fn_for<IQ4_NL, NR>();
     case Q4_K: return group_fn_for<Q4_K, NR>();
     case Q5_K: return group_fn_for<Q5_K, NR>();
