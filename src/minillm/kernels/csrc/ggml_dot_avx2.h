@@ -105,29 +105,32 @@ VEC_TARGET_AVX2 inline void k_scale_min8(const __m256i* w, int j, __m256& sc, __
 // int16 sums: 8 vectors of 4-bit codes (8 x 2 x 15 x 127 = 30480), or 4 of 5-bit ones (4 x 2 x 31 x 127 = 31496).
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, __m256* macc) {
-  constexpr int qs_at = FMT == Q5_K ? 48 : 16, run = FMT == Q5_K ? 4 : 8;
+  constexpr int qs_at = FMT == Q5_K ? 48 : 16, RUN = FMT == Q5_K ? 4 : 8;
   const __m256 d = fp16x8(tile, 0, 0, half), dmin = fp16x8(tile, 0, 1, half);
   const __m256i w[3] = {units8(tile, 4, 0, half), units8(tile, 4, 1, half), units8(tile, 4, 2, half)};
   for (int c = 0; c < 4; ++c) {
     const int64_t a = ab0 + 2 * c, b = a + 1;
-    __m256i lo[NR], hi[NR], lo16[NR], hi16[NR];
-    for (int r = 0; r < NR; ++r) lo[r] = hi[r] = lo16[r] = hi16[r] = _mm256_setzero_si256();
-    for (int p = 0; p < 8; ++p) {
-      const __m256i v = units8(tile, qs_at, 8 * c + p, half);
-      __m256i low = nibbles(v, false), high = nibbles(v, true);
-      if constexpr (FMT == Q5_K) {  // bit 2c (2c + 1) of qh byte l: the fifth bit of weight l of sub-block 2c (2c + 1)
-        const __m256i qh = units8(tile, 16, p, half), one = _mm256_set1_epi8(1);
-        low = _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
-        high = _mm256_or_si256(high, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+    __m256i lo[NR], hi[NR];
+    for (int r = 0; r < NR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+    for (int p0 = 0; p0 < 8; p0 += RUN) {
+      __m256i lo16[NR], hi16[NR];
+      for (int r = 0; r < NR; ++r) lo16[r] = hi16[r] = _mm256_setzero_si256();
+      for (int p = p0; p < p0 + RUN; ++p) {
+        const __m256i v = units8(tile, qs_at, 8 * c + p, half);
+        __m256i low = nibbles(v, false), high = nibbles(v, true);
+        if constexpr (FMT == Q5_K) {  // bit 2c (2c + 1) of qh byte l: the fifth bit of weight l of sub-block 2c (2c + 1)
+          const __m256i qh = units8(tile, 16, p, half), one = _mm256_set1_epi8(1);
+          low = _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
+          high = _mm256_or_si256(high, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+        }
+        for (int r = 0; r < NR; ++r) {
+          lo16[r] = _mm256_add_epi16(lo16[r], pairs16(low, bcast4(x[r].q + a * QK + 4 * p)));
+          hi16[r] = _mm256_add_epi16(hi16[r], pairs16(high, bcast4(x[r].q + b * QK + 4 * p)));
+        }
       }
       for (int r = 0; r < NR; ++r) {
-        lo16[r] = _mm256_add_epi16(lo16[r], pairs16(low, bcast4(x[r].q + a * QK + 4 * p)));
-        hi16[r] = _mm256_add_epi16(hi16[r], pairs16(high, bcast4(x[r].q + b * QK + 4 * p)));
-        if (p % run == run - 1) {
-          lo[r] = _mm256_add_epi32(lo[r], widen16(lo16[r]));
-          hi[r] = _mm256_add_epi32(hi[r], widen16(hi16[r]));
-          lo16[r] = hi16[r] = _mm256_setzero_si256();
-        }
+        lo[r] = _mm256_add_epi32(lo[r], widen16(lo16[r]));
+        hi[r] = _mm256_add_epi32(hi[r], widen16(hi16[r]));
       }
     }
     __m256 sc, mn;
@@ -150,23 +153,26 @@ VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const 
   for (int n = 0; n < 2; ++n) {
     __m256i sums[2][4][NR];  // [16-weight half][block 4n + k][token]: int32
     for (int h = 0; h < 2; ++h) {
-      __m256i sum16[4][NR];  // int16 over 2 vectors: 2 x 2 x 63 x 127 = 32004
-      for (int p = 4 * h; p < 4 * h + 4; ++p) {
-        const __m256i a = units8(tile, 0, 16 * n + p, half), b = units8(tile, 0, 16 * n + 8 + p, half);
-        const __m256i qh = units8(tile, 128, 8 * n + p, half);
-        const __m256i code[4] = {
-            _mm256_or_si256(nibbles(a, false), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top)),
-            _mm256_or_si256(nibbles(b, false), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top)),
-            _mm256_or_si256(nibbles(a, true), _mm256_and_si256(qh, top)),
-            _mm256_or_si256(nibbles(b, true), _mm256_and_si256(_mm256_srli_epi16(qh, 2), top))};
+      for (int k = 0; k < 4; ++k)
+        for (int r = 0; r < NR; ++r) sums[h][k][r] = _mm256_setzero_si256();
+      for (int p0 = 4 * h; p0 < 4 * h + 4; p0 += 2) {
+        __m256i sum16[4][NR];  // int16 over 2 vectors: 2 x 2 x 63 x 127 = 32004
         for (int k = 0; k < 4; ++k)
-          for (int r = 0; r < NR; ++r) {
-            const __m256i dot = pairs16(code[k], bcast4(x[r].q + (ab0 + 4 * n + k) * QK + 4 * p));
-            sum16[k][r] = p % 2 ? _mm256_add_epi16(sum16[k][r], dot) : dot;
-            if (p % 2 == 0) continue;
-            const __m256i wide = widen16(sum16[k][r]);
-            sums[h][k][r] = p % 4 == 1 ? wide : _mm256_add_epi32(sums[h][k][r], wide);
-          }
+          for (int r = 0; r < NR; ++r) sum16[k][r] = _mm256_setzero_si256();
+        for (int p = p0; p < p0 + 2; ++p) {
+          const __m256i a = units8(tile, 0, 16 * n + p, half), b = units8(tile, 0, 16 * n + 8 + p, half);
+          const __m256i qh = units8(tile, 128, 8 * n + p, half);
+          const __m256i code[4] = {
+              _mm256_or_si256(nibbles(a, false), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top)),
+              _mm256_or_si256(nibbles(b, false), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top)),
+              _mm256_or_si256(nibbles(a, true), _mm256_and_si256(qh, top)),
+              _mm256_or_si256(nibbles(b, true), _mm256_and_si256(_mm256_srli_epi16(qh, 2), top))};
+          for (int k = 0; k < 4; ++k)
+            for (int r = 0; r < NR; ++r)
+              sum16[k][r] = _mm256_add_epi16(sum16[k][r], pairs16(code[k], bcast4(x[r].q + (ab0 + 4 * n + k) * QK + 4 * p)));
+        }
+        for (int k = 0; k < 4; ++k)
+          for (int r = 0; r < NR; ++r) sums[h][k][r] = _mm256_add_epi32(sums[h][k][r], widen16(sum16[k][r]));
       }
     }
     for (int k = 0; k < 4; ++k) {
@@ -199,6 +205,8 @@ VEC_TARGET_AVX2 void k23_half(const uint8_t* tile, int half, int64_t ab0, const 
     __m256i sums[2][4][NR];  // [16-weight half][block 4n + j][token]: int32
     for (int h = 0; h < 2; ++h) {
       __m256i sum16[4][NR];
+      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < NR; ++r) sum16[j][r] = _mm256_setzero_si256();
       for (int p = 4 * h; p < 4 * h + 4; ++p) {
         const __m256i qs = units8(tile, q3 ? 32 : 16, 8 * n + p, half);
         const __m256i hm = q3 ? units8(tile, 0, p, half) : qs;
@@ -206,13 +214,12 @@ VEC_TARGET_AVX2 void k23_half(const uint8_t* tile, int half, int64_t ab0, const 
           __m256i code = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three);
           if constexpr (q3)
             code = _mm256_or_si256(code, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * n + j), one), 2));
-          for (int r = 0; r < NR; ++r) {
-            const __m256i dot = pairs16(code, bcast4(x[r].q + (ab0 + 4 * n + j) * QK + 4 * p));
-            sum16[j][r] = p % 4 ? _mm256_add_epi16(sum16[j][r], dot) : dot;
-            if (p % 4 == 3) sums[h][j][r] = widen16(sum16[j][r]);
-          }
+          for (int r = 0; r < NR; ++r)
+            sum16[j][r] = _mm256_add_epi16(sum16[j][r], pairs16(code, bcast4(x[r].q + (ab0 + 4 * n + j) * QK + 4 * p)));
         }
       }
+      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < NR; ++r) sums[h][j][r] = widen16(sum16[j][r]);
     }
     for (int j = 0; j < 4; ++j) {
       const int jb = 4 * n + j;
@@ -275,24 +282,27 @@ VEC_TARGET_AVX2 void iq4xs_half(const uint8_t* tile, int half, int64_t ab0, cons
   }
 }
 
-// A group's 16 rows as two halves of 8, block after block.
+// A group's 16 rows as two halves of 8, block after block; both halves of a block in turn, so that each tile
+// is read once (a cache line holds a unit of both halves).
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
   constexpr Layout L = layout(FMT);
-  for (int half = 0; half < 2; ++half) {
-    __m256 acc[NR], macc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* tile = g + b * GROUP * L.bytes;
-      const int64_t ab = b * (L.weights / QK);
-      if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc, macc);
-      else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc);
-      else if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc, macc);
-      else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc);
-      else block32_half<FMT, NR>(tile, half, ab, x, acc, macc);
+  __m256 acc[2][NR], macc[2][NR];
+  for (int half = 0; half < 2; ++half)
+    for (int r = 0; r < NR; ++r) acc[half][r] = macc[half][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* tile = g + b * GROUP * L.bytes;
+    const int64_t ab = b * (L.weights / QK);
+    for (int half = 0; half < 2; ++half) {
+      if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc[half], macc[half]);
+      else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc[half]);
+      else if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc[half], macc[half]);
+      else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc[half]);
+      else block32_half<FMT, NR>(tile, half, ab, x, acc[half], macc[half]);
     }
-    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r] + 8 * half, _mm256_add_ps(acc[r], macc[r]));
   }
+  for (int half = 0; half < 2; ++half)
+    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r] + 8 * half, _mm256_add_ps(acc[half][r], macc[half][r]));
 }
 
 }  // namespace ggml
