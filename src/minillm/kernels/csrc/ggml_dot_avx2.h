@@ -282,27 +282,24 @@ VEC_TARGET_AVX2 void iq4xs_half(const uint8_t* tile, int half, int64_t ab0, cons
   }
 }
 
-// A group's 16 rows as two halves of 8, block after block; both halves of a block in turn, so that each tile
-// is read once (a cache line holds a unit of both halves).
+// A group's 16 rows as two halves of 8, block after block.
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
   constexpr Layout L = layout(FMT);
-  __m256 acc[2][NR], macc[2][NR];
-  for (int half = 0; half < 2; ++half)
-    for (int r = 0; r < NR; ++r) acc[half][r] = macc[half][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* tile = g + b * GROUP * L.bytes;
-    const int64_t ab = b * (L.weights / QK);
-    for (int half = 0; half < 2; ++half) {
-      if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc[half], macc[half]);
-      else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc[half]);
-      else if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc[half], macc[half]);
-      else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc[half]);
-      else block32_half<FMT, NR>(tile, half, ab, x, acc[half], macc[half]);
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[NR], macc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* tile = g + b * GROUP * L.bytes;
+      const int64_t ab = b * (L.weights / QK);
+      if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc, macc);
+      else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc);
+      else if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc, macc);
+      else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc);
+      else block32_half<FMT, NR>(tile, half, ab, x, acc, macc);
     }
+    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r] + 8 * half, _mm256_add_ps(acc[r], macc[r]));
   }
-  for (int half = 0; half < 2; ++half)
-    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r] + 8 * half, _mm256_add_ps(acc[half][r], macc[half][r]));
 }
 
 }  // namespace ggml
