@@ -2,11 +2,12 @@
 reads it.
 
 The text pipeline (normalizer, pre-tokenizer, model, added tokens) is tokenizer.json's, run by the `tokenizers`
-library that transformers runs too. What `add_special_tokens` puts around a text follows transformers' rule:
-tokenizer_config.json's `add_bos_token` / `add_eos_token`, when it has either, else tokenizer.json's post-processor
-(BOS for Llama 3, [CLS] ... [SEP] for BERT). Not followed: a transformers class named in `tokenizer_class` that
-rebuilds the pipeline from its own code (LlamaTokenizer's Metaspace where a legacy tokenizer.json prepends "▁"
-with a normalizer); the file is what the model was published with.
+library that transformers runs too. What `add_special_tokens` puts around a text is what tokenizer.json's
+post-processor puts there (BOS for Llama 3, [CLS] ... [SEP] for BERT, nothing for Qwen); tokenizer_config.json's
+`add_bos_token` / `add_eos_token` are ignored, as transformers 5 ignores them beside a tokenizer.json. Not
+followed: a transformers class named in `tokenizer_class` that rebuilds the pipeline from its own code
+(LlamaTokenizer's Metaspace where a legacy tokenizer.json prepends "▁" with a normalizer); the file is what the
+model was published with.
 """
 
 from __future__ import annotations
@@ -34,18 +35,14 @@ def hf_tokenizer_args(folder: Path, config: dict[str, Any], extra_eos_ids: Seque
         return backend.token_to_id(value) if isinstance(value, str) else None
 
     bos, eos = token_id("bos_token"), token_id("eos_token")
-    if "add_bos_token" in config or "add_eos_token" in config:  # transformers then writes its own template
-        affixes = ([bos] if config.get("add_bos_token") and bos is not None else [],
-                   [eos] if config.get("add_eos_token") and eos is not None else [])
-    else:
-        affixes = _post_processor_affixes(backend)
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return {"backend": backend, "bos_token_id": bos, "eos_token_ids": [*extra_eos_ids, *([eos] if eos is not None else [])],
-            "affixes": affixes, "chat_template": template}
+    eos_ids = [*extra_eos_ids, *([eos] if eos is not None else [])]
+    return {"backend": backend, "bos_token_id": bos, "eos_token_ids": eos_ids,
+            "affixes": _post_processor_affixes(backend), "chat_template": template}
 
 
 def read_tokenizer_json(path: Path) -> Backend:

@@ -28,8 +28,8 @@ class Tokenizer:
     chat template's own markup, and never inside the messages (unless asked).
     """
 
-    def __init__(self, backend: Backend, *, bos_token_id: int | None, eos_token_ids: Sequence[int], add_bos: bool = False,
-                 add_eos: bool = False, chat_template: str | None = None,
+    def __init__(self, backend: Backend, *, bos_token_id: int | None, eos_token_ids: Sequence[int],
+                 add_bos: bool = False, add_eos: bool = False, chat_template: str | None = None,
                  affixes: tuple[Sequence[int], Sequence[int]] | None = None) -> None:
         """`affixes`: the ids `add_special_tokens` puts before and after a text, where they are not BOS and EOS by
         `add_bos` / `add_eos` (a Hugging Face folder's post-processor: [CLS] ... [SEP])."""
