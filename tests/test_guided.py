@@ -133,3 +133,33 @@ def test_server_refuses_bad_constraints_by_field(server, extra, param):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert httpx.get(server["base"] + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"guided_json": {"$ref": "#"}}, "requires itself"),
+    ({"guided_json": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}},
+     "requires itself"),
+    ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}, "requires itself"),
+    ({"guided_json": {"type": "array", "items": {"$ref": "#"}, "minItems": 1}}, "requires itself"),
+    ({"guided_regex": "[^\\s\\S]"}, "admits no string"),
+    ({"guided_choice": ["a"] * 1025}, "at most 1024"),
+    ({"guided_regex": "a" * ((64 << 10) + 1)}, "longer than"),
+])
+def test_grammars_that_cannot_work_are_refused_up_front(kwargs, message):
+    from minillm.generation.guided import GuidedDecoding
+    from minillm.loading import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(None)
+    guided = GuidedDecoding(tokenizer.backend, 49152, tokenizer.eos_token_ids)
+    with pytest.raises(ValueError, match=message) as err:
+        guided.grammar(SamplingParams(max_tokens=4, **kwargs))
+    assert len(str(err.value)) < 400  # never the whole input echoed back
+
+
+def test_recursive_schemas_with_a_way_out_are_kept():
+    from minillm.generation.json_schema_check import requires_itself
+
+    tree = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}, "required": ["kids"]}
+    optional = {"type": "object", "properties": {"next": {"$ref": "#"}}}
+    either = {"type": "object", "properties": {"a": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}, "required": ["a"]}
+    assert not any(requires_itself(s) for s in (tree, optional, either))

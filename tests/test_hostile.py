@@ -341,3 +341,161 @@ def test_a_crashed_engine_process_fails_requests_and_never_hangs():
         assert error["type"] == "service_unavailable"
     finally:
         servers.close()
+
+
+# -- nothing heavy on the event loop, grammars checked before admission (issue 28) -----------------------
+
+
+def test_health_answers_while_big_prompts_are_tokenized(server):
+    """Prompts are tokenized in a worker thread: /health keeps answering while a request of ~3 MB of text
+    is tokenized prompt by prompt (each fits the context; all together they exceed the KV cache: a 400)."""
+    prompts = [("word " * 6000).strip() + f" {i}" for i in range(100)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server["base"], timeout=120, headers=AUTH) as client:
+            big = asyncio.ensure_future(client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 4}))
+            answered = 0
+            while not big.done():
+                assert (await client.get("/health")).status_code == 200
+                answered += not big.done()
+            return (await big), answered
+
+    response, answered = asyncio.run(run())
+    assert_refused(response, 400, "prompt")
+    assert answered >= 3  # on the event loop, every /health would have waited for the whole tokenization
+
+
+@pytest.mark.parametrize("raw,status,words", [
+    (b'{"prompt": "' + b"a " * (4 << 20) + b'"}', 400, "bytes of text"),
+    (b'{"prompt": [' + b"1," * ((8 << 20) - 8) + b'1]}', 413, "JSON values"),
+    (b'{"prompt": [' + b"1," * 9000 + b'1]}', 400, "context"),
+    (b'{"messages": [' + b'{"role": "user", "content": "a"},' * 9000 + b'{"role": "user", "content": "a"}]}',
+     400, "messages"),
+], ids=["8MiB-text", "8M-ids", "9001-ids", "9001-messages"])
+def test_oversized_inputs_are_refused_before_tokenizing(server, raw, status, words):
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+    error = assert_refused(post(server, path, None, raw=raw), status)
+    assert words in error["message"]
+
+
+def test_a_request_cannot_claim_the_kv_cache_many_times_over(server):
+    error = assert_refused(post(server, "/v1/completions", {"prompt": "hi", "n": 16, "max_tokens": 8100}), 400, "n")
+    assert "KV cache" in error["message"]
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"guided_choice": [f"choice {i}" for i in range(100_000)]}, "guided_choice"),
+    ({"guided_choice": ["x" * (1 << 20)]}, "guided_choice"),
+    ({"guided_regex": "a" * (2 << 20)}, "guided_regex"),
+    ({"guided_regex": "[^\\s\\S]"}, "guided_regex"),
+    ({"guided_json": {"$ref": "#"}}, "guided_json"),
+    ({"guided_json": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}},
+     "guided_json"),
+    ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}, "guided_json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "response_format"),
+], ids=["100k-choices", "1MiB-choice", "2MiB-regex", "empty-regex", "ref-root", "ref-loop", "requires-itself",
+        "response-format"])
+def test_grammars_that_cannot_work_are_a_short_400_before_generation(server, extra, param):
+    response = post(server, "/v1/chat/completions", {"messages": ASK, "max_tokens": 8, **extra})
+    assert_refused(response, 400, param)
+    assert len(response.content) < 1500  # the input is never echoed back whole
+
+
+def test_image_parts_are_refused_by_name(server):
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    error = assert_refused(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [part]}]}),
+                           400, "messages")
+    assert "image_url" in error["message"] and "text only" in error["message"]
+
+
+# -- timeouts, fairness, a supervised engine: a server with tight settings ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tight():
+    yield from start_server("--read-timeout", "2", "--engine-timeout", "5", "--max-queue-wait", "2",
+                            "--max-concurrency", "2")
+
+
+def raw_connection(server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server["port"]))
+    sock.settimeout(20)
+    return sock
+
+
+def test_a_head_sent_slowly_is_cut_off(tight):
+    sock = raw_connection(tight)
+    started, closed = time.time(), False
+    try:
+        for piece in [b"POST /v1/completions HTTP/1.1\r\n", *(b"X-Slow: %d\r\n" % i for i in range(40))]:
+            sock.sendall(piece)
+            time.sleep(0.25)
+    except OSError:
+        closed = True
+    if not closed:
+        closed = sock.recv(1024) == b""
+    assert closed and time.time() - started < 10  # the trickle would have taken 10 s
+
+
+def test_a_body_shorter_than_its_length_gets_408(tight):
+    sock = raw_connection(tight)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n" + b'{"prompt": ')
+    reply = b""
+    while chunk := sock.recv(4096):
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in reply
+
+
+def stream_in_background(server, body):
+    """A streaming request read on a thread; returns (thread, events)."""
+    import threading
+
+    events = []
+
+    def read():
+        with httpx.stream("POST", server["base"] + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    while not events:
+        time.sleep(0.05)
+    return thread, events
+
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 600, "ignore_eos": True}
+
+
+def test_a_small_request_is_served_while_a_big_one_holds_every_slot(tight):
+    thread, events = stream_in_background(tight, {**LONG, "n": 2})  # both slots, one request
+    response = httpx.post(tight["base"] + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert response.status_code == 200 and thread.is_alive()  # served while the big one runs
+    thread.join()
+    assert events[-1] == "[DONE]"
+
+
+def test_a_request_that_waits_too_long_gets_503(tight):
+    streams = [stream_in_background(tight, LONG) for _ in range(2)]  # one slot each: nobody may preempt
+    response = httpx.post(tight["base"] + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    error = assert_refused(response, 503)
+    assert error["code"] == "queue_timeout"
+    for thread, _ in streams:
+        thread.join()
+
+
+def test_a_stopped_engine_is_noticed_killed_and_restarted(tight):
+    thread, events = stream_in_background(tight, LONG)
+    os.kill(engine_process(tight["proc"].pid), signal.SIGSTOP)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and "stopped responding" in events[-2]
+    health = httpx.get(tight["base"] + "/health", timeout=5)
+    assert health.status_code == 503 and "restarting" in health.json()["detail"]
+    assert metric(tight, "minillm_num_requests_running") == 0  # the dead engine's numbers are gone
+    deadline = time.time() + 180
+    while httpx.get(tight["base"] + "/health", timeout=5).status_code != 200 and time.time() < deadline:
+        time.sleep(0.5)
+    assert httpx.post(tight["base"] + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200

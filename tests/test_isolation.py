@@ -108,7 +108,7 @@ def test_a_stream_nobody_reads_is_paused_then_aborted(smollm):
 
     async def main():
         await until(lambda: client.ready)
-        _, outputs = client.submit(smollm.tokenizer.encode("Once upon a time"), params)
+        _, outputs = client.submit(smollm.tokenizer.encode("Once upon a time"), params, group="one")
         await until(lambda: (client.stats or {}).get("paused") == 1)
         await asyncio.sleep(0.2)  # outputs of the steps before the pause landed
         held = outputs.qsize()

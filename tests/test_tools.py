@@ -106,3 +106,21 @@ def test_malformed_tools_are_refused_by_field(client, kwargs, param):
     with pytest.raises(BadRequestError) as err:
         client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=8, **kwargs)
     assert err.value.body["param"] == param
+
+
+CITY_DEFS = {"$defs": {"City": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}},
+                                "required": ["name"], "additionalProperties": False}},
+             "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+             "additionalProperties": False}  # what pydantic emits for a nested model
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_city_weather"}}])
+@pytest.mark.slow
+def test_forced_calls_resolve_defs_and_refs(client, choice):
+    tools = [*TOOLS, {"type": "function", "function": {"name": "get_city_weather", "parameters": CITY_DEFS}}]
+    reply = client.chat.completions.create(model="smollm2", messages=ASK, tools=tools, tool_choice=choice,
+                                           max_tokens=60, temperature=0)
+    call = reply.choices[0].message.tool_calls[0].function
+    if call.name == "get_city_weather":
+        jsonschema.validate(json.loads(call.arguments), CITY_DEFS)
+    assert reply.choices[0].finish_reason == "tool_calls"

@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stream-timeout", type=float, default=30.0,
                        help="abort a stream whose client has read nothing for this many seconds once its buffer "
                             "(64 outputs) is full; it is paused meanwhile (default 30)")
+    serve.add_argument("--read-timeout", type=float, default=30.0,
+                       help="seconds a client has to send a request's head, and then its body, before its "
+                            "connection is closed (the body: 408); idle keep-alive connections close after 5 s "
+                            "(default 30)")
+    serve.add_argument("--engine-timeout", type=float, default=60.0,
+                       help="seconds the engine process may go without answering a ping (it answers between "
+                            "steps) before it is killed and restarted, its requests failed (default 60)")
+    serve.add_argument("--max-queue-wait", type=float, default=None,
+                       help="seconds a request may wait for the engine to start it before it gets 503 "
+                            "(default: no limit)")
     serve.add_argument("--max-concurrency", type=positive_int, default=None,
                        help="sequences batched at once; more wait (default 64 on CPU, 256 on a GPU)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
@@ -194,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .loading import check_device, default_model_path
     from .server.app import create_app
+    from .server.connection import head_deadline_protocol
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -207,10 +218,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         print("minillm: error: --api-key must not be empty", file=sys.stderr)
         return 1
-    if not 0 < args.stream_timeout < float("inf"):
-        print(f"minillm: error: --stream-timeout must be a positive number of seconds, got {args.stream_timeout}",
-              file=sys.stderr)
-        return 1
+    for flag in ("stream_timeout", "read_timeout", "engine_timeout", "max_queue_wait"):
+        if getattr(args, flag) is not None and not 0 < getattr(args, flag) < float("inf"):
+            print(f"minillm: error: --{flag.replace('_', '-')} must be a positive number of seconds, got "
+                  f"{getattr(args, flag)}", file=sys.stderr)
+            return 1
     name = args.served_model_name or path.stem
     try:
         check_device(args.device)
@@ -224,7 +236,8 @@ def _serve(args: argparse.Namespace) -> int:
                "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype,
                "chat_template": args.chat_template}
     app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
-                     stream_timeout=args.stream_timeout)
+                     stream_timeout=args.stream_timeout, read_timeout=args.read_timeout,
+                     engine_timeout=args.engine_timeout, max_queue_wait=args.max_queue_wait)
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as err:
@@ -233,7 +246,8 @@ def _serve(args: argparse.Namespace) -> int:
     # Accepted connections inherit this: a stream's unread output waits in at most ~64 KiB of kernel
     # buffer (Linux would grow it to 4 MiB), then backs up into the engine, which pauses the stream.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", http=head_deadline_protocol(args.read_timeout),
+                                  timeout_keep_alive=5)).run(sockets=[sock])
     return 0
 
 

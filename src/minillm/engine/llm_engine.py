@@ -149,8 +149,9 @@ class LLMEngine:
         return self.blocks.num_blocks * self.blocks.block_size
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request; a prompt that can never run is refused here with a ValueError."""
+                    request_id: str | None = None, group: str | None = None) -> str:
+        """Queue a request; a prompt that can never run is refused here with a ValueError. Requests of one
+        `group` (one server request's n choices) share the engine fairly with other groups (scheduler.py)."""
         params = params or SamplingParams()
         if isinstance(prompt, str) and self.tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; this engine runs on token ids only")
@@ -158,7 +159,7 @@ class LLMEngine:
         self.check_prompt(ids, params)
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(ids, params, request_id)
+        seq = Sequence(ids, params, request_id, group)
         generator = None if params.seed is None else torch.Generator(self.model.device).manual_seed(params.seed)
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, params.stop)
@@ -191,6 +192,17 @@ class LLMEngine:
         seq = self.requests.get(request_id)
         if seq is not None:
             seq.paused = paused
+
+    def expire(self, max_wait: float) -> list[StepOutput]:
+        """End the requests that have waited more than `max_wait` seconds without starting (finish reason
+        "timeout"), so that a client hears at once that the server is too busy rather than waiting on."""
+        outputs = []
+        for seq in self.scheduler.expired(max_wait):
+            self.scheduler.finish(seq, "timeout")
+            self.requests.pop(seq.request_id, None)
+            outputs.append(StepOutput(seq.request_id, "", [], "timeout",
+                                      error=f"the request waited more than {max_wait:g} s for the engine to start it"))
+        return outputs
 
     def reset_prefix_cache(self) -> None:
         self.blocks.reset_prefix_cache()

@@ -5,12 +5,19 @@ token budget goes to prompt chunks (prompts under way first, then new requests i
 long prompt is prefilled in pieces while the others keep decoding, and no step is spent on a few
 decode rows alone. The model runner packs the step's tokens into one input, so chunks of any length
 cost no padding. A paused sequence (its stream's reader fell behind) keeps its blocks but gets no
-decode token until it is resumed. When a decoding sequence finds no free block, the newest running sequence is
+decode token until it is resumed. When a decoding sequence finds no free block, a running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+
+Fairness between requests (a group: one request's n choices): a waiting sequence is admitted from the
+group running the fewest sequences first (then in arrival order), and the sequence preempted is the
+newest of the group running the most. A waiting sequence whose group runs at least two fewer sequences
+than the largest group preempts that group's newest to get a slot or blocks, so one request with n=16
+and huge max_tokens cannot keep a small request waiting until it ends.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,6 +50,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def expired(self, max_wait: float) -> list[Sequence]:
+        """Waiting sequences that never started (preempted ones did) and arrived more than `max_wait` s ago."""
+        now = time.monotonic()
+        return [s for s in self.waiting if not s.num_preemptions and now - s.arrival > max_wait]
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -60,6 +72,7 @@ class Scheduler:
         self.abort(seq)
 
     def schedule(self) -> ScheduledStep | None:
+        self._rebalance()
         step = self._schedule_decode()
         budget = self.max_num_batched_tokens - len(step.seqs)
         remaining = lambda s: len(s) - s.num_computed  # noqa: E731
@@ -70,10 +83,10 @@ class Scheduler:
             step.num_tokens.append(min(remaining(seq), budget))
             budget -= step.num_tokens[-1]
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             if not self.blocks.allocate(seq):
                 break  # wait for blocks to free up
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             step.seqs.append(seq)
@@ -88,13 +101,37 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an older sequence
             while not self.blocks.ensure_capacity(seq, len(seq)):
-                victim = self.running[-1]  # the newest sequence gives way
+                victim = self._victim([s for s in self.running if s not in scheduled])  # never one already in the step
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
                 scheduled.append(seq)
         return ScheduledStep(scheduled, [1] * len(scheduled))
+
+    def _running_in(self, group: str) -> int:
+        return sum(s.group == group for s in self.running)
+
+    def _victim(self, candidates: list[Sequence]) -> Sequence:
+        """The newest of `candidates` (running sequences, in admission order) of the group running the most."""
+        return max(reversed(candidates), key=lambda s: self._running_in(s.group))
+
+    def _next_waiting(self) -> Sequence:
+        """The first waiting sequence of the group running the fewest."""
+        return min(self.waiting, key=lambda s: self._running_in(s.group))
+
+    def _rebalance(self) -> None:
+        """Before a step: while the next waiting sequence finds no slot or too few free blocks (prefix hits
+        aside), preempt the newest of the largest group, if it runs at least two more than the waiting one's."""
+        if not self.waiting:
+            return
+        seq = self._next_waiting()
+        while self.running and (len(self.running) >= self.max_num_seqs
+                                or self.blocks.blocks_needed(len(seq)) > self.blocks.num_free):
+            victim = self._victim(self.running)
+            if self._running_in(victim.group) < self._running_in(seq.group) + 2:
+                return
+            self._preempt(victim)
 
     def recompute(self, seq: Sequence) -> None:
         """Compute a running sequence's K/V again from its first token, into the blocks it holds (Phi-3's

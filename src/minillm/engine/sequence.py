@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from enum import Enum
 from itertools import count
 from typing import Any
@@ -22,9 +23,12 @@ class Sequence:
     far) is computed again as a longer prompt; the output already produced is kept.
     """
 
-    def __init__(self, prompt_ids: list[int], params: Any, request_id: str | None = None) -> None:
+    def __init__(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
+                 group: str | None = None) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.group = group if group is not None else self.request_id  # sequences that share fairly (one request's n)
+        self.arrival = time.monotonic()
         self.params = params
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)

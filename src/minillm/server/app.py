@@ -24,27 +24,35 @@ from .state import ServerState
 
 
 def create_app(model: str | None, model_name: str, llm_options: dict | None = None, api_key: str | None = None,
-               public_metrics: bool = False, max_body_bytes: int = 16 << 20, stream_timeout: float = 30.0) -> FastAPI:
+               public_metrics: bool = False, max_body_bytes: int = 16 << 20, stream_timeout: float = 30.0,
+               read_timeout: float = 30.0, engine_timeout: float = 60.0,
+               max_queue_wait: float | None = None) -> FastAPI:
     """Serve `model` (a path; None: the bundled model), loaded with `LLM(model, **llm_options)` in the engine's
     own process at start-up; /health says 503 until it is ready, and again if that process dies.
     With `api_key`, every path but /health (and /metrics if `public_metrics`) answers 401 without it.
-    A stream whose client reads nothing for `stream_timeout` seconds once its buffer is full is aborted."""
+    A stream whose client reads nothing for `stream_timeout` seconds once its buffer is full is aborted; a
+    body not all there `read_timeout` seconds after its request's head gets 408 (the head's own deadline is
+    the connection's: connection.py). An engine process that dies or answers no ping for `engine_timeout`
+    seconds is restarted (engine_client.py). A request that waits more than `max_queue_wait` seconds for the
+    engine to start it gets 503."""
     state = ServerState(model_name)
-    app = FastAPI(title="MiniLLM", lifespan=_lifespan(state, model, llm_options, stream_timeout))
+    app = FastAPI(title="MiniLLM", lifespan=_lifespan(state, model, llm_options, stream_timeout, engine_timeout,
+                                                                 max_queue_wait))
     app.state.minillm = state
     app.add_middleware(Guard, api_key=api_key, public={"/health"} | ({"/metrics"} if public_metrics else set()),
-                       max_body_bytes=max_body_bytes)
+                       max_body_bytes=max_body_bytes, body_timeout=read_timeout)
     _add_error_handlers(app)
     _add_info_routes(app, state)
     _add_completion_routes(app, state)
     return app
 
 
-def _lifespan(state: ServerState, model: str | None, llm_options: dict | None,
-              stream_timeout: float) -> Callable[[FastAPI], AsyncIterator[None]]:
+def _lifespan(state: ServerState, model: str | None, llm_options: dict | None, stream_timeout: float,
+              engine_timeout: float, max_queue_wait: float | None) -> Callable[[FastAPI], AsyncIterator[None]]:
     """Start the engine process and load the tokenizer beside it, so /health answers at once."""
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.engine = EngineClient(model, llm_options or {}, stall_timeout=stream_timeout)
+        state.engine = EngineClient(model, llm_options or {}, stall_timeout=stream_timeout,
+                                    engine_timeout=engine_timeout, max_queue_wait=max_queue_wait)
         threading.Thread(target=_load_tokenizer, args=(state, model, (llm_options or {}).get("chat_template")),
                          name="minillm-tokenizer", daemon=True).start()
         yield

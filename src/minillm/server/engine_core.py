@@ -1,7 +1,8 @@
 """The engine's own process: it loads the model and runs the step loop; the HTTP process (engine_client.py)
 talks to it over a pipe, so tokenizing, streaming and HTTP never share a GIL with the model's steps.
 
-In:  ("add", request_id, prompt_ids, params), ("abort", request_id), ("pause", request_id, paused), ("stop",)
+In:  ("add", request_id, prompt_ids, params, group), ("abort", request_id), ("pause", request_id, paused), ("ping",),
+     ("stop",)
 Out: ("ready", PromptLimits) or ("failed", message) once; then ("outputs", [StepOutput], stats) after every
      step that produced something or followed a command, ("stats", stats) when it falls idle, and
      ("rejected", request_id, message) for a request the engine refuses.
@@ -18,9 +19,9 @@ from ..runtime import freeze_heap
 logger = logging.getLogger("minillm")
 
 
-def run_engine(conn: Connection, model: str | None, llm_options: dict) -> None:
+def run_engine(conn: Connection, model: str | None, llm_options: dict, max_queue_wait: float | None) -> None:
     """The engine process's main: load, say ready (or why not), then serve commands until told to stop
-    or the HTTP process goes away."""
+    or the HTTP process goes away; requests waiting more than `max_queue_wait` seconds to start end then."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     from ..llm import LLM
 
@@ -32,12 +33,12 @@ def run_engine(conn: Connection, model: str | None, llm_options: dict) -> None:
     freeze_heap()
     conn.send(("ready", engine.limits))
     try:
-        _serve(conn, engine)
+        _serve(conn, engine, max_queue_wait)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the HTTP process is gone: nothing to serve
         pass
 
 
-def _serve(conn: Connection, engine: LLMEngine) -> None:
+def _serve(conn: Connection, engine: LLMEngine, max_queue_wait: float | None) -> None:
     while True:
         running = engine.has_unfinished()
         # idle: sleep until a command; only paused streams (readers behind): look again soon
@@ -53,21 +54,23 @@ def _serve(conn: Connection, engine: LLMEngine) -> None:
             if commanded:
                 conn.send(("stats", engine.stats()))
             continue
+        expired = engine.expire(max_queue_wait) if max_queue_wait is not None else []
         try:
-            outputs = engine.step()
+            outputs = expired + engine.step()
         except Exception as err:  # outside any one request (a scheduler bug): fail those in flight, keep serving
             logger.exception("engine step failed")
             failed = (engine.fail(r, f"internal error: {type(err).__name__}: {err}") for r in list(engine.requests))
-            outputs = [out for out in failed if out is not None]
+            outputs = expired + [out for out in failed if out is not None]
         if outputs or commanded:
             conn.send(("outputs", outputs, engine.stats()))
 
 
 def _apply(conn: Connection, engine: LLMEngine, message: tuple) -> None:
-    kind, request_id = message[0], message[1]
+    """A command; a ping needs nothing but the reply every command gets (outputs or stats)."""
+    kind, request_id = message[0], message[1] if len(message) > 1 else None
     if kind == "add":
         try:
-            engine.add_request(message[2], message[3], request_id)
+            engine.add_request(message[2], message[3], request_id, group=message[4])
         except ValueError as err:
             conn.send(("rejected", request_id, str(err)))
     elif kind == "abort":

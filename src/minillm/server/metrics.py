@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+_ENGINE_STATS = ("running", "paused", "waiting", "kv_cache_usage", "free_blocks", "num_blocks", "prefix_cache_hit_rate",
+                 "num_preemptions")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -26,14 +28,15 @@ class Metrics:
         self.itl = Histogram("minillm_inter_token_latency_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r)
 
     def render(self, stats: dict | None) -> bytes:
-        """The registry, with the engine's latest published snapshot (`LLMEngine.stats`) when there is one."""
-        if stats is not None:
-            self.running.set(stats["running"])
-            self.paused.set(stats["paused"])
-            self.waiting.set(stats["waiting"])
-            self.kv_usage.set(stats["kv_cache_usage"])
-            self.free_blocks.set(stats["free_blocks"])
-            self.total_blocks.set(stats["num_blocks"])
-            self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
-            self.preemptions.set(stats["num_preemptions"])
+        """The registry, with the engine's latest published snapshot (`LLMEngine.stats`); without one (no
+        engine process serving: loading, or restarting after a failure) the engine's gauges read 0."""
+        stats = stats or dict.fromkeys(_ENGINE_STATS, 0)
+        self.running.set(stats["running"])
+        self.paused.set(stats["paused"])
+        self.waiting.set(stats["waiting"])
+        self.kv_usage.set(stats["kv_cache_usage"])
+        self.free_blocks.set(stats["free_blocks"])
+        self.total_blocks.set(stats["num_blocks"])
+        self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
+        self.preemptions.set(stats["num_preemptions"])
         return generate_latest(self.registry)

@@ -224,8 +224,8 @@ class ChatCompletionRequest(_Request):
         if forced is None:
             return super().constraint()
         if super().constraint()[1] is not None or self.guided_regex is not None or self.guided_choice is not None:
-            raise APIError(400, f"tool_choice {excerpt(self.tool_choice)} forces a tool call; it excludes response_format "
-                                "and guided_*", "tool_choice")
+            raise APIError(400, f"tool_choice {excerpt(self.tool_choice)} forces a tool call; it excludes "
+                                "response_format and guided_*", "tool_choice")
         return "tools", forced
 
     def check(self) -> None:
@@ -247,7 +247,8 @@ class ChatCompletionRequest(_Request):
             for j, part in enumerate(message.content if isinstance(message.content, list) else []):
                 kind = part.get("type")
                 if kind != "text":
-                    what = f"{excerpt(kind, 40)!r} content parts are" if isinstance(kind, str) else "a part without a type is"
+                    what = (f"{excerpt(kind, 40)!r} content parts are" if isinstance(kind, str)
+                            else "a part without a type is")
                     raise APIError(400, f"messages[{i}].content[{j}]: {what} not supported; this server's model reads "
                                         "text only ({'type': 'text', 'text': ...})", "messages")
                 if not isinstance(part.get("text"), str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -44,9 +45,10 @@ class Batch:
 def submit(state: ServerState, job: Job) -> Batch:
     """Every choice of a prepared job queued in the engine, one path for both endpoints."""
     batch = Batch(state.engine, sum(len(ids) for ids in job.prompts))
+    group = uuid.uuid4().hex  # the engine shares its capacity fairly between requests, not choices
     for ids, params in job.runs:
         try:
-            request_id, outputs = state.engine.submit(ids, params)
+            request_id, outputs = state.engine.submit(ids, params, group)
         except RequestFailed as err:  # the engine process died since ready() looked
             batch.abort_unfinished()
             raise APIError(503, str(err), kind="service_unavailable") from None
@@ -109,6 +111,8 @@ def _checked(item: StepOutput | BaseException) -> StepOutput:
     """An engine output, or the APIError that its failure is for the client."""
     if isinstance(item, ValueError):
         raise APIError(400, str(item))
+    if isinstance(item, StepOutput) and item.finish_reason == "timeout":  # --max-queue-wait
+        raise APIError(503, f"the server is busy: {item.error}", kind="service_unavailable", code="queue_timeout")
     if isinstance(item, RequestFailed) or isinstance(item, StepOutput) and item.error is not None:
         raise APIError(500, f"the request failed: {item if isinstance(item, RequestFailed) else item.error}",
                        kind="server_error")

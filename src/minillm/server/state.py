@@ -56,6 +56,7 @@ class ServerState:
         engine = self.ready()
         body.check()
         if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"the model {excerpt(repr(body.model))} does not exist; this server serves {self.model_name!r}",
+            raise APIError(404, f"the model {excerpt(repr(body.model))} does not exist; this server serves "
+                                f"{self.model_name!r}",
                            "model", kind="not_found_error", code="model_not_found")
         return engine

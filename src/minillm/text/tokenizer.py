@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as Backend
 
 from .chat_template import ChatTemplateError, render_chat_template
 from .gguf_vocab import gguf_tokenizer_args
+from .hf_vocab import hf_tokenizer_args
 from .special_text import SpecialText, strings_in
 from .unicode import check_text, find_invalid_text
 
@@ -27,14 +28,27 @@ class Tokenizer:
     chat template's own markup, and never inside the messages (unless asked).
     """
 
-    def __init__(self, backend: Backend, *, bos_token_id: int | None, eos_token_ids: Sequence[int], add_bos: bool,
-                 add_eos: bool = False, chat_template: str | None = None) -> None:
+    def __init__(self, backend: Backend, *, bos_token_id: int | None, eos_token_ids: Sequence[int],
+                 add_bos: bool = False, add_eos: bool = False, chat_template: str | None = None,
+                 affixes: tuple[Sequence[int], Sequence[int]] | None = None) -> None:
+        """`affixes`: the ids `add_special_tokens` puts before and after a text, where they are not BOS and EOS by
+        `add_bos` / `add_eos` (a Hugging Face folder's post-processor: [CLS] ... [SEP])."""
         self.backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(dict.fromkeys(eos_token_ids))
-        self.add_bos = add_bos and bos_token_id is not None
-        self.add_eos = add_eos and bool(self.eos_token_ids)
+        if affixes is None:
+            affixes = ([bos_token_id] if add_bos and bos_token_id is not None else [],
+                       self.eos_token_ids[:1] if add_eos else [])
+        self.prefix_ids, self.suffix_ids = list(affixes[0]), list(affixes[1])
         self.chat_template = chat_template
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.prefix_ids)
+
+    @property
+    def add_eos(self) -> bool:
+        return bool(self.suffix_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -57,11 +71,10 @@ class Tokenizer:
         return self._with_special(ids, bos=add_special_tokens, eos=add_special_tokens)
 
     def _with_special(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        if bos and self.add_bos and (not ids or ids[0] != self.bos_token_id):
-            ids = [self.bos_token_id, *ids]
-        if eos and self.add_eos:
-            ids = [*ids, self.eos_token_ids[0]]
-        return ids
+        prefix = self.prefix_ids
+        if bos and prefix and ids[:len(prefix)] != prefix:  # a text that starts with BOS gets no second one
+            ids = [*prefix, *ids]
+        return [*ids, *self.suffix_ids] if eos else ids
 
     @cached_property
     def _plain(self) -> tuple[Backend, Backend]:
@@ -139,27 +152,8 @@ class Tokenizer:
     @classmethod
     def from_hf_folder(cls, folder: Path, config: dict[str, Any], extra_eos_ids: Sequence[int] = ()) -> "Tokenizer":
         """From the folder's tokenizer.json, with `config` its tokenizer_config.json as the loader read it
-        ({} where there is none)."""
-        backend = Backend.from_file(str(folder / "tokenizer.json"))
-
-        def token_id(key: str) -> int | None:
-            value = config.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            return backend.token_to_id(value) if isinstance(value, str) else None
-
-        bos = token_id("bos_token")
-        if "add_bos_token" in config:
-            add_bos = bool(config["add_bos_token"])
-        else:  # ask the tokenizer's own post-processor whether it prepends BOS
-            with_special = backend.encode("a", add_special_tokens=True).ids
-            add_bos = bos is not None and with_special[:1] == [bos] != backend.encode("a", add_special_tokens=False).ids[:1]
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        eos = [*extra_eos_ids, *([token_id("eos_token")] if token_id("eos_token") is not None else [])]
-        return cls(backend, bos_token_id=bos, eos_token_ids=eos, add_bos=add_bos, chat_template=template)
+        ({} where there is none), as transformers' AutoTokenizer reads them (text/hf_vocab.py)."""
+        return cls(**hf_tokenizer_args(folder, config, extra_eos_ids))
 
 
 def _metaspace_first_to_never(config: Any) -> bool:
