@@ -14,6 +14,7 @@ from minillm.server.formats import ChatFormat, Choice
 from minillm.server.prepare import Job
 from minillm.server.protocol import ChatCompletionRequest
 from minillm.server.state import ServerState
+from minillm.server.tool_stream import HERMES
 from minillm.text.reasoning import Reasoning
 from serving import API_KEY, post, start_server
 
@@ -22,7 +23,8 @@ REPLY = "<think>\nLet me think.\n</think>\n\nHi!"
 
 def _format(reasoning: Reasoning | None, **fields) -> ChatFormat:
     body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], **fields})
-    return ChatFormat(ServerState("m"), Job(body, [[1]], None, reasoning=reasoning))
+    return ChatFormat(ServerState("m"), Job(body, [[1]], None, reasoning=reasoning,
+                                            tools=HERMES if "tools" in fields else None))
 
 
 def _stream(fmt: ChatFormat, pieces: list[str]) -> tuple[list[dict], dict]:
@@ -68,7 +70,8 @@ def test_tool_calls_are_parsed_from_the_content_alone():
     deltas, message = _stream(_format(Reasoning(), tools=tools), [reply[:9], reply[9:]])
     assert message["reasoning_content"] == "I should call f." and message["content"] is None
     assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [{"x": 1}]
-    assert deltas[-1]["reasoning_content"] == "I should call f." and len(deltas[-1]["tool_calls"]) == 1
+    assert _joined(deltas, "reasoning_content") == "I should call f." and _joined(deltas, "content") == ""
+    assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", []) if "id" in c] == ["f"]
 
 
 # A template whose reply starts inside a <think> section (as DeepSeek-R1's) unless enable_thinking is false,

@@ -9,7 +9,9 @@ import jsonschema
 import pytest
 from openai import BadRequestError, OpenAI
 
-from minillm.server.tools import check_tools, parse_tool_calls, template_messages
+from minillm.server.reply import whole_reply
+from minillm.server.tool_stream import HERMES
+from minillm.server.tools import check_tools, template_messages
 from serving import API_KEY
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
@@ -28,15 +30,20 @@ def client(server):
     return OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY)
 
 
+def _parsed(text):
+    reply = whole_reply(None, HERMES, text)
+    return reply.content, [(c.name, c.arguments) for c in reply.calls]
+
+
 def test_parse_hermes_blocks_and_plain_json():
-    content, calls = parse_tool_calls('Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
-                                      forced=False)
-    assert content == "Sure." and calls[0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
-    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
-    assert parse_tool_calls('{"name": "add", "parameters": {"a": 1}}', forced=False)[1][0]["function"]["name"] == "add"
-    assert parse_tool_calls("no call here", forced=False) == ("no call here", [])
-    assert parse_tool_calls('{"answer": 42}', forced=False) == ('{"answer": 42}', [])  # JSON that is not a call
-    assert parse_tool_calls("<tool_call>{broken</tool_call>", forced=False)[1] == []
+    content, calls = _parsed('Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+    assert content == "Sure." and calls == [("add", '{"a": 1, "b": 2}')]
+    assert whole_reply(None, HERMES, '<tool_call>{"name": "add", "arguments": {}}</tool_call>').calls[0].id.startswith(
+        "call_")
+    assert _parsed('{"name": "add", "parameters": {"a": 1}}')[1] == [("add", '{"a": 1}')]
+    assert _parsed("no call here") == ("no call here", [])
+    assert _parsed('{"answer": 42}') == ('{"answer": 42}', [])  # JSON that is not a call
+    assert _parsed("<tool_call>{broken</tool_call>")[1] == []
 
 
 def test_tools_reach_a_template_that_does_not_render_them():

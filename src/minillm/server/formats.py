@@ -1,5 +1,6 @@
-"""OpenAI's JSON for the two completion endpoints: one formatter per endpoint shapes its whole response
-body and its streamed chunks (choices, logprobs, usage and, for chat, tool calls and reasoning)."""
+"""The JSON of a request's response: one formatter per API shapes its whole response body and its stream's
+events. Here OpenAI's two completion endpoints (choices, logprobs, usage and, for chat, tool calls and
+reasoning); the Responses and Messages APIs' formats are in responses_api.py and anthropic_api.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..engine import StepOutput
-from ..text.reasoning import ReasoningParser
+from ..text.reasoning import Reasoning
 from .prepare import Job
+from .protocol import APIError
+from .reply import CallArguments, CallStart, Content, ReplyEvent, ReplyParser, Thinking, whole_reply
 from .state import ServerState
-from .tools import parse_tool_calls
+from .tool_stream import ToolSyntax
 
 
 @dataclass
@@ -38,25 +41,55 @@ class Choice:
             self.finish_reason = "length" if item.finish_reason == "length" else "stop"
 
 
-def sse(payload: Any) -> str:
-    """One server-sent event."""
-    return f"data: {json.dumps(payload)}\n\n"
+def sse(payload: Any, event: str | None = None) -> str:
+    """One server-sent event (named, for the APIs whose events have names: Responses, Messages)."""
+    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(payload)}\n\n"
 
 
 class ResponseFormat:
-    """One endpoint's JSON. Subclasses say how a choice looks, whole or as one streamed piece, and
-    how its logprobs look; the envelope (id, object, created, model, usage) is common."""
+    """One API's JSON for a request's choices: its whole response body, and its stream's events (the
+    stream's machinery is common: responses.py)."""
 
     id_prefix: ClassVar[str]
+    include_usage = False
+
+    def __init__(self, state: ServerState, job: Job) -> None:
+        self.model_name, self.tokenizer = state.model_name, state.tokenizer
+        self.id = self.id_prefix + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def body(self, choices: list[Choice], usage: dict[str, int]) -> dict[str, Any]:
+        """The whole response, once every choice has finished (`usage` in OpenAI's names)."""
+        raise NotImplementedError
+
+    def opening(self, choices: list[Choice]) -> list[str]:
+        """Events a stream starts with, before any output."""
+        return []
+
+    def events(self, choice: Choice, item: StepOutput, finish: str | None) -> list[str]:
+        """The events of one output of a choice (`finish`: its finish reason, if it is the last)."""
+        raise NotImplementedError
+
+    def closing(self, choices: list[Choice], usage: dict[str, int]) -> list[str]:
+        """Events a stream ends with, once every choice has finished."""
+        return []
+
+    def error_event(self, err: APIError) -> str:
+        """A failure in the middle of a stream (the status line has gone already)."""
+        return sse(err.body())
+
+
+class OpenAIFormat(ResponseFormat):
+    """The two completion endpoints' JSON. Subclasses say how a choice looks, whole or as one streamed
+    piece, and how its logprobs look; the envelope (id, object, created, model, usage) is common."""
+
     body_object: ClassVar[str]
     chunk_object: ClassVar[str]
 
     def __init__(self, state: ServerState, job: Job) -> None:
-        self.model_name, self.tokenizer = state.model_name, state.tokenizer
+        super().__init__(state, job)
         self.want_logprobs = job.logprobs is not None
         self.include_usage = job.body.stream_options is not None and job.body.stream_options.include_usage
-        self.id = self.id_prefix + uuid.uuid4().hex
-        self.created = int(time.time())
 
     def choice(self, choice: Choice) -> dict[str, Any]:
         """A finished choice in the whole response."""
@@ -69,12 +102,15 @@ class ResponseFormat:
     def logprobs(self, entries: list[tuple[str, Any]]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def opening(self, choices: list[Choice]) -> list[str]:
-        """Events a stream starts with, before any output."""
-        return []
-
     def body(self, choices: list[Choice], usage: dict[str, int]) -> dict[str, Any]:
         return {**self._head(self.body_object), "choices": [self.choice(c) for c in choices], "usage": usage}
+
+    def events(self, choice: Choice, item: StepOutput, finish: str | None) -> list[str]:
+        piece = self.piece(choice, item, finish)
+        return [] if piece is None else [self.chunk(piece)]
+
+    def closing(self, choices: list[Choice], usage: dict[str, int]) -> list[str]:
+        return [*([self.usage_chunk(usage)] if self.include_usage else []), "data: [DONE]\n\n"]
 
     def chunk(self, choice_json: dict[str, Any]) -> str:
         payload = {**self._head(self.chunk_object), "choices": [choice_json]}
@@ -99,7 +135,7 @@ class ResponseFormat:
         return bool(item.text or finish or self.want_logprobs)
 
 
-class CompletionFormat(ResponseFormat):
+class CompletionFormat(OpenAIFormat):
     id_prefix, body_object, chunk_object = "cmpl-", "text_completion", "text_completion"
 
     def choice(self, choice: Choice) -> dict[str, Any]:
@@ -124,17 +160,13 @@ class CompletionFormat(ResponseFormat):
                 "text_offset": offsets}
 
 
-class ChatFormat(ResponseFormat):
+class ChatFormat(OpenAIFormat):
     id_prefix, body_object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, state: ServerState, job: Job) -> None:
         super().__init__(state, job)
-        body = job.body
-        # None: no tools; "auto": replies are parsed for calls; "forced": each reply is one call
-        self.tool_calls = None if not body.tool_functions() else "forced" if body.constraint()[0] == "tools" else "auto"
-        # a reply a grammar shapes (response_format, guided_*, a forced call) is all content
-        self.reasoning = None if body.constrained() else job.reasoning
-        self._parsers: dict[int, ReasoningParser] = {}  # per choice, while it streams
+        self.replies = ReplyShaping(job)
+        self._parsers: dict[int, ReplyParser] = {}  # per choice, while it streams
 
     def opening(self, choices: list[Choice]) -> list[str]:
         """The role comes first, once per choice."""
@@ -142,28 +174,25 @@ class ChatFormat(ResponseFormat):
                             "finish_reason": None}) for c in choices]
 
     def choice(self, choice: Choice) -> dict[str, Any]:
-        message, finish = self._message(choice)
+        reply = self.replies.whole(choice)
+        message = {"role": "assistant", "content": reply.content or (None if reply.calls else ""),
+                   **({"reasoning_content": reply.thinking} if reply.thinking else {})}
+        if reply.calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in reply.calls]
         return {"index": choice.index, "message": message, "logprobs": self._choice_logprobs(choice),
-                "finish_reason": finish}
+                "finish_reason": "tool_calls" if reply.calls else choice.finish_reason}
 
     def piece(self, choice: Choice, item: StepOutput, finish: str | None) -> dict[str, Any] | None:
-        if self.tool_calls is not None:  # held until the reply ends: a call is parsed from all of it
-            return self._whole_reply(choice) if finish else None
-        delta = self._delta(choice, item.text, finish is not None)
+        """The reply's reasoning, content and tool calls as they are parsed: a call's name as soon as it
+        is known, then its arguments in fragments (OpenAI's clients join them by the call's index)."""
+        parser = self._parsers.setdefault(choice.index, self.replies.parser())
+        delta = _delta(parser.feed(item.text, last=finish is not None))
         if not (delta or finish or self.want_logprobs):  # nothing visible yet (held back)
             return None
+        if finish and parser.calls:
+            finish = "tool_calls"
         return {"index": choice.index, "delta": delta, "logprobs": self._step_logprobs(item), "finish_reason": finish}
-
-    def _delta(self, choice: Choice, text: str, last: bool) -> dict[str, str]:
-        """What one output adds to a streamed reply: its content and, apart, its reasoning."""
-        if self.reasoning is None:
-            return {"content": text} if text else {}
-        parser = self._parsers.setdefault(choice.index, self.reasoning.parser())
-        reasoning, content = parser.feed(text)
-        if last:
-            rest = parser.finish()
-            reasoning, content = reasoning + rest[0], content + rest[1]
-        return {key: value for key, value in (("reasoning_content", reasoning), ("content", content)) if value}
 
     def logprobs(self, entries: list[tuple[str, Any]]) -> dict[str, Any]:
         """As for completions, each token's text is the text it released."""
@@ -174,24 +203,40 @@ class ChatFormat(ResponseFormat):
                               for tid, v in lp.top]}
             for text, lp in entries]}
 
-    def _whole_reply(self, choice: Choice) -> dict[str, Any]:
-        """A finished reply as one delta: its tool calls (each whole, as OpenAI's clients accumulate them)
-        or its text."""
-        message, finish = self._message(choice)
-        delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]} \
-            if "tool_calls" in message else {"content": message["content"]}
-        if "reasoning_content" in message:
-            delta = {"reasoning_content": message["reasoning_content"], **delta}
-        return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    def _message(self, choice: Choice) -> tuple[dict[str, Any], str | None]:
-        """The reply as OpenAI's assistant message: its reasoning apart (reasoning_content, where there is
-        some), its tool calls parsed out of the rest (finish reason "tool_calls")."""
-        reasoning, text = self.reasoning.split(choice.text) if self.reasoning else ("", choice.text)
-        message = {"role": "assistant", "content": text, **({"reasoning_content": reasoning} if reasoning else {})}
-        if self.tool_calls is None:
-            return message, choice.finish_reason
-        message["content"], calls = parse_tool_calls(text, self.tool_calls == "forced")
-        if not calls:
-            return message, choice.finish_reason
-        return {**message, "tool_calls": calls}, "tool_calls"
+def _delta(events: list[ReplyEvent]) -> dict[str, Any]:
+    """A chat delta of what one output released: reasoning_content, content and tool_calls entries."""
+    delta: dict[str, Any] = {}
+    for kind, key in ((Thinking, "reasoning_content"), (Content, "content")):
+        text = "".join(e.text for e in events if isinstance(e, kind))
+        if text:
+            delta[key] = text
+    calls: list[dict[str, Any]] = []
+    for event in events:
+        if isinstance(event, CallStart):
+            calls.append({"index": event.index, "id": event.id, "type": "function",
+                          "function": {"name": event.name, "arguments": ""}})
+        elif isinstance(event, CallArguments):
+            if calls and calls[-1]["index"] == event.index:
+                calls[-1]["function"]["arguments"] += event.fragment
+            else:
+                calls.append({"index": event.index, "function": {"arguments": event.fragment}})
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
+
+
+class ReplyShaping:
+    """How a request's replies are read (every chat-shaped API): their reasoning section, unless a grammar
+    shapes them (response_format, guided_*, a forced call: all content), and their tool calls' syntax,
+    where the request has tools."""
+
+    def __init__(self, job: Job) -> None:
+        self.reasoning: Reasoning | None = None if job.body.constrained() else job.reasoning
+        self.tools: ToolSyntax | None = job.tools
+
+    def parser(self) -> ReplyParser:
+        return ReplyParser(self.reasoning, self.tools)
+
+    def whole(self, choice: Choice) -> ReplyParser:
+        return whole_reply(self.reasoning, self.tools, choice.text)

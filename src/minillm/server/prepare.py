@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..sampling_params import SamplingParams
 from ..text.reasoning import Reasoning, reply_reasoning
@@ -25,6 +25,7 @@ from ..text.tokenizer import Tokenizer
 from .bounds import Bounds
 from .protocol import MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from .state import ServerState
+from .tool_stream import ToolSyntax, tool_syntax
 from .tools import template_messages
 
 # json.loads holds the GIL throughout: ~0.1 s for 2**20 values here. Enough for 128 prompts of 8192 token ids.
@@ -32,6 +33,7 @@ MAX_JSON_VALUES = 1 << 20
 PREPARE_TIMEOUT = 60.0  # seconds; compiling a grammar within the size limits takes well under one
 
 RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Job:
     logprobs: int | None  # top logprobs per token (0: the sampled token's alone); None: no logprobs
     runs: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     reasoning: Reasoning | None = None  # how a chat reply marks its reasoning (None: its template has none)
+    tools: ToolSyntax | None = None  # how a chat reply writes tool calls (None: the request has no tools)
+    api_body: Any = None  # the request in its own API's shape, where it was checked as a chat request
 
 
 async def prepare(state: ServerState, request: Request, build: Callable[[ServerState, bytes], Job]) -> Job:
@@ -65,18 +69,30 @@ def completion_job(state: ServerState, raw: bytes) -> Job:
 
 
 def chat_job(state: ServerState, raw: bytes) -> Job:
-    body = parse(raw, ChatCompletionRequest, state.bounds)
+    return chat_body_job(state, parse(raw, ChatCompletionRequest, state.bounds))
+
+
+def chat_body_job(state: ServerState, body: ChatCompletionRequest) -> Job:
+    """A chat request's job; the Responses and Messages APIs' requests come here as chat requests too."""
     state.admit(body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    ids = _chat_prompt_ids(body, state.tokenizer)
+    ids = chat_prompt_ids(body, state.tokenizer)
     # read from the prompt's end (DeepSeek-R1's opens the section); a tag and its whitespace are a few tokens
     prompt_end = state.tokenizer.decode(ids[-32:], skip_special_tokens=False)
-    job = Job(body, [ids], logprobs, reasoning=reply_reasoning(state.tokenizer.chat_template, prompt_end))
+    tokenizer = state.tokenizer
+    job = Job(body, [ids], logprobs, reasoning=reply_reasoning(tokenizer.chat_template, prompt_end),
+              tools=tool_syntax(tokenizer.chat_template, tokenizer.template_renders_tools)
+              if body.tool_functions() else None)
     # without max_tokens, a reply may fill the rest of its room (a completion gets 16 tokens, as OpenAI's)
     return _planned(state, job, "messages", default_max_tokens=lambda prompt_len, room: max(room - prompt_len, 1))
 
 
 def parse(raw: bytes, model: type[RequestT], bounds: Bounds) -> RequestT:
+    return validated(load_json(raw), model, bounds)
+
+
+def load_json(raw: bytes) -> dict[str, Any]:
+    """A body's JSON object, its size bounded before it is parsed."""
     if raw.count(b",") >= MAX_JSON_VALUES:
         raise APIError(413, f"the request body holds more than {MAX_JSON_VALUES} JSON values",
                        code="request_too_large")
@@ -86,7 +102,13 @@ def parse(raw: bytes, model: type[RequestT], bounds: Bounds) -> RequestT:
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
-    bounds.check(data)
+    return data
+
+
+def validated(data: dict[str, Any], model: type[ModelT], bounds: Bounds | None = None) -> ModelT:
+    """`data` as a request `model`, its prompt's size checked first (`bounds`)."""
+    if bounds is not None:
+        bounds.check(data)
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -154,7 +176,7 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer, max_seq_len: int) -> list[lis
     return ids
 
 
-def _chat_prompt_ids(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+def chat_prompt_ids(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
     """The conversation through the chat template, with the tools as the template takes them (or as
     a system message where it ignores them)."""
     functions, native = body.tool_functions(), tokenizer.template_renders_tools

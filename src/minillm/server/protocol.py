@@ -27,9 +27,29 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": _printable(excerpt(self.message, MAX_MESSAGE_CHARS)), "type": self.kind,
+    def body(self, shape: str = "openai") -> dict[str, Any]:
+        """The error's JSON in the called API's shape: "openai" or "anthropic" (its type named by the
+        status, as Anthropic's SDK reads it; no param: the message names the field)."""
+        message = _printable(excerpt(self.message, MAX_MESSAGE_CHARS))
+        if shape == "anthropic":
+            kind = ANTHROPIC_ERROR_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+            return {"type": "error", "error": {"type": kind, "message": message}}
+        return {"error": {"message": message, "type": self.kind,
                           "param": None if self.param is None else _printable(self.param), "code": self.code}}
+
+    def renamed(self, names: dict[str, str]) -> APIError:
+        """The same error with the chat endpoint's field names replaced by another API's (`names`: chat's ->
+        theirs), for the APIs whose requests are checked as chat requests (responses_api, anthropic_api)."""
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+        param = None if self.param is None else pattern.sub(lambda m: names[m.group()], self.param)
+        return APIError(self.status, pattern.sub(lambda m: names[m.group()], self.message), param, self.kind,
+                        self.code)
+
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors)
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+                         429: "rate_limit_error", 500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:

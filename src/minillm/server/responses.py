@@ -1,6 +1,7 @@
-"""A completion request's life after its route: its choices submitted to the engine (`submit`, one path
-for both endpoints), then collected into one JSON response or streamed as server-sent events, shaped by
-the endpoint's formatter (formats.py), with metrics, aborts on disconnect and failures reported."""
+"""A generation request's life after its route: its choices submitted to the engine (`submit`, one path
+for every endpoint), then collected into one JSON response or streamed as server-sent events, shaped by
+the API's formatter (formats.py, responses_api.py, anthropic_api.py), with metrics, aborts on disconnect
+and failures reported."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import RequestFailed, StepOutput
 from .engine_client import EngineClient
-from .formats import Choice, ResponseFormat, sse
+from .formats import Choice, ResponseFormat
 from .prepare import Job
 from .protocol import APIError
 from .state import ServerState
@@ -43,7 +44,7 @@ class Batch:
 
 
 def submit(state: ServerState, job: Job) -> Batch:
-    """Every choice of a prepared job queued in the engine, one path for both endpoints."""
+    """Every choice of a prepared job queued in the engine, one path for every endpoint."""
     batch = Batch(state.engine, sum(len(ids) for ids in job.prompts))
     group = uuid.uuid4().hex  # the engine shares its capacity fairly between requests, not choices
     for ids, params in job.runs:
@@ -140,13 +141,14 @@ class Stream:
             while remaining:
                 choice, item = await self.merged.get()
                 remaining -= isinstance(item, APIError) or item.finished
-                event = self._event(choice, item)
-                if event is not None:
+                if isinstance(item, APIError):
+                    yield self.fmt.error_event(item)
+                    continue
+                for event in self.fmt.events(choice, item, choice.finish_reason if item.finished else None):
                     yield event
             self.state.metrics.requests.labels("finished").inc(len(self.batch.choices))
-            if self.fmt.include_usage:
-                yield self.fmt.usage_chunk(self.batch.usage())
-            yield "data: [DONE]\n\n"
+            for event in self.fmt.closing(self.batch.choices, self.batch.usage()):
+                yield event
         finally:  # the client went away (or we are done): stop what is still running
             for task in tasks:
                 task.cancel()
@@ -160,9 +162,3 @@ class Stream:
                 await self.merged.put((choice, item))
         except APIError as err:
             await self.merged.put((choice, err))
-
-    def _event(self, choice: Choice, item: StepOutput | APIError) -> str | None:
-        if isinstance(item, APIError):
-            return sse(item.body())
-        piece = self.fmt.piece(choice, item, choice.finish_reason if item.finished else None)
-        return None if piece is None else self.fmt.chunk(piece)

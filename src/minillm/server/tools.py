@@ -1,9 +1,10 @@
-"""Tool calls in the chat endpoint (OpenAI's `tools` / `tool_choice`), in the Hermes format that Qwen's
-and many other templates use: the model writes `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+"""Tool calls in the chat endpoint (OpenAI's `tools` / `tool_choice`; the Responses and Messages APIs'
+tools arrive here as chat tools). Replies are parsed for calls as they stream, in the format of the model's
+family (tool_stream.py: Hermes `<tool_call>` blocks, Llama 3 JSON, Mistral `[TOOL_CALLS]`).
 
 - The tools reach the model through its chat template (`tools=` is passed to the Jinja template, as
   transformers does); a template that ignores them (SmolLM2's) gets them in a system message instead.
-- `tool_choice` "auto": the reply is parsed for tool calls; "none": the tools are not shown;
+- `tool_choice` "auto": the reply is parsed for tool calls (tool_stream.py); "none": the tools are not shown;
   "required" or a named function: the reply is forced by a grammar (a JSON schema over the allowed
   functions' parameters) to be exactly one call, so it always parses and validates.
 - Earlier turns: an assistant message's `tool_calls` are written back in the same format and `tool`
@@ -13,13 +14,10 @@ and many other templates use: the model writes `<tool_call>{"name": ..., "argume
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from typing import Any
 
 from ..excerpt import excerpt
 
-CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 SYSTEM_PROMPT = ("You can call these functions (JSON schemas of their parameters):\n<tools>\n{tools}\n</tools>\n"
                  "To call one, reply with nothing but\n<tool_call>\n{{\"name\": <function name>, \"arguments\": "
                  "<arguments as a JSON object>}}\n</tool_call>")
@@ -108,29 +106,3 @@ def _call_json(call: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         pass
     return {"name": function.get("name"), "arguments": arguments}
-
-
-def parse_tool_calls(text: str, forced: bool) -> tuple[str | None, list[dict[str, Any]]]:
-    """A reply's text -> (content, OpenAI tool_calls). A forced reply is one JSON call; otherwise
-    `<tool_call>` blocks are taken out of the text (a reply that is only a JSON call counts too)."""
-    if forced:
-        bodies, content = [text], None
-    else:
-        bodies = CALL.findall(text)
-        content = CALL.sub("", text).strip() or None
-        if not bodies and text.strip().startswith("{"):
-            bodies, content = [text.strip()], None
-    calls = []
-    for body in bodies:
-        try:
-            call = json.loads(body)
-        except ValueError:
-            continue
-        arguments = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
-            continue
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"], "arguments": json.dumps(arguments)}})
-    if not calls and not forced:
-        return text, []
-    return content, calls
