@@ -1,6 +1,7 @@
-"""The OpenAI-compatible HTTP API (FastAPI): the routes /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics. This process tokenizes, shapes responses (responses.py, formats.py) and streams; the
-continuous-batching engine runs in its own process (engine_core.py), reached through `EngineClient`."""
+"""The HTTP API (FastAPI): OpenAI's /v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings and
+/v1/models, Anthropic's /v1/messages, llama.cpp's /tokenize and /detokenize, /health and /metrics. This
+process tokenizes, shapes responses (responses.py and each API's format) and streams; the continuous-batching
+engine runs in its own process (engine_core.py), reached through `EngineClient`."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ from .engine_client import EngineClient
 from .formats import ChatFormat, CompletionFormat
 from .guard import Guard
 from .prepare import chat_job, completion_job, prepare
-from .protocol import APIError, validation_error
+from .anthropic_api import MessagesFormat, count_tokens, messages_job
+from .embeddings import embed, embeddings_job
+from .protocol import APIError, error_shape, validation_error
 from .responses import respond
+from .responses_api import ResponsesFormat, responses_job
 from .state import ServerState
+from .tokens import detokenize, tokenize
 
 
 def create_app(model: str | None, model_name: str, llm_options: dict | None = None, api_key: str | None = None,
@@ -44,6 +49,8 @@ def create_app(model: str | None, model_name: str, llm_options: dict | None = No
     _add_error_handlers(app)
     _add_info_routes(app, state)
     _add_completion_routes(app, state)
+    _add_agent_routes(app, state)
+    _add_token_routes(app, state)
     return app
 
 
@@ -74,24 +81,25 @@ def _load_tokenizer(state: ServerState, model: str | None, chat_template: str | 
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's shape: ours, pydantic's refusals of a body, and Starlette's 404 and 405."""
+    """Every error in the called API's shape (Anthropic's under /v1/messages, else OpenAI's): ours, pydantic's
+    refusals of a body, and Starlette's 404 and 405."""
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
 async def _api_error(request: Request, err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(error_shape(request.url.path)), status_code=err.status)
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    return JSONResponse(validation_error(err.errors()).body(), status_code=400)
+    return await _api_error(request, validation_error(err.errors()))
 
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
     message = f"no route {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
-    return JSONResponse(APIError(err.status_code, message, kind=kind).body(), status_code=err.status_code)
+    return await _api_error(request, APIError(err.status_code, message, kind=kind))
 
 
 def _add_info_routes(app: FastAPI, state: ServerState) -> None:
@@ -124,3 +132,44 @@ def _add_completion_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await respond(request, state, await prepare(state, request, chat_job), ChatFormat)
+
+
+def _add_agent_routes(app: FastAPI, state: ServerState) -> None:
+    """The APIs agents and SDKs speak beside chat completions, each translated into a chat request
+    (responses_api.py, anthropic_api.py) and then served as one."""
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await respond(request, state, await prepare(state, request, responses_job), ResponsesFormat)
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> dict:
+        return state.responses.get(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        state.responses.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await respond(request, state, await prepare(state, request, messages_job), MessagesFormat)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(request: Request) -> dict:
+        return await prepare(state, request, count_tokens)
+
+
+def _add_token_routes(app: FastAPI, state: ServerState) -> None:
+    """Tokens without generating: llama.cpp's /tokenize and /detokenize, and embeddings."""
+    @app.post("/tokenize")
+    async def tokenize_text(request: Request) -> dict:
+        return await prepare(state, request, tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize_ids(request: Request) -> dict:
+        return await prepare(state, request, detokenize)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict:
+        body, prompts = await prepare(state, request, embeddings_job)
+        return await embed(state, body, prompts)

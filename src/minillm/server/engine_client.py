@@ -62,6 +62,17 @@ class EngineClient:
         self._send(("add", request_id, prompt_ids, params, group))
         return request_id, outputs
 
+    def embed(self, prompts: list[list[int]], pooling: str) -> asyncio.Queue:
+        """Embed prompts in the engine process (server/embeddings.py); the vectors, or the RequestFailed that
+        ended them, arrive on the returned queue."""
+        if self.error is not None:
+            raise RequestFailed(self.error)
+        request_id = uuid.uuid4().hex
+        result: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), result)
+        self._send(("embed", request_id, prompts, pooling))
+        return result
+
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         self._send(("abort", request_id))
@@ -153,6 +164,9 @@ class EngineClient:
             self.stats = message[1]
         elif message[0] == "rejected":
             self._deliver(message[1], ValueError(message[2]), last=True)
+        elif message[0] == "embedded":
+            vectors = message[2]
+            self._deliver(message[1], RequestFailed(vectors) if isinstance(vectors, str) else vectors, last=True)
 
     def _throttle(self) -> None:
         """Pause streams whose readers fell behind, resume those that caught up, drop stalled ones."""

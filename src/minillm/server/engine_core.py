@@ -2,10 +2,11 @@
 talks to it over a pipe, so tokenizing, streaming and HTTP never share a GIL with the model's steps.
 
 In:  ("add", request_id, prompt_ids, params, group), ("abort", request_id), ("pause", request_id, paused), ("ping",),
-     ("stop",)
+     ("embed", request_id, [prompt_ids], pooling), ("stop",)
 Out: ("ready", PromptLimits) or ("failed", message) once; then ("outputs", [StepOutput], stats) after every
      step that produced something or followed a command, ("stats", stats) when it falls idle, and
-     ("rejected", request_id, message) for a request the engine refuses.
+     ("rejected", request_id, message) for a request the engine refuses; ("embedded", request_id, vectors or
+     the error's text) for an embedding request, run at once (between two steps).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from multiprocessing.connection import Connection
 
 from ..engine import LLMEngine
 from ..runtime import freeze_heap
+from .pooling import pooled
 
 logger = logging.getLogger("minillm")
 
@@ -77,3 +79,10 @@ def _apply(conn: Connection, engine: LLMEngine, message: tuple) -> None:
         engine.abort(request_id)
     elif kind == "pause":
         engine.pause(request_id, message[2])
+    elif kind == "embed":
+        try:
+            vectors: list | str = [pooled(engine.model, ids, message[3]) for ids in message[2]]
+        except Exception as err:  # this request fails (a 500), the engine goes on
+            logger.exception("embedding failed")
+            vectors = f"{type(err).__name__}: {err}"
+        conn.send(("embedded", request_id, vectors))

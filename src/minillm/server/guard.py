@@ -3,7 +3,9 @@ time it takes to arrive (a client that sends less than its Content-Length, or ne
 body, gets a 408 and its connection closed instead of holding it for ever).
 
 An ASGI middleware, so a request without the key gets 401 before its body is read or parsed
-(no validation details leak to a client that has not authenticated) and on every path, known or not.
+(no validation details leak to a client that has not authenticated) and on every path, known or not. The
+key comes as `Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's); errors are
+in the shape of the API whose path was called.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from starlette.exceptions import HTTPException
+
+from .protocol import APIError, error_shape
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -36,11 +40,12 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.key is not None and scope["path"] not in self.public and not self._authorized(scope):
-            return await _error(send, 401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                "authentication_error", "invalid_api_key")
+            return await _error(send, scope["path"], 401, "invalid or missing API key (send 'Authorization: Bearer "
+                                "KEY' or 'x-api-key: KEY')", "authentication_error", "invalid_api_key")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return await _error(send, 413, f"the request body is larger than {self.max_body_bytes} bytes",
+            return await _error(send, scope["path"], 413,
+                                f"the request body is larger than {self.max_body_bytes} bytes",
                                 "invalid_request_error", "request_too_large")
         received, complete, deadline = 0, False, time.monotonic() + self.body_timeout
 
@@ -61,13 +66,14 @@ class Guard:
         await self.app(scope, bounded_receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        bearer = scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)
+        return bearer or secrets.compare_digest(headers.get(b"x-api-key", b"").strip(), self.key)
 
 
-async def _error(send: Send, status: int, message: str, kind: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+async def _error(send: Send, path: str, status: int, message: str, kind: str, code: str) -> None:
+    body = json.dumps(APIError(status, message, kind=kind, code=code).body(error_shape(path))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

@@ -34,6 +34,7 @@ PREPARE_TIMEOUT = 60.0  # seconds; compiling a grammar within the size limits ta
 
 RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest)
 ModelT = TypeVar("ModelT", bound=BaseModel)
+ResultT = TypeVar("ResultT")
 
 
 @dataclass
@@ -49,8 +50,9 @@ class Job:
     api_body: Any = None  # the request in its own API's shape, where it was checked as a chat request
 
 
-async def prepare(state: ServerState, request: Request, build: Callable[[ServerState, bytes], Job]) -> Job:
-    """The body read here, the job built by `build` in a worker thread."""
+async def prepare(state: ServerState, request: Request, build: Callable[[ServerState, bytes], ResultT]) -> ResultT:
+    """The body read here, the job (or a whole answer: count_tokens, /tokenize) built by `build` in a worker
+    thread."""
     state.ready()
     raw = await request.body()
     future = asyncio.get_running_loop().run_in_executor(state.workers, build, state, raw)
@@ -64,7 +66,7 @@ async def prepare(state: ServerState, request: Request, build: Callable[[ServerS
 def completion_job(state: ServerState, raw: bytes) -> Job:
     body = parse(raw, CompletionRequest, state.bounds)
     state.admit(body)
-    job = Job(body, _prompt_ids(body.prompt, state.tokenizer, state.bounds.max_seq_len), body.logprobs)
+    job = Job(body, prompt_ids(body.prompt, state.tokenizer, state.bounds.max_seq_len), body.logprobs)
     return _planned(state, job, "prompt", default_max_tokens=lambda prompt_len, room: 16)
 
 
@@ -152,7 +154,7 @@ def _planned(state: ServerState, job: Job, prompt_field: str,
     return job
 
 
-def _prompt_ids(prompt: Any, tokenizer: Tokenizer, max_seq_len: int) -> list[list[int]]:
+def prompt_ids(prompt: Any, tokenizer: Tokenizer, max_seq_len: int) -> list[list[int]]:
     """Each prompt as token ids, checked against the context as soon as it is tokenized."""
     if isinstance(prompt, str):
         prompts: list = [prompt]

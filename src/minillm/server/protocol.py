@@ -32,7 +32,8 @@ class APIError(Exception):
         status, as Anthropic's SDK reads it; no param: the message names the field)."""
         message = _printable(excerpt(self.message, MAX_MESSAGE_CHARS))
         if shape == "anthropic":
-            kind = ANTHROPIC_ERROR_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+            kind = ANTHROPIC_ERROR_TYPES.get(self.status,
+                                             "api_error" if self.status >= 500 else "invalid_request_error")
             return {"type": "error", "error": {"type": kind, "message": message}}
         return {"error": {"message": message, "type": self.kind,
                           "param": None if self.param is None else _printable(self.param), "code": self.code}}
@@ -44,6 +45,11 @@ class APIError(Exception):
         param = None if self.param is None else pattern.sub(lambda m: names[m.group()], self.param)
         return APIError(self.status, pattern.sub(lambda m: names[m.group()], self.message), param, self.kind,
                         self.code)
+
+
+def error_shape(path: str) -> str:
+    """The shape of errors on a path: Anthropic's for its Messages API, OpenAI's everywhere else."""
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
 
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors)

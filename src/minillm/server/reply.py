@@ -67,4 +67,37 @@ def whole_reply(reasoning: Reasoning | None, tools: ToolSyntax | None, text: str
     return parser
 
 
-__all__ = ["CallArguments", "CallStart", "Content", "ReplyEvent", "ReplyParser", "Thinking", "whole_reply"]
+class BlockStream:
+    """A reply's events grouped into its API's blocks (Responses' output items, Messages' content blocks):
+    a run of reasoning, a run of text, one tool call each. Subclasses say what opening, extending and
+    closing a block sends; `kind` is "thinking", "text" or "call"."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+
+    def add(self, event: ReplyEvent) -> list[str]:
+        kind = "thinking" if isinstance(event, Thinking) else "text" if isinstance(event, Content) else "call"
+        out = []
+        if isinstance(event, CallStart) or kind != self.kind:
+            out += self.end()
+            self.kind = kind
+            out += self.open(event)
+        if not isinstance(event, CallStart):
+            out += self.extend(event.fragment if isinstance(event, CallArguments) else event.text)
+        return out
+
+    def end(self) -> list[str]:
+        """Close the open block, if any."""
+        if self.kind is None:
+            return []
+        out, self.kind = self.close(), None
+        return out
+
+    def open(self, event: ReplyEvent) -> list[str]:
+        raise NotImplementedError
+
+    def extend(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    def close(self) -> list[str]:
+        raise NotImplementedError

@@ -1,5 +1,6 @@
 """What the server's routes share: the served model's name, its tokenizer, the engine process's client,
-the metrics, and the checks every completion request passes before it reaches the engine."""
+the metrics, the Responses API's stored responses, and the checks every completion request passes before
+it reaches the engine."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .engine_client import EngineClient
 from .metrics import Metrics
 from .bounds import Bounds
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .response_store import ResponseStore
 
 PREPARE_WORKERS = 2  # requests parsed, tokenized and compiled at once; more queue (each is bounded in size)
 
@@ -26,6 +28,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     guided: GuidedDecoding | None = None
     longest_token: int = 1  # bytes of the tokenizer's longest token, found when it loads
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     workers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="minillm-prepare"))
 
@@ -55,8 +58,12 @@ class ServerState:
         """The engine for a completion request, checked in this order: readiness, its fields, its model."""
         engine = self.ready()
         body.check()
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"the model {excerpt(repr(body.model))} does not exist; this server serves "
+        self.check_model(body.model)
+        return engine
+
+    def check_model(self, model: str | None) -> None:
+        """A request may name the served model, or none."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {excerpt(repr(model))} does not exist; this server serves "
                                 f"{self.model_name!r}",
                            "model", kind="not_found_error", code="model_not_found")
-        return engine
