@@ -33,7 +33,9 @@ class SamplingParams:
     penalties on tokens already generated (once / per occurrence), in [-2, 2]. logprobs: return
     the sampled token's log-probability and this many top alternatives (0-20), from the model's
     raw distribution. guided_json (a JSON schema, dict or text), guided_regex, guided_choice (a list
-    of strings): at most one; the output is constrained to match it (generation/guided.py)."""
+    of strings): at most one; the output is constrained to match it (generation/guided.py).
+    speculative: False keeps this request out of the engine's speculative decoding (its tokens are the
+    same either way; guided requests never speculate)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -50,8 +52,11 @@ class SamplingParams:
     guided_json: dict | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    speculative: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.speculative, bool):
+            raise ValueError(f"speculative must be true or false, got {self.speculative!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         _check_number("temperature", self.temperature, 0, math.inf, "a number >= 0 (0 is greedy)")

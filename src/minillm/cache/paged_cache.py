@@ -46,12 +46,15 @@ class PagedKVCache:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def plan(self, block_tables: list[list[int]], starts: list[int], counts: list[int],
-             attention: AttentionBackend, totals: list[int] | None = None, prompt_gemm: bool = False) -> PagedStep:
+             attention: AttentionBackend, totals: list[int] | None = None, prompt_gemm: bool = False,
+             logit_counts: list[int] | None = None) -> PagedStep:
         """A packed step: sequence b feeds counts[b] tokens from position starts[b]; the input is
         [N = sum(counts)] token ids, the sequences' tokens one after another (no padding). totals[b]:
         sequence b's whole length so far (a prompt's full length while it is prefilled in chunks), for
         the RoPE scalings whose frequencies depend on it (longrope, dynamic); default: starts + counts.
-        prompt_gemm: the prompt chunks' rows may run as a bf16 GEMM (EngineConfig.fast_prefill)."""
+        prompt_gemm: the prompt chunks' rows may run as a bf16 GEMM (EngineConfig.fast_prefill).
+        logit_counts[b]: how many of sequence b's last rows need logits (a draft's verification scores every
+        row fed after the sequence's last token); default: its last row only."""
         size = self.block_size
         seqlens = [s + n for s, n in zip(starts, counts)]
         pages = (max(seqlens) + size - 1) // size
@@ -61,12 +64,14 @@ class PagedKVCache:
         query_start = list(itertools.accumulate(counts, initial=0))
         decode = next((b for b, n in enumerate(counts) if n > 1), len(counts))  # the scheduler puts decode rows first
         lengths = [t for t, n in zip(totals or seqlens, counts) for _ in range(n)]
-        parts = (positions, seqlens, [i for row in table for i in row], query_start, slots, lengths)
-        # one tensor (one host-to-device copy), seen as six: each tensor made from a list has a fixed cost
+        logit_rows = [end - m + j for end, m in zip(query_start[1:], logit_counts or [1] * len(counts)) for j in range(m)]
+        parts = (positions, seqlens, [i for row in table for i in row], query_start, slots, lengths, logit_rows)
+        # one tensor (one host-to-device copy), seen as seven: each tensor made from a list has a fixed cost
         flat = torch.tensor([i for part in parts for i in part], dtype=torch.long, device=self.device)
-        positions_t, seqlens_t, table_t, query_start_t, slots_t, lengths_t = flat.split([len(p) for p in parts])
+        positions_t, seqlens_t, table_t, query_start_t, slots_t, lengths_t, logit_rows_t = flat.split(
+            [len(p) for p in parts])
         return PagedStep(self, attention, positions_t, seqlens_t, table_t.view(len(table), pages), query_start_t,
-                         slots_t, query_start[decode] if prompt_gemm else -1, counts, seqlens, lengths_t)
+                         slots_t, query_start[decode] if prompt_gemm else -1, counts, seqlens, lengths_t, logit_rows_t)
 
 
 @dataclass
@@ -87,6 +92,8 @@ class PagedStep:
     counts: list[int]  # the same lengths on the host, for the row layout of the reference backends
     host_seqlens: list[int]
     token_lengths: Tensor  # [N]: each token's sequence length so far (longrope / dynamic RoPE pick by it)
+    logit_rows: Tensor | None = None  # the packed rows whose logits a last_token_only forward returns; None: each
+    # sequence's last (a CUDA graph's decode step, where that is every row)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store one layer's new keys and values [N, Hkv, D] in their slots."""

@@ -98,6 +98,18 @@ class BlockManager:
         seq.block_table += [self._take_free() for _ in range(max(extra, 0))]
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past those `num_tokens` need: the ones taken for draft tokens that were
+        rejected (speculative decoding). They are the sequence's own fresh blocks, never full of computed
+        tokens, so they hold no hash and nobody else refers to them."""
+        keep = self.blocks_needed(num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            assert block.ref_count == 1 and block.hash is None, f"block {block_id} is not a draft's"
+            block.ref_count = 0
+            self.free_ids[block_id] = None
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks nobody uses become free (tail blocks first, so
         that shared prefixes are the last to be overwritten)."""

@@ -23,6 +23,7 @@ from ..sampling_params import SamplingParams
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager
+from .drafters import make_drafter
 from .gpu_memory import kv_cache_bytes
 from ..generation.guided import GuidedDecoding
 from ..generation.sampler import TokenLogprobs
@@ -129,8 +130,11 @@ class LLMEngine:
         if config.enable_prefix_caching and not prefix_caching:
             logger.info("prefix caching is off: this model's RoPE depends on each sequence's length")
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, settings, config.max_num_seqs)
+        self.drafter = None if settings.speculative is None else make_drafter(
+            settings.speculative, model, tokenizer, num_blocks, config.block_size, config)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   None if self.drafter is None else self.drafter.draft_len)
         self.compile_seconds = 0.0
         if config.compile:
             start = time.perf_counter()
@@ -214,37 +218,39 @@ class LLMEngine:
         """One scheduled forward pass. A failure is the failing request's alone: a row whose logits
         are non-finite fails by itself, and if the whole step raises, each sequence is run again on
         its own (the same cache slots are rewritten, no random draw was made) and only those that
-        still fail are failed, so every other request gets the tokens it would have had alone."""
+        still fail are failed, so every other request gets the tokens it would have had alone.
+        With speculative decoding the drafter fills the draft slots the scheduler reserved, and a
+        sequence may emit several tokens (engine/speculative.py)."""
         step = self.scheduler.schedule()
         self.stalled = step is None  # unfinished work that cannot run now (paused, or waiting for blocks)
         if step is None:
             return []
+        if self.drafter is not None and any(step.draft_slots):
+            step.set_drafts(self.drafter.propose(step.seqs, step.draft_slots))
         try:
             sampled = self.runner.run(step)
         except Exception:
             logger.exception("a step of %d sequences failed; running each alone", len(step.seqs))
-            sampled = [self._run_alone(seq, count) for seq, count in zip(step.seqs, step.num_tokens)]
+            sampled = [self._run_alone(seq, count, draft)
+                       for seq, count, draft in zip(step.seqs, step.num_tokens, step.drafts)]
         outputs = []
-        for seq, count, result in zip(step.seqs, step.num_tokens, sampled):
+        for seq, count, draft, result in zip(step.seqs, step.num_tokens, step.drafts, sampled):
             if isinstance(result, RowError):
                 outputs.append(self._fail(seq, result.message))
-                continue
-            seq.num_computed += count
-            self.blocks.register_computed(seq)
-            if result is None:
-                continue
-            token, logprobs = result
-            seq.token_ids.append(token)
-            outputs.append(self._process_token(seq, token, logprobs))
-            if len(seq) == self.recompute_at and not seq.is_finished:
-                # longrope: the sequence now outgrows the original context, where every position takes the
-                # long factors; transformers' generate recomputes the whole cache at this point, and so do we
-                self.scheduler.recompute(seq)
+            elif result is None:  # a prompt chunk
+                seq.num_computed += count
+                self.blocks.register_computed(seq)
+            else:
+                outputs.append(self._emit(seq, count, draft, result))
+                if len(seq) == self.recompute_at and not seq.is_finished:
+                    # longrope: the sequence now outgrows the original context, where every position takes the
+                    # long factors; transformers' generate recomputes the whole cache at this point, and so do we
+                    self.scheduler.recompute(seq)
         return outputs
 
-    def _run_alone(self, seq: Sequence, count: int) -> tuple[int, TokenLogprobs | None] | RowError | None:
+    def _run_alone(self, seq: Sequence, count: int, draft: list[int]) -> list[tuple[int, TokenLogprobs | None]] | RowError | None:
         try:
-            return self.runner.run(ScheduledStep([seq], [count]))[0]
+            return self.runner.run(ScheduledStep([seq], [count], [draft]))[0]
         except Exception as err:
             logger.exception("request %s failed", seq.request_id)
             return RowError(f"internal error while running this request: {type(err).__name__}: {err}")
@@ -259,29 +265,54 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
         return StepOutput(seq.request_id, "", [], "error", error=message)
 
-    def _process_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
-        state: RequestState = seq.state
-        detokenizer, text, reason = state.detokenizer, "", None
-        if token in state.end_ids:  # EOS or a stop token: it ends the text and adds none
-            text, reason = detokenizer.finish() if detokenizer else "", "stop"
-        else:
-            text = detokenizer.add(token) if detokenizer else ""
-            if state.matcher is not None and not state.matcher.consume_token(token):
-                # its first line: the rest is the grammar library's internal state
-                return self._fail(seq, f"the grammar refused token {token}: "
-                                       f"{excerpt(state.matcher.get_error().split(chr(10))[0])}")
-            if detokenizer and detokenizer.stopped:
-                reason = "stop"
-            elif state.matcher is not None and state.matcher.is_stopped():  # the schema / regex / choice is complete
-                text += detokenizer.finish() if detokenizer else ""
-                reason = "stop"
-            elif seq.num_outputs >= seq.params.max_tokens:
-                text += detokenizer.finish() if detokenizer else ""
-                reason = "length"
+    def _emit(self, seq: Sequence, count: int, draft: list[int],
+              emitted: list[tuple[int, TokenLogprobs | None]]) -> StepOutput:
+        """Append a sequence's new tokens (one, or after a draft its accepted tokens and one more) until one
+        ends it. Every emitted token but the last equals its draft token, so those drafts' K/V are computed;
+        the rejected ones' slots are not (later tokens overwrite them), and their blocks are given back."""
+        accepted = len(emitted) - 1
+        seq.num_computed += count - (len(draft) - accepted)
+        if draft:
+            self.drafter.update(seq, len(draft), accepted)
+        text, tokens, logprobs, reason, error = "", [], [], None, None
+        for token, token_logprobs in emitted:
+            seq.token_ids.append(token)
+            tokens.append(token)
+            logprobs.append(token_logprobs)
+            piece, reason, error = self._check_token(seq, token)
+            text += piece
+            if reason is not None or error is not None:
+                break
+        seq.num_computed = min(seq.num_computed, len(seq))  # an accepted draft that ended it: the rest is dropped
+        self.blocks.register_computed(seq)
+        if error is not None:
+            return self._fail(seq, error)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.requests.pop(seq.request_id, None)
-        return StepOutput(seq.request_id, text, [token], reason, [logprobs] if logprobs else None)
+        elif self.drafter is not None:
+            self.blocks.trim(seq, len(seq))
+        return StepOutput(seq.request_id, text, tokens, reason, logprobs if logprobs[0] is not None else None)
+
+    def _check_token(self, seq: Sequence, token: int) -> tuple[str, str | None, str | None]:
+        """A new token's text, whether it ends the request ("stop", "length"), or why it fails it (a grammar
+        that refuses it)."""
+        state: RequestState = seq.state
+        detokenizer = state.detokenizer
+        if token in state.end_ids:  # EOS or a stop token: it ends the text and adds none
+            return (detokenizer.finish() if detokenizer else ""), "stop", None
+        text = detokenizer.add(token) if detokenizer else ""
+        if state.matcher is not None and not state.matcher.consume_token(token):
+            # its first line: the rest is the grammar library's internal state
+            return "", None, (f"the grammar refused token {token}: "
+                              f"{excerpt(state.matcher.get_error().split(chr(10))[0])}")
+        if detokenizer and detokenizer.stopped:
+            return text, "stop", None
+        if state.matcher is not None and state.matcher.is_stopped():  # the schema / regex / choice is complete
+            return text + (detokenizer.finish() if detokenizer else ""), "stop", None
+        if seq.num_outputs >= seq.params.max_tokens:
+            return text + (detokenizer.finish() if detokenizer else ""), "length", None
+        return text, None, None
 
     def generate(self, prompts: Seq[list[int]], params: Seq[SamplingParams],
                  on_finish: Callable[[], None] | None = None) -> list[RequestOutput]:
@@ -324,4 +355,5 @@ class LLMEngine:
             "num_blocks": self.blocks.num_blocks,
             "prefix_cache_hit_rate": self.blocks.prefix_hits / queries if queries else 0.0,
             "num_preemptions": self.scheduler.num_preemptions,
+            **(self.drafter.stats() if self.drafter is not None else {}),
         }

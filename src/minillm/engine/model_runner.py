@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from .compiled_step import compile_step
 from .cuda_graphs import DecodeGraphs
 from .settings import StepSettings
 from .scheduler import ScheduledStep
+from .speculative import verify
 
 
 @dataclass
@@ -65,18 +67,22 @@ class ModelRunner:
             self.forward(torch.zeros(batch, dtype=torch.long, device=self.model.device), plan, last_token_only=True)
 
     def prepare(self, step: ScheduledStep) -> tuple[Tensor, PagedStep]:
-        """Each sequence's next tokens packed into one input [N], and where they go in the cache."""
-        seqs, counts = step.seqs, step.num_tokens
-        ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed:s.num_computed + n]]
+        """Each sequence's next tokens (and draft tokens) packed into one input [N], and where they go in the
+        cache; a sequence with drafts gets the logits of every row from its last token on."""
+        seqs, counts, drafts = step.seqs, step.num_tokens, step.drafts
+        ids = [t for s, n, d in zip(seqs, counts, drafts) for t in s.token_ids[s.num_computed:s.num_computed + n - len(d)] + d]
+        speculative = any(drafts)
         plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts, self.attention,
-                               [len(s) for s in seqs], prompt_gemm=self.fast_prefill)
+                               [max(len(s), s.num_computed + n) for s, n in zip(seqs, counts)],
+                               prompt_gemm=self.fast_prefill,
+                               logit_counts=[len(d) + 1 for d in drafts] if speculative else None)
         return torch.tensor(ids, device=self.model.device), plan
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep) -> list[tuple[int, TokenLogprobs | None] | RowError | None]:
-        """Return, per sequence, (sampled token, its logprobs if asked) when it reached its last token,
-        None for a prompt still being prefilled in chunks, and a RowError for a row whose logits came
-        out non-finite."""
+    def run(self, step: ScheduledStep) -> list[list[tuple[int, TokenLogprobs | None]] | RowError | None]:
+        """Return, per sequence, the tokens it emits with their logprobs if asked (one, or with draft tokens
+        up to all of them and one more: engine/speculative.py) when it reached its last token, None for a
+        prompt still being prefilled in chunks, and a RowError for a row whose logits came out non-finite."""
         seqs = step.seqs
         if self.graphs is not None and max(step.num_tokens) == 1 and self.graphs.fits(len(seqs), max(map(len, seqs))):
             logits = self.graphs.run([s.token_ids[s.num_computed] for s in seqs], [s.num_computed for s in seqs],
@@ -84,18 +90,23 @@ class ModelRunner:
         else:
             ids, plan = self.prepare(step)
             logits = self.forward(ids, plan, last_token_only=True)
-        out: list[tuple[int, TokenLogprobs | None] | RowError | None] = [None] * len(step.seqs)
+        out: list[list[tuple[int, TokenLogprobs | None]] | RowError | None] = [None] * len(step.seqs)
         rows = [i for i, done in enumerate(step.samples) if done]
         if not rows:
             return out
-        seqs = [step.seqs[i] for i in rows]
-        logits = logits[rows] if len(rows) < len(step.seqs) else logits
-        allowed = allowed_tokens([s.state.matcher for s in seqs], logits.shape[-1])
-        sampled = sample_requests(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
-                                  [s.output_ids for s in seqs], [s.state.generator for s in seqs], allowed)
-        for i, seq, (token, logprobs) in zip(rows, seqs, sampled):
+        seqs, drafts = [step.seqs[i] for i in rows], [step.drafts[i] for i in rows]
+        if len(rows) < len(step.seqs):  # each sampling sequence's logits rows: its last token's, then its drafts'
+            first = list(itertools.accumulate((len(d) + 1 for d in step.drafts), initial=0))
+            logits = logits[[r for i in rows for r in range(first[i], first[i + 1])]]
+        allowed = allowed_tokens([s.state.matcher for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)],
+                                 logits.shape[-1])
+        args = ([s.params for s in seqs], [s.token_ids for s in seqs], [s.output_ids for s in seqs],
+                [s.state.generator for s in seqs])
+        emitted = verify(logits, *args, drafts, allowed) if any(drafts) else \
+            [[sampled] for sampled in sample_requests(logits, *args, allowed)]
+        for i, seq, tokens in zip(rows, seqs, emitted):
             p = seq.params
-            out[i] = (token, logprobs) if token >= 0 else RowError(
+            out[i] = tokens if tokens[-1][0] >= 0 else RowError(
                 f"the logits became non-finite after penalties and temperature (temperature={p.temperature}, "
                 f"repetition_penalty={p.repetition_penalty}, presence_penalty={p.presence_penalty}, "
                 f"frequency_penalty={p.frequency_penalty})")

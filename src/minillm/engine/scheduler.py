@@ -13,13 +13,18 @@ group running the fewest sequences first (then in arrival order), and the sequen
 newest of the group running the most. A waiting sequence whose group runs at least two fewer sequences
 than the largest group preempts that group's newest to get a slot or blocks, so one request with n=16
 and huge max_tokens cannot keep a small request waiting until it ends.
+
+Speculative decoding (engine/speculative.py): a decoding sequence may also feed draft tokens after its
+next one, as many as its drafter asks for (`draft_len`) and the step's budget and the free blocks allow;
+drafts take what is left after every decoding sequence has its one token, and never preempt anyone.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
@@ -28,19 +33,40 @@ from .sequence import Sequence, Status
 @dataclass
 class ScheduledStep:
     seqs: list[Sequence]
-    num_tokens: list[int]  # tokens each sequence feeds, from its num_computed on
+    num_tokens: list[int]  # tokens each sequence feeds, from its num_computed on, its draft tokens included
+    # draft tokens each sequence feeds after its last token; the scheduler reserves room for them
+    # (num_tokens and blocks), the drafter fills them in (`set_drafts`)
+    drafts: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.drafts = self.drafts or [[] for _ in self.seqs]
 
     @property
     def samples(self) -> list[bool]:
         """Whether each sequence reaches its last token this step (and so samples a new one)."""
-        return [s.num_computed + n == len(s) for s, n in zip(self.seqs, self.num_tokens)]
+        return [s.num_computed + n - len(d) == len(s) for s, n, d in zip(self.seqs, self.num_tokens, self.drafts)]
+
+    @property
+    def draft_slots(self) -> list[int]:
+        """Draft tokens each sequence has room for: what its num_tokens holds beyond its own tokens."""
+        return [s.num_computed + n - len(s) if n > len(s) - s.num_computed else 0
+                for s, n in zip(self.seqs, self.num_tokens)]
+
+    def set_drafts(self, drafts: list[list[int]]) -> None:
+        """The drafter's tokens (at most `draft_slots` each); num_tokens shrinks to what is fed."""
+        self.num_tokens = [len(s) - s.num_computed + len(d) if d or slots else n
+                           for s, n, d, slots in zip(self.seqs, self.num_tokens, drafts, self.draft_slots)]
+        self.drafts = drafts
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 draft_len: Callable[[Sequence], int] | None = None) -> None:
+        """draft_len: how many draft tokens a decoding sequence asks for (None: the engine does not speculate)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.blocks = block_manager
+        self.draft_len = draft_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -73,15 +99,15 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep | None:
         self._rebalance()
-        step = self._schedule_decode()
-        budget = self.max_num_batched_tokens - len(step.seqs)
+        seqs, num_tokens = self._schedule_decode()
+        budget = self.max_num_batched_tokens - sum(num_tokens)
         remaining = lambda s: len(s) - s.num_computed  # noqa: E731
         for seq in [s for s in self.running if s.in_prefill]:
             if budget <= 0:
                 break
-            step.seqs.append(seq)
-            step.num_tokens.append(min(remaining(seq), budget))
-            budget -= step.num_tokens[-1]
+            seqs.append(seq)
+            num_tokens.append(min(remaining(seq), budget))
+            budget -= num_tokens[-1]
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting()
             if not self.blocks.allocate(seq):
@@ -89,13 +115,14 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            step.seqs.append(seq)
-            step.num_tokens.append(min(remaining(seq), budget))  # after any prefix-cache hit
-            budget -= step.num_tokens[-1]
-        return step if step.seqs else None
+            seqs.append(seq)
+            num_tokens.append(min(remaining(seq), budget))  # after any prefix-cache hit
+            budget -= num_tokens[-1]
+        return ScheduledStep(seqs, num_tokens) if seqs else None
 
-    def _schedule_decode(self) -> ScheduledStep:
-        """One token for every decoding sequence, preempting the newest running ones for blocks."""
+    def _schedule_decode(self) -> tuple[list[Sequence], list[int]]:
+        """One token for every decoding sequence, preempting the newest running ones for blocks, and room for
+        the draft tokens they ask for."""
         scheduled: list[Sequence] = []
         for seq in [s for s in self.running if not s.in_prefill and not s.paused]:
             if seq.status is not Status.RUNNING:
@@ -107,7 +134,15 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 scheduled.append(seq)
-        return ScheduledStep(scheduled, [1] * len(scheduled))
+        counts = [1] * len(scheduled)
+        if self.draft_len is not None:
+            spare = self.max_num_batched_tokens - len(scheduled)
+            for i, seq in enumerate(scheduled):
+                k = min(self.draft_len(seq), spare)
+                if k > 0 and self.blocks.ensure_capacity(seq, len(seq) + k):  # only free blocks: drafts preempt no one
+                    counts[i] += k
+                    spare -= k
+        return scheduled, counts
 
     def _running_in(self, group: str) -> int:
         return sum(s.group == group for s in self.running)

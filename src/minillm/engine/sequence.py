@@ -41,6 +41,7 @@ class Sequence:
         self.num_preemptions = 0
         self.paused = False  # its consumer is not reading: no decode steps until it catches up
         self.state: Any = None  # per-request data of the layers above (sampler, detokenizer)
+        self.spec: Any = None  # the drafter's per-sequence state when the engine speculates (engine/drafters.py)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -1,6 +1,6 @@
 """An engine's settings (`EngineConfig`) and what its steps run with, decided once from them and the model
 (`resolve`): the attention backend, the KV cache's dtype, the fused GGUF decoder, torch.compile,
-fast_prefill and CUDA graphs. Every combination that cannot run is refused here, saying what to change."""
+fast_prefill, CUDA graphs and speculative decoding. Every combination that cannot run is refused here, saying what to change."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..config import resolve_dtype
 from ..kernels.ggml import GGMLLinear
 from ..model.ggml_decoder import GGMLDecoder
 from ..model.transformer import MiniLLM
+from .speculative import SpeculativeConfig
 
 
 @dataclass
@@ -36,6 +37,9 @@ class EngineConfig:
     # the K/V pools' dtype; None: float16 for a model on GGUF blocks under our C++ attention kernel (as
     # llama.cpp's default f16 cache: half the memory and bytes read per decode token), else the activations'
     kv_cache_dtype: str | None = None
+    # speculative decoding (engine/speculative.py): None, "ngram", "draft:PATH" or a dict of SpeculativeConfig's
+    # fields; a request opts out with SamplingParams(speculative=False)
+    speculative: str | dict | SpeculativeConfig | None = None
 
     def for_device(self, device: torch.device) -> EngineConfig:
         """The sizes left unset, filled in for the device the engine runs on."""
@@ -53,6 +57,7 @@ class StepSettings:
     compile: bool
     fast_prefill: bool
     cuda_graphs: bool
+    speculative: SpeculativeConfig | None = None
 
 
 def resolve(model: MiniLLM, config: EngineConfig) -> StepSettings:
@@ -74,7 +79,24 @@ def resolve(model: MiniLLM, config: EngineConfig) -> StepSettings:
     # layout is sized per step), and RoPE must not depend on the sequence's length
     graphs = (config.cuda_graphs and not config.compile and model.device.type == "cuda" and attention.name == "triton"
               and model.rope.switch_at is None)
-    return StepSettings(attention, kv_dtype, fused, config.compile, config.fast_prefill, graphs)
+    return StepSettings(attention, kv_dtype, fused, config.compile, config.fast_prefill, graphs,
+                        _speculative(model, config))
+
+
+def _speculative(model: MiniLLM, config: EngineConfig) -> SpeculativeConfig | None:
+    speculative = SpeculativeConfig.parse(config.speculative)
+    if speculative is None:
+        return None
+    if model.rope.switch_at is not None:
+        raise ValueError("speculative: this model's RoPE depends on each sequence's length (longrope, dynamic), so a "
+                         "draft row's K/V would change once the draft is accepted; run it without speculative")
+    if config.fast_prefill:
+        raise ValueError("speculative and fast_prefill cannot be combined (fast_prefill would score draft rows as "
+                         "prompt rows in bf16, and their tokens would no longer be exact); choose one")
+    if config.compile:
+        raise ValueError("speculative and compile cannot be combined yet (a speculative step takes the logits of "
+                         "several rows per sequence, which the compiled step's warm-up does not trace); choose one")
+    return speculative
 
 
 def _kv_dtype(model: MiniLLM, config: EngineConfig, attention: AttentionBackend) -> torch.dtype:

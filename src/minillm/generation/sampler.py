@@ -86,13 +86,31 @@ def sample(
     same tokens whatever else is in the batch. A row whose logits (after temperature) hold a NaN
     or +inf, or nothing finite, gets -1 and draws nothing: one broken row never breaks the others.
     """
-    rows, vocab = logits.shape
+    rows = logits.shape[0]
     temps = per_row(temperature, rows)
     greedy = all(t == 0 for t in temps)
     device = logits.device
     if greedy:
         return greedy_tokens(logits)
-    scaled = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device).view(-1, 1)
+    scaled, broken = filtered_logits(logits, temps, top_k, top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    if generators is None or all(g is None for g in generators):
+        drawn = torch.multinomial(probs, 1).squeeze(-1)
+    else:
+        drawn = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+    if any(t == 0 for t in temps):
+        drawn = torch.where(torch.tensor([t == 0 for t in temps], device=device), scaled.argmax(dim=-1), drawn)
+    return drawn.masked_fill(broken, -1)
+
+
+def filtered_logits(logits: Tensor, temperature: Sequence[float], top_k: int | None | Sequence[int | None] = None,
+                    top_p: float | None | Sequence[float | None] = None) -> tuple[Tensor, Tensor]:
+    """Logits [B, V] after temperature (0 counts as 1), top-k and top-p, and which rows are broken (a NaN
+    or +inf, or nothing finite: zeroed here, their draw is to be thrown away). Their softmax is what a
+    sampled row draws from."""
+    rows, vocab = logits.shape
+    device = logits.device
+    scaled = logits / torch.tensor([t if t > 0 else 1.0 for t in temperature], device=device).view(-1, 1)
     broken = ~torch.isfinite(scaled.amax(dim=-1))  # amax propagates NaN
     if broken.any():
         scaled = scaled.masked_fill(broken.view(-1, 1), 0.0)
@@ -103,14 +121,7 @@ def sample(
     if any(p is not None and p < 1 for p in ps):
         p_values = [2.0 if p is None or p >= 1 else float(p) for p in ps]  # 2.0: the row keeps everything
         scaled = filter_top_p(scaled, p_values[0] if len(set(p_values)) == 1 else torch.tensor(p_values, device=device).view(-1, 1))
-    probs = torch.softmax(scaled, dim=-1)
-    if generators is None or all(g is None for g in generators):
-        drawn = torch.multinomial(probs, 1).squeeze(-1)
-    else:
-        drawn = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
-    if any(t == 0 for t in temps):
-        drawn = torch.where(torch.tensor([t == 0 for t in temps], device=device), scaled.argmax(dim=-1), drawn)
-    return drawn.masked_fill(broken, -1)
+    return scaled, broken
 
 
 @dataclass
@@ -150,6 +161,14 @@ def apply_penalties(logits: Tensor, params: Sequence[Any], histories: Sequence[S
     return logits
 
 
+def constrained_logits(logits: Tensor, params: Sequence[Any], histories: Sequence[Sequence[int]],
+                       outputs: Sequence[Sequence[int]], allowed: Tensor | None = None) -> Tensor:
+    """The grammar's mask (`allowed` [B, V], structured output), then each request's penalties."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    return apply_penalties(logits, params, histories, outputs)
+
+
 def sample_requests(logits: Tensor, params: Sequence[Any], histories: Sequence[Sequence[int]],
                     outputs: Sequence[Sequence[int]], generators: Sequence[torch.Generator | None],
                     allowed: Tensor | None = None) -> list[tuple[int, TokenLogprobs | None]]:
@@ -157,9 +176,7 @@ def sample_requests(logits: Tensor, params: Sequence[Any], histories: Sequence[S
     request asked for them). `allowed` [B, V] (structured output: guided.py) masks what each row may
     draw. A row whose logits turned non-finite gets token -1."""
     raw = logits
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-    logits = apply_penalties(logits, params, histories, outputs)
+    logits = constrained_logits(logits, params, histories, outputs, allowed)
     tokens = sample(logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
                     generators).tolist()
     return [(token, None if p.logprobs is None or token < 0 else token_logprobs(raw[i], token, p.logprobs))

@@ -136,7 +136,7 @@ class MiniLLM(nn.Module):
     def forward(self, input_ids: Tensor, step: PagedStep | None = None, *, last_token_only: bool = False,
                 **first_release: Any) -> Tensor:
         """Float32 logits of one packed step planned on a PagedKVCache: input_ids [N] -> [N, vocab], or with
-        `last_token_only` each sequence's last token's, [B, vocab]. Without a step, the first release's
+        `last_token_only` each sequence's last token's, [B, vocab] (the step's `logit_rows` when it names more). Without a step, the first release's
         [B, T] rows call (`kv_cache=`, `use_flash_attention=`, `flash_block_size=`, ...: compat/rows.py)."""
         if step is None:
             return forward_rows(self, input_ids, last_token_only=last_token_only, **first_release)
@@ -159,9 +159,10 @@ class MiniLLM(nn.Module):
 
     def logits(self, h: Tensor, step: PagedStep, last_token_only: bool) -> Tensor:
         # a decode step's rows are already each sequence's last (the gather is ~3 small ops); a compiled step
-        # keeps it, so that one graph serves every step
+        # keeps it, so that one graph serves every step. Speculative decoding asks for more rows per sequence
+        # (PagedStep.logit_rows: a draft's every row)
         if last_token_only and (torch.compiler.is_compiling() or h.shape[0] > len(step.counts)):
-            h = h[step.query_start[1:] - 1]
+            h = h[step.query_start[1:] - 1 if step.logit_rows is None else step.logit_rows]
         logits = self.output(self.norm(h)).float()
         cap = self.config.final_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
