@@ -47,6 +47,7 @@ class DraftState:
     k: int  # draft length asked for next
     drafted: float = 0.0  # recent drafted and accepted tokens (exponentially decayed)
     accepted: float = 0.0
+    checks: int = 0  # verifications since drafting last resumed
     pause: int = 0  # steps left without drafting
     next_pause: int = 8  # the next pause's length (doubles up to MAX_PAUSE)
     # n-gram drafter: n-gram -> where its latest occurrence ends, for positions < `indexed`; the match found
@@ -106,9 +107,11 @@ class Drafter:
         state.k = min(top, max(state.k, 2 * accepted)) if accepted == drafted else max(1, accepted + 1)
         state.drafted = state.drafted * RATE_DECAY + drafted
         state.accepted = state.accepted * RATE_DECAY + accepted
-        if state.drafted >= 8 and state.accepted < self.min_acceptance * state.drafted:
+        state.checks += 1
+        if state.checks >= 4 and state.accepted < self.min_acceptance * state.drafted:  # 4: a fair sample first
             state.pause, state.next_pause = state.next_pause, min(2 * state.next_pause, MAX_PAUSE)
             state.drafted = state.accepted = 0.0
+            state.checks = 0
 
     def stats(self) -> dict[str, float]:
         return {"spec_drafted_tokens": self.num_drafted, "spec_accepted_tokens": self.num_accepted,
