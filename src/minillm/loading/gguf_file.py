@@ -21,7 +21,8 @@ from .architectures import gguf_architecture, sliding_layers, supported
 from .errors import ModelLoadError
 from .gguf_reader import GGUFFile
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                   "IQ4_NL", "IQ4_XS")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 

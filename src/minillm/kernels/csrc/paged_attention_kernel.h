@@ -354,7 +354,7 @@ static void run(const Problem<T, KV>& p) {
 
 template <typename T, typename KV>
 static void dispatch(const Problem<T, KV>& p) {
-  // compile-time shapes for the common cases: head dim 64 or 128, 1-4 or 8 query heads per KV head
+  // compile-time shapes for the common cases: head dim 64 or 128, 1-8 query heads per KV head (Qwen2.5: 6, 7)
   const int64_t groups = p.num_heads / p.num_kv_heads;
 #define MINILLM_GROUPS(DIM)                                        \
   switch (groups) {                                                 \
@@ -362,6 +362,9 @@ static void dispatch(const Problem<T, KV>& p) {
     case 2: return run<T, KV, VectorHead<T, KV, DIM, 2>>(p);                \
     case 3: return run<T, KV, VectorHead<T, KV, DIM, 3>>(p);                \
     case 4: return run<T, KV, VectorHead<T, KV, DIM, 4>>(p);                \
+    case 5: return run<T, KV, VectorHead<T, KV, DIM, 5>>(p);                \
+    case 6: return run<T, KV, VectorHead<T, KV, DIM, 6>>(p);                \
+    case 7: return run<T, KV, VectorHead<T, KV, DIM, 7>>(p);                \
     case 8: return run<T, KV, VectorHead<T, KV, DIM, 8>>(p);                \
     default: return run<T, KV, AnyHead<T, KV>>(p);                          \
   }
