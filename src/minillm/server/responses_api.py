@@ -259,7 +259,7 @@ class ResponsesFormat(ResponseFormat):
     def _usage(self, usage: dict[str, int]) -> dict[str, Any]:
         thinking = len(self.tokenizer.encode(self.parser.thinking, add_special_tokens=False)) \
             if self.parser.thinking else 0
-        return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+        return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                 "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": thinking},
                 "total_tokens": usage["total_tokens"]}
 
