@@ -36,9 +36,23 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast-prefill", action="store_true",
                         help="GGUF blocks on an AVX512-BF16 CPU: prompt chunks of 64+ tokens as bf16 GEMMs (about 2x "
                              "faster prefill; a prompt's bits then depend on its batch, decode tokens stay exact)")
+    parser.add_argument("--speculative", default=None, type=_speculative, metavar="ngram|draft:PATH",
+                        help="speculative decoding: ngram (drafts looked up in the prompt and output: pays when the "
+                             "answer repeats its input) or draft:PATH (a smaller model with the same tokenizer); the "
+                             "tokens are the same as without")
     parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="the KV cache's dtype. Default: float16 for a GGUF file on its own blocks (llama.cpp's "
                              "default: half the memory, and half the bytes a decode token reads), else the model's")
+
+
+def _speculative(text: str) -> str:
+    from .engine.speculative import SpeculativeConfig
+
+    try:
+        SpeculativeConfig.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _chat_template_option(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +150,7 @@ def _load(args: argparse.Namespace):
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
               progress=sys.stderr.isatty(), compile=args.compile, fast_prefill=args.fast_prefill,
               gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
-              chat_template=getattr(args, "chat_template", None))
+              chat_template=getattr(args, "chat_template", None), speculative=args.speculative)
     freeze_heap()
     return llm
 
@@ -234,7 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = {"dtype": args.dtype, "device": args.device, "quantization": args.quantization,
                "max_num_seqs": args.max_concurrency, "compile": args.compile, "fast_prefill": args.fast_prefill,
                "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype,
-               "chat_template": args.chat_template}
+               "chat_template": args.chat_template, "speculative": args.speculative}
     app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
                      stream_timeout=args.stream_timeout, read_timeout=args.read_timeout,
                      engine_timeout=args.engine_timeout, max_queue_wait=args.max_queue_wait)
