@@ -77,12 +77,13 @@ def test_streamed_call_and_the_next_turn(client):
     stream = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice="required",
                                             max_tokens=80, temperature=0, stream=True)
     deltas = [(c.choices[0].delta, c.choices[0].finish_reason) for c in stream]
-    calls = [call for delta, _ in deltas for call in delta.tool_calls or []]
-    assert deltas[-1][1] == "tool_calls" and len(calls) == 1 and calls[0].id and calls[0].function.name
-    json.loads(calls[0].function.arguments)
+    calls = [call for delta, _ in deltas for call in delta.tool_calls or []]  # the name, then argument fragments
+    assert deltas[-1][1] == "tool_calls" and {c.index for c in calls} == {0} and calls[0].id and calls[0].function.name
+    assert all(c.id is None for c in calls[1:])
+    arguments = "".join(c.function.arguments for c in calls)
+    json.loads(arguments)
     turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": calls[0].id, "type": "function",
-         "function": {"name": calls[0].function.name, "arguments": calls[0].function.arguments}}]},
+        {"id": calls[0].id, "type": "function", "function": {"name": calls[0].function.name, "arguments": arguments}}]},
             {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature": 21}'}]
     reply = client.chat.completions.create(model="smollm2", messages=turn, tools=TOOLS, max_tokens=24, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
