@@ -255,7 +255,10 @@ def test_ngram_drafter_proposes_what_followed_and_adapts():
 
 def test_draft_state_is_per_sequence():
     assert DraftState(k=3).ngrams is not DraftState(k=3).ngrams
-    assert Drafter(SpeculativeConfig("ngram"), 100).min_acceptance == 0.3
+    drafter = Drafter(SpeculativeConfig("ngram"), 100)
+    assert drafter.min_acceptance == pytest.approx(0.3)  # a draft row costs 0.3 of a step at batch 1
+    drafter.draft_len(Sequence([1, 2], SamplingParams()), batch=16)
+    assert drafter.min_acceptance == pytest.approx(4.8 / 5.5)  # nearly all compute at batch 16
 
 
 @pytest.mark.parametrize("value,message", [

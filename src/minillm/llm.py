@@ -41,7 +41,8 @@ class LLM:
         own; a checkpoint without one gets its family's built-in template. engine_options: the
         fields of `EngineConfig` (block_size, kv_cache_memory in bytes, gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, attention_backend, compile,
-        cuda_graphs, fast_prefill, kv_cache_dtype)."""
+        cuda_graphs, fast_prefill, kv_cache_dtype, speculative: "ngram", "draft:PATH" or a dict, see
+        docs/engine.md#speculative-decoding)."""
         if quantization == "gguf" and dtype is not None:
             raise ValueError("quantization='gguf' computes with the file's blocks in float32; leave dtype unset")
         if quantization not in (None, *QUANTIZATION_MODES):

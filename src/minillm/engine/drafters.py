@@ -12,8 +12,11 @@ target's block tables, so it needs no block manager of its own).
 Both adapt each sequence's draft length to what it gets accepted (`DraftState`): twice as long after a
 wholly accepted draft, one past the accepted part otherwise; and a sequence whose acceptance rate falls
 below what a draft row costs stops drafting for a while (8 steps, then 16, ... up to 256), since a
-rejected draft row only costs. Measured here (bundled SmolLM2-135M, fused decoder, 2 cores of a Zen 4
-EPYC): a step of 1 + k rows costs about 1 + 0.3 k one-row steps, so drafts pay from ~30 % acceptance on.
+rejected draft row only costs. The cost model: a step of R rows takes T0 + r R (T0: reading the weights,
+r: one row's compute); measured on the bundled SmolLM2-135M (fused decoder, 2 cores of an EPYC), a row
+costs c = r / (T0 + r) = 0.3 of a one-row step. An accepted draft token saves the step's cost per token,
+T0 / B + r at B decoding sequences, a draft row costs r, so drafts pay above an acceptance rate of
+c B / (c B + 1 - c): 30 % at batch 1, 87 % at batch 16 (where a step is nearly all compute).
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from .speculative import SpeculativeConfig
 
 logger = logging.getLogger("minillm")
 
-# what a draft row costs, in steps, below which acceptance does not pay: the n-gram drafter's rows cost
-# ~0.3 of a step each (measured, see above); a draft model's also cost its forward
-DEFAULT_MIN_ACCEPTANCE = {"ngram": 0.3, "draft": 0.5}
+# a draft row's cost as a fraction of a one-row step (c above): measured for the n-gram drafter's rows; a
+# draft model's also cost its own forward
+ROW_COST = {"ngram": 0.3, "draft": 0.5}
 MAX_PAUSE = 256  # steps a sequence goes without drafting at most, once its drafts stopped paying
 RATE_DECAY = 0.75  # weight of the past in a sequence's acceptance rate (recent steps count most)
 
@@ -65,8 +68,8 @@ class Drafter:
     def __init__(self, config: SpeculativeConfig, max_seq_len: int) -> None:
         self.config = config
         self.max_seq_len = max_seq_len
-        self.min_acceptance = (DEFAULT_MIN_ACCEPTANCE[config.method] if config.min_acceptance is None
-                               else config.min_acceptance)
+        self.row_cost = ROW_COST[config.method]
+        self.batch = 1  # decoding sequences in the latest step
         self.num_drafted = self.num_accepted = self.num_steps = 0  # totals, for the engine's stats
 
     def state(self, seq: Sequence) -> DraftState:
@@ -74,9 +77,19 @@ class Drafter:
             seq.spec = DraftState(k=min(2, self.config.num_speculative_tokens))
         return seq.spec
 
-    def draft_len(self, seq: Sequence) -> int:
-        """Draft tokens a decoding sequence asks for in its next step (0: none). Called once per decode step
-        by the scheduler. Never past max_tokens (the step's last token is the target's own) or the context."""
+    @property
+    def min_acceptance(self) -> float:
+        """The acceptance rate below which a sequence's drafts do not pay at the current batch (module doc)."""
+        if self.config.min_acceptance is not None:
+            return self.config.min_acceptance
+        cost = self.row_cost * self.batch
+        return cost / (cost + 1 - self.row_cost)
+
+    def draft_len(self, seq: Sequence, batch: int = 1) -> int:
+        """Draft tokens a decoding sequence asks for in its next step (0: none), among `batch` decoding
+        sequences. Called once per decode step by the scheduler. Never past max_tokens (the step's last
+        token is the target's own) or the context."""
+        self.batch = batch
         params = seq.params
         if not params.speculative or params.guided:  # a grammar's matcher cannot take back rejected drafts
             return 0

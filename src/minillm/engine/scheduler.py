@@ -61,8 +61,9 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 draft_len: Callable[[Sequence], int] | None = None) -> None:
-        """draft_len: how many draft tokens a decoding sequence asks for (None: the engine does not speculate)."""
+                 draft_len: Callable[[Sequence, int], int] | None = None) -> None:
+        """draft_len(seq, batch): how many draft tokens a decoding sequence asks for among `batch` decoding
+        sequences (None: the engine does not speculate)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.blocks = block_manager
@@ -138,7 +139,7 @@ class Scheduler:
         if self.draft_len is not None:
             spare = self.max_num_batched_tokens - len(scheduled)
             for i, seq in enumerate(scheduled):
-                k = min(self.draft_len(seq), spare)
+                k = min(self.draft_len(seq, len(scheduled)), spare)
                 if k > 0 and self.blocks.ensure_capacity(seq, len(seq) + k):  # only free blocks: drafts preempt no one
                     counts[i] += k
                     spare -= k
