@@ -75,7 +75,7 @@ def main() -> None:
                "files": {Path(f).name: measure(Path(f), args.rounds, args.tokens) for f in args.files}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    Path(f"{out}.json").write_text(json.dumps(results, indent=1) + "\n")
     rows = []
     for name, f in results["files"].items():
         ours, theirs = f["load"]["minillm"], f["load"]["llama.cpp"]
@@ -98,7 +98,7 @@ def main() -> None:
              *table(["file", "file MB", "our weights MB", "load s (ours / llama.cpp)", "peak RSS MiB",
                      "b1 tok/s", "b1 ratio", "b1 share of bandwidth", "prefill 512 tok/s", "prefill ratio",
                      "our b16 tok/s"], rows)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
