@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
@@ -23,6 +23,14 @@ _REFUSED = {"bert": "WPM (BERT's WordPiece)", "t5": "UGM (T5's Unigram)", "rwkv"
 
 
 Metadata = Callable[[str, Any], Any]  # a GGUF file's value of a key, or the default given
+
+
+class GGUFMetadataSource(Protocol):
+    """What a tokenizer needs of a GGUF file (loading's GGUFMetadata is one): its name and its metadata."""
+
+    name: str
+
+    def meta(self, key: str, default: Any = None) -> Any: ...
 
 
 def gguf_tokenizer_args(metadata: Metadata, name: str) -> dict[str, Any]:

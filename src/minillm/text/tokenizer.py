@@ -6,18 +6,15 @@ import json
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tokenizers import Tokenizer as Backend
 
 from .chat_template import ChatTemplateError, render_chat_template
-from .gguf_vocab import gguf_tokenizer_args
+from .gguf_vocab import GGUFMetadataSource, gguf_tokenizer_args
 from .hf_vocab import hf_tokenizer_args
 from .special_text import SpecialText, strings_in
 from .unicode import check_text, find_invalid_text
-
-if TYPE_CHECKING:
-    from ..loading.gguf_file import GGUFMetadata
 
 
 class Tokenizer:
@@ -145,7 +142,7 @@ class Tokenizer:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFMetadata) -> "Tokenizer":
+    def from_gguf(cls, gguf: GGUFMetadataSource) -> "Tokenizer":
         """From a GGUF file's metadata, whatever its architecture."""
         return cls(**gguf_tokenizer_args(gguf.meta, gguf.name))
 
