@@ -24,6 +24,12 @@ VEC_TARGET_AVX2 inline __m256i widen16(__m256i sum16) { return _mm256_madd_epi16
 VEC_TARGET_AVX2 inline __m256i nibbles(__m256i v, bool high) {
   return _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
 }
+// Bit `from` of every byte moved to bit `to` (all other bits cleared): one 16-bit shift and a mask (a shift of
+// at most 7 never carries a bit into the kept position of the other byte of a 16-bit lane).
+VEC_TARGET_AVX2 inline __m256i move_bit(__m256i v, int from, int to) {
+  const __m256i shifted = from > to ? _mm256_srli_epi16(v, from - to) : _mm256_slli_epi16(v, to - from);
+  return _mm256_and_si256(shifted, _mm256_set1_epi8(static_cast<char>(1 << to)));
+}
 VEC_TARGET_AVX2 inline __m256i lookup_iq4(__m256i codes) {  // 4-bit codes -> their signed values
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
   return _mm256_shuffle_epi8(table, codes);
@@ -119,9 +125,9 @@ VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, con
         const __m256i v = units8(tile, qs_at, 8 * c + p, half);
         __m256i low = nibbles(v, false), high = nibbles(v, true);
         if constexpr (FMT == Q5_K) {  // bit 2c (2c + 1) of qh byte l: the fifth bit of weight l of sub-block 2c (2c + 1)
-          const __m256i qh = units8(tile, 16, p, half), one = _mm256_set1_epi8(1);
-          low = _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
-          high = _mm256_or_si256(high, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+          const __m256i qh = units8(tile, 16, p, half);
+          low = _mm256_or_si256(low, move_bit(qh, 2 * c, 4));
+          high = _mm256_or_si256(high, move_bit(qh, 2 * c + 1, 4));
         }
         for (int r = 0; r < NR; ++r) {
           lo16[r] = _mm256_add_epi16(lo16[r], pairs16(low, bcast4(x[r].q + a * QK + 4 * p)));
@@ -200,7 +206,7 @@ template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void k23_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, __m256* macc) {
   constexpr bool q3 = FMT == Q3_K;
   const __m256 d = fp16x8(tile, q3 ? 108 : 80, 0, half), dmin = q3 ? d : fp16x8(tile, 80, 1, half);
-  const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  const __m256i three = _mm256_set1_epi8(3);
   for (int n = 0; n < 2; ++n) {
     __m256i sums[2][4][NR];  // [16-weight half][block 4n + j][token]: int32
     for (int h = 0; h < 2; ++h) {
@@ -212,8 +218,7 @@ VEC_TARGET_AVX2 void k23_half(const uint8_t* tile, int half, int64_t ab0, const 
         const __m256i hm = q3 ? units8(tile, 0, p, half) : qs;
         for (int j = 0; j < 4; ++j) {
           __m256i code = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three);
-          if constexpr (q3)
-            code = _mm256_or_si256(code, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * n + j), one), 2));
+          if constexpr (q3) code = _mm256_or_si256(code, move_bit(hm, 4 * n + j, 2));
           for (int r = 0; r < NR; ++r)
             sum16[j][r] = _mm256_add_epi16(sum16[j][r], pairs16(code, bcast4(x[r].q + (ab0 + 4 * n + j) * QK + 4 * p)));
         }
