@@ -478,6 +478,24 @@ def test_crafted_header_sizes_are_refused_before_anything_is_sized_by_them(tmp_p
         load_checkpoint(path, progress=False)
 
 
+def test_a_huge_context_length_serves_a_bounded_number_of_positions(tmp_path, monkeypatch, caplog):
+    """context_length = 2^31 would ask for 16 GB of RoPE tables: the model is built for MAX_CONTEXT positions,
+    with one warning, and still computes."""
+    import gguf
+
+    from minillm.loading.gguf_file import MAX_CONTEXT
+
+    hf = hf_model("llama")
+    write = gguf.GGUFWriter.add_context_length
+    monkeypatch.setattr(gguf.GGUFWriter, "add_context_length", lambda self, _: write(self, 2**31))
+    path = write_gguf(tmp_path / "long.gguf", hf)
+    with caplog.at_level("WARNING", logger="minillm"):
+        model = load_checkpoint(path, progress=False).model
+    assert model.config.max_seq_len == MAX_CONTEXT and model.rope.cos.shape[0] == MAX_CONTEXT
+    assert any("context_length 2147483648 is beyond" in r.getMessage() for r in caplog.records)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
 def test_a_model_path_that_is_not_a_regular_file_is_refused(tmp_path):
     """A FIFO would block the first read forever: refused before it is opened (in a child, so a regression
     fails on its timeout instead of hanging the suite)."""

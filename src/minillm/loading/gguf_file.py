@@ -9,6 +9,7 @@ so the weights fit our (Hugging Face) rotate-half RoPE.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ from .architectures import gguf_architecture, sliding_layers, supported
 from .errors import ModelLoadError
 from .gguf_reader import GGUFFile
 
+logger = logging.getLogger("minillm")
+
+# Positions the RoPE tables are built for, at most: 2^20 x head_dim x 8 bytes (a few hundred MB). A header's
+# context_length beyond it (a crafted 2^31 would ask for 16 GB of tables) serves this many positions.
+MAX_CONTEXT = 1 << 20
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                    "IQ4_NL", "IQ4_XS")
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -84,7 +90,7 @@ class GGUFCheckpoint(GGUFMetadata):
                 num_layers=required["block_count"],
                 hidden_dim=required["feed_forward_length"],
                 head_dim=head_dim,
-                max_seq_len=arch("context_length", 2048),
+                max_seq_len=self._context(),
                 vocab_size=vocab,
                 rope_theta=float(arch("rope.freq_base", 10000.0)),
                 norm_eps=float(arch("attention.layer_norm_rms_epsilon", 1e-5)),
@@ -118,6 +124,13 @@ class GGUFCheckpoint(GGUFMetadata):
         if len(layers) != required["block_count"] or max(layers, default=-1) != len(layers) - 1:  # not 0 .. n - 1
             raise ModelLoadError(f"{self.path.name}: {self.architecture}.block_count is {required['block_count']}, but "
                                  f"the file holds tensors for {len(layers)} layers")
+
+    def _context(self) -> int:
+        context = self.arch_meta("context_length", 2048)
+        if context > MAX_CONTEXT:
+            logger.warning("%s: context_length %d is beyond %d positions; serving %d", self.path.name, context,
+                           MAX_CONTEXT, MAX_CONTEXT)
+        return min(context, MAX_CONTEXT)
 
     def _rope_scaling(self) -> dict[str, Any] | None:
         """llama.cpp's RoPE settings in transformers' form: a `rope_freqs` tensor (Llama 3.1's frequency
