@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -36,7 +36,7 @@ class Checkpoint(Protocol):
 
     def tensor(self, name: str, config: ModelConfig) -> Tensor | None: ...
     def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int, str] | None: ...
-    def release(self, name: str) -> None: ...
+    def reading(self, name: str) -> AbstractContextManager[None]: ...
     def quantized_bytes(self) -> int: ...
 
 
@@ -134,7 +134,6 @@ class _Parts:
         tensor = self.checkpoint.tensor(name, self.config)
         if tensor is None:
             raise ModelLoadError(f"{self.checkpoint.name}: the checkpoint has no tensor {name!r} (for {param})")
-        self.checkpoint.release(name)
         return tensor
 
     def kernel_module(self, name: str, module: nn.Module) -> nn.Module | None:
@@ -165,11 +164,10 @@ class _Parts:
         return GGMLLinear(parts, module.in_features, bias)
 
     def repack(self, name: str, raw: np.ndarray, kind: int) -> Tensor:
-        """One tensor's blocks from the file into the arena, interleaved; its pages of the file then released,
-        so a load holds one tensor of the file at a time."""
-        out = repack(_view(raw), kind, self.arena.take(raw.nbytes))
-        self.checkpoint.release(name)
-        return out
+        """One tensor's blocks from the file into the arena, interleaved (`reading`: its pages of the file mapped
+        in, then released, so a load holds one tensor of the file at a time)."""
+        with self.checkpoint.reading(name):
+            return repack(_view(raw), kind, self.arena.take(raw.nbytes))
 
 
 def _view(raw: np.ndarray) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -180,14 +181,15 @@ class GGUFCheckpoint(GGUFMetadata):
         if kind not in SUPPORTED_TYPES:
             raise ModelLoadError(f"{self.path.name}: tensor {name} has type {kind}, which is not supported "
                                  f"(supported: {', '.join(SUPPORTED_TYPES)})")
-        try:
-            data = gguf.quants.dequantize(info.data, info.tensor_type)
-        except Exception as err:
-            raise ModelLoadError(f"{self.path.name}: tensor {name} ({kind}) could not be read: {err}") from None
-        # GGUF lists dimensions innermost first; numpy's layout is the reverse.
-        data = np.ascontiguousarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(info.shape)))
-        if not data.flags.writeable:  # F32 tensors are views of the read-only memory map
-            data = data.copy()
+        with self.reader.reading(info):  # a copy is made: the file's pages are not kept
+            try:
+                data = gguf.quants.dequantize(info.data, info.tensor_type)
+            except Exception as err:
+                raise ModelLoadError(f"{self.path.name}: tensor {name} ({kind}) could not be read: {err}") from None
+            # GGUF lists dimensions innermost first; numpy's layout is the reverse.
+            data = np.ascontiguousarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(info.shape)))
+            if not data.flags.writeable:  # F32 tensors are views of the read-only memory map
+                data = data.copy()
         return self._rope_rows_in_hf_order(name, torch.from_numpy(data), config)
 
     def _rope_rows_in_hf_order(self, name: str, rows: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -210,15 +212,14 @@ class GGUFCheckpoint(GGUFMetadata):
         if len(info.shape) != 2 or cols % per or info.data.size != rows * cols // per * size:
             raise ModelLoadError(f"{self.path.name}: tensor {name} ({info.tensor_type.name}, shape "
                                  f"{[int(d) for d in info.shape]}) holds {info.data.size} bytes, which do not fit its shape")
-        self.reader.map_in(info)
         raw = info.data.reshape(rows, cols // per * size)
         if self.arch.permuted_qk and (".attn_q." in name or ".attn_k." in name):
             raw = np.ascontiguousarray(self._rope_rows_in_hf_order(name, torch.from_numpy(raw.copy()), config).numpy())
         return raw, int(info.tensor_type), info.tensor_type.name
 
-    def release(self, name: str) -> None:
-        """The tensor has been copied: its pages of the map leave this process's memory."""
-        self.reader.release(self.tensors[name])
+    def reading(self, name: str) -> AbstractContextManager[None]:
+        """Around a whole read of the tensor: its pages of the map in, then out of this process's memory."""
+        return self.reader.reading(self.tensors[name])
 
     def quantized_bytes(self) -> int:
         return sum(info.data.nbytes for info in self.tensors.values() if info.tensor_type.name not in FLOAT_TYPES)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,20 +108,19 @@ class GGUFFile:
             raise ValueError(f"tensor {name} ({kind.name}, {nbytes} bytes) runs past the end of the file")
         return TensorInfo(name, kind, shape, self.map[at:at + nbytes].view(dtype).reshape(rows), at)
 
-    def map_in(self, info: TensorInfo) -> None:
-        """Map a tensor's pages in one call before it is read whole (MADV_POPULATE_READ, Linux 5.14+), rather
-        than a page fault every few pages of it; elsewhere the reads fault them in as before."""
-        start, length = self._pages(info)
+    @contextmanager
+    def reading(self, info: TensorInfo) -> Iterator[None]:
+        """While a tensor is read whole: its pages mapped in one call (MADV_POPULATE_READ, Linux 5.14+, rather
+        than a page fault every few pages; elsewhere the reads fault them in); afterwards dropped from this
+        process's memory (they stay in the page cache), so a load that copies tensor by tensor holds one tensor
+        of the file at a time, not all."""
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        length = info.offset + info.data.nbytes - start
         try:
             self.map._mmap.madvise(getattr(mmap, "MADV_POPULATE_READ", 22), start, length)
         except OSError:
             pass
-
-    def _pages(self, info: TensorInfo) -> tuple[int, int]:
-        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        return start, info.offset + info.data.nbytes - start
-
-    def release(self, info: TensorInfo) -> None:
-        """Drop a tensor's pages from this process's memory once it has been copied (they stay in the page
-        cache): a load that repacks tensor by tensor then holds one tensor of the file at a time, not all."""
-        self.map._mmap.madvise(mmap.MADV_DONTNEED, *self._pages(info))
+        try:
+            yield
+        finally:
+            self.map._mmap.madvise(mmap.MADV_DONTNEED, start, length)

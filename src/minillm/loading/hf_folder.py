@@ -6,6 +6,7 @@ Tensors are memory-mapped through `safetensors`; pickled `*.bin` / `*.pt` files 
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,8 @@ class HFCheckpoint(HFFolder):
     def blocks(self, name: str, config: ModelConfig) -> None:
         return None  # safetensors hold float tensors only
 
-    def release(self, name: str) -> None:
-        pass  # safetensors' reads are copies already
+    def reading(self, name: str) -> AbstractContextManager[None]:
+        return nullcontext()  # safetensors' reads are copies already
 
     def quantized_bytes(self) -> int:
         return 0
