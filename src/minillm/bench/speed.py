@@ -21,6 +21,7 @@ from ..llm import LLM
 from ..loading import default_model_path
 from ..runtime import freeze_heap
 from .. import kernels
+from ..kernels.ggml import GGMLLinear
 from ..sampling_params import SamplingParams
 from .common import environment, median_seconds
 from .load import load_figures
@@ -49,8 +50,10 @@ def weight_bytes(model: torch.nn.Module, embedding: torch.Tensor, head: torch.Te
 
 
 def engine_weight_bytes(llm: LLM) -> int:
-    """`weight_bytes` of one of our engines (its LM head may be quantized, a module without `weight`)."""
-    return weight_bytes(llm.model, llm.model.tok_embeddings.weight, getattr(llm.model.output, "weight", None))
+    """`weight_bytes` of one of our engines (its LM head may be a GGMLLinear, whose tensors are `weights`)."""
+    output = llm.model.output
+    head = output.weights[0] if isinstance(output, GGMLLinear) else output.weight
+    return weight_bytes(llm.model, llm.model.tok_embeddings.weight, head)
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
