@@ -452,7 +452,7 @@ def test_swiglu_in_the_kernel_with_a_dequantized_down_projection(tmp_path, monke
     path = write_gguf(tmp_path / "mixed.gguf", hf, qtype="Q8_0")
     blocks = GGUFCheckpoint.blocks
     monkeypatch.setattr(GGUFCheckpoint, "blocks",
-                        lambda self, name, config: None if "ffn_down" in name else blocks(self, name, config))
+                        lambda self, name, config, part=None: None if "ffn_down" in name else blocks(self, name, config))
     model = load_checkpoint(path, progress=False).model
     ffn = model.layers[0].feed_forward
     assert isinstance(ffn.w13, GGMLLinear) and ffn.w13.applies_swiglu and not isinstance(ffn.w2, GGMLLinear)

@@ -166,8 +166,8 @@ def test_fast_prefill_marks_prompt_rows_for_the_gemm(smollm, monkeypatch):
     (`PagedStep.gemm_from`); by default no row is."""
     def plans(eng):
         seen = []
-        prepare = eng.runner.prepare
-        monkeypatch.setattr(eng.runner, "prepare", lambda step: seen.append(prepare(step)) or seen[-1])
+        plan = eng.runner.plan
+        monkeypatch.setattr(eng.runner, "plan", lambda inputs: seen.append(plan(inputs)) or seen[-1])
         run_all(eng, prompts(smollm.tokenizer, 8), GREEDY)
         return [plan for _, plan in seen]
 

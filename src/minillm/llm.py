@@ -10,11 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import EngineConfig, LLMEngine, RequestFailed, RequestOutput, StepOutput
+from .engine.model_runner import ModelRunner
 from .generation.sampler import per_row
-from .loading import ModelLoadError, load_checkpoint
-from .model.onednn_linear import use_onednn_linears
-from .quantization import QUANTIZATION_MODES, quantize_model
-from .runtime import place_in_huge_pages
+from .model_loader import load_model
+from .parallel import start_tensor_parallel
 from .sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -42,35 +41,39 @@ class LLM:
         fields of `EngineConfig` (block_size, kv_cache_memory in bytes, gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, attention_backend, compile,
         cuda_graphs, fast_prefill, kv_cache_dtype, speculative: "ngram", "draft:PATH" or a dict, see
-        docs/engine.md#speculative-decoding)."""
-        if quantization == "gguf" and dtype is not None:
-            raise ValueError("quantization='gguf' computes with the file's blocks in float32; leave dtype unset")
-        if quantization not in (None, *QUANTIZATION_MODES):
-            raise ValueError(f"unknown quantization {quantization!r}; expected one of {QUANTIZATION_MODES} or None")
-        requantize = quantization in ("int8", "int4")
-        if requantize and dtype is None:
-            dtype = "float32"  # int8 / int4 re-quantize float weights
-        loaded = load_checkpoint(model, dtype=dtype, device=device, progress=progress, chat_template=chat_template)
-        if quantization == "gguf" and not loaded.quantized:
-            raise ValueError(f"quantization='gguf' needs a GGUF file on the CPU and the C++ kernels; {loaded.name} "
-                             "was loaded dequantized instead")
-        if requantize:
-            quantize_model(loaded.model, quantization)
-        elif not loaded.quantized and loaded.model.device.type == "cpu" and loaded.model.dtype == torch.float32:
-            use_onednn_linears(loaded.model)  # MKL is slow on AMD CPUs (model/onednn_linear.py)
-        if loaded.tokenizer is None:
-            raise ModelLoadError(f"{loaded.name} has no tokenizer (tokenizer.json); LLM needs one")
-        if loaded.model.device.type == "cpu" and not loaded.quantized:  # (GGUF blocks are loaded into huge pages)
-            place_in_huge_pages(loaded.model)  # fewer TLB misses as each decode step streams the weights
-        self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
-        self.quantized = loaded.quantized
-        self.eos_token_ids = loaded.eos_token_ids
-        self.progress = progress
-        self.engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, EngineConfig(**engine_options))
+        docs/engine.md#speculative-decoding; tensor_parallel_size: the model sharded over that many
+        processes, this one rank 0, see docs/scale_out.md; `close()` stops them)."""
+        config = EngineConfig(**engine_options)
+        parallel = start_tensor_parallel(model, config.tensor_parallel_size, dtype, device, quantization)
+        try:
+            loaded = load_model(model, dtype, device, quantization, progress, chat_template,
+                                shard=None if parallel is None else parallel.shard)
+            if parallel is not None:
+                parallel.wait_loaded()
+            self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
+            self.quantized = loaded.quantized
+            self.eos_token_ids = loaded.eos_token_ids
+            self.progress = progress
+            self.engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, config,
+                                    ModelRunner if parallel is None else parallel.runner)
+        except BaseException:
+            if parallel is not None:
+                parallel.close()
+            raise
 
     @property
     def config(self):
         return self.model.config
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit); the engine runs no step after this."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -27,7 +27,7 @@ from .drafters import make_drafter
 from .gpu_memory import kv_cache_bytes
 from ..generation.guided import GuidedDecoding
 from ..generation.sampler import TokenLogprobs
-from .model_runner import ModelRunner, RowError
+from .model_runner import ModelRunner, RowError, RunnerFailed
 from .settings import EngineConfig, resolve
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
@@ -105,7 +105,9 @@ class PromptLimits:
 
 class LLMEngine:
     def __init__(self, model: MiniLLM, tokenizer: Tokenizer | None, eos_token_ids: Seq[int],
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, runner: Callable[..., ModelRunner] = ModelRunner) -> None:
+        """runner: makes the model runner, as ModelRunner(model, num_blocks, block_size, settings, max_batch); a
+        tensor-parallel rank 0's (parallel/driver.py) sends each step to the other ranks too."""
         tune_allocator()
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = list(eos_token_ids)
@@ -130,7 +132,10 @@ class LLMEngine:
         if config.enable_prefix_caching and not prefix_caching:
             logger.info("prefix caching is off: this model's RoPE depends on each sequence's length")
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, settings, config.max_num_seqs)
+        if config.tensor_parallel_size > 1 and runner is ModelRunner:
+            raise ValueError("tensor_parallel_size > 1: the ranks are started by LLM(..., tensor_parallel_size=N), "
+                             "which loads each rank's shard")
+        self.runner = runner(model, num_blocks, config.block_size, settings, config.max_num_seqs)
         self.drafter = None if settings.speculative is None else make_drafter(
             settings.speculative, model, tokenizer, num_blocks, config.block_size, config)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
@@ -208,6 +213,10 @@ class LLMEngine:
                                       error=f"the request waited more than {max_wait:g} s for the engine to start it"))
         return outputs
 
+    def close(self) -> None:
+        """Stop what the engine started beyond this process (a tensor-parallel engine's workers)."""
+        self.runner.close()
+
     def reset_prefix_cache(self) -> None:
         self.blocks.reset_prefix_cache()
 
@@ -229,6 +238,8 @@ class LLMEngine:
             step.set_drafts(self.drafter.propose(step.seqs, step.draft_slots))
         try:
             sampled = self.runner.run(step)
+        except RunnerFailed as err:  # no step can run any more: every request fails with the reason
+            return [self._fail(seq, str(err)) for seq in list(self.requests.values()) if not seq.is_finished]
         except Exception:
             logger.exception("a step of %d sequences failed; running each alone", len(step.seqs))
             sampled = [self._run_alone(seq, count, draft)

@@ -28,6 +28,23 @@ class RowError:
     message: str
 
 
+class RunnerFailed(RuntimeError):
+    """The runner can run no step any more (a tensor-parallel rank died): every request in flight fails."""
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs as plain integers, before they become tensors on a device: what a tensor-parallel
+    rank 0 sends every other rank (parallel/group.py), which plans the same step on its own cache."""
+
+    token_ids: list[int]  # the packed input [N]: each sequence's tokens, then its draft tokens
+    block_tables: list[list[int]]
+    starts: list[int]  # tokens each sequence has in the cache already
+    counts: list[int]  # tokens each feeds
+    totals: list[int]  # each sequence's whole length (longrope / dynamic RoPE)
+    logit_counts: list[int] | None  # rows each needs logits for (speculative decoding), None: its last
+
+
 def allocate_cache(model: MiniLLM, num_blocks: int, block_size: int, dtype: torch.dtype) -> PagedKVCache:
     try:
         return PagedKVCache(model.config, num_blocks, block_size, dtype=dtype, device=model.device)
@@ -40,6 +57,8 @@ def allocate_cache(model: MiniLLM, num_blocks: int, block_size: int, dtype: torc
 
 
 class ModelRunner:
+    failure: str | None = None  # why steps can no longer run (a tensor-parallel rank died); None: they can
+
     def __init__(self, model: MiniLLM, num_blocks: int, block_size: int, settings: StepSettings,
                  max_batch: int = 64) -> None:
         """settings: what the steps run with, decided once (engine/settings.py)."""
@@ -66,17 +85,27 @@ class ModelRunner:
             plan = self.cache.plan([[0, 1]] * batch, [size] * batch, [1] * batch, self.attention)
             self.forward(torch.zeros(batch, dtype=torch.long, device=self.model.device), plan, last_token_only=True)
 
-    def prepare(self, step: ScheduledStep) -> tuple[Tensor, PagedStep]:
+    def inputs(self, step: ScheduledStep) -> StepInputs:
         """Each sequence's next tokens (and draft tokens) packed into one input [N], and where they go in the
         cache; a sequence with drafts gets the logits of every row from its last token on."""
         seqs, counts, drafts = step.seqs, step.num_tokens, step.drafts
         ids = [t for s, n, d in zip(seqs, counts, drafts) for t in s.token_ids[s.num_computed:s.num_computed + n - len(d)] + d]
-        speculative = any(drafts)
-        plan = self.cache.plan([s.block_table for s in seqs], [s.num_computed for s in seqs], counts, self.attention,
-                               [max(len(s), s.num_computed + n) for s, n in zip(seqs, counts)],
-                               prompt_gemm=self.fast_prefill,
-                               logit_counts=[len(d) + 1 for d in drafts] if speculative else None)
-        return torch.tensor(ids, device=self.model.device), plan
+        return StepInputs(ids, [s.block_table for s in seqs], [s.num_computed for s in seqs], counts,
+                          [max(len(s), s.num_computed + n) for s, n in zip(seqs, counts)],
+                          [len(d) + 1 for d in drafts] if any(drafts) else None)
+
+    def plan(self, inputs: StepInputs) -> tuple[Tensor, PagedStep]:
+        """The step's input [N] on the device, and where its tokens go in this runner's cache."""
+        plan = self.cache.plan(inputs.block_tables, inputs.starts, inputs.counts, self.attention, inputs.totals,
+                               prompt_gemm=self.fast_prefill, logit_counts=inputs.logit_counts)
+        return torch.tensor(inputs.token_ids, device=self.model.device), plan
+
+    def execute(self, inputs: StepInputs) -> Tensor:
+        """The step's forward pass: the logits of each sequence's last row (or rows, `logit_counts`)."""
+        return self.forward(*self.plan(inputs), last_token_only=True)
+
+    def close(self) -> None:
+        """Release what the runner holds beyond its tensors (a tensor-parallel runner: its workers)."""
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> list[list[tuple[int, TokenLogprobs | None]] | RowError | None]:
@@ -88,8 +117,7 @@ class ModelRunner:
             logits = self.graphs.run([s.token_ids[s.num_computed] for s in seqs], [s.num_computed for s in seqs],
                                      [s.block_table for s in seqs])
         else:
-            ids, plan = self.prepare(step)
-            logits = self.forward(ids, plan, last_token_only=True)
+            logits = self.execute(self.inputs(step))
         out: list[list[tuple[int, TokenLogprobs | None]] | RowError | None] = [None] * len(step.seqs)
         rows = [i for i, done in enumerate(step.samples) if done]
         if not rows:

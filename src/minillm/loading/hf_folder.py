@@ -15,6 +15,7 @@ import torch
 from ..config import ModelConfig
 from .architectures import hf_architecture, sliding_layers, supported
 from .errors import ModelLoadError
+from .tensor_part import TensorPart
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -159,22 +160,23 @@ class HFCheckpoint(HFFolder):
             context = int(context * scaling.get("factor", 1.0))
         return float(rope_theta), local_theta, scaling, context
 
-    def tensor(self, name: str, config: ModelConfig) -> torch.Tensor | None:
-        tensor = self._read(name)
+    def tensor(self, name: str, config: ModelConfig, part: TensorPart | None = None) -> torch.Tensor | None:
+        tensor = self._read(name, part)
         if tensor is not None and self.arch.gemma and name.endswith("norm.weight"):
             return tensor.float() + 1.0  # Gemma's RMSNorm scales by (1 + weight)
         return tensor
 
-    def blocks(self, name: str, config: ModelConfig) -> None:
+    def blocks(self, name: str, config: ModelConfig, part: TensorPart | None = None) -> None:
         return None  # safetensors hold float tensors only
 
-    def reading(self, name: str) -> AbstractContextManager[None]:
+    def reading(self, name: str, part: TensorPart | None = None) -> AbstractContextManager[None]:
         return nullcontext()  # safetensors' reads are copies already
 
     def quantized_bytes(self) -> int:
         return 0
 
-    def _read(self, name: str) -> torch.Tensor | None:
+    def _read(self, name: str, part: TensorPart | None = None) -> torch.Tensor | None:
+        """The tensor, or only `part` of it (safetensors reads the slices asked for)."""
         from safetensors import safe_open
 
         shard = self._files.get(name)
@@ -184,4 +186,11 @@ class HFCheckpoint(HFFolder):
             if not shard.is_file():
                 raise ModelLoadError(f"shard {shard.name} named in the index is missing")
             self._open[shard] = safe_open(shard, framework="pt")
-        return self._open[shard].get_tensor(name)
+        if part is None:
+            return self._open[shard].get_tensor(name)
+        stored = self._open[shard].get_slice(name)
+        shape = stored.get_shape()
+        cols = slice(*part.cols) if part.cols is not None else slice(None)
+        pieces = [stored[start:stop, cols] if len(shape) == 2 else stored[start:stop]
+                  for start, stop in part.rows or ((0, shape[0]),)]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
