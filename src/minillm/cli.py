@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on every path but /health (/metrics and /docs too)")
+                       help="require 'Authorization: Bearer KEY' on every path but /health and the chat page's "
+                            "(/metrics and /docs too)")
     serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     serve.add_argument("--stream-timeout", type=float, default=30.0,
                        help="abort a stream whose client has read nothing for this many seconds once its buffer "
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrency", type=positive_int, default=None,
                        help="sequences batched at once; more wait (default 64 on CPU, 256 on a GPU)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
+    serve.add_argument("--no-web-ui", action="store_true", help="no chat page at / (it answers 404)")
     bench = commands.add_parser("bench", help="benchmarks (default: prefill/decode speed vs HF transformers)",
                                 add_help=False)
     bench.add_argument("--throughput", action="store_true",
@@ -251,7 +253,8 @@ def _serve(args: argparse.Namespace) -> int:
                "chat_template": args.chat_template, "speculative": args.speculative}
     app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
                      stream_timeout=args.stream_timeout, read_timeout=args.read_timeout,
-                     engine_timeout=args.engine_timeout, max_queue_wait=args.max_queue_wait)
+                     engine_timeout=args.engine_timeout, max_queue_wait=args.max_queue_wait,
+                     web_ui=not args.no_web_ui)
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as err:

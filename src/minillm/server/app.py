@@ -1,7 +1,7 @@
 """The HTTP API (FastAPI): OpenAI's /v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings and
-/v1/models, Anthropic's /v1/messages, llama.cpp's /tokenize and /detokenize, /health and /metrics. This
-process tokenizes, shapes responses (responses.py and each API's format) and streams; the continuous-batching
-engine runs in its own process (engine_core.py), reached through `EngineClient`."""
+/v1/models, Anthropic's /v1/messages, llama.cpp's /tokenize and /detokenize, /health and /metrics, and a chat
+page at / (web_ui.py). This process tokenizes, shapes responses (responses.py and each API's format) and
+streams; the continuous-batching engine runs in its own process (engine_core.py), reached through `EngineClient`."""
 
 from __future__ import annotations
 
@@ -26,15 +26,17 @@ from .responses import respond
 from .responses_api import ResponsesFormat, responses_job
 from .state import ServerState
 from .tokens import detokenize, tokenize
+from .web_ui import WEB_UI_PATHS, add_web_ui
 
 
 def create_app(model: str | None, model_name: str, llm_options: dict | None = None, api_key: str | None = None,
                public_metrics: bool = False, max_body_bytes: int = 16 << 20, stream_timeout: float = 30.0,
                read_timeout: float = 30.0, engine_timeout: float = 60.0,
-               max_queue_wait: float | None = None) -> FastAPI:
+               max_queue_wait: float | None = None, web_ui: bool = True) -> FastAPI:
     """Serve `model` (a path; None: the bundled model), loaded with `LLM(model, **llm_options)` in the engine's
     own process at start-up; /health says 503 until it is ready, and again if that process dies.
-    With `api_key`, every path but /health (and /metrics if `public_metrics`) answers 401 without it.
+    With `api_key`, every path but /health (and /metrics if `public_metrics`, and the chat page's files if
+    `web_ui`: the page asks for the key itself) answers 401 without it.
     A stream whose client reads nothing for `stream_timeout` seconds once its buffer is full is aborted; a
     body not all there `read_timeout` seconds after its request's head gets 408 (the head's own deadline is
     the connection's: connection.py). An engine process that dies or answers no ping for `engine_timeout`
@@ -44,13 +46,15 @@ def create_app(model: str | None, model_name: str, llm_options: dict | None = No
     app = FastAPI(title="MiniLLM", lifespan=_lifespan(state, model, llm_options, stream_timeout, engine_timeout,
                                                                  max_queue_wait))
     app.state.minillm = state
-    app.add_middleware(Guard, api_key=api_key, public={"/health"} | ({"/metrics"} if public_metrics else set()),
-                       max_body_bytes=max_body_bytes, body_timeout=read_timeout)
+    public = {"/health"} | ({"/metrics"} if public_metrics else set()) | (WEB_UI_PATHS if web_ui else set())
+    app.add_middleware(Guard, api_key=api_key, public=public, max_body_bytes=max_body_bytes, body_timeout=read_timeout)
     _add_error_handlers(app)
     _add_info_routes(app, state)
     _add_completion_routes(app, state)
     _add_agent_routes(app, state)
     _add_token_routes(app, state)
+    if web_ui:
+        add_web_ui(app)
     return app
 
 
