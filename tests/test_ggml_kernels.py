@@ -49,9 +49,14 @@ def reference_weight(raw: np.ndarray, kind: int) -> np.ndarray:
     return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind)).reshape(raw.shape[0], -1).astype(np.float64)
 
 
-def quantize_activations(x: np.ndarray) -> np.ndarray:
-    """The kernel's 8-bit blocks of 32 (scale max|x| / 127, round half to even), dequantized, float64."""
-    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+def unit(*kinds: int) -> int:
+    """The activations' quantization unit in front of these weight types: 256 if any has super-blocks."""
+    return max(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] for kind in kinds)
+
+
+def quantize_activations(x: np.ndarray, size: int) -> np.ndarray:
+    """The kernel's 8-bit units of `size` (scale max|x| / 127, round half to even), dequantized, float64."""
+    blocks = x.reshape(x.shape[0], -1, size).astype(np.float32)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     codes = np.rint(blocks * inv)
@@ -86,7 +91,7 @@ def test_matmul_matches_float64_reference(name, isa, batch):
     kernels.set_isa(isa)
     y = layer(torch.from_numpy(x)).double().numpy()
     # exact up to float32 summation: the reference quantizes x as the kernel does
-    expected = quantize_activations(x) @ weight.T + bias
+    expected = quantize_activations(x, unit(kind)) @ weight.T + bias
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     # and close to the unquantized product: 8-bit activations cost well under 2 % here
     exact = x.astype(np.float64) @ weight.T + bias
@@ -102,7 +107,7 @@ def test_swiglu_and_stacked_mixed_types(isa):
     x = np.random.default_rng(5).standard_normal((4, 256)).astype(np.float32)
     kernels.set_isa(isa)
     y = layer(torch.from_numpy(x)).double().numpy()
-    xq = quantize_activations(x)
+    xq = quantize_activations(x, 256)
     g, u = xq @ reference_weight(gate, T["Q4_K"]).T, xq @ reference_weight(up, T["Q6_K"]).T
     expected = g / (1 + np.exp(-g)) * u
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -257,12 +262,46 @@ def test_every_path_computes_the_same_bits(name):
     x[0, :32] = 0  # a block of zeros: scale 0
     x[1, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-16, 15)])  # codes exactly halfway: round to even
     x[2, 32:64] = 1e-39  # a subnormal maximum: 127 / max overflows, so codes 0
+    if cols == 512:  # the same within units of 256, in front of super-block types
+        x[3, 256:] = 0
+        x[4, :256] = 1e-39
+        x[5, 256:] = torch.tensor([127.0, -127.0] + [k + 0.5 for k in range(-127, 127)])
     outputs = {}
     for isa in ISAS:
         kernels.set_isa(isa)
         outputs[isa] = layer(x)
     for isa in ISAS[1:]:
         assert torch.equal(outputs[isa], outputs["portable"]), isa
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_blocks_of_32_beside_super_blocks_share_their_activations(isa):
+    """A layer mixing Q8_0 and Q4_K rows (as some files mix them in one projection) quantizes its input once,
+    per 256: the Q8_0 rows then see the same codes as the Q4_K rows, and both match that reference."""
+    legacy, kquant = random_blocks(T["Q8_0"], 20, 512, seed=6), random_blocks(T["Q4_K"], 20, 512, seed=7)
+    layer = linear([(legacy, T["Q8_0"]), (kquant, T["Q4_K"])], 512)
+    x = np.random.default_rng(8).standard_normal((3, 512)).astype(np.float32)
+    x[:, :32] *= 50  # one loud block: per 256 it coarsens its neighbours' codes, per 32 it would not
+    kernels.set_isa(isa)
+    y = layer(torch.from_numpy(x)).double().numpy()
+    weight = np.concatenate([reference_weight(legacy, T["Q8_0"]), reference_weight(kquant, T["Q4_K"])])
+    expected = quantize_activations(x, 256) @ weight.T
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    per32 = quantize_activations(x, 32) @ weight.T
+    assert np.abs(y - per32).max() > 1e-3 * np.abs(per32).max()
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K"])
+def test_non_finite_activations_in_a_super_block_give_nan_rows(name):
+    kind = ggml.KERNEL_TYPES[name]
+    layer = linear([(random_blocks(kind, 20, 512, seed=3), kind)], 512)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4))
+    x[1, 300] = float("inf")
+    for isa in ISAS:
+        kernels.set_isa(isa)
+        y = layer(x)
+        assert y[1].isnan().all() and not y[[0, 2]].isnan().any(), isa
+        assert torch.equal(y[[0, 2]], layer(x[[0, 2]])), isa
 
 
 def test_non_finite_activations_give_nan_rows_on_every_path():

@@ -13,16 +13,17 @@
 
 namespace ggml {
 
-constexpr int64_t QK = 32;  // activations are quantized in blocks of 32
+constexpr int64_t QK = 32;  // activations are quantized in blocks of 32 codes ...
+constexpr int64_t QK_SUPER = 256;  // ... with one scale per 32, or per 256 in front of super-block types
 
-// Activations of one token: blocks of 32 int8 codes, their scale dx, the codes' sum per half block, and
-// dx x that sum per half and per block.
+// Activations of one token: int8 codes, their scale dx per block of 32 (the same for the 8 blocks of a
+// super-block), the codes' sums per 16 and per 32 (int16: at most 32 x 127), and dx x the sum per 32.
 struct XRow {
-  const int8_t* q;    // [K]
-  const float* d;     // [K / 32]
-  const int32_t* qs;  // [K / 32 * 2]
-  const float* s;     // [K / 32 * 2]
-  const float* sb;    // [K / 32]
+  const int8_t* q;     // [K]
+  const float* d;      // [K / 32]
+  const int16_t* qs;   // [K / 16]
+  const int16_t* qb;   // [K / 32]
+  const float* sb;     // [K / 32]
 };
 
 #define VEC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -37,7 +38,8 @@ VEC_TARGET_AVX2 inline __m256i udot8(__m256i u, __m256i s) {
 }
 VEC_TARGET_AVX2 inline __m256i sdot8(__m256i v, __m256i s) { return udot8(_mm256_sign_epi8(v, v), _mm256_sign_epi8(s, v)); }
 
-// A group's 16 rows, block after block, in plain C++: the reference for the vector paths.
+// A group's 16 rows, block after block, in plain C++: the reference for the vector paths (the sums of
+// ggml_formats.h, "How a type's dot product is summed").
 template <int64_t FMT, int NR>
 void group_portable(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
   constexpr Layout L = layout(FMT);
@@ -46,28 +48,31 @@ void group_portable(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GR
     for (int64_t b = 0; b < nb; ++b) {
       uint8_t block[L.bytes];
       int32_t q[L.weights];
-      float d[L.weights / 16], m[L.weights / 16];
       gather_block(FMT, g + b * GROUP * L.bytes, GROUP, lane, block);
-      decode_block(FMT, block, q, d, m);
-      for (int s = 0; s < L.weights / QK; ++s) {
-        const int64_t ab = b * (L.weights / QK) + s;  // the activations' block
+      const int64_t ab0 = b * (L.weights / QK);  // the activations' first block
+      if constexpr (superblock(FMT)) {
+        KScales s;
+        decode_kblock(FMT, block, q, s);
         for (int r = 0; r < NR; ++r) {
-          const int8_t* xq = x[r].q + ab * QK;
-          int32_t lo = 0, hi = 0;
-          for (int j = 0; j < 16; ++j) lo += q[QK * s + j] * xq[j];
-          for (int j = 16; j < 32; ++j) hi += q[QK * s + j] * xq[j];
-          const float dx = x[r].d[ab];
-          if constexpr (per16(FMT)) {
-            acc[r] = std::fma(static_cast<float>(lo), d[2 * s] * dx, acc[r]);
-            acc[r] = std::fma(static_cast<float>(hi), d[2 * s + 1] * dx, acc[r]);
-            if constexpr (has_min(FMT)) {
-              macc[r] = std::fma(m[2 * s], x[r].s[2 * ab], macc[r]);
-              macc[r] = std::fma(m[2 * s + 1], x[r].s[2 * ab + 1], macc[r]);
-            }
-          } else {
-            acc[r] = std::fma(static_cast<float>(lo + hi), d[2 * s] * dx, acc[r]);
-            if constexpr (has_min(FMT)) macc[r] = std::fma(m[2 * s], x[r].sb[ab], macc[r]);
+          int32_t isum = 0, msum = 0;
+          for (int k = 0; k < 16; ++k) {
+            int32_t dot = 0;
+            for (int j = 0; j < 16; ++j) dot += q[16 * k + j] * x[r].q[ab0 * QK + 16 * k + j];
+            isum += s.sc[k] * dot;
+            msum += s.mn[k] * x[r].qs[2 * ab0 + k];
           }
+          const float dx = x[r].d[ab0];
+          acc[r] = std::fma(static_cast<float>(isum), s.d * dx, acc[r]);
+          if constexpr (has_min(FMT)) acc[r] = std::fma(static_cast<float>(msum), -s.dmin * dx, acc[r]);
+        }
+      } else {
+        float d[2], m[2];
+        decode_block(FMT, block, q, d, m);
+        for (int r = 0; r < NR; ++r) {
+          int32_t isum = 0;
+          for (int j = 0; j < QK; ++j) isum += q[j] * x[r].q[ab0 * QK + j];
+          acc[r] = std::fma(static_cast<float>(isum), d[0] * x[r].d[ab0], acc[r]);
+          if constexpr (has_min(FMT)) macc[r] = std::fma(m[0], x[r].sb[ab0], macc[r]);
         }
       }
     }

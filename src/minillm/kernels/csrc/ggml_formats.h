@@ -113,9 +113,13 @@ inline float fp16(const uint8_t* p) {
 constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 // How a type's dot product is summed (every path alike, so the same bits):
-//   PER32: per 32 weights, acc = fma(float(isum), d dx, acc) [+ macc = fma(m, dx sum(xq), macc) with a min]
-//   PER16: the same per 16 weights (Q2_K, Q3_K, Q6_K: a scale, and for Q2_K a min, per 16)
-constexpr bool per16(int64_t fmt) { return fmt == Q2_K || fmt == Q3_K || fmt == Q6_K; }
+//   blocks of 32 (Q4_0 - Q8_0, IQ4_NL), activations with a scale dx per 32: per block,
+//     acc = fma(float(isum), d dx, acc)   [with a min: macc = fma(m, dx sum(xq), macc)]
+//   super-blocks of 256 (Q2_K - Q6_K, IQ4_XS), activations with one dx per 256 (llama.cpp's Q8_K): the
+//   integer scales and mins go into exact integer sums, I = sum_k sc_k (codes . xq over 16 weights k) and
+//   M = sum_k mn_k sum(xq over k), then per super-block acc = fma(float(I), d dx, acc) and, with a min,
+//   acc = fma(float(M), -dmin dx, acc)
+constexpr bool superblock(int64_t fmt) { return layout(fmt).weights == 256; }
 constexpr bool has_min(int64_t fmt) { return fmt == Q4_1 || fmt == Q5_1 || fmt == Q2_K || fmt == Q4_K || fmt == Q5_K; }
 
 // Q3_K's 16 six-bit scales from its 12 scale bytes: the low 4 bits from bytes 0-7 (a nibble each), the top 2
@@ -136,9 +140,88 @@ inline void k_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
   }
 }
 
+// A super-block's integer scale and min per 16 weights: weight j = d sc[j / 16] q[j] - dmin mn[j / 16].
+struct KScales {
+  int32_t sc[16], mn[16];
+  float d, dmin;
+};
+
+// One super-block (Q2_K - Q6_K, IQ4_XS) in the file's byte order -> its codes q (offset taken out) and scales.
+inline void decode_kblock(int64_t fmt, const uint8_t* b, int32_t* q, KScales& s) {
+  s.dmin = 0.f;
+  for (int k = 0; k < 16; ++k) s.mn[k] = 0;
+  switch (fmt) {
+    case Q4_K: case Q5_K: {
+      s.d = fp16(b), s.dmin = fp16(b + 2);
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (fmt == Q4_K ? 16 : 48);
+      for (int c = 0; c < 4; ++c)  // 64 weights: sub-block 2c in the low nibbles, 2c + 1 in the high ones
+        for (int l = 0; l < 32; ++l) {
+          int lo = qs[32 * c + l] & 15, hi = qs[32 * c + l] >> 4;
+          if (fmt == Q5_K) lo |= ((qh[l] >> (2 * c)) & 1) << 4, hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+          q[64 * c + l] = lo;
+          q[64 * c + 32 + l] = hi;
+        }
+      for (int j = 0; j < 8; ++j) {
+        int sc, mn;
+        k_scale_min(b + 4, j, sc, mn);
+        s.sc[2 * j] = s.sc[2 * j + 1] = sc;
+        s.mn[2 * j] = s.mn[2 * j + 1] = mn;
+      }
+      return;
+    }
+    case Q2_K: case Q3_K: {  // 2-bit codes: weight 128n + 32j + l from bits 2j of qs byte 32n + l (l < 32)
+      const uint8_t* qs = b + (fmt == Q2_K ? 16 : 32);
+      for (int n = 0; n < 2; ++n)
+        for (int j = 0; j < 4; ++j)
+          for (int l = 0; l < 32; ++l) {
+            int code = (qs[32 * n + l] >> (2 * j)) & 3;
+            if (fmt == Q3_K) code = (code | (((b[l] >> (4 * n + j)) & 1) << 2)) - 4;  // hmask bit: the third bit
+            q[128 * n + 32 * j + l] = code;
+          }
+      if (fmt == Q2_K) {
+        s.d = fp16(b + 80), s.dmin = fp16(b + 82);
+        for (int k = 0; k < 16; ++k) s.sc[k] = b[k] & 15, s.mn[k] = b[k] >> 4;
+      } else {
+        s.d = fp16(b + 108);
+        for (int k = 0; k < 16; ++k) s.sc[k] = q3k_scale(b + 96, k) - 32;
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      for (int n = 0; n < 2; ++n)  // two halves of 128 weights
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t a = ql[64 * n + l], c = ql[64 * n + 32 + l], h = qh[32 * n + l];
+          q[128 * n + l] = ((a & 15) | ((h & 3) << 4)) - 32;
+          q[128 * n + 32 + l] = ((c & 15) | (((h >> 2) & 3) << 4)) - 32;
+          q[128 * n + 64 + l] = ((a >> 4) | (((h >> 4) & 3) << 4)) - 32;
+          q[128 * n + 96 + l] = ((c >> 4) | (((h >> 6) & 3) << 4)) - 32;
+        }
+      for (int k = 0; k < 16; ++k) s.sc[k] = static_cast<int8_t>(b[192 + k]);
+      s.d = fp16(b + 208);
+      return;
+    }
+    case IQ4_XS: {
+      uint16_t sh;
+      std::memcpy(&sh, b + 2, 2);
+      for (int ib = 0; ib < 8; ++ib) {
+        s.sc[2 * ib] = s.sc[2 * ib + 1] = (((b[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
+        for (int j = 0; j < 16; ++j) {
+          q[32 * ib + j] = kIq4Values[b[8 + 16 * ib + j] & 15];
+          q[32 * ib + 16 + j] = kIq4Values[b[8 + 16 * ib + j] >> 4];
+        }
+      }
+      s.d = fp16(b);
+      return;
+    }
+    default: TORCH_CHECK(false, "ggml: GGML type ", fmt, " has no super-blocks");
+  }
+}
+
 // One block in the file's byte order -> its codes q (offset taken out: weight = q d + m) and, per 16
-// weights, the scale d and minimum m; returns the number of weights. The portable path and dequantization
-// use it; the vector paths compute the same values.
+// weights, the scale d and minimum m; returns the number of weights (dequantization and the portable path).
 inline int decode_block(int64_t fmt, const uint8_t* b, int32_t* q, float* d, float* m) {
   switch (fmt) {
     case Q4_0: case Q4_1: case Q5_0: case Q5_1: case IQ4_NL: {
@@ -162,71 +245,12 @@ inline int decode_block(int64_t fmt, const uint8_t* b, int32_t* q, float* d, flo
       d[0] = d[1] = fp16(b);
       m[0] = m[1] = 0.f;
       return 32;
-    case Q4_K: case Q5_K: {
-      const float dd = fp16(b), dmin = fp16(b + 2);
-      const uint8_t* qh = b + 16;
-      const uint8_t* qs = b + (fmt == Q4_K ? 16 : 48);
-      for (int c = 0; c < 4; ++c)  // 64 weights: sub-block 2c in the low nibbles, 2c + 1 in the high ones
-        for (int l = 0; l < 32; ++l) {
-          int lo = qs[32 * c + l] & 15, hi = qs[32 * c + l] >> 4;
-          if (fmt == Q5_K) lo |= ((qh[l] >> (2 * c)) & 1) << 4, hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
-          q[64 * c + l] = lo;
-          q[64 * c + 32 + l] = hi;
-        }
-      for (int j = 0; j < 8; ++j) {
-        int sc, mn;
-        k_scale_min(b + 4, j, sc, mn);
-        d[2 * j] = d[2 * j + 1] = dd * static_cast<float>(sc);
-        m[2 * j] = m[2 * j + 1] = -(dmin * static_cast<float>(mn));
-      }
-      return 256;
-    }
-    case Q2_K: case Q3_K: {  // 2-bit codes: weight 128n + 32j + l from bits 2j of qs byte 32n + l (l < 32)
-      const uint8_t* qs = b + (fmt == Q2_K ? 16 : 32);
-      for (int n = 0; n < 2; ++n)
-        for (int j = 0; j < 4; ++j)
-          for (int l = 0; l < 32; ++l) {
-            int code = (qs[32 * n + l] >> (2 * j)) & 3;
-            if (fmt == Q3_K) code = (code | (((b[l] >> (4 * n + j)) & 1) << 2)) - 4;  // hmask bit: the third bit
-            q[128 * n + 32 * j + l] = code;
-          }
-      if (fmt == Q2_K) {
-        const float dd = fp16(b + 80), dmin = fp16(b + 82);
-        for (int k = 0; k < 16; ++k) d[k] = dd * static_cast<float>(b[k] & 15), m[k] = -(dmin * static_cast<float>(b[k] >> 4));
-      } else {
-        const float dd = fp16(b + 108);
-        for (int k = 0; k < 16; ++k) d[k] = dd * static_cast<float>(q3k_scale(b + 96, k) - 32), m[k] = 0.f;
-      }
-      return 256;
-    }
-    case Q6_K: {
-      const uint8_t* ql = b;
-      const uint8_t* qh = b + 128;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-      const float dd = fp16(b + 208);
-      for (int n = 0; n < 2; ++n)  // two halves of 128 weights
-        for (int l = 0; l < 32; ++l) {
-          const uint8_t a = ql[64 * n + l], c = ql[64 * n + 32 + l], h = qh[32 * n + l];
-          q[128 * n + l] = ((a & 15) | ((h & 3) << 4)) - 32;
-          q[128 * n + 32 + l] = ((c & 15) | (((h >> 2) & 3) << 4)) - 32;
-          q[128 * n + 64 + l] = ((a >> 4) | (((h >> 4) & 3) << 4)) - 32;
-          q[128 * n + 96 + l] = ((c >> 4) | (((h >> 6) & 3) << 4)) - 32;
-        }
-      for (int j = 0; j < 16; ++j) d[j] = dd * static_cast<float>(sc[j]), m[j] = 0.f;
-      return 256;
-    }
-    case IQ4_XS: {
-      const float dd = fp16(b);
-      uint16_t sh;
-      std::memcpy(&sh, b + 2, 2);
-      for (int ib = 0; ib < 8; ++ib) {
-        const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
-        d[2 * ib] = d[2 * ib + 1] = dd * static_cast<float>(ls - 32);
-        m[2 * ib] = m[2 * ib + 1] = 0.f;
-        for (int j = 0; j < 16; ++j) {
-          q[32 * ib + j] = kIq4Values[b[8 + 16 * ib + j] & 15];
-          q[32 * ib + 16 + j] = kIq4Values[b[8 + 16 * ib + j] >> 4];
-        }
+    case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: case IQ4_XS: {
+      KScales s;
+      decode_kblock(fmt, b, q, s);
+      for (int k = 0; k < 16; ++k) {
+        d[k] = s.d * static_cast<float>(s.sc[k]);
+        m[k] = has_min(fmt) ? -(s.dmin * static_cast<float>(s.mn[k])) : 0.f;
       }
       return 256;
     }

@@ -6,14 +6,12 @@
 // and need no horizontal sums. A linear layer may be made of several tensors of different types (Q/K/V,
 // gate/up, as Q4_K_M mixes them): each is a segment of the output columns, on the same activations.
 //
-// Activations are quantized per token to 8 bits in blocks of 32 (dx = max|x| / 127, as llama.cpp's Q8_0;
-// also for the K-quants, where llama.cpp's Q8_K keeps one scale per 256: ours is finer). A block's dot
-// product with one row is then an exact integer per 32 (or per 16, for Q2_K, Q3_K and Q6_K's scales) -- code
-// offsets (8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32 for Q6_K, 128 for stored int8 codes) taken out as offset x sum of the
-// activation codes -- and every path does the same float arithmetic per row, block after block
-// (ggml_dot.h `group_portable`):
-//     acc = fma(float(isum), d dx, acc)        macc = fma(m, dx sum(xq), macc)        y = acc + macc
-// with d and m each sub-block's scale and minimum decoded from the file's bits (for Q4_K: d x 6-bit scale).
+// Activations are quantized per token to 8 bits with one scale per 32 values (dx = max|x| / 127, as
+// llama.cpp's Q8_0), or per 256 in front of the super-block types (as its Q8_K). A block's dot product with
+// one row is then an exact integer -- code offsets (8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32 for Q6_K, 128
+// for stored int8 codes) taken out as offset x sum of the activation codes, and a super-block's integer
+// scales and mins multiplied in as integers -- and every path does the same float arithmetic per row, block
+// after block (ggml_formats.h, "How a type's dot product is summed"; ggml_dot.h `group_portable`).
 // The portable, AVX2 and AVX-512 VNNI paths therefore give the same bits, chosen at run time from the CPU's
 // flags (see `isa`; this file is compiled for plain x86-64, each vector path in functions marked with its
 // target), and a row's result does not depend on the tile of tokens it was computed in: batched equals
@@ -113,41 +111,36 @@ GroupFn group_fn(int64_t fmt) {
 }
 
 // ---------------------------------------------------------------- activations
-// A block of 32 activations quantized: codes q = round-to-even(x 127 / max|x|), its scale dx = max|x| / 127
-// and the codes' sums per half. Every path computes the same products and roundings, so the same codes.
-// A block holding a NaN or an infinity gets scale NaN and zero codes, so its token's outputs are NaN on every
-// path (the engine then fails that sequence alone) rather than path-dependent garbage.
-struct QBlock {
-  float d;
-  int32_t lo, hi;
-};
-
-constexpr QBlock kNonFinite = {std::numeric_limits<float>::quiet_NaN(), 0, 0};
+// Activations are quantized in units of 32 values, or of 256 in front of super-block types: codes
+// q = round-to-even(x 127 / max|x|) over the unit, its scale dx = max|x| / 127, and the codes' sums per 16
+// and per 32. Every path computes the same maxima, products and roundings, so the same codes. A unit holding
+// a NaN or an infinity gets scale NaN and zero codes, so its token's outputs are NaN on every path (the
+// engine then fails that sequence alone) rather than path-dependent garbage.
+constexpr float kNotFinite = std::numeric_limits<float>::quiet_NaN();
 
 inline float inverse_scale(float amax) {
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   return inv <= std::numeric_limits<float>::max() ? inv : 0.f;  // a subnormal max: codes 0, not inf x 0
 }
 
-QBlock quantize_block_portable(const float* src, int8_t* q) {
+// max|x| over a block of 32, or NaN if it holds a NaN or an infinity
+float amax_portable(const float* src) {
   float amax = 0.f;
-  bool finite = true;
   for (int j = 0; j < QK; ++j) {
+    if (!(std::fabs(src[j]) <= std::numeric_limits<float>::max())) return kNotFinite;
     amax = std::max(amax, std::fabs(src[j]));
-    finite &= std::fabs(src[j]) <= std::numeric_limits<float>::max();
   }
-  if (!finite) {
-    std::memset(q, 0, QK);
-    return kNonFinite;
-  }
-  const float inv = inverse_scale(amax);
-  int32_t lo = 0, hi = 0;
+  return amax;
+}
+
+// codes of a block of 32 at 1 / scale `inv`; the sums of its halves
+void codes_portable(const float* src, float inv, int8_t* q, int32_t* sums) {
+  sums[0] = sums[1] = 0;
   for (int j = 0; j < QK; ++j) {
     const int v = static_cast<int>(std::nearbyint(src[j] * inv));
     q[j] = static_cast<int8_t>(v);
-    (j < 16 ? lo : hi) += v;
+    sums[j / 16] += v;
   }
-  return {amax / 127.f, lo, hi};
 }
 
 // (the scalar loop above calls libm's nearbyintf per value, too slow for every token of every layer)
@@ -157,64 +150,82 @@ VEC_TARGET_AVX2 inline int32_t hsum(__m256i a) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
 }
 
-VEC_TARGET_AVX2 QBlock quantize_block_avx2(const float* src, int8_t* q) {
+VEC_TARGET_AVX2 float amax_avx2(const float* src) {
   const __m256 sign = _mm256_set1_ps(-0.f), largest = _mm256_set1_ps(std::numeric_limits<float>::max());
-  __m256 v[4], m = _mm256_setzero_ps();
+  __m256 m = _mm256_setzero_ps();
   int finite = 0xff;
   for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_loadu_ps(src + 8 * i);
-    const __m256 magnitude = _mm256_andnot_ps(sign, v[i]);
+    const __m256 magnitude = _mm256_andnot_ps(sign, _mm256_loadu_ps(src + 8 * i));
     m = _mm256_max_ps(m, magnitude);
     finite &= _mm256_movemask_ps(_mm256_cmp_ps(magnitude, largest, _CMP_LE_OQ));  // false for NaN
   }
-  if (finite != 0xff) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_setzero_si256());
-    return kNonFinite;
-  }
+  if (finite != 0xff) return kNotFinite;
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-  const __m256 inv = _mm256_set1_ps(inverse_scale(amax));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+VEC_TARGET_AVX2 void codes_avx2(const float* src, float inv_scalar, int8_t* q, int32_t* sums) {
+  const __m256 inv = _mm256_set1_ps(inv_scalar);
   __m256i c[4];
-  for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round to even, as nearbyint
+  for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + 8 * i), inv));  // round to even
   // int32 -> int8 (in range, so no saturation); the packs interleave 128-bit lanes, the permute restores order
   const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
                       _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  return {amax / 127.f, hsum(_mm256_add_epi32(c[0], c[1])), hsum(_mm256_add_epi32(c[2], c[3]))};
+  sums[0] = hsum(_mm256_add_epi32(c[0], c[1]));
+  sums[1] = hsum(_mm256_add_epi32(c[2], c[3]));
 }
 
-VEC_TARGET_VNNI QBlock quantize_block_vnni(const float* src, int8_t* q) {
-  const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
-  const __m512 abs_a = _mm512_abs_ps(a), abs_b = _mm512_abs_ps(b);
+VEC_TARGET_VNNI float amax_vnni(const float* src) {
+  const __m512 abs_a = _mm512_abs_ps(_mm512_loadu_ps(src)), abs_b = _mm512_abs_ps(_mm512_loadu_ps(src + 16));
   const __m512 largest = _mm512_set1_ps(std::numeric_limits<float>::max());
-  if ((_mm512_cmp_ps_mask(abs_a, largest, _CMP_LE_OQ) & _mm512_cmp_ps_mask(abs_b, largest, _CMP_LE_OQ)) != 0xffff) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_setzero_si256());
-    return kNonFinite;
-  }
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_a, abs_b));
-  const __m512 inv = _mm512_set1_ps(inverse_scale(amax));
-  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+  if ((_mm512_cmp_ps_mask(abs_a, largest, _CMP_LE_OQ) & _mm512_cmp_ps_mask(abs_b, largest, _CMP_LE_OQ)) != 0xffff)
+    return kNotFinite;
+  return _mm512_reduce_max_ps(_mm512_max_ps(abs_a, abs_b));
+}
+
+VEC_TARGET_VNNI void codes_vnni(const float* src, float inv_scalar, int8_t* q, int32_t* sums) {
+  const __m512 inv = _mm512_set1_ps(inv_scalar);
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src), inv));
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + 16), inv));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
-  return {amax / 127.f, _mm512_reduce_add_epi32(qa), _mm512_reduce_add_epi32(qb)};
+  sums[0] = _mm512_reduce_add_epi32(qa);
+  sums[1] = _mm512_reduce_add_epi32(qb);
 }
 
-// Per token and block: codes q, scale d, code sums qs and dx x sums s per half, sb per block.
-void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, int32_t* qs, float* s, float* sb) {
-  const int64_t nb = k / QK;
-  QBlock (*quantize)(const float*, int8_t*) = current == Isa::Avx512Vnni ? &quantize_block_vnni
-                                              : current == Isa::Avx2     ? &quantize_block_avx2
-                                                                         : &quantize_block_portable;
-  at::parallel_for(0, rows * nb, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {  // rows are contiguous, so block i of the flat array
-      const QBlock blk = quantize(x + i * QK, q + i * QK);
-      d[i] = blk.d;
-      qs[2 * i] = blk.lo;
-      qs[2 * i + 1] = blk.hi;
-      s[2 * i] = blk.d * blk.lo;
-      s[2 * i + 1] = blk.d * blk.hi;
-      sb[i] = blk.d * (blk.lo + blk.hi);
+// The quantized activations of `rows` tokens of K values (the arrays of XRow, token after token).
+struct XBlocks {
+  int8_t* q;
+  float *d, *sb;
+  int16_t *qs, *qb;
+};
+
+void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t unit, const XBlocks& out) {
+  const int64_t per = unit / QK;  // blocks of 32 per unit
+  float (*amax_of)(const float*) = current == Isa::Avx512Vnni ? &amax_vnni : current == Isa::Avx2 ? &amax_avx2 : &amax_portable;
+  void (*codes)(const float*, float, int8_t*, int32_t*) =
+      current == Isa::Avx512Vnni ? &codes_vnni : current == Isa::Avx2 ? &codes_avx2 : &codes_portable;
+  at::parallel_for(0, rows * k / unit, std::max<int64_t>(1, 256 / per), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {  // rows are contiguous, so unit u of the flat array
+      float amax = 0.f;
+      for (int64_t i = u * per; i < (u + 1) * per && !std::isnan(amax); ++i) {
+        const float a = amax_of(x + i * QK);
+        amax = std::isnan(a) ? a : std::max(amax, a);
+      }
+      const bool finite = !std::isnan(amax);
+      const float inv = inverse_scale(finite ? amax : 0.f), dx = amax / 127.f;
+      for (int64_t i = u * per; i < (u + 1) * per; ++i) {
+        int32_t sums[2] = {0, 0};
+        if (finite) codes(x + i * QK, inv, out.q + i * QK, sums);
+        else std::memset(out.q + i * QK, 0, QK);
+        out.d[i] = dx;
+        out.qs[2 * i] = static_cast<int16_t>(sums[0]);
+        out.qs[2 * i + 1] = static_cast<int16_t>(sums[1]);
+        out.qb[i] = static_cast<int16_t>(sums[0] + sums[1]);
+        out.sb[i] = dx * static_cast<float>(sums[0] + sums[1]);
+      }
     }
   });
 }
@@ -427,15 +438,19 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
     minillm::rms_norm_rows(src, norm->weight.data_ptr<float>(), rows, in_features, norm->eps, normed.data());
     src = normed.data();
   }
-  // the quantized activations in a buffer kept per calling thread: no tensor allocations per call
-  thread_local std::vector<uint8_t> scratch;  // (operator new's alignment suits the int32 and float parts)
-  scratch.resize(std::max<size_t>(scratch.size(), rows * (in_features + nb * 24)));
-  int32_t* xqs = reinterpret_cast<int32_t*>(scratch.data());
-  float* xd = reinterpret_cast<float*>(xqs + rows * nb * 2);
-  int8_t* xq = reinterpret_cast<int8_t*>(xd + rows * nb * 4);
-  float* xs = xd + rows * nb;
-  float* xsb = xs + rows * nb * 2;
-  quantize_rows(src, rows, in_features, xq, xd, xqs, xs, xsb);
+  // the quantized activations in a buffer kept per calling thread: no tensor allocations per call; per 256
+  // in front of super-block types (a layer mixing them with blocks of 32 gives those the same scale 8 times)
+  bool any_super = false;
+  for (size_t i = 0; i < weights.size(); ++i) any_super |= superblock(fmts[i]);
+  thread_local std::vector<uint8_t> scratch;  // (operator new's alignment suits the float and int16 parts)
+  scratch.resize(std::max<size_t>(scratch.size(), rows * (in_features + nb * 14)));
+  XBlocks xb;
+  xb.d = reinterpret_cast<float*>(scratch.data());
+  xb.sb = xb.d + rows * nb;
+  xb.qs = reinterpret_cast<int16_t*>(xb.sb + rows * nb);
+  xb.qb = xb.qs + rows * nb * 2;
+  xb.q = reinterpret_cast<int8_t*>(xb.qb + rows * nb);
+  quantize_rows(src, rows, in_features, any_super ? QK_SUPER : QK, xb);
 
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
@@ -464,7 +479,7 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
         XRow xr[NT];
         for (int i = 0; i < nr; ++i) {
           const int64_t t = r0 + i;
-          xr[i] = {xq + t * in_features, xd + t * nb, xqs + t * nb * 2, xs + t * nb * 2, xsb + t * nb};
+          xr[i] = {xb.q + t * in_features, xb.d + t * nb, xb.qs + t * nb * 2, xb.qb + t * nb, xb.sb + t * nb};
         }
         size_t si = 0;
         int64_t before = 0;  // groups of the segments before segment si
