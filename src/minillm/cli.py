@@ -43,6 +43,10 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="the KV cache's dtype. Default: float16 for a GGUF file on its own blocks (llama.cpp's "
                              "default: half the memory, and half the bytes a decode token reads), else the model's")
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                        help="shard the model over N processes (torch.distributed: gloo on the CPU, NCCL on GPUs), "
+                             "each with its share of the cores; N must divide the query and KV heads. Other machines "
+                             "join through MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK (docs/scale_out.md)")
 
 
 def _speculative(text: str) -> str:
@@ -152,7 +156,8 @@ def _load(args: argparse.Namespace):
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
               progress=sys.stderr.isatty(), compile=args.compile, fast_prefill=args.fast_prefill,
               gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
-              chat_template=getattr(args, "chat_template", None), speculative=args.speculative)
+              chat_template=getattr(args, "chat_template", None), speculative=args.speculative,
+              tensor_parallel_size=args.tensor_parallel_size)
     freeze_heap()
     return llm
 
@@ -219,6 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .loading import check_device, default_model_path
+    from .parallel import preflight
     from .server.app import create_app
     from .server.connection import head_deadline_protocol
 
@@ -244,13 +250,15 @@ def _serve(args: argparse.Namespace) -> int:
         check_device(args.device)
         if args.chat_template is not None:
             resolve_chat_template(args.chat_template)  # refused here, not by /health once the server runs
+        preflight(path, args.tensor_parallel_size, args.device)
     except ValueError as err:
         print(f"minillm: error: {err}", file=sys.stderr)
         return 1
     options = {"dtype": args.dtype, "device": args.device, "quantization": args.quantization,
                "max_num_seqs": args.max_concurrency, "compile": args.compile, "fast_prefill": args.fast_prefill,
                "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype,
-               "chat_template": args.chat_template, "speculative": args.speculative}
+               "chat_template": args.chat_template, "speculative": args.speculative,
+               "tensor_parallel_size": args.tensor_parallel_size}
     app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
                      stream_timeout=args.stream_timeout, read_timeout=args.read_timeout,
                      engine_timeout=args.engine_timeout, max_queue_wait=args.max_queue_wait,

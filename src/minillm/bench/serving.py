@@ -104,12 +104,14 @@ def _start_server(model: str | None, wait_policy: str, flags: list[str]) -> tupl
     raise RuntimeError("the server did not become healthy within 300 s")
 
 
-def _offline(model: str | None, prompts: list[list[int]], output_len: int, concurrency: int, fast_prefill: bool) -> dict:
+def _offline(model: str | None, prompts: list[list[int]], output_len: int, concurrency: int, fast_prefill: bool,
+             tensor_parallel_size: int = 1) -> dict:
     """The server's engine without the server: the same requests through `LLM.generate`, after a warm-up."""
     from ..llm import LLM
     from ..sampling_params import SamplingParams
 
-    llm = LLM(model, progress=False, max_num_seqs=concurrency, fast_prefill=fast_prefill)
+    llm = LLM(model, progress=False, max_num_seqs=concurrency, fast_prefill=fast_prefill,
+              tensor_parallel_size=tensor_parallel_size)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     start = time.perf_counter()
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-len", type=positive_int, default=64)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per level at most")
     parser.add_argument("--fast-prefill", action="store_true", help="start the server (and the offline run) with it")
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                        help="start the server (and the offline run) with the model sharded over N processes")
     parser.add_argument("--omp-wait-policy", default="ACTIVE", choices=["ACTIVE", "PASSIVE"],
                         help="OMP_WAIT_POLICY of the server this benchmark starts")
     parser.add_argument("--out", default="benchmarks/results", help="folder for serving.json/.md/.png")
@@ -137,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.url and not args.url.split("//")[-1].startswith(("127.", "localhost", "[::1]")):
         parser.error("--url must be a loopback address (127.0.0.0/8, localhost or [::1])")
 
-    proc, base = (None, args.url.rstrip("/")) if args.url else _start_server(args.model, args.omp_wait_policy,
-                                                                          ["--fast-prefill"] if args.fast_prefill else [])
+    flags = ["--fast-prefill"] * args.fast_prefill + ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    proc, base = (None, args.url.rstrip("/")) if args.url else _start_server(args.model, args.omp_wait_policy, flags)
     try:
         rng = random.Random(0)
         levels, prompts = [], []
@@ -159,18 +163,21 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"env": environment(), "omp_wait_policy": None if args.url else args.omp_wait_policy,
                "requests_per_level": args.num_requests, "input_len": args.input_len,
                "output_len": args.output_len, "levels": levels,
-               "fast_prefill": args.fast_prefill,
+               "fast_prefill": args.fast_prefill, "tensor_parallel_size": args.tensor_parallel_size,
                "offline": None if args.url else _offline(args.model, prompts, args.output_len, max(args.concurrency),
-                                                         args.fast_prefill)}
+                                                         args.fast_prefill, args.tensor_parallel_size)}
     if results["offline"]:
         print(f"offline, the same {len(prompts)} requests: {results['offline']['output_tok_s']:.1f} tok/s", flush=True)
-    _write(Path(args.out), results, argv, "_fast_prefill" if args.fast_prefill else "")
+    suffix = "_fast_prefill" * args.fast_prefill + (f"_tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else "")
+    _write(Path(args.out), results, argv, suffix)
     return results
 
 
 def _write(out: Path, results: dict, argv: list[str] | None, suffix: str = "") -> None:
     ms = lambda s: f"{s * 1e3:.0f}"  # noqa: E731
     setting = "with `--fast-prefill`" if results.get("fast_prefill") else "its default setting"
+    if results.get("tensor_parallel_size", 1) > 1:
+        setting += f", `--tensor-parallel-size {results['tensor_parallel_size']}`"
     description = (f"`minillm serve` ({setting}) on loopback; {results['requests_per_level']} "
                    f"streaming completion requests per level, prompts of {results['input_len'][0]}-{results['input_len'][1]} "
                    f"random tokens, {results['output_len']} output tokens (ignore_eos), greedy. Client and server share "

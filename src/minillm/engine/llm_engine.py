@@ -154,6 +154,11 @@ class LLMEngine:
                     num_blocks, config.block_size, self.max_cached_tokens, self.runner.cache.nbytes / 2**20)
 
     @property
+    def failure(self) -> str | None:
+        """Why no step can run any more (a tensor-parallel rank died); None while steps can."""
+        return self.runner.failure
+
+    @property
     def max_cached_tokens(self) -> int:
         return self.blocks.num_blocks * self.blocks.block_size
 

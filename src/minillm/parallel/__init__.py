@@ -9,7 +9,7 @@ several; rank 0 (the engine's process) schedules and samples, every rank runs ea
 
 docs/scale_out.md says how to use it."""
 
-from .driver import TensorParallel, start_tensor_parallel
+from .driver import TensorParallel, preflight, start_tensor_parallel
 from .shard import TensorShard, check_tensor_parallel
 
-__all__ = ["TensorParallel", "TensorShard", "check_tensor_parallel", "start_tensor_parallel"]
+__all__ = ["TensorParallel", "TensorShard", "check_tensor_parallel", "preflight", "start_tensor_parallel"]

@@ -34,11 +34,10 @@ logger = logging.getLogger("minillm")
 _current: weakref.ref[TensorParallel] | None = None  # torch.distributed has one default group per process
 
 
-def start_tensor_parallel(model: str | Path | None, size: int, dtype: str | torch.dtype | None, device: str | torch.device,
-                          quantization: str | None) -> TensorParallel | None:
-    """The started group for `LLM(model, ..., tensor_parallel_size=size)`, this process its rank 0; None for one
-    rank. Refused with a ValueError naming the setting: heads that `size` does not divide, more ranks than
-    this machine's cores or GPUs, a port in use."""
+def preflight(model: str | Path | None, size: int, device: str | torch.device) -> Path | None:
+    """The model's path if `size` ranks can start (None for one rank), else a ValueError naming the setting: a
+    size that is not a positive integer or does not divide the heads, more ranks than this machine's cores or
+    GPUs, a MASTER_PORT in use, an environment for remote ranks that does not add up."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
     if size == 1:
@@ -49,16 +48,42 @@ def start_tensor_parallel(model: str | Path | None, size: int, dtype: str | torc
     check_device(device)
     path = default_model_path() if model is None else Path(model)
     check_tensor_parallel(open_checkpoint(path).model_config("float32"), size, path.name)
+    env, kind = os.environ, torch.device(device).type
+    if "WORLD_SIZE" in env:  # the other ranks are started by hand (another machine, docs/scale_out.md)
+        _check_environment(env, size)
+    elif kind == "cpu" and size > _cores():
+        raise ValueError(f"tensor_parallel_size={size}: one rank per core at least, and this process may use "
+                         f"{_cores()} cores")
+    elif kind == "cuda" and size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={size}: one GPU per rank, and this machine has "
+                         f"{torch.cuda.device_count()}")
+    if "MASTER_PORT" in env:
+        port = _port(env["MASTER_PORT"])
+        try:
+            with socket.create_server(("", port)):  # rank 0's store listens on every address
+                pass
+        except OSError as err:
+            raise ValueError(f"MASTER_PORT={port}: rank 0 cannot listen on port {port} ({err.strerror or err}); "
+                             "set MASTER_PORT to a free port, or unset it (a free one is picked)") from None
+    return path
+
+
+def start_tensor_parallel(model: str | Path | None, size: int, dtype: str | torch.dtype | None, device: str | torch.device,
+                          quantization: str | None) -> TensorParallel | None:
+    """The started group for `LLM(model, ..., tensor_parallel_size=size)`, this process its rank 0 (None for one
+    rank), once `preflight` allows it."""
+    path = preflight(model, size, device)
+    if path is None:
+        return None
     dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
-    return TensorParallel(path, size, torch.device(device), {"model": str(path.resolve()), "dtype": dtype_name,
-                                                             "device": torch.device(device).type,
-                                                             "quantization": quantization})
+    return TensorParallel(size, torch.device(device), {"model": str(path.resolve()), "dtype": dtype_name,
+                                                       "device": torch.device(device).type, "quantization": quantization})
 
 
 class TensorParallel:
     """Rank 0's handle on the group."""
 
-    def __init__(self, path: Path, size: int, device: torch.device, load: dict) -> None:
+    def __init__(self, size: int, device: torch.device, load: dict) -> None:
         global _current
         self.size, self.shard = size, TensorShard(0, size)
         self.procs: dict[int, subprocess.Popen] = {}
@@ -67,25 +92,15 @@ class TensorParallel:
         self.channel: Channel | None = None
         self.saved_threads = torch.get_num_threads()
         env = os.environ
-        remote = "WORLD_SIZE" in env  # the other ranks are started by hand (another machine, docs/scale_out.md)
-        if remote:
-            _check_environment(env, size)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if not remote and device.type == "cpu" and size > cores:
-            raise ValueError(f"tensor_parallel_size={size}: one rank per core at least, and this process may use "
-                             f"{cores} cores")
-        if not remote and device.type == "cuda" and size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size={size}: one GPU per rank, and this machine has "
-                             f"{torch.cuda.device_count()}")
+        remote = "WORLD_SIZE" in env
         addr = env.get("MASTER_ADDR", "127.0.0.1")
-        port = _port(env.get("MASTER_PORT"), addr)
+        port = _port(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port(addr)
         try:
             self.store = dist.TCPStore(addr, port, size, is_master=True, timeout=START_TIMEOUT, wait_for_workers=False)
         except (RuntimeError, OSError) as err:
-            setting = f"MASTER_PORT={port}" if "MASTER_PORT" in env else f"port {port}"
-            raise ValueError(f"{setting}: rank 0 cannot listen on {addr}:{port} "
+            raise ValueError(f"MASTER_PORT={port}: rank 0 cannot listen on {addr}:{port} "
                              f"({str(err).splitlines()[0][-80:]}); set MASTER_PORT to a free port") from None
-        threads = max(1, cores // (1 if remote else size))
+        threads = max(1, _cores() // (1 if remote else size))
         publish(self.store, "start", {**load, "threads": threads})
         _current = weakref.ref(self)
         try:
@@ -228,12 +243,7 @@ def _check_environment(env: os._Environ, size: int) -> None:
         raise ValueError(f"WORLD_SIZE is set: set {' and '.join(missing)} too (where rank 0 listens for the others)")
 
 
-def _port(text: str | None, addr: str) -> int:
-    """MASTER_PORT's value, checked, or a free port of `addr`."""
-    if text is None:
-        with socket.socket() as probe:
-            probe.bind((addr, 0))
-            return probe.getsockname()[1]
+def _port(text: str) -> int:
     try:
         port = int(text)
     except ValueError:
@@ -241,6 +251,17 @@ def _port(text: str | None, addr: str) -> int:
     if not 0 < port < 65536:
         raise ValueError(f"MASTER_PORT={text!r} is not a port number")
     return port
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((addr, 0))
+        return probe.getsockname()[1]
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @atexit.register

@@ -65,6 +65,8 @@ def _serve(conn: Connection, engine: LLMEngine, max_queue_wait: float | None) ->
             outputs = expired + [out for out in failed if out is not None]
         if outputs or commanded:
             conn.send(("outputs", outputs, engine.stats()))
+        if engine.failure is not None:  # a tensor-parallel rank died: end, and the HTTP process starts a new engine
+            return
 
 
 def _apply(conn: Connection, engine: LLMEngine, message: tuple) -> None:
@@ -80,6 +82,10 @@ def _apply(conn: Connection, engine: LLMEngine, message: tuple) -> None:
     elif kind == "pause":
         engine.pause(request_id, message[2])
     elif kind == "embed":
+        if engine.config.tensor_parallel_size > 1:  # pooled() runs the model outside the ranks' common steps
+            conn.send(("embedded", request_id, "embeddings are not computed under tensor parallelism yet; serve the "
+                                               "model with --tensor-parallel-size 1 for them"))
+            return
         try:
             vectors: list | str = [pooled(engine.model, ids, message[3]) for ids in message[2]]
         except Exception as err:  # this request fails (a 500), the engine goes on
