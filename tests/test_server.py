@@ -25,8 +25,9 @@ def test_health_models_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["smollm2"]
     text = httpx.get(server["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in ("minillm_num_requests_running", "minillm_num_requests_waiting", "minillm_kv_cache_usage_ratio",
-                 "minillm_prefix_cache_hit_rate", "minillm_prompt_tokens_total", "minillm_generation_tokens_total",
-                 "minillm_time_to_first_token_seconds_bucket", "minillm_inter_token_latency_seconds_bucket"):
+                 "minillm_prefix_cache_hit_rate", "minillm_prefix_cache_hits_total", "minillm_prompt_tokens_total",
+                 "minillm_generation_tokens_total", "minillm_time_to_first_token_seconds_bucket",
+                 "minillm_inter_token_latency_seconds_bucket"):
         assert name in text
 
 

@@ -370,6 +370,8 @@ class LLMEngine:
             "free_blocks": self.blocks.num_free,
             "num_blocks": self.blocks.num_blocks,
             "prefix_cache_hit_rate": self.blocks.prefix_hits / queries if queries else 0.0,
+            "prefix_cache_queries": queries,  # prompt tokens looked up, and of those found: cumulative counts that
+            "prefix_cache_hits": self.blocks.prefix_hits,  # add up across engines (server replicas), unlike a rate
             "num_preemptions": self.scheduler.num_preemptions,
             **(self.drafter.stats() if self.drafter is not None else {}),
         }

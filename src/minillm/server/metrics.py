@@ -20,12 +20,16 @@ class Metrics:
         self.free_blocks = Gauge("minillm_kv_cache_free_blocks", "Free KV-cache blocks", registry=r)
         self.total_blocks = Gauge("minillm_kv_cache_blocks", "KV-cache blocks in all", registry=r)
         self.prefix_hit_rate = Gauge("minillm_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache", registry=r)
+        # the rate's two counts, which add up across servers (replicas) and over any window, as vLLM's
+        self.prefix_queries = Counter("minillm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hits = Counter("minillm_prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
         self.preemptions = Gauge("minillm_num_preemptions", "Sequences preempted so far", registry=r)
         self.prompt_tokens = Counter("minillm_prompt_tokens", "Prompt tokens received", registry=r)
         self.generation_tokens = Counter("minillm_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("minillm_requests", "Requests finished, by outcome", ["outcome"], registry=r)
         self.ttft = Histogram("minillm_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("minillm_inter_token_latency_seconds", "Time between tokens", buckets=_LATENCY_BUCKETS, registry=r)
+        self._engine_counts = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}  # at the last render
 
     def render(self, stats: dict | None) -> bytes:
         """The registry, with the engine's latest published snapshot (`LLMEngine.stats`); without one (no
@@ -39,4 +43,9 @@ class Metrics:
         self.total_blocks.set(stats["num_blocks"])
         self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
         self.preemptions.set(stats["num_preemptions"])
+        for key, counter in (("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits)):
+            count = stats.get(key, 0)
+            if count:  # the engine counts since it started: a restarted one starts again from 0
+                counter.inc(count - self._engine_counts[key] if count >= self._engine_counts[key] else count)
+                self._engine_counts[key] = count
         return generate_latest(self.registry)
