@@ -57,10 +57,11 @@ def post(server, path, body, key=API_KEY, raw=None, headers=None):
 
 
 def metric(server, name) -> float:
+    """A metric's value, summed over its series (a server with replicas labels each replica's)."""
     text = httpx.get(server["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
-    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-    assert match, f"{name} missing from /metrics"
-    return float(match.group(1))
+    values = re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    assert values, f"{name} missing from /metrics"
+    return sum(map(float, values))
 
 
 def wait_until_idle(server, timeout: float = 30) -> None:

@@ -1,5 +1,6 @@
 """The `minillm` command, run as a user would (python -m minillm)."""
 
+import socket
 import subprocess
 import sys
 
@@ -43,6 +44,7 @@ def test_chat_reads_piped_lines_and_keeps_history(smollm):
     (["generate", "hi", "--device", "tpu"], "unknown device 'tpu'"),
     *([(["generate", "hi", "--device", "cuda"], "PyTorch sees no CUDA GPU here")] if not torch.cuda.is_available() else []),
     (["serve", "--device", "cuda:7"], "cuda" if not torch.cuda.is_available() else "CUDA GPU(s)"),
+    (["serve", "--replicas", "0"], "--replicas must be a positive integer, got 0"),
 ])
 @pytest.mark.slow
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
@@ -50,6 +52,30 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert message in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_replicas_need_ray_a_free_port_and_a_model(tmp_path):
+    """`serve --replicas 2` refuses with one line, before Ray starts: Ray not installed, the port taken, a
+    file that is not a model."""
+    no_ray = subprocess.run([sys.executable, "-c", "import sys; sys.modules['ray'] = None  # as if not installed\n"
+                             "from minillm.cli import main; sys.exit(main(['serve', '--replicas', '2']))"],
+                            capture_output=True, text=True, timeout=300)
+    assert no_ray.returncode == 1 and "Traceback" not in no_ray.stderr, no_ray.stderr
+    assert no_ray.stderr.strip().endswith("--replicas needs Ray Serve (import of ray halted; None in sys.modules): "
+                                          "pip install 'minillm[serve]'")
+    pytest.importorskip("ray.serve")
+    bad = tmp_path / "model.gguf"
+    bad.write_text("this is not a model")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in ((["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+                              (["--model", str(bad), "--port", "0"], "not a readable GGUF file")):
+            result = run("serve", "--replicas", "2", *args)
+            assert result.returncode == 1 and message in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
 
 
 @pytest.mark.slow

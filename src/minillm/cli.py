@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: no limit)")
     serve.add_argument("--max-concurrency", type=positive_int, default=None,
                        help="sequences batched at once; more wait (default 64 on CPU, 256 on a GPU)")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="engine replicas behind Ray Serve, this machine's cores shared between them (default 1: "
+                            "one server, no Ray; more: pip install 'minillm[serve]'; docs/scale_out.md)")
+    serve.add_argument("--router", default="prefix", choices=["prefix", "pow2"],
+                       help="with --replicas: prefix (a prompt's start picks the replica that caches it; the least "
+                            "loaded one when that one is far busier) or pow2 (Ray Serve's default: the less loaded "
+                            "of two random replicas) (default prefix)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
     serve.add_argument("--no-web-ui", action="store_true", help="no chat page at / (it answers 404)")
     bench = commands.add_parser("bench", help="benchmarks (default: prefill/decode speed vs HF transformers)",
@@ -237,6 +244,13 @@ def _serve(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"minillm: error: no such model file or folder: {path}", file=sys.stderr)
         return 1
+    if args.replicas < 1:
+        print(f"minillm: error: --replicas must be a positive integer, got {args.replicas}", file=sys.stderr)
+        return 1
+    if args.replicas > 1 and args.tensor_parallel_size > 1:  # each replica's group would want the same port
+        print("minillm: error: --replicas and --tensor-parallel-size cannot be combined (each replica would start its "
+              "own tensor-parallel group, on the same port)", file=sys.stderr)
+        return 1
     if args.api_key is not None and not args.api_key.strip():
         print("minillm: error: --api-key must not be empty", file=sys.stderr)
         return 1
@@ -259,10 +273,12 @@ def _serve(args: argparse.Namespace) -> int:
                "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype,
                "chat_template": args.chat_template, "speculative": args.speculative,
                "tensor_parallel_size": args.tensor_parallel_size}
-    app = create_app(str(path), name, options, api_key=args.api_key, public_metrics=args.public_metrics,
-                     stream_timeout=args.stream_timeout, read_timeout=args.read_timeout,
-                     engine_timeout=args.engine_timeout, max_queue_wait=args.max_queue_wait,
-                     web_ui=not args.no_web_ui)
+    server = {"api_key": args.api_key, "public_metrics": args.public_metrics, "stream_timeout": args.stream_timeout,
+              "read_timeout": args.read_timeout, "engine_timeout": args.engine_timeout,
+              "max_queue_wait": args.max_queue_wait, "web_ui": not args.no_web_ui}
+    if args.replicas > 1:
+        return _serve_replicas(args, str(path), name, options, server)
+    app = create_app(str(path), name, options, **server)
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as err:
@@ -274,6 +290,16 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.Server(uvicorn.Config(app, log_level="warning", http=head_deadline_protocol(args.read_timeout),
                                   timeout_keep_alive=5)).run(sockets=[sock])
     return 0
+
+
+def _serve_replicas(args: argparse.Namespace, model: str, name: str, options: dict, server: dict) -> int:
+    """`minillm serve --replicas N`: the same app in N replicas behind Ray Serve (server/replicas.py)."""
+    try:
+        from .server.replicas import run
+    except ImportError as err:  # the [serve] extra is not installed
+        print(f"minillm: error: --replicas needs Ray Serve ({err}): pip install 'minillm[serve]'", file=sys.stderr)
+        return 1
+    return run(model, name, options, server, args.replicas, args.host, args.port, args.router == "prefix")
 
 
 def _tokenize(args: argparse.Namespace) -> None:
