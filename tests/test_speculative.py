@@ -15,9 +15,10 @@ from scipy.stats import chisquare
 from minillm import SamplingParams
 from minillm.engine import EngineConfig, LLMEngine
 from minillm.engine import speculative
-from minillm.engine.drafters import DraftState, Drafter, NgramDrafter
+from minillm.engine.drafters import MATCH_PRIOR, NgramDrafter
 from minillm.engine.sequence import Sequence
 from minillm.engine.speculative import SpeculativeConfig, verify
+from minillm.engine.step_cost import StepCost
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel runs (as test_triton_kernels.py)
 
@@ -115,7 +116,7 @@ def test_float32_sdpa_path(smollm_f32):
     prompts = [chat(smollm_f32, text) for text in (CODE, JSON)]
     params = SamplingParams(max_tokens=32, temperature=0)
     plain = run_all(engine(smollm_f32, attention_backend="sdpa"), prompts, params)
-    eng = engine(smollm_f32, attention_backend="sdpa", speculative="ngram")
+    eng = engine(smollm_f32, attention_backend="sdpa", speculative={"method": "ngram", "min_acceptance": 0.5})
     assert run_all(eng, prompts, params) == plain
     assert eng.stats()["spec_accepted_tokens"] > 0
 
@@ -129,7 +130,8 @@ def test_tiny_model_backends(tiny_model, backend):
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     config = EngineConfig(attention_backend=backend, block_size=4, kv_cache_memory=1 << 20)
     plain = run_all(LLMEngine(tiny_model, None, [], config), prompts, params)
-    eng = LLMEngine(tiny_model, None, [], replace(config, speculative="ngram"))
+    # drafts whenever there is a match (a fixed threshold): the cost model may find the interpreter's rows dear
+    eng = LLMEngine(tiny_model, None, [], replace(config, speculative={"method": "ngram", "min_acceptance": 0}))
     assert run_all(eng, prompts, params) == plain
     assert eng.stats()["spec_accepted_tokens"] > 0
     assert_all_free(eng)
@@ -139,7 +141,7 @@ def test_tiny_model_backends(tiny_model, backend):
 def test_draft_model(smollm, tasks, plain):
     """The bundled model drafting for itself accepts nearly everything; a draft of its first 10 layers far
     less: the tokens are plain decoding's either way."""
-    eng = engine(smollm, speculative={"model": smollm.model, "num_speculative_tokens": 4})
+    eng = engine(smollm, speculative={"model": smollm.model, "num_speculative_tokens": 4, "min_acceptance": 0})
     assert run_all(eng, tasks[:2], GREEDY) == plain[:2]
     assert eng.stats()["spec_acceptance_rate"] > 0.9
     assert_all_free(eng)
@@ -235,30 +237,99 @@ def test_sampling_matches_the_target_distribution(monkeypatch):
 
 # -- drafters, settings -------------------------------------------------------------------------------------
 
-def test_ngram_drafter_proposes_what_followed_and_adapts():
-    config = SpeculativeConfig("ngram", num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=3)
-    drafter = NgramDrafter(config, max_seq_len=1000)
-    seq = Sequence([5, 6, 7, 8, 9, 1, 2, 5, 6, 7], SamplingParams(max_tokens=100))
+def decoding(tokens, max_tokens=100):
+    seq = Sequence(tokens, SamplingParams(max_tokens=max_tokens))
     seq.num_computed = len(seq) - 1
-    assert drafter.draft_len(seq) == 2  # starts at 2 tokens
-    assert drafter.propose([seq], [2]) == [[8, 9]]  # after the earlier "5 6 7"
-    drafter.update(seq, 2, 2)
-    assert seq.spec.k == 4  # doubled after a whole acceptance
-    drafter.update(seq, 4, 1)
-    assert seq.spec.k == 2
-    for _ in range(4):  # nothing accepted: drafting pauses
-        drafter.update(seq, 2, 0)
-    assert seq.spec.pause > 0 and drafter.draft_len(seq) == 0
-    done = Sequence([1, 2, 1, 2, 1], SamplingParams(max_tokens=1))
-    assert drafter.draft_len(done) == 0  # the last token is the target's own
+    return seq
 
 
-def test_draft_state_is_per_sequence():
-    assert DraftState(k=3).ngrams is not DraftState(k=3).ngrams
-    drafter = Drafter(SpeculativeConfig("ngram"), 100)
-    assert drafter.min_acceptance == pytest.approx(0.3)  # a draft row costs 0.3 of a step at batch 1
-    drafter.draft_len(Sequence([1, 2], SamplingParams()), batch=16)
-    assert drafter.min_acceptance == pytest.approx(4.8 / 5.5)  # nearly all compute at batch 16
+def drafter_for(cost):
+    return NgramDrafter(SpeculativeConfig("ngram"), 1000, cost)
+
+
+CPU = StepCost.linear(first=7e-3, per_row=2.4e-3)  # the bundled model's steps on 2 Zen 2 cores (rounded)
+GPU = StepCost.linear(first=7e-3, per_row=0.05e-3)  # rows nearly free: the weights' reading dominates
+
+
+def test_ngram_drafter_takes_the_longest_match():
+    config = SpeculativeConfig("ngram", num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=8)
+    drafter = NgramDrafter(config, 1000, CPU)
+    # "1 2" occurs twice; the older occurrence matches the suffix "9 1 2" longer, so its continuation wins
+    seq = decoding([9, 1, 2, 3, 3, 3, 7, 1, 2, 4, 4, 4, 9, 1, 2])
+    assert drafter.chances(seq) == [MATCH_PRIOR[3], MATCH_PRIOR[4], MATCH_PRIOR[5], MATCH_PRIOR[6]]
+    assert seq.spec.match == [3, 3, 3, 7]
+    k = drafter.draft_lens([seq], 1, 64)[0]
+    assert k >= 1 and drafter.propose([seq], [k]) == [[3, 3, 3, 7][:k]]
+    assert drafter.chances(decoding([5, 6, 7, 8])) == []  # no earlier occurrence: no draft
+    # equally long matches: the first token's chance follows how many of them went on with it
+    agreeing = decoding([1, 2, 5, 0, 1, 2, 5, 3, 1, 2, 5, 4, 1, 2])
+    split = decoding([1, 2, 6, 0, 1, 2, 7, 3, 1, 2, 5, 4, 1, 2])
+    assert drafter.chances(agreeing)[0] > MATCH_PRIOR[2] > drafter.chances(split)[0]
+    assert drafter.chances(decoding([1, 2, 1, 2, 1], max_tokens=1)) == []  # the last token is the target's own
+
+
+def test_draft_lengths_follow_the_match_and_the_record():
+    """A long match drafts more than a short one; a sequence whose drafts fail pauses drafting, longer each
+    time."""
+    drafter = drafter_for(CPU)
+    text = list(range(100, 140))
+    long, short = decoding(text + [1, 2] + text[:20]), decoding(text[:10] + [7, 7, 3, 4, 5, 1, 2, 3, 4])
+    assert drafter.draft_lens([long], 1, 64)[0] >= 4  # 20 tokens match: each next one nearly sure
+    assert drafter.draft_lens([short], 1, 64) == [1]  # 2 tokens match ("3 4"): worth one token at most
+    for pause in (8, 16):
+        rejected = 0
+        while (k := drafter.draft_lens([long], 1, 64)[0]) and rejected < 30:
+            drafter.update(long, k, 0)
+            rejected += 1
+        assert 3 <= rejected < 30  # a fair sample, then a pause
+        waited = 1
+        while not (k := drafter.draft_lens([long], 1, 64)[0]) and waited < 100:
+            waited += 1
+        assert waited == pause
+    drafter.update(long, k, k)
+    assert long.spec.calibration > 1  # accepted beyond the prior: its chances rise
+
+
+def test_a_saturated_batch_drafts_nothing():
+    """At batch 16 a CPU step is nearly all compute: no draft row is scheduled however sure the drafts; with a
+    GPU's nearly free rows the same batch drafts, and so does the CPU at batch 1 and 2."""
+    text = list(range(100, 140))
+    batch = [decoding(text + [1, 2] + text[:20]) for _ in range(16)]
+    assert drafter_for(CPU).draft_lens(batch, 16, 512) == [0] * 16
+    assert min(drafter_for(GPU).draft_lens(batch, 16, 512)) >= 4
+    assert drafter_for(CPU).draft_lens(batch[:1], 1, 512)[0] >= 4
+    assert min(drafter_for(CPU).draft_lens(batch[:2], 2, 512)) >= 1
+    assert sum(drafter_for(GPU).draft_lens(batch, 16, 20)) == 20  # the step's token budget bounds them
+    fixed = NgramDrafter(SpeculativeConfig("ngram", min_acceptance=0), 1000, CPU)
+    assert fixed.draft_lens(batch, 16, 512) == [8] * 16  # a fixed threshold instead of the costs
+
+
+def test_step_cost_is_measured_on_the_engine(smollm):
+    cost = StepCost.measure(engine(smollm).runner, 64)
+    rows = [r for r, _ in cost.points]
+    assert rows[:2] == [1, 2] and len(rows) >= 3
+    times = [t for _, t in cost.points]
+    assert times == sorted(times) and times[0] > 0
+    (r0, t0), (r1, t1) = cost.points[-2:]
+    assert cost.time(r1 + 10) == pytest.approx(t1 + (t1 - t0) / (r1 - r0) * 10)  # beyond: the last slope
+    assert cost.spec_time(3) == cost.time(3)  # no CUDA graphs: a verification step runs as any step
+
+
+def test_batch_16_schedules_no_draft_rows(smollm, tasks, plain, monkeypatch):
+    """16 sequences with the CPU's cost model: the same steps as without speculation (no draft row), the same
+    tokens; the same engine drafts for a sequence alone."""
+    monkeypatch.setattr(StepCost, "measure", classmethod(lambda cls, runner, rows: CPU))
+
+    def counted(eng):
+        run, steps = eng.runner.run, []
+        eng.runner.run = lambda step: steps.append(sum(map(len, step.drafts))) or run(step)
+        return eng, steps
+
+    (eng, steps), (ref, ref_steps) = counted(engine(smollm, speculative="ngram")), counted(engine(smollm))
+    assert run_all(eng, tasks * 4, GREEDY) == run_all(ref, tasks * 4, GREEDY) == plain * 4
+    assert len(steps) == len(ref_steps) and not any(steps)
+    assert run_all(eng, tasks[:1], GREEDY) == plain[:1] and any(steps)
+    assert_all_free(eng)
 
 
 @pytest.mark.parametrize("value,message", [

@@ -1,26 +1,34 @@
-"""Drafters: where speculative decoding's draft tokens come from (verification: engine/speculative.py).
+"""Drafters: where speculative decoding's draft tokens come from, and how many each step feeds
+(verification: engine/speculative.py).
 
-`NgramDrafter` (prompt lookup): the sequence's own tokens (prompt and output) are indexed by n-gram; when
-the last n tokens occurred before, the tokens that followed that occurrence are the draft. Free: no model
-runs, and a sequence without a match feeds no draft. It pays where the answer repeats its input (code
-edits, quoting summaries, JSON extraction).
+`NgramDrafter` (prompt lookup): the sequence's own tokens (prompt and output) are searched for the longest
+earlier occurrence of its last tokens (at least prompt_lookup_min, compared up to prompt_lookup_max; the
+most recent among equally long ones); the tokens that followed it are the draft. Free: no model runs. It
+pays where the answer repeats its input (code edits, quoting summaries, JSON extraction).
 
 `DraftModelDrafter`: a smaller model with the same vocabulary guesses greedily, one token per forward.
 It runs through the engine's own machinery (a `ModelRunner` with its own K/V pools, addressed by the
 target's block tables, so it needs no block manager of its own).
 
-Both adapt each sequence's draft length to what it gets accepted (`DraftState`): twice as long after a
-wholly accepted draft, one past the accepted part otherwise; and a sequence whose acceptance rate falls
-below what a draft row costs stops drafting for a while (8 steps, then 16, ... up to 256), since a
-rejected draft row only costs. The cost model: a step of R rows takes T0 + r R (T0: reading the weights,
-r: one row's compute); measured on the bundled SmolLM2-135M (fused decoder, 2 cores of an EPYC), a row
-costs c = r / (T0 + r) = 0.3 of a one-row step. An accepted draft token saves the step's cost per token,
-T0 / B + r at B decoding sequences, a draft row costs r, so drafts pay above an acceptance rate of
-c B / (c B + 1 - c): 30 % at batch 1, 87 % at batch 16 (where a step is nearly all compute).
+How many draft tokens (`Drafter.draft_lens`, once per step for the whole batch). Each candidate token has
+a probability P of being accepted along with every draft before it: the product of per-token chances,
+the drafter's prior (n-gram: from the match's length L, since a longer match more likely goes on; measured
+on the bundled model's greedy answers to grounded and free prompts: `MATCH_PRIOR`, 45 % after 2 matching
+tokens, 70 % after 4, 88 % after 8, 94 % from 16 on, the first token's moved towards how many of several
+equally long matches went on with it; a draft model: `MODEL_PRIOR` per token) times the
+sequence's own calibration, (accepted + W) / (expected + W) over its recent drafts (a sequence whose
+drafts fall far short pauses drafting, for longer each time: `MIN_CALIBRATION`). Tokens are taken in
+order of P while each one's expected saving beats its cost: P > (1 + MARGIN) lambda dT, lambda the step's
+expected decode tokens per second, dT what one more row adds to the step (`StepCost`, measured at
+start-up, and a draft model's own forward). On 2 Zen 2 cores with the bundled model (a row costs 0.3 of
+a one-row step) a draft token needs P above ~0.38 at batch 1, and from ~6 decoding sequences on the first
+one would need more than SATURATED, so the step drafts nothing. `min_acceptance` replaces the cost model
+by a fixed threshold on P.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field, replace
 
@@ -33,98 +41,149 @@ from .model_runner import ModelRunner
 from .sequence import Sequence
 from .settings import EngineConfig, resolve
 from .speculative import SpeculativeConfig
+from .step_cost import StepCost
 
 logger = logging.getLogger("minillm")
 
-# a draft row's cost as a fraction of a one-row step (c above): measured for the n-gram drafter's rows; a
-# draft model's also cost its own forward
-ROW_COST = {"ngram": 0.3, "draft": 0.5}
-MAX_PAUSE = 256  # steps a sequence goes without drafting at most, once its drafts stopped paying
-RATE_DECAY = 0.75  # weight of the past in a sequence's acceptance rate (recent steps count most)
+# the chance that an n-gram draft's next token is accepted after L matching tokens (index L, the last for
+# longer matches): SmolLM2-135M's greedy answers to 20 prompts (code edits, summaries, extraction, free text;
+# 16 written to tune it, 4 the benchmark's), rounded down; each sequence's calibration corrects it
+MATCH_PRIOR = (0.0, 0.2, 0.45, 0.6, 0.7, 0.78, 0.83, 0.86, 0.88, 0.9, 0.9, 0.9, 0.92, 0.92, 0.92, 0.92, 0.94)
+AGREEMENT_WEIGHT = 2.0  # pseudo-occurrences of the prior beside what equally long matches were followed by
+MODEL_PRIOR = 0.7  # a draft model's token, before the sequence's own record says otherwise
+CALIBRATION_WEIGHT = 4.0  # W: pseudo-tokens of prior belief in a sequence's calibration
+DECAY = 0.9  # per verification, the weight of a sequence's past drafts in its calibration
+# a sequence whose drafts are accepted at under this share of the expected rate pauses drafting (8 steps,
+# then 16, ... up to MAX_PAUSE) and starts afresh: a probe of its drafts now and then costs little
+MIN_CALIBRATION = 0.5
+MAX_PAUSE = 256
+MAX_P = 0.98  # no draft token is ever sure
+MARGIN = 0.1  # a draft token's expected saving must beat its cost by this much (the estimates are rough)
+# no drafts at all in a step whose first draft token would need a chance above this: the batch saturates the
+# device, and the little a sure draft could still win is lost when the sequence it speeds up is not the one
+# that finishes last
+SATURATED = 0.8
 
 
 @dataclass
 class DraftState:
-    """A sequence's drafting: how many tokens to draft next, and whether drafting pays for it."""
+    """A sequence's drafting: its calibration, and what the drafter found for it this step."""
 
-    k: int  # draft length asked for next
-    drafted: float = 0.0  # recent drafted and accepted tokens (exponentially decayed)
-    accepted: float = 0.0
-    checks: int = 0  # verifications since drafting last resumed
+    accepted: float = 0.0  # recent accepted draft tokens, and their expected number (exponentially decayed)
+    expected: float = 0.0
     pause: int = 0  # steps left without drafting
-    next_pause: int = 8  # the next pause's length (doubles up to MAX_PAUSE)
-    # n-gram drafter: n-gram -> where its latest occurrence ends, for positions < `indexed`; the match found
-    ngrams: dict[tuple[int, ...], int] = field(default_factory=dict)
+    next_pause: int = 8
+    chances: list[float] = field(default_factory=list)  # this step's candidates: prior chance of each
+    # n-gram drafter: n-gram (prompt_lookup_min tokens) -> where its occurrences end, for positions < `indexed`;
+    # the continuation found this step
+    ngrams: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
     indexed: int = 0
     match: list[int] = field(default_factory=list)
     # draft model: tokens whose K/V its pools hold, valid while the sequence was never preempted since
     computed: int = 0
     preemptions: int = 0
 
+    @property
+    def calibration(self) -> float:
+        return (self.accepted + CALIBRATION_WEIGHT) / (self.expected + CALIBRATION_WEIGHT)
+
 
 class Drafter:
-    """Proposes draft tokens for decoding sequences and adapts their lengths (the shared part)."""
+    """Proposes draft tokens for decoding sequences and decides how many each step feeds (the shared part)."""
 
-    def __init__(self, config: SpeculativeConfig, max_seq_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_seq_len: int, cost: StepCost) -> None:
         self.config = config
         self.max_seq_len = max_seq_len
-        self.row_cost = ROW_COST[config.method]
-        self.batch = 1  # decoding sequences in the latest step
+        self.cost = cost
         self.num_drafted = self.num_accepted = self.num_steps = 0  # totals, for the engine's stats
 
     def state(self, seq: Sequence) -> DraftState:
         if seq.spec is None:
-            seq.spec = DraftState(k=min(2, self.config.num_speculative_tokens))
+            seq.spec = DraftState()
         return seq.spec
 
-    @property
-    def min_acceptance(self) -> float:
-        """The acceptance rate below which a sequence's drafts do not pay at the current batch (module doc)."""
-        if self.config.min_acceptance is not None:
-            return self.config.min_acceptance
-        cost = self.row_cost * self.batch
-        return cost / (cost + 1 - self.row_cost)
+    def draft_lens(self, seqs: list[Sequence], rows: int, budget: int) -> list[int]:
+        """Draft tokens each decoding sequence feeds this step (0: none), at most `budget` in all; `rows`: the
+        step's rows without drafts (one per decoding sequence, prompt chunks). Called once per step by the
+        scheduler. Never past max_tokens (the step's last token is the target's own) or the context."""
+        lens = [0] * len(seqs)
+        fixed = self.config.min_acceptance
+        # the step's expected decode tokens, its draft rows, and the seconds drafting adds beyond its rows
+        tokens, drafted, extra = float(len(seqs)), 0, 0.0
+        if fixed is None and self._needed(len(seqs), rows, tokens, 0, 0.0, self.extra_cost(lens, 0)) > SATURATED:
+            return lens  # a saturated batch: no drafts, and no time spent looking for them
+        chances = [self.chances(seq) for seq in seqs]
+        # P of each sequence's next candidate, best first (a sequence's P only falls along its draft)
+        heap = [(-c[0], i, 0) for i, c in enumerate(chances) if c]
+        heapq.heapify(heap)
+        while heap and drafted < budget:
+            neg_p, i, j = heap[0]
+            more = self.extra_cost(lens, j)
+            if -neg_p < (fixed if fixed is not None else self._needed(len(seqs), rows, tokens, drafted, extra, more)):
+                break
+            heapq.heappop(heap)
+            lens[i] += 1
+            drafted += 1
+            tokens += -neg_p
+            extra += more
+            if j + 1 < len(chances[i]):
+                heapq.heappush(heap, (neg_p * chances[i][j + 1], i, j + 1))
+        return lens
 
-    def draft_len(self, seq: Sequence, batch: int = 1) -> int:
-        """Draft tokens a decoding sequence asks for in its next step (0: none), among `batch` decoding
-        sequences. Called once per decode step by the scheduler. Never past max_tokens (the step's last
-        token is the target's own) or the context."""
-        self.batch = batch
+    def _needed(self, decoding: int, rows: int, tokens: float, drafted: int, extra: float, more: float) -> float:
+        """The chance one more draft token must have to pay for its row and `more` seconds: (1 + MARGIN) x the
+        step's expected decode tokens per second so far (prompt chunks aside) x the seconds it adds."""
+        rate = tokens / (self._time(decoding + drafted, drafted) + extra)
+        added = self.cost.spec_time(rows + drafted + 1) - self._time(rows + drafted, drafted) + more
+        return (1 + MARGIN) * rate * added
+
+    def _time(self, rows: int, drafted: int) -> float:
+        """A step's seconds: a plain decode step's without drafts, a verification step's with."""
+        return self.cost.spec_time(rows) if drafted else self.cost.time(rows)
+
+    def chances(self, seq: Sequence) -> list[float]:
+        """The per-token chances of the sequence's candidate draft tokens, each given the ones before it
+        accepted (calibrated); empty if it drafts nothing this step."""
         params = seq.params
         if not params.speculative or params.guided:  # a grammar's matcher cannot take back rejected drafts
-            return 0
+            return []
         state = self.state(seq)
         if state.pause:
             state.pause -= 1
-            return 0
-        room = min(params.max_tokens - seq.num_outputs - 1, self.max_seq_len - len(seq))
-        return max(0, min(state.k, room, self.available(seq, state)))
+            return []
+        room = min(params.max_tokens - seq.num_outputs - 1, self.max_seq_len - len(seq),
+                   self.config.num_speculative_tokens)
+        state.chances = self.prior_chances(seq, state, room) if room > 0 else []
+        calibration = state.calibration
+        return [min(MAX_P, p * calibration) for p in state.chances]
 
-    def available(self, seq: Sequence, state: DraftState) -> int:
-        """How many draft tokens this drafter can offer the sequence now (at most its `state.k`)."""
-        return state.k
+    def prior_chances(self, seq: Sequence, state: DraftState, room: int) -> list[float]:
+        """The drafter's own per-token chances for up to `room` draft tokens (fewer: what it can offer)."""
+        raise NotImplementedError
+
+    def extra_cost(self, lens: list[int], depth: int) -> float:
+        """Seconds that drafting a sequence's token number `depth` + 1 adds beyond its row (`lens`: the
+        tokens the step's sequences draft so far)."""
+        return 0.0
 
     def propose(self, seqs: list[Sequence], slots: list[int]) -> list[list[int]]:
         """Draft tokens for each sequence, at most `slots` each (0: none)."""
         raise NotImplementedError
 
     def update(self, seq: Sequence, drafted: int, accepted: int) -> None:
-        """After a verification: adapt the sequence's draft length, pause it if drafting stopped paying."""
+        """After a verification: the tokens tried (up to the first rejected) enter the calibration, and a
+        sequence whose drafts fall far short of it pauses."""
         if not drafted:
             return
         state = self.state(seq)
         self.num_drafted += drafted
         self.num_accepted += accepted
         self.num_steps += 1
-        top = self.config.num_speculative_tokens
-        state.k = min(top, max(state.k, 2 * accepted)) if accepted == drafted else max(1, accepted + 1)
-        state.drafted = state.drafted * RATE_DECAY + drafted
-        state.accepted = state.accepted * RATE_DECAY + accepted
-        state.checks += 1
-        if state.checks >= 4 and state.accepted < self.min_acceptance * state.drafted:  # 4: a fair sample first
+        state.accepted = state.accepted * DECAY + accepted
+        state.expected = state.expected * DECAY + sum(state.chances[:min(accepted + 1, drafted)])
+        if state.calibration < MIN_CALIBRATION:
             state.pause, state.next_pause = state.next_pause, min(2 * state.next_pause, MAX_PAUSE)
-            state.drafted = state.accepted = 0.0
-            state.checks = 0
+            state.accepted = state.expected = 0.0
 
     def stats(self) -> dict[str, float]:
         return {"spec_drafted_tokens": self.num_drafted, "spec_accepted_tokens": self.num_accepted,
@@ -133,27 +192,40 @@ class Drafter:
 
 
 class NgramDrafter(Drafter):
-    """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n tokens
-    (n from prompt_lookup_max down to prompt_lookup_min), as llama.cpp's and vLLM's n-gram speculators."""
+    """Prompt lookup, as llama.cpp's and vLLM's n-gram speculators, with the longest match preferred: the
+    tokens that followed the earlier occurrence of the sequence's suffix that matches it longest."""
 
-    def available(self, seq: Sequence, state: DraftState) -> int:
+    CANDIDATES = 16  # occurrences of the last prompt_lookup_min tokens compared, most recent first
+
+    def prior_chances(self, seq: Sequence, state: DraftState, room: int) -> list[float]:
         self._index(seq, state)
-        tokens, config = seq.token_ids, self.config
+        tokens, low, high = seq.token_ids, self.config.prompt_lookup_min, self.config.prompt_lookup_max
         state.match = []
-        for n in range(min(config.prompt_lookup_max, len(tokens) - 1), config.prompt_lookup_min - 1, -1):
-            end = state.ngrams.get(tuple(tokens[-n:]))
-            if end is not None:
-                state.match = tokens[end + 1:end + 1 + state.k]
-                break
-        return len(state.match)
+        ends = state.ngrams.get(tuple(tokens[-low:]), []) if len(tokens) > low else []
+        matched = []  # (match length, end) of the recent occurrences
+        for end in reversed(ends[-self.CANDIDATES:]):
+            n = low
+            while n < high and end - n >= 0 and tokens[end - n] == tokens[-1 - n]:
+                n += 1
+            matched.append((n, end))
+        if not matched:
+            return []
+        best, where = max(matched, key=lambda m: m[0])  # the longest, the most recent among equals
+        state.match = tokens[where + 1:where + 1 + room]
+        chances = [MATCH_PRIOR[min(best + j, len(MATCH_PRIOR) - 1)] for j in range(len(state.match))]
+        # several equally long matches: how many went on with the drafted token says more than the prior
+        equal = [end for n, end in matched if n == best]
+        if len(equal) > 1 and chances:
+            agree = sum(tokens[end + 1] == state.match[0] for end in equal)
+            chances[0] = (agree + AGREEMENT_WEIGHT * chances[0]) / (len(equal) + AGREEMENT_WEIGHT)
+        return chances
 
     def _index(self, seq: Sequence, state: DraftState) -> None:
         """Index the n-grams ending before the last token (the suffix itself must match an earlier one);
         incremental: a sequence's tokens only grow (a preempted one keeps them)."""
-        tokens, low, high = seq.token_ids, self.config.prompt_lookup_min, self.config.prompt_lookup_max
-        for end in range(state.indexed, len(tokens) - 1):
-            for n in range(low, min(high, end + 1) + 1):
-                state.ngrams[tuple(tokens[end - n + 1:end + 1])] = end
+        tokens, n = seq.token_ids, self.config.prompt_lookup_min
+        for end in range(max(state.indexed, n - 1), len(tokens) - 1):
+            state.ngrams.setdefault(tuple(tokens[end - n + 1:end + 1]), []).append(end)
         state.indexed = max(state.indexed, len(tokens) - 1)
 
     def propose(self, seqs: list[Sequence], slots: list[int]) -> list[list[int]]:
@@ -166,8 +238,8 @@ class DraftModelDrafter(Drafter):
     decode step per further draft token."""
 
     def __init__(self, config: SpeculativeConfig, target: MiniLLM, draft: MiniLLM, num_blocks: int,
-                 block_size: int, engine_config: EngineConfig) -> None:
-        super().__init__(config, target.config.max_seq_len)
+                 block_size: int, engine_config: EngineConfig, cost: StepCost) -> None:
+        super().__init__(config, target.config.max_seq_len, cost)
         if draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"speculative: the draft model's vocabulary has {draft.config.vocab_size} tokens, the "
                              f"target's {target.config.vocab_size}; a draft model must share the target's tokenizer")
@@ -177,6 +249,15 @@ class DraftModelDrafter(Drafter):
         settings = resolve(draft, replace(engine_config, compile=False, cuda_graphs=False, fast_prefill=False,
                                           kv_cache_dtype=None))
         self.runner = ModelRunner(draft, num_blocks, block_size, settings)
+        self.draft_cost = StepCost.measure(self.runner, engine_config.max_num_seqs)
+
+    def prior_chances(self, seq: Sequence, state: DraftState, room: int) -> list[float]:
+        return [MODEL_PRIOR] * room
+
+    def extra_cost(self, lens: list[int], depth: int) -> float:
+        """The draft model's step at this depth gets one more row (or starts: its first)."""
+        rows = sum(k > depth for k in lens)
+        return self.draft_cost.time(rows + 1) - (self.draft_cost.time(rows) if rows else 0.0)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], slots: list[int]) -> list[list[int]]:
@@ -212,12 +293,14 @@ class DraftModelDrafter(Drafter):
         state.computed = min(state.computed, seq.num_computed)
 
 
-def make_drafter(config: SpeculativeConfig, target: MiniLLM, tokenizer: Tokenizer | None, num_blocks: int,
-                 block_size: int, engine_config: EngineConfig) -> Drafter:
-    """The drafter `config` names; a draft model given as a path is loaded here, on the target's device, with
-    the target's setting (its own quantized blocks for a GGUF file on the CPU)."""
+def make_drafter(config: SpeculativeConfig, target: MiniLLM, tokenizer: Tokenizer | None, runner: ModelRunner,
+                 num_blocks: int, block_size: int, engine_config: EngineConfig) -> Drafter:
+    """The drafter `config` names, with the target's step costs timed on `runner` (its fresh cache); a draft
+    model given as a path is loaded here, on the target's device, with the target's setting (its own
+    quantized blocks for a GGUF file on the CPU)."""
+    cost = StepCost.measure(runner, engine_config.max_num_batched_tokens)
     if config.method == "ngram":
-        return NgramDrafter(config, target.config.max_seq_len)
+        return NgramDrafter(config, target.config.max_seq_len, cost)
     draft = config.model
     if config.model_path is not None:
         from ..loading import load_checkpoint
@@ -231,4 +314,4 @@ def make_drafter(config: SpeculativeConfig, target: MiniLLM, tokenizer: Tokenize
     if not isinstance(draft, MiniLLM):
         raise ValueError(f"speculative: model must be a path or a loaded MiniLLM, got {type(draft).__name__}")
     logger.info("speculative decoding with a draft model of %d layers", draft.config.num_layers)
-    return DraftModelDrafter(config, target, draft, num_blocks, block_size, engine_config)
+    return DraftModelDrafter(config, target, draft, num_blocks, block_size, engine_config, cost)

@@ -137,9 +137,9 @@ class LLMEngine:
                              "which loads each rank's shard")
         self.runner = runner(model, num_blocks, config.block_size, settings, config.max_num_seqs)
         self.drafter = None if settings.speculative is None else make_drafter(
-            settings.speculative, model, tokenizer, num_blocks, config.block_size, config)
+            settings.speculative, model, tokenizer, self.runner, num_blocks, config.block_size, config)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   None if self.drafter is None else self.drafter.draft_len)
+                                   None if self.drafter is None else self.drafter.draft_lens)
         self.compile_seconds = 0.0
         if config.compile:
             start = time.perf_counter()

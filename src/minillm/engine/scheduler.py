@@ -15,8 +15,9 @@ than the largest group preempts that group's newest to get a slot or blocks, so 
 and huge max_tokens cannot keep a small request waiting until it ends.
 
 Speculative decoding (engine/speculative.py): a decoding sequence may also feed draft tokens after its
-next one, as many as its drafter asks for (`draft_len`) and the step's budget and the free blocks allow;
-drafts take what is left after every decoding sequence has its one token, and never preempt anyone.
+next one, as many as the drafter decides for the step's decoding sequences together (`draft_lens`: where
+they are expected to pay for their rows) and the free blocks allow; drafts take what the budget leaves after
+the decode tokens and prompt chunks, and never preempt anyone.
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 draft_len: Callable[[Sequence, int], int] | None = None) -> None:
-        """draft_len(seq, batch): how many draft tokens a decoding sequence asks for among `batch` decoding
-        sequences (None: the engine does not speculate)."""
+                 draft_lens: Callable[[list[Sequence], int, int], list[int]] | None = None) -> None:
+        """draft_lens(seqs, rows, budget): how many draft tokens each decoding sequence feeds, in a step of
+        `rows` rows before drafts, `budget` at most in all (None: the engine does not speculate)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.blocks = block_manager
-        self.draft_len = draft_len
+        self.draft_lens = draft_lens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -101,6 +102,7 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         self._rebalance()
         seqs, num_tokens = self._schedule_decode()
+        decoding = len(seqs)
         budget = self.max_num_batched_tokens - sum(num_tokens)
         remaining = lambda s: len(s) - s.num_computed  # noqa: E731
         for seq in [s for s in self.running if s.in_prefill]:
@@ -119,11 +121,18 @@ class Scheduler:
             seqs.append(seq)
             num_tokens.append(min(remaining(seq), budget))  # after any prefix-cache hit
             budget -= num_tokens[-1]
+        if self.draft_lens is not None and decoding and budget > 0:
+            self._reserve_drafts(seqs[:decoding], num_tokens, budget)
         return ScheduledStep(seqs, num_tokens) if seqs else None
 
+    def _reserve_drafts(self, seqs: list[Sequence], num_tokens: list[int], budget: int) -> None:
+        """Room for the draft tokens the drafter wants after the decoding sequences' (the first) tokens."""
+        for i, (seq, k) in enumerate(zip(seqs, self.draft_lens(seqs, sum(num_tokens), budget))):
+            if k > 0 and self.blocks.ensure_capacity(seq, len(seq) + k):  # only free blocks: drafts preempt no one
+                num_tokens[i] += k
+
     def _schedule_decode(self) -> tuple[list[Sequence], list[int]]:
-        """One token for every decoding sequence, preempting the newest running ones for blocks, and room for
-        the draft tokens they ask for."""
+        """One token for every decoding sequence, preempting the newest running ones for blocks."""
         scheduled: list[Sequence] = []
         for seq in [s for s in self.running if not s.in_prefill and not s.paused]:
             if seq.status is not Status.RUNNING:
@@ -135,15 +144,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 scheduled.append(seq)
-        counts = [1] * len(scheduled)
-        if self.draft_len is not None:
-            spare = self.max_num_batched_tokens - len(scheduled)
-            for i, seq in enumerate(scheduled):
-                k = min(self.draft_len(seq, len(scheduled)), spare)
-                if k > 0 and self.blocks.ensure_capacity(seq, len(seq) + k):  # only free blocks: drafts preempt no one
-                    counts[i] += k
-                    spare -= k
-        return scheduled, counts
+        return scheduled, [1] * len(scheduled)
 
     def _running_in(self, group: str) -> int:
         return sum(s.group == group for s in self.running)

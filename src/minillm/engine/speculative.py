@@ -39,11 +39,13 @@ class SpeculativeConfig:
 
     method: str  # "ngram": prompt lookup in the sequence's own tokens; "draft": a smaller model's greedy guesses
     model: Any = None  # "draft": a GGUF file or Hugging Face folder with the target's vocabulary, or a loaded MiniLLM
-    num_speculative_tokens: int = 8  # draft tokens per step at most (each sequence's length adapts below it)
-    prompt_lookup_min: int = 2  # "ngram": the n-gram sizes matched, longest first
-    prompt_lookup_max: int = 4
-    # a sequence stops drafting for a while when fewer of its drafts than this are accepted (None: the
-    # method's default, from what a draft row costs: engine/drafters.py)
+    num_speculative_tokens: int = 8  # draft tokens per sequence and step at most (the cost model picks fewer)
+    # "ngram": the earlier occurrence of the sequence's last tokens matching at least min of them, and the
+    # longest up to max (a longer match is a surer draft: engine/drafters.py)
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 16
+    # a draft token is fed when its estimated chance of acceptance is at least this (None: wherever it pays
+    # for its row by the step costs measured at start-up: engine/drafters.py)
     min_acceptance: float | None = None
 
     def __post_init__(self) -> None:
