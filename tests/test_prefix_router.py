@@ -13,7 +13,7 @@ pytest.importorskip("ray.serve")
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID  # the router's constructor arguments
 from ray.serve.request_router import ReplicaID
 
-from minillm.server.prefix_router import HashRing, PrefixAwareRouter, routing_key
+from minillm.server.prefix_router import HashRing, PrefixAwareRouter, ReplicaRouter, routing_key
 from minillm.server.replica import Forwarded
 
 SYSTEM = "You are a careful assistant for a bakery. " * 40  # ~1,700 characters: longer than the routed prefix
@@ -75,10 +75,10 @@ def test_the_ring_splits_keys_evenly_and_moves_only_a_removed_replicas_keys():
     assert HashRing(["b", "a"]).owner("x") == two.owner("x")  # the order replicas are listed in does not matter
 
 
-def _router_and_replicas(max_imbalance=4):
+def _router_and_replicas(max_imbalance=4, kind=PrefixAwareRouter):
     deployment = DeploymentID(name="EngineReplica", app_name="minillm")
-    router = PrefixAwareRouter(deployment, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
-    router.initialize_state(max_imbalance=max_imbalance)
+    router = kind(deployment, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
+    router.initialize_state(**({"max_imbalance": max_imbalance} if kind is PrefixAwareRouter else {}))
     replicas = [SimpleNamespace(replica_id=ReplicaID(rid, deployment)) for rid in ("r1", "r2", "r3")]
     return router, replicas
 
@@ -111,3 +111,12 @@ def test_requests_without_a_key_go_to_the_least_loaded_and_an_index_pins_a_repli
     assert _choose(router, replicas, None) == [replicas]
     pinned = [_choose(router, replicas, _request("k", i))[0][0].replica_id.unique_id for i in range(4)]
     assert pinned == ["r1", "r2", "r3", "r1"]
+
+
+def test_the_baseline_router_picks_two_random_replicas_and_pins_by_index_too():
+    router, replicas = _router_and_replicas(kind=ReplicaRouter)
+    chosen = [_choose(router, replicas, _request("shared prefix"))[0] for _ in range(50)]
+    assert all(len(pair) == 2 and pair[0] is not pair[1] for pair in chosen)  # Ray takes the less loaded
+    assert len({r.replica_id.unique_id for pair in chosen for r in pair}) == 3  # blind to the key
+    pinned = [_choose(router, replicas, _request("k", i))[0][0].replica_id.unique_id for i in range(3)]
+    assert pinned == ["r1", "r2", "r3"]

@@ -1,6 +1,6 @@
 """`minillm serve --replicas 2` (two engine replicas behind Ray Serve, one thread each) on loopback: the
 server suite's tests (test_server.py) against it, prefix-affinity routing measured from the replicas'
-prefix-cache counters (and against Ray Serve's default router), stored Responses across replicas, and a
+prefix-cache counters (tests/test_replicas_pow2.py: without it), stored Responses across replicas, and a
 replica killed mid-request: its requests fail cleanly, Ray starts another."""
 
 import json
@@ -84,7 +84,7 @@ def test_requests_sharing_a_prefix_reach_the_replica_that_caches_it(server):
     print(f"prefix-aware routing: prefix-cache hit rate {rate:.1%}")
     assert all(len(replicas) == 1 for replicas in reached.values()), reached  # each prefix stays on its replica
     assert len(set().union(*reached.values())) == 2  # and the prefixes are spread over both replicas
-    assert rate >= 0.8, rate  # 512 of each 514 tokens are cached (tests/test_replicas_pow2.py: Ray's default router)
+    assert rate >= 0.8, rate  # 512 of each 514 tokens are cached (tests/test_replicas_pow2.py: about half)
 
 
 def test_chats_sharing_a_system_prompt_reach_one_replica(server):

@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "one server, no Ray; more: pip install 'minillm[serve]'; docs/scale_out.md)")
     serve.add_argument("--router", default="prefix", choices=["prefix", "pow2"],
                        help="with --replicas: prefix (a prompt's start picks the replica that caches it; the least "
-                            "loaded one when that one is far busier) or pow2 (Ray Serve's default: the less loaded "
-                            "of two random replicas) (default prefix)")
+                            "loaded one when that one is far busier) or pow2 (the less loaded of two random replicas: "
+                            "Ray Serve's default policy) (default prefix)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: the file name)")
     serve.add_argument("--no-web-ui", action="store_true", help="no chat page at / (it answers 404)")
     bench = commands.add_parser("bench", help="benchmarks (default: prefill/decode speed vs HF transformers)",

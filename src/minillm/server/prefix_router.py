@@ -10,9 +10,11 @@ the key's owner unless that one runs more than `max_imbalance` requests beyond t
 then to the least loaded (a popular prefix may cost its replica's cache locality, not the service's
 latency). A request with no key (/health, embeddings, a body that is not JSON) goes to the least loaded
 replica; one with a `replica_index` to that replica (the front's /metrics asks each in turn).
+`ReplicaRouter`, the baseline (`--router pow2`), routes as Ray Serve's default router does: the less
+loaded of two random replicas.
 
-The router runs in the process of the handle that calls the replicas (the front deployment), as a Ray
-Serve `RequestRouter` named in the deployment's `RequestRouterConfig`.
+The routers run in the process of the handle that calls the replicas (the front deployment), as Ray
+Serve `RequestRouter`s named in the deployment's `RequestRouterConfig`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import random
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -77,24 +80,34 @@ def _text(value: Any) -> str:
     return ""
 
 
-class PrefixAwareRouter(RequestRouter):
-    """Set with `RequestRouterConfig(request_router_class=PrefixAwareRouter, request_router_kwargs=...)`;
-    the request's first argument carries its key as `.routing_key`, or a `.replica_index` that picks a
-    replica by its place among them (replica.py's `Forwarded`)."""
-
-    def initialize_state(self, max_imbalance: int = 16) -> None:
-        self.max_imbalance = max_imbalance
-        self._ring: tuple[frozenset, HashRing] | None = None
+class ReplicaRouter(RequestRouter):
+    """Ray Serve's power of two choices (the less loaded of two random replicas), and replicas by index:
+    the request's first argument may carry a `.replica_index` that picks a replica by its place among
+    them (replica.py's `Forwarded`; the front's /metrics asks each replica in turn). Set with
+    `RequestRouterConfig(request_router_class=..., request_router_kwargs=...)`."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         """Ranks of replicas, best first: Ray takes the first rank's least loaded replica that has room."""
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
         index = getattr(request, "replica_index", None)
-        if index is not None:  # each replica in turn (the front's /metrics)
+        if index is not None:
             ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
             return [[ordered[index % len(ordered)]]]
-        key = getattr(request, "routing_key", None)
+        return self.ranks(candidate_replicas, getattr(request, "routing_key", None))
+
+    def ranks(self, candidate_replicas: list[RunningReplica], key: str | None) -> list[list[RunningReplica]]:
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+
+
+class PrefixAwareRouter(ReplicaRouter):
+    """The request's key (`.routing_key`) picks its replica on the hash ring."""
+
+    def initialize_state(self, max_imbalance: int = 16) -> None:
+        self.max_imbalance = max_imbalance
+        self._ring: tuple[frozenset, HashRing] | None = None
+
+    def ranks(self, candidate_replicas: list[RunningReplica], key: str | None) -> list[list[RunningReplica]]:
         if key is None or len(candidate_replicas) < 2:
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}

@@ -41,7 +41,7 @@ from starlette.routing import Route
 from ..loading import default_model_path, open_tokenizer
 from .formats import sse
 from .guard import Guard
-from .prefix_router import PrefixAwareRouter, routing_key
+from .prefix_router import PrefixAwareRouter, ReplicaRouter, routing_key
 from .protocol import APIError, error_shape
 from .replica import REPLICA_HEADER, EngineReplica, Forwarded
 
@@ -211,11 +211,11 @@ def build_app(model: str | None, model_name: str, llm_options: dict, server_opti
               max_imbalance: int = 16) -> serve.Application:
     """The Ray Serve application: `replicas` engine replicas of `create_app(model, model_name, llm_options,
     **server_options)`, each reserving `num_cpus` of Ray's CPUs and computing on `threads` threads, behind
-    the front deployment. `prefix_routing` False: Ray Serve's default router (power of two choices, blind
-    to prompts) instead of prefix_router.py's."""
+    the front deployment. `prefix_routing` False: the power of two choices (the less loaded of two random
+    replicas, blind to prompts, as Ray Serve's default router) instead of the prefix-aware router."""
     router = RequestRouterConfig(request_router_class=PrefixAwareRouter,
                                  request_router_kwargs={"max_imbalance": max_imbalance}) if prefix_routing \
-        else RequestRouterConfig()
+        else RequestRouterConfig(request_router_class=ReplicaRouter)
     engines = serve.deployment(EngineReplica, name=ENGINES, num_replicas=replicas,
                                max_ongoing_requests=REPLICA_MAX_ONGOING, ray_actor_options={"num_cpus": num_cpus},
                                request_router_config=router,
