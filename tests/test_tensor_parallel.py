@@ -26,12 +26,17 @@ from minillm.cli import main as cli_main
 from minillm.kernels.ggml import GGMLEmbedding
 from minillm.loading import default_model_path, load_checkpoint
 from minillm.loading.gguf_reader import GGUFFile
+from minillm.engine.model_runner import StepInputs
 from minillm.parallel import TensorShard, driver
+from minillm.parallel.group import MESSAGE, _decode, _encode
 
 T = gguf.GGMLQuantizationType
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land", "1, 2, 3, 4,",
            "Dear Sir or Madam,", "import numpy as np", "The mitochondria is", "Q: What is 7 times 8?\nA:"]
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+# 10 prompts of 400 tokens in a step of 4,096: their inputs outgrow one broadcast (group.MESSAGE)
+LONG = [[int(t) for t in torch.randint(100, 49000, (400,), generator=torch.Generator().manual_seed(i))]
+        for i in range(10)]
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +134,7 @@ def reference(model_path) -> dict:
     with LLM(model_path, progress=False) as llm:
         result[None] = [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]
         result["forced"] = next_tokens(llm, forced_prompts(llm, result[None]))
+        result["long"] = next_tokens(llm, LONG)
     return result
 
 
@@ -243,13 +249,31 @@ def test_two_ranks_on_gguf_blocks(model_path, reference):
     """Teacher-forced: after every prefix of one rank's greedy output, two ranks pick the token one rank picks
     (at least 99 %: the partial sums of o and down are added in another order); and a batch gives each prompt
     the tokens it gets alone."""
-    with LLM(model_path, progress=False, tensor_parallel_size=2) as llm:
+    with LLM(model_path, progress=False, tensor_parallel_size=2, max_num_batched_tokens=4096) as llm:
+        sent = spy_on_steps(llm)
+        long = next_tokens(llm, LONG)  # a step whose inputs took two broadcasts
+        assert max(sent) > MESSAGE and sum(a == b for a, b in zip(long, reference["long"])) >= 9
         picked, wanted = next_tokens(llm, forced_prompts(llm, reference[None])), reference["forced"]
         assert len(picked) == 256 and sum(a == b for a, b in zip(picked, wanted)) >= 0.99 * len(wanted)
         batched = [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]
         alone = [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS]
         assert batched == alone
         assert llm.engine.stats()["num_blocks"] > 0 and llm.engine.runner.cache.k[0].shape[2] == 1  # 1 of 2 KV heads
+
+
+def spy_on_steps(llm: LLM) -> list[int]:
+    """The number of integers in each step's inputs rank 0 sends."""
+    channel, sizes = llm.engine.runner.parallel.channel, []
+    send = channel.send_step
+    channel.send_step = lambda inputs: sizes.append(len(_encode(inputs)) + 1) or send(inputs)
+    return sizes
+
+
+def test_step_inputs_survive_their_encoding():
+    inputs = StepInputs([5, 6, 7, 8, 9], [[3, 4], [], [9]], [0, 4, 2], [2, 1, 2], [2, 5, 4], None)
+    assert _decode(_encode(inputs)) == inputs
+    inputs.logit_counts = [1, 1, 2]
+    assert _decode(_encode(inputs)) == inputs
 
 
 def test_a_killed_worker_fails_the_requests_in_flight_without_a_hang(model_path, reference):

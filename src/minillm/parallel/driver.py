@@ -76,8 +76,11 @@ def start_tensor_parallel(model: str | Path | None, size: int, dtype: str | torc
     if path is None:
         return None
     dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
-    return TensorParallel(size, torch.device(device), {"model": str(path.resolve()), "dtype": dtype_name,
-                                                       "device": torch.device(device).type, "quantization": quantization})
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # rank r computes on GPU r (LOCAL_RANK elsewhere)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return TensorParallel(size, device, {"model": str(path.resolve()), "dtype": dtype_name, "device": device.type,
+                                         "quantization": quantization})
 
 
 class TensorParallel:

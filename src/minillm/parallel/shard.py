@@ -10,8 +10,8 @@
 The hidden features are split in whole blocks of 256 where they come in multiples of 256 (a K-quant's
 super-block), else of 32 (a legacy GGUF block), as evenly as the blocks allow (Qwen2.5-1.5B's 8,960 = 35 x 256:
 18 and 17 blocks). A rank's columns of a row-parallel GGUF tensor are then whole blocks of every row, and the
-activations' 8-bit blocks of 32 line up with them, so each partial sum is made of the same block dot
-products as on one rank; only the order of the final sum changes.
+activations' 8-bit blocks (32 values; 256, Q8_K's, in front of the K-quants) line up with them, so each
+partial sum is made of the same block dot products as on one rank; only the order of the final sum changes.
 """
 
 from __future__ import annotations
