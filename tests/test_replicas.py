@@ -142,6 +142,11 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _failed(events: list[str]) -> bool:
+    """Whether a stream's last event is an error (events[0] is the replica's id)."""
+    return len(events) > 1 and events[-1] != "[DONE]" and "error" in json.loads(events[-1])
+
+
 def _long_stream(server, prompt, events, started, stop):
     """Stream a long completion in this thread, recording its replica and every event, until it ends
     with an error or `stop` is set (then the connection closes: the replica aborts the request)."""
@@ -152,7 +157,7 @@ def _long_stream(server, prompt, events, started, stop):
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])
-                if "error" in line or stop.is_set():
+                if _failed(events) or stop.is_set():
                     return
 
 
@@ -183,9 +188,9 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_is_replaced(server):
     assert len(victims) == 2, [_cmdline(p) for p in victims]
     os.kill(victims[0], signal.SIGKILL)
     deadline = time.time() + 30
-    while time.time() < deadline and not any("error" in e[-1] for _, e in streams.values() if len(e) > 1):
+    while time.time() < deadline and not any(_failed(events) for _, events in streams.values()):
         time.sleep(0.2)
-    dead = [replica for replica, (_, events) in streams.items() if "error" in events[-1]]
+    dead = [replica for replica, (_, events) in streams.items() if _failed(events)]
     assert len(dead) == 1, "the killed replica's stream did not end with an error event"
     error = json.loads(streams[dead[0]][1][-1])["error"]
     assert error["code"] == "replica_died" and error["type"] == "service_unavailable"
@@ -197,7 +202,7 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_is_replaced(server):
     while time.time() < deadline + 60 and alive not in plain:
         time.sleep(0.2)
     assert plain[alive][0].status_code == 200  # the other replica's requests go on
-    assert "error" not in streams[alive][1][-1]
+    assert not _failed(streams[alive][1])
     stop.set()
     deadline = time.time() + 180
     while time.time() < deadline:  # Ray starts a replica in the dead one's place, and routes to it once loaded
