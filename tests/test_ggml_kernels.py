@@ -33,6 +33,10 @@ def restore_isa():
 def random_blocks(kind: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     per, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
     rng = np.random.default_rng(seed)
+    if kind in (T["F16"], T["BF16"]):  # values, as a file's bytes (BF16: float32's top halves)
+        values = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        halves = values.astype(np.float16) if kind == T["F16"] else (values.view(np.uint32) >> 16).astype(np.uint16)
+        return halves.view(np.uint8)
     raw = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
     for offset in SCALE_FIELDS[kind]:
         scales = (rng.standard_normal((rows, cols // per, 1)) * 0.02).astype(np.float16)
@@ -55,7 +59,10 @@ def unit(*kinds: int) -> int:
 
 
 def quantize_activations(x: np.ndarray, size: int) -> np.ndarray:
-    """The kernel's 8-bit units of `size` (scale max|x| / 127, round half to even), dequantized, float64."""
+    """The kernel's 8-bit units of `size` (scale max|x| / 127, round half to even), dequantized, float64; size 1:
+    x itself (F16 / BF16 weights meet the float32 activations)."""
+    if size == 1:
+        return x.astype(np.float64)
     blocks = x.reshape(x.shape[0], -1, size).astype(np.float32)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
@@ -237,7 +244,7 @@ def test_rope_and_cache_write_into_float16_pools():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q4_K", "Q6_K", "F16", "BF16"])
 def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
     """Tokens are tiled 4 at a time; a token's output must not depend on its neighbours (batched == alone)."""
     kind = ggml.KERNEL_TYPES[name]
@@ -289,6 +296,20 @@ def test_blocks_of_32_beside_super_blocks_share_their_activations(isa):
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     per32 = quantize_activations(x, 32) @ weight.T
     assert np.abs(y - per32).max() > 1e-3 * np.abs(per32).max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_f16_rows_beside_quantized_rows_take_the_activations_unquantized(isa):
+    """A layer stacking F16 rows on Q4_K rows: the Q4_K rows see the activations quantized per 256, the F16 rows
+    the float32 values themselves."""
+    half, kquant = random_blocks(T["F16"], 20, 512, seed=6), random_blocks(T["Q4_K"], 20, 512, seed=7)
+    layer = linear([(half, T["F16"]), (kquant, T["Q4_K"])], 512)
+    x = np.random.default_rng(8).standard_normal((3, 512)).astype(np.float32)
+    kernels.set_isa(isa)
+    y = layer(torch.from_numpy(x)).double().numpy()
+    expected = np.concatenate([x.astype(np.float64) @ reference_weight(half, T["F16"]).T,
+                               quantize_activations(x, 256) @ reference_weight(kquant, T["Q4_K"]).T], axis=1)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K"])

@@ -10,6 +10,7 @@ from checkpoints import hf_model, write_gguf
 from minillm import Configs, MiniLLM, SamplingParams
 from minillm.kernels.ggml import GGMLEmbedding, GGMLLinear
 from minillm.loading import default_model_path, load_checkpoint
+from minillm.loading.gguf_reader import GGUFFile
 from minillm.model.onednn_linear import OneDNNLinear, use_onednn_linears
 from minillm.quantization import (
     Int4WeightOnlyLinear,
@@ -100,13 +101,20 @@ def check_gguf(path, ids: torch.Tensor) -> tuple[float, float, dict[str, str]]:
     return rel, (q.argmax(-1) == r.argmax(-1)).float().mean().item(), kinds
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "F16", "BF16"])
 def test_gguf_default_computes_on_the_files_blocks(tmp_path, qtype):
     hf = hf_model("llama", intermediate_size=128, vocab_size=320)
-    rel, _, kinds = check_gguf(write_gguf(tmp_path / "tiny.gguf", hf, qtype=qtype), torch.randint(0, 320, (2, 20)))
+    path = write_gguf(tmp_path / "tiny.gguf", hf, qtype=qtype)
+    rel, _, kinds = check_gguf(path, torch.randint(0, 320, (2, 20)))
     assert kinds.pop("tok_embeddings") == "GGMLEmbedding"
     assert set(kinds.values()) == {"GGMLLinear"}
-    assert rel <= GGUF_RELATIVE_TOL
+    # F16 / BF16: the file's values in float32 arithmetic, only summed in another order
+    assert rel <= (1e-5 if qtype.endswith("F16") else GGUF_RELATIVE_TOL)
+    if qtype.endswith("F16"):  # kept in 16 bits: the weights take the file's bytes
+        model = load_checkpoint(path, progress=False).model
+        held = {w.data_ptr(): w.nbytes for m in model.modules()
+                for w in (m.weights if isinstance(m, GGMLLinear) else [m.weight] if isinstance(m, GGMLEmbedding) else [])}
+        assert sum(held.values()) == sum(t.data.nbytes for t in GGUFFile(path).tensors.values() if len(t.shape) == 2)
 
 
 @pytest.mark.slow

@@ -169,7 +169,9 @@ class _Parts:
         blocks = [self.checkpoint.blocks(n, self.config, part) for n, part in zip(names, shares)]
         if any(b is None for b in blocks):  # absent (an error, raised by dense) or a float tensor
             return None
-        without = [(raw, type_name) for raw, kind, type_name in blocks if kind not in KERNEL_TYPES.values()]
+        # (a kernel takes rows in blocks of 32 values: F16 / BF16 rows of another length have none)
+        without = [(raw, type_name) for raw, kind, type_name in blocks
+                   if kind not in KERNEL_TYPES.values() or module.weight.shape[1] % 32]
         for raw, type_name in without:
             count, (stored, dense) = self.without_kernel.get(type_name, (0, (0, 0)))
             self.without_kernel[type_name] = count + 1, (stored + raw.nbytes, dense + raw.shape[0] * module.weight.shape[1] * 4)

@@ -31,7 +31,7 @@ logger = logging.getLogger("minillm")
 MAX_CONTEXT = 1 << 20
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                    "IQ4_NL", "IQ4_XS")
-FLOAT_TYPES = ("F32", "F16", "BF16")
+DENSE_TYPES = ("F32",)  # every other type can stay as stored: its rows of bytes are `blocks`
 
 
 class GGUFMetadata:
@@ -211,19 +211,21 @@ class GGUFCheckpoint(GGUFMetadata):
     def blocks(self, name: str, config: ModelConfig, part: TensorPart | None = None) -> tuple[np.ndarray, int, str] | None:
         """A quantized tensor's own blocks, one row of bytes per output feature ([out, bytes], in our row
         order): a read-only view of the memory map where the rows are in order, else a copy; its GGML type id
-        and name. None if the tensor is absent or not quantized. With `part`, only its rows and, in every
-        row, the whole blocks of its columns (a range that splits a block is refused)."""
+        and name; F16 and BF16 tensors as their values' bytes. None if the tensor is absent or float32. With
+        `part`, only its rows and, in every row, the whole blocks of its columns (a range that splits a block
+        is refused)."""
         info = self.tensors.get(name)
-        if info is None or info.tensor_type.name in FLOAT_TYPES:
+        if info is None or info.tensor_type.name in DENSE_TYPES:
             return None
         import gguf
 
         cols, rows = (int(d) for d in (*info.shape, 1)[:2])
         per, size = gguf.GGML_QUANT_SIZES[info.tensor_type]
-        if len(info.shape) != 2 or cols % per or info.data.size != rows * cols // per * size:
+        data = info.data.view(np.uint8)  # (an F16 tensor is read as float16 values)
+        if len(info.shape) != 2 or cols % per or data.size != rows * cols // per * size:
             raise ModelLoadError(f"{self.path.name}: tensor {name} ({info.tensor_type.name}, shape "
-                                 f"{[int(d) for d in info.shape]}) holds {info.data.size} bytes, which do not fit its shape")
-        raw = info.data.reshape(rows, cols // per * size)
+                                 f"{[int(d) for d in info.shape]}) holds {data.size} bytes, which do not fit its shape")
+        raw = data.reshape(rows, cols // per * size)
         if part is not None:
             raw, lead = select(raw, part, per, size)
             if lead or (part.cols is not None and part.cols[1] % per):
@@ -241,7 +243,7 @@ class GGUFCheckpoint(GGUFMetadata):
         return self.reader.reading(self.tensors[name], None if part is None else part.row_span)
 
     def quantized_bytes(self) -> int:
-        return sum(info.data.nbytes for info in self.tensors.values() if info.tensor_type.name not in FLOAT_TYPES)
+        return sum(info.data.nbytes for info in self.tensors.values() if info.tensor_type.name not in DENSE_TYPES)
 
 
 def _block(info: TensorInfo) -> tuple[int, int]:

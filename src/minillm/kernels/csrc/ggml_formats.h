@@ -7,7 +7,8 @@
 // row per 32-bit lane (llama.cpp's repacked AVX layouts do the same), and a row's bytes are the file's, only
 // moved: a tensor keeps its size. With W = 1 the layout is the file's own, so a table used as stored (an
 // untied embedding, still in the memory map) is read by the same decoder. Q8_0 alone stores its codes
-// plus 128 (code ^ 0x80), as the AVX-512 kernel's vpdpbusd wants unsigned bytes.
+// plus 128 (code ^ 0x80), as the AVX-512 kernel's vpdpbusd wants unsigned bytes. F16 and BF16 rows are not
+// interleaved: their kernel reads a row's values in order (ggml_float.h).
 
 #pragma once
 
@@ -20,7 +21,7 @@
 namespace ggml {
 
 enum Format : int64_t {  // GGML's type ids
-  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+  F16 = 1, BF16 = 30, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
   IQ4_NL = 20, IQ4_XS = 23
 };
 constexpr int64_t GROUP = 16;  // rows interleaved together: one per lane of a 512-bit vector of int32
@@ -35,9 +36,11 @@ struct Layout {
   Run runs[4];
 };
 
-// weights per block, bytes per block, then the runs of units (see llama.cpp's ggml-common.h block_* structs)
+// weights per block, bytes per block, then the runs of units (see llama.cpp's ggml-common.h block_* structs);
+// F16 / BF16 rows are plain values, counted in blocks of 32 (ggml_float.h)
 constexpr Layout layout(int64_t fmt) {
   switch (fmt) {
+    case F16: case BF16: return {32, 64, 1, {{0, 2, 32}}};
     case Q4_0: return {32, 18, 2, {{0, 2, 1}, {2, 4, 4}}};                             // d, qs
     case Q4_1: return {32, 20, 2, {{0, 2, 2}, {4, 4, 4}}};                             // d, m, qs
     case Q5_0: return {32, 22, 3, {{0, 2, 1}, {2, 4, 1}, {6, 4, 4}}};                  // d, qh, qs
@@ -53,6 +56,8 @@ constexpr Layout layout(int64_t fmt) {
     default: return {0, 0, 0, {}};
   }
 }
+
+constexpr bool is_float(int64_t fmt) { return fmt == F16 || fmt == BF16; }  // rows kept as stored, not interleaved
 
 inline void check_format(int64_t fmt) {
   TORCH_CHECK(layout(fmt).bytes > 0, "ggml: no kernel for GGML type ", fmt);
@@ -85,6 +90,11 @@ inline void interleave_groups(int64_t fmt, const uint8_t* src, uint8_t* dst, int
                               int64_t begin, int64_t end) {
   const Layout l = layout(fmt);
   const int64_t nb = row_bytes / l.bytes;
+  if (is_float(fmt)) {  // their rows as stored
+    const int64_t first = begin * GROUP, last = std::min(rows, end * GROUP);
+    if (last > first) std::memcpy(dst + first * row_bytes, src + first * row_bytes, (last - first) * row_bytes);
+    return;
+  }
   for (int64_t g = begin; g < end; ++g) {
     const int64_t first = g * GROUP, width = std::min(GROUP, rows - first);
     for (int64_t b = 0; b < nb; ++b) {

@@ -3,7 +3,8 @@
 // The weights stay in the file's own block types and bits (ggml_formats.h: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 // Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), their rows interleaved in groups of 16 at load (`ggml_repack`), so
 // that a vector load reads the same unit of 8 or 16 rows, one per lane: the kernels compute 16 rows at once
-// and need no horizontal sums. A linear layer may be made of several tensors of different types (Q/K/V,
+// and need no horizontal sums. F16 and BF16 tensors keep their rows as stored and meet the activations in
+// float32 (ggml_float.h). A linear layer may be made of several tensors of different types (Q/K/V,
 // gate/up, as Q4_K_M mixes them): each is a segment of the output columns, on the same activations.
 //
 // Activations are quantized per token to 8 bits with one scale per 32 values (dx = max|x| / 127, as
@@ -43,6 +44,7 @@
 
 #include "ggml_dot_avx2.h"
 #include "ggml_dot_q4q8.h"
+#include "ggml_float.h"
 #include "ops.h"
 
 namespace {
@@ -90,6 +92,16 @@ GroupFn group_fn_for() {
     if (current != Isa::Portable) return &group_avx2_native<FMT, NR>;
   }
   return &group_portable<FMT, NR>;
+}
+
+// F16 / BF16 rows: (rows, bytes per row, how many rows, K, the tokens' float32 values, out)
+using FloatFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const float* const*, float (*)[GROUP]);
+
+template <int NR>
+FloatFn float_fn(int64_t fmt) {
+  const bool vector = current != Isa::Portable;  // the AVX2 path also on AVX-512 CPUs
+  if (fmt == F16) return vector ? &float_rows_avx2<F16, NR> : &float_rows_portable<F16, NR>;
+  return vector ? &float_rows_avx2<BF16, NR> : &float_rows_portable<BF16, NR>;
 }
 
 template <int NR>
@@ -321,7 +333,8 @@ struct RowRef {
   int64_t width, lane;
 };
 
-RowRef row_ref(const at::Tensor& weight, int64_t o, bool interleaved) {
+RowRef row_ref(const at::Tensor& weight, int64_t fmt, int64_t o, bool interleaved) {
+  interleaved = interleaved && !is_float(fmt);
   const int64_t first = interleaved ? o / GROUP * GROUP : o;
   return {weight.data_ptr<uint8_t>() + first * weight.size(1), std::min(interleaved ? GROUP : 1, weight.size(0) - first),
           o - first};
@@ -331,6 +344,10 @@ RowRef row_ref(const at::Tensor& weight, int64_t o, bool interleaved) {
 template <typename Put>
 void dequantize_row(int64_t fmt, const RowRef& row, int64_t nb, bool stored, Put put) {
   const Layout l = layout(fmt);
+  if (is_float(fmt)) {
+    for (int64_t j = 0; j < nb * l.weights; ++j) put(j, float_value(fmt, row.group, j));
+    return;
+  }
   uint8_t block[256];
   int32_t q[256];
   float d[16], m[16];
@@ -369,7 +386,7 @@ at::Tensor dequantize_bf16(const at::Tensor& weight, int64_t fmt, int64_t in_fea
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       c10::BFloat16* row = dst + o * in_features;
-      dequantize_row(fmt, row_ref(weight, o, true), nb, false, [&](int64_t j, float v) { row[j] = c10::BFloat16(v); });
+      dequantize_row(fmt, row_ref(weight, fmt, o, true), nb, false, [&](int64_t j, float v) { row[j] = c10::BFloat16(v); });
     }
   });
   return out;
@@ -381,6 +398,7 @@ struct Segment {
   int64_t fmt, rows, row_bytes, nb, first, groups;
   std::vector<uint8_t> widened;  // the last group, widened to 16 rows (empty if it is whole)
   GroupFn kernels[NT];
+  FloatFn floats[NT];  // F16 / BF16 (then `kernels` is unused)
 };
 
 // x [..., K] float32 -> [..., N]; with swiglu, N = 2H outputs become silu(y[:H]) * y[H:] ([..., H]).
@@ -440,8 +458,8 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
   }
   // the quantized activations in a buffer kept per calling thread: no tensor allocations per call; per 256
   // in front of super-block types (a layer mixing them with blocks of 32 gives those the same scale 8 times)
-  bool any_super = false;
-  for (size_t i = 0; i < weights.size(); ++i) any_super |= superblock(fmts[i]);
+  bool any_super = false, any_quantized = false;
+  for (size_t i = 0; i < weights.size(); ++i) any_super |= superblock(fmts[i]), any_quantized |= !is_float(fmts[i]);
   thread_local std::vector<uint8_t> scratch;  // (operator new's alignment suits the float and int16 parts)
   scratch.resize(std::max<size_t>(scratch.size(), rows * (in_features + nb * 14)));
   XBlocks xb;
@@ -450,7 +468,7 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
   xb.qs = reinterpret_cast<int16_t*>(xb.sb + rows * nb);
   xb.qb = xb.qs + rows * nb * 2;
   xb.q = reinterpret_cast<int8_t*>(xb.qb + rows * nb);
-  quantize_rows(src, rows, in_features, any_super ? QK_SUPER : QK, xb);
+  if (any_quantized) quantize_rows(src, rows, in_features, any_super ? QK_SUPER : QK, xb);
 
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
@@ -464,9 +482,14 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
     s.w = weights[i].data_ptr<uint8_t>();
     s.fmt = fmt, s.rows = rows_i, s.row_bytes = row_bytes, s.nb = in_features / layout(fmt).weights;
     s.first = first, s.groups = (rows_i + GROUP - 1) / GROUP;
-    if (tail) s.widened = widen_group(fmt, s.w + (rows_i - tail) * row_bytes, tail, row_bytes);
-    s.kernels[0] = group_fn<1>(fmt), s.kernels[1] = group_fn<2>(fmt);
-    s.kernels[2] = group_fn<3>(fmt), s.kernels[3] = group_fn<4>(fmt);
+    if (is_float(fmt)) {
+      s.floats[0] = float_fn<1>(fmt), s.floats[1] = float_fn<2>(fmt);
+      s.floats[2] = float_fn<3>(fmt), s.floats[3] = float_fn<4>(fmt);
+    } else {
+      if (tail) s.widened = widen_group(fmt, s.w + (rows_i - tail) * row_bytes, tail, row_bytes);
+      s.kernels[0] = group_fn<1>(fmt), s.kernels[1] = group_fn<2>(fmt);
+      s.kernels[2] = group_fn<3>(fmt), s.kernels[3] = group_fn<4>(fmt);
+    }
     first += rows_i, groups += s.groups, widest = std::max(widest, row_bytes);
   }
   // ~16 KB of weights per chunk: they stay in L1 while every token passes over them
@@ -477,9 +500,11 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
       for (int64_t r0 = 0; r0 < rows; r0 += NT) {
         const int nr = static_cast<int>(std::min<int64_t>(NT, rows - r0));
         XRow xr[NT];
+        const float* xf[NT];
         for (int i = 0; i < nr; ++i) {
           const int64_t t = r0 + i;
           xr[i] = {xb.q + t * in_features, xb.d + t * nb, xb.qs + t * nb * 2, xb.qb + t * nb, xb.sb + t * nb};
+          xf[i] = src + t * in_features;
         }
         size_t si = 0;
         int64_t before = 0;  // groups of the segments before segment si
@@ -488,7 +513,8 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
           const Segment& s = segments[si];
           const int64_t lg = g - before, o = lg * GROUP, width = std::min(GROUP, s.rows - o);
           float res[NT][GROUP];
-          s.kernels[nr - 1](width < GROUP ? s.widened.data() : s.w + o * s.row_bytes, s.nb, xr, res);
+          if (is_float(s.fmt)) s.floats[nr - 1](s.w + o * s.row_bytes, s.row_bytes, width, in_features, xf, res);
+          else s.kernels[nr - 1](width < GROUP ? s.widened.data() : s.w + o * s.row_bytes, s.nb, xr, res);
           for (int i = 0; i < nr; ++i)
             for (int64_t l = 0; l < width; ++l) {
               const int64_t col = s.first + o + l, at = (r0 + i) * n + col;
@@ -532,7 +558,7 @@ at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t fmt, int64_t i
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* dst = out + i * in_features;
-      dequantize_row(fmt, row_ref(weight, id[i], interleaved), nb, !interleaved, [&](int64_t j, float v) { dst[j] = v; });
+      dequantize_row(fmt, row_ref(weight, fmt, id[i], interleaved), nb, !interleaved, [&](int64_t j, float v) { dst[j] = v; });
     }
   });
   return y;
