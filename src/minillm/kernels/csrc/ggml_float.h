@@ -3,9 +3,11 @@
 // the file stores them (no interleaving), a group's rows one after another.
 //
 // One order of float operations on every path, so the same bits (and a row's result the same in any batch):
-// a row's K products go into 4 chains of 8 lanes, chain c lane j taking k = 32i + 8c + j, each product added
-// by an fma; then (c0 + c1) + (c2 + c3) lane by lane, and the 8 lanes summed as a tree: lanes j and j + 4,
-// then j and j + 2, then the last two. K is a multiple of 32 (layout(F16).weights).
+// a row's K products go into 2 chains of 8 lanes, chain c lane j taking k = 16i + 8c + j, each product added
+// by an fma; then c0 + c1 lane by lane, and the 8 lanes summed as a tree: lanes j and j + 4, then j and
+// j + 2, then the last two. K is a multiple of 32 (layout(F16).weights). The AVX2 path computes a tile of
+// up to 2 rows x 3 tokens at once (12 chains in registers): a weight vector, converted once, serves every
+// token of the tile, and each fma reads its activations from L1.
 
 #pragma once
 
@@ -13,7 +15,7 @@
 
 namespace ggml {
 
-constexpr int CHAINS = 4, LANES = 8;
+constexpr int CHAINS = 2, LANES = 8;
 
 inline float bf16(const uint8_t* p) {
   uint16_t h;
@@ -49,7 +51,7 @@ void float_rows_portable(const uint8_t* w, int64_t row_bytes, int64_t width, int
             chain[c][j] = std::fma(float_value(FMT, wr, at), x[r][at], chain[c][j]);
           }
       float s[LANES];
-      for (int j = 0; j < LANES; ++j) s[j] = (chain[0][j] + chain[1][j]) + (chain[2][j] + chain[3][j]);
+      for (int j = 0; j < LANES; ++j) s[j] = chain[0][j] + chain[1][j];
       out[r][row] = tree_sum(s);
     }
   }
@@ -68,33 +70,46 @@ VEC_TARGET_AVX2 inline float tree_sum8(__m256 s) {
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
-// A row against N (1 or 2) tokens: their 8 chains and the row's 4 vectors fill the 16 registers.
-template <int64_t FMT, int N>
-VEC_TARGET_AVX2 inline void float_row_avx2(const uint8_t* wr, int64_t k, const float* const* x, float (*out)[GROUP],
-                                           int64_t row) {
-  __m256 chain[N][CHAINS];
-  for (int r = 0; r < N; ++r)
-    for (int c = 0; c < CHAINS; ++c) chain[r][c] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < k; i += CHAINS * LANES) {
-    __m256 v[CHAINS];
-    for (int c = 0; c < CHAINS; ++c) v[c] = float8<FMT>(wr + 2 * (i + LANES * c));
-    for (int r = 0; r < N; ++r)
-      for (int c = 0; c < CHAINS; ++c)
-        chain[r][c] = _mm256_fmadd_ps(v[c], _mm256_loadu_ps(x[r] + i + LANES * c), chain[r][c]);
+// R rows (1 or 2) against T tokens (1 to 3): out[r][row + i]
+template <int64_t FMT, int R, int T>
+VEC_TARGET_AVX2 inline void float_tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t k, const float* const* x,
+                                            float (*out)[GROUP], int64_t row) {
+  __m256 chain[R][T][CHAINS];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < CHAINS; ++c) chain[i][t][c] = _mm256_setzero_ps();
+  for (int64_t at = 0; at < k; at += CHAINS * LANES) {
+    __m256 v[R][CHAINS];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < CHAINS; ++c) v[i][c] = float8<FMT>(w + i * row_bytes + 2 * (at + LANES * c));
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < CHAINS; ++c) {
+        const __m256 xv = _mm256_loadu_ps(x[t] + at + LANES * c);
+        for (int i = 0; i < R; ++i) chain[i][t][c] = _mm256_fmadd_ps(v[i][c], xv, chain[i][t][c]);
+      }
   }
-  for (int r = 0; r < N; ++r)
-    out[r][row] = tree_sum8(_mm256_add_ps(_mm256_add_ps(chain[r][0], chain[r][1]), _mm256_add_ps(chain[r][2], chain[r][3])));
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) out[t][row + i] = tree_sum8(_mm256_add_ps(chain[i][t][0], chain[i][t][1]));
 }
 
-// More than two tokens pass over the row again, two at a time (from L1).
+// Tokens in tiles of 3 or 2 (4 = 2 + 2), rows in pairs
+template <int64_t FMT, int R, int NR>
+VEC_TARGET_AVX2 inline void float_rows_tiles(const uint8_t* w, int64_t row_bytes, int64_t k, const float* const* x,
+                                             float (*out)[GROUP], int64_t row) {
+  if constexpr (NR == 4) {
+    float_tile_avx2<FMT, R, 2>(w, row_bytes, k, x, out, row);
+    float_tile_avx2<FMT, R, 2>(w, row_bytes, k, x + 2, out + 2, row);
+  } else {
+    float_tile_avx2<FMT, R, NR>(w, row_bytes, k, x, out, row);
+  }
+}
+
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void float_rows_avx2(const uint8_t* w, int64_t row_bytes, int64_t width, int64_t k, const float* const* x,
                                      float (*out)[GROUP]) {
-  for (int64_t row = 0; row < width; ++row) {
-    const uint8_t* wr = w + row * row_bytes;
-    for (int r0 = 0; r0 + 1 < NR; r0 += 2) float_row_avx2<FMT, 2>(wr, k, x + r0, out + r0, row);
-    if constexpr (NR % 2) float_row_avx2<FMT, 1>(wr, k, x + NR - 1, out + NR - 1, row);
-  }
+  int64_t row = 0;
+  for (; row + 1 < width; row += 2) float_rows_tiles<FMT, 2, NR>(w + row * row_bytes, row_bytes, k, x, out, row);
+  if (row < width) float_rows_tiles<FMT, 1, NR>(w + row * row_bytes, row_bytes, k, x, out, row);
 }
 
 }  // namespace ggml
