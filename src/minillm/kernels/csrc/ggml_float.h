@@ -70,10 +70,10 @@ VEC_TARGET_AVX2 inline float tree_sum8(__m256 s) {
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
-// R rows (1 or 2) against T tokens (1 to 3): out[r][row + i]
+// R rows (1 or 2, `apart` rows from each other) against T tokens (1 to 3): out[t][row + i apart]
 template <int64_t FMT, int R, int T>
 VEC_TARGET_AVX2 inline void float_tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t k, const float* const* x,
-                                            float (*out)[GROUP], int64_t row) {
+                                            float (*out)[GROUP], int64_t row, int64_t apart) {
   __m256 chain[R][T][CHAINS];
   for (int i = 0; i < R; ++i)
     for (int t = 0; t < T; ++t)
@@ -81,7 +81,7 @@ VEC_TARGET_AVX2 inline void float_tile_avx2(const uint8_t* w, int64_t row_bytes,
   for (int64_t at = 0; at < k; at += CHAINS * LANES) {
     __m256 v[R][CHAINS];
     for (int i = 0; i < R; ++i)
-      for (int c = 0; c < CHAINS; ++c) v[i][c] = float8<FMT>(w + i * row_bytes + 2 * (at + LANES * c));
+      for (int c = 0; c < CHAINS; ++c) v[i][c] = float8<FMT>(w + i * apart * row_bytes + 2 * (at + LANES * c));
     for (int t = 0; t < T; ++t)
       for (int c = 0; c < CHAINS; ++c) {
         const __m256 xv = _mm256_loadu_ps(x[t] + at + LANES * c);
@@ -89,27 +89,30 @@ VEC_TARGET_AVX2 inline void float_tile_avx2(const uint8_t* w, int64_t row_bytes,
       }
   }
   for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) out[t][row + i] = tree_sum8(_mm256_add_ps(chain[i][t][0], chain[i][t][1]));
+    for (int t = 0; t < T; ++t) out[t][row + i * apart] = tree_sum8(_mm256_add_ps(chain[i][t][0], chain[i][t][1]));
 }
 
-// Tokens in tiles of 3 or 2 (4 = 2 + 2), rows in pairs
+// Tokens in tiles of 3 or 2 (4 = 2 + 2)
 template <int64_t FMT, int R, int NR>
 VEC_TARGET_AVX2 inline void float_rows_tiles(const uint8_t* w, int64_t row_bytes, int64_t k, const float* const* x,
-                                             float (*out)[GROUP], int64_t row) {
+                                             float (*out)[GROUP], int64_t row, int64_t apart) {
   if constexpr (NR == 4) {
-    float_tile_avx2<FMT, R, 2>(w, row_bytes, k, x, out, row);
-    float_tile_avx2<FMT, R, 2>(w, row_bytes, k, x + 2, out + 2, row);
+    float_tile_avx2<FMT, R, 2>(w, row_bytes, k, x, out, row, apart);
+    float_tile_avx2<FMT, R, 2>(w, row_bytes, k, x + 2, out + 2, row, apart);
   } else {
-    float_tile_avx2<FMT, R, NR>(w, row_bytes, k, x, out, row);
+    float_tile_avx2<FMT, R, NR>(w, row_bytes, k, x, out, row, apart);
   }
 }
 
+// Rows in pairs half a group apart, i and i + width / 2: two sequential streams through the group's memory (rows
+// next to each other, on short rows, slowed a 576-wide layer by a third).
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void float_rows_avx2(const uint8_t* w, int64_t row_bytes, int64_t width, int64_t k, const float* const* x,
                                      float (*out)[GROUP]) {
-  int64_t row = 0;
-  for (; row + 1 < width; row += 2) float_rows_tiles<FMT, 2, NR>(w + row * row_bytes, row_bytes, k, x, out, row);
-  if (row < width) float_rows_tiles<FMT, 1, NR>(w + row * row_bytes, row_bytes, k, x, out, row);
+  const int64_t apart = width / 2;
+  for (int64_t row = 0; row < apart; ++row)
+    float_rows_tiles<FMT, 2, NR>(w + row * row_bytes, row_bytes, k, x, out, row, apart);
+  if (width % 2) float_rows_tiles<FMT, 1, NR>(w + (width - 1) * row_bytes, row_bytes, k, x, out, width - 1, 0);
 }
 
 }  // namespace ggml
