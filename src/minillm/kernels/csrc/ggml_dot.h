@@ -31,6 +31,17 @@ struct XRow {
 
 inline int32_t load_i32(const void* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 
+// Prefetch of the next group, a share at each (half, block) step of the current one (step 0 .. 2 nb - 1), as a
+// group of TILE-byte tiles is read: a decode step streams every weight once, and the hardware prefetcher
+// alone left the cores waiting on memory (Zen 2, 2 cores: b1 decode +8-14 %, b4 +14-21 % on Q4_K_M files of
+// 0.5B-3B). Past a tensor's end it touches nothing: a prefetch never faults.
+template <int64_t TILE>
+VEC_TARGET_AVX2 inline void prefetch_share(const uint8_t* next, int64_t step) {
+  constexpr int64_t lines = (TILE + 127) / 128;  // half a tile's cache lines
+  for (int64_t i = 0; i < lines; ++i)
+    _mm_prefetch(reinterpret_cast<const char*>(next + (step * lines + i) * 64), _MM_HINT_T0);
+}
+
 // u8 x s8 -> int32 per lane (four products each): vpmaddubsw + vpmaddwd. Its int16 middle step saturates
 // above 32767: unsigned codes up to 63 are safe; signed ones go in as |q| against x with q's sign.
 VEC_TARGET_AVX2 inline __m256i udot8(__m256i u, __m256i s) {

@@ -317,6 +317,7 @@ VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow*
     for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * GROUP * L.bytes;
+      prefetch_share<GROUP * L.bytes>(g + nb * GROUP * L.bytes, half * nb + b);
       const int64_t ab = b * (L.weights / QK);
       if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc);
       else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc);

@@ -28,6 +28,8 @@ VEC_TARGET_VNNI void group_vnni(const uint8_t* g, int64_t nb, const XRow* x, flo
   for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* tile = g + b * tile_bytes;
+    prefetch_share<tile_bytes>(g + nb * tile_bytes, 2 * b);  // both halves' shares: this path reads a group once
+    prefetch_share<tile_bytes>(g + nb * tile_bytes, 2 * b + 1);
     const uint8_t* codes = tile + codes_at;
     // two chains of integer sums per token, weights 0-15 and 16-31: half the dependent vpdpbusd latency
     __m512i lo[NR], hi[NR];
@@ -79,6 +81,7 @@ VEC_TARGET_AVX2 void group_avx2(const uint8_t* g, int64_t nb, const XRow* x, flo
     for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * tile_bytes;
+      prefetch_share<tile_bytes>(g + nb * tile_bytes, half * nb + b);
       const uint8_t* codes = tile + codes_at + 32 * half;
       __m256i lo[NR], hi[NR];
       for (int r = 0; r < NR; ++r) {
