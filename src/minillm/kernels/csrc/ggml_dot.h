@@ -31,10 +31,10 @@ struct XRow {
 
 inline int32_t load_i32(const void* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 
-// Prefetch of the next group, a share at each (half, block) step of the current one (step 0 .. 2 nb - 1), as a
-// group of TILE-byte tiles is read: a decode step streams every weight once, and the hardware prefetcher
-// alone left the cores waiting on memory (Zen 2, 2 cores: b1 decode +8-14 %, b4 +14-21 % on Q4_K_M files of
-// 0.5B-3B). Past a tensor's end it touches nothing: a prefetch never faults.
+// Prefetch of the group the thread computes next (`ahead`, from the caller; null: none), a share at each
+// (half, block) step of the current one (step 0 .. 2 nb - 1), as a group of TILE-byte tiles is read: a decode
+// step streams every weight once, and the hardware prefetcher alone left the cores waiting on memory (Zen 2,
+// 2 cores: b1 decode +8-14 %, b4 +14-21 % on Q4_K_M files of 0.5B-3B).
 template <int64_t TILE>
 VEC_TARGET_AVX2 inline void prefetch_share(const uint8_t* next, int64_t step) {
   constexpr int64_t lines = (TILE + 127) / 128;  // half a tile's cache lines
@@ -52,7 +52,7 @@ VEC_TARGET_AVX2 inline __m256i sdot8(__m256i v, __m256i s) { return udot8(_mm256
 // A group's 16 rows, block after block, in plain C++: the reference for the vector paths (the sums of
 // ggml_formats.h, "How a type's dot product is summed").
 template <int64_t FMT, int NR>
-void group_portable(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
+void group_portable(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP], const uint8_t* /*ahead*/) {
   constexpr Layout L = layout(FMT);
   for (int lane = 0; lane < GROUP; ++lane) {
     float acc[NR] = {}, macc[NR] = {};

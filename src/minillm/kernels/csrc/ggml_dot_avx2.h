@@ -310,14 +310,15 @@ VEC_TARGET_AVX2 void iq4xs_half(const uint8_t* tile, int half, int64_t ab0, cons
 
 // A group's 16 rows as two halves of 8, block after block.
 template <int64_t FMT, int NR>
-VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
+VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP],
+                                       const uint8_t* ahead) {
   constexpr Layout L = layout(FMT);
   for (int half = 0; half < 2; ++half) {
     __m256 acc[NR], macc[NR];
     for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * GROUP * L.bytes;
-      prefetch_share<GROUP * L.bytes>(g + nb * GROUP * L.bytes, half * nb + b);
+      if (ahead) prefetch_share<GROUP * L.bytes>(ahead, half * nb + b);
       const int64_t ab = b * (L.weights / QK);
       if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc);
       else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc);

@@ -21,15 +21,17 @@ VEC_TARGET_VNNI inline __m512 field16(const uint8_t* tile, int f) {
 }
 
 template <int64_t FMT, int NR>
-VEC_TARGET_VNNI void group_vnni(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
+VEC_TARGET_VNNI void group_vnni(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP], const uint8_t* ahead) {
   constexpr int64_t tile_bytes = GROUP * block_size(FMT), codes_at = GROUP * header_size(FMT);
   constexpr int32_t offset = FMT == Q4_0 ? 8 : has_nibbles(FMT) ? 0 : 128;
   __m512 acc[NR], macc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* tile = g + b * tile_bytes;
-    prefetch_share<tile_bytes>(g + nb * tile_bytes, 2 * b);  // both halves' shares: this path reads a group once
-    prefetch_share<tile_bytes>(g + nb * tile_bytes, 2 * b + 1);
+    if (ahead) {  // both halves' shares: this path reads a group once
+      prefetch_share<tile_bytes>(ahead, 2 * b);
+      prefetch_share<tile_bytes>(ahead, 2 * b + 1);
+    }
     const uint8_t* codes = tile + codes_at;
     // two chains of integer sums per token, weights 0-15 and 16-31: half the dependent vpdpbusd latency
     __m512i lo[NR], hi[NR];
@@ -73,7 +75,7 @@ VEC_TARGET_AVX2 inline __m256 field8(const uint8_t* tile, int f, int half) {
 }
 
 template <int64_t FMT, int NR>
-VEC_TARGET_AVX2 void group_avx2(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP]) {
+VEC_TARGET_AVX2 void group_avx2(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP], const uint8_t* ahead) {
   constexpr int64_t tile_bytes = GROUP * block_size(FMT), codes_at = GROUP * header_size(FMT);
   constexpr int32_t offset = FMT == Q4_0 ? 8 : 0;
   for (int half = 0; half < 2; ++half) {
@@ -81,7 +83,7 @@ VEC_TARGET_AVX2 void group_avx2(const uint8_t* g, int64_t nb, const XRow* x, flo
     for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * tile_bytes;
-      prefetch_share<tile_bytes>(g + nb * tile_bytes, half * nb + b);
+      if (ahead) prefetch_share<tile_bytes>(ahead, half * nb + b);
       const uint8_t* codes = tile + codes_at + 32 * half;
       __m256i lo[NR], hi[NR];
       for (int r = 0; r < NR; ++r) {

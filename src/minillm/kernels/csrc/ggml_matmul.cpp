@@ -80,7 +80,8 @@ const char* isa_name(Isa isa) {
   return isa == Isa::Avx512Vnni ? "avx512_vnni" : isa == Isa::Avx2 ? "avx2" : "portable";
 }
 
-using GroupFn = void (*)(const uint8_t*, int64_t, const XRow*, float (*)[GROUP]);
+// (a group's tiles, blocks per row, NR tokens, out, the group to prefetch meanwhile or null)
+using GroupFn = void (*)(const uint8_t*, int64_t, const XRow*, float (*)[GROUP], const uint8_t*);
 
 template <int64_t FMT, int NR>
 GroupFn group_fn_for() {
@@ -513,8 +514,11 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
           const Segment& s = segments[si];
           const int64_t lg = g - before, o = lg * GROUP, width = std::min(GROUP, s.rows - o);
           float res[NT][GROUP];
+          // the next group's weights, fetched during the first pass over this one (later passes find them cached)
+          const uint8_t* ahead = r0 > 0 || g + 1 >= end ? nullptr
+                                 : lg + 1 < s.groups ? s.w + (o + GROUP) * s.row_bytes : segments[si + 1].w;
           if (is_float(s.fmt)) s.floats[nr - 1](s.w + o * s.row_bytes, s.row_bytes, width, in_features, xf, res);
-          else s.kernels[nr - 1](width < GROUP ? s.widened.data() : s.w + o * s.row_bytes, s.nb, xr, res);
+          else s.kernels[nr - 1](width < GROUP ? s.widened.data() : s.w + o * s.row_bytes, s.nb, xr, res, ahead);
           for (int i = 0; i < nr; ++i)
             for (int64_t l = 0; l < width; ++l) {
               const int64_t col = s.first + o + l, at = (r0 + i) * n + col;
