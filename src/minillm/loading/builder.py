@@ -2,7 +2,7 @@
 checkpoint for each one's parts (the architecture's tensor table, architectures.py). On GGUF blocks
 (`on_blocks`), a linear layer or the embedding table whose parts all have a kernel type becomes a
 GGMLLinear / GGMLEmbedding computing on them, as gpt-fast swaps in quantized modules; every other
-parameter is dequantized (float tensors, and types without a kernel: their memory cost is logged).
+parameter is dequantized (F32 tensors, and types without a kernel: their memory cost is logged).
 
 Tensors are read from the file's memory map one at a time, repacked, and their pages released, so a load
 holds the model plus one tensor of the file; an untied embedding table is used as stored, not copied.
