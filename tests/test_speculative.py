@@ -91,7 +91,8 @@ def test_seeded_sampling_gives_the_same_tokens(smollm, tasks):
     params = [SamplingParams(max_tokens=40, temperature=t, top_p=0.95, seed=s, repetition_penalty=r)
               for t, s, r in ((0.3, 1, 1.0), (0.8, 2, 1.0), (0.5, 3, 1.1), (1.0, 4, 1.0))]
     plain = run_all(engine(smollm), tasks, params)
-    eng = engine(smollm, speculative="ngram")
+    # a fixed threshold, not the cost model: whether 4 sampling sequences draft must not hang on this machine's timing
+    eng = engine(smollm, speculative={"method": "ngram", "min_acceptance": 0.3})
     assert run_all(eng, tasks, params) == plain
     assert eng.stats()["spec_accepted_tokens"] > 0
 
