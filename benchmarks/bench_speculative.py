@@ -201,8 +201,9 @@ def summarise(runs: list[dict]) -> dict:
     return entry
 
 
-def batch1(runners: dict, prompts: list[list[int]]) -> list[dict]:
-    for ids in prompts:  # warm-up
+def alternate(runners: dict, prompts: list[list[int]]) -> list[dict]:
+    """Each prompt's runs per engine: a warm-up, then ROUNDS rounds with the engines in turn on each prompt."""
+    for ids in prompts:
         for run in runners.values():
             run(ids[:32])
     samples = [{name: [] for name in runners} for _ in prompts]
@@ -210,6 +211,11 @@ def batch1(runners: dict, prompts: list[list[int]]) -> list[dict]:
         for ids, sample in zip(prompts, samples):
             for name, run in runners.items():
                 sample[name].append(run(ids))
+    return samples
+
+
+def batch1(runners: dict, prompts: list[list[int]]) -> list[dict]:
+    samples = alternate(runners, prompts)
     for (task, i, _), sample in zip(PROMPTS, samples):
         plain = sample["MiniLLM"][0]["ids"]
         assert all(r["ids"] == plain for r in sample["MiniLLM ngram"]), f"{task} {i}: speculation changed the tokens"
@@ -260,15 +266,7 @@ def draft_model(target: Path, prompts: list[list[int]]) -> dict:
                "MiniLLM ngram": _engine(llm, "ngram"),
                "draft model": _engine(llm, {"model": draft}),
                "draft model, forced": _engine(llm, {"model": draft, "min_acceptance": 0, "num_speculative_tokens": 4})}
-    runners = {name: (lambda ids, e=e: minillm_run(e, ids)) for name, e in engines.items()}
-    for ids in prompts:
-        for run in runners.values():
-            run(ids[:32])
-    samples = [{name: [] for name in runners} for _ in prompts]
-    for _ in range(ROUNDS):
-        for ids, sample in zip(prompts, samples):
-            for name, run in runners.items():
-                sample[name].append(run(ids))
+    samples = alternate({name: (lambda ids, e=e: minillm_run(e, ids)) for name, e in engines.items()}, prompts)
     for sample in samples:
         assert all(r["ids"] == sample["MiniLLM"][0]["ids"] for runs in sample.values() for r in runs)
     entries = [{name: summarise(runs) for name, runs in sample.items()} for sample in samples]

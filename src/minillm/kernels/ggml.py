@@ -2,8 +2,8 @@
 
 Every type in KERNEL_TYPES keeps its bits: a tensor's rows are only interleaved in groups of 16 at load
 (`repack`, csrc/ggml_formats.h), so that the kernels compute 16 rows per vector instruction (F16 and BF16
-rows stay as stored: csrc/ggml_float.h); a tensor takes the bytes it takes in the file. A linear layer stacking tensors of different types (Q/K/V or gate/up in a
-Q4_K_M file) keeps one part per tensor. An embedding table that is not also the LM head is read as stored.
+rows stay as stored: csrc/ggml_float.h); a tensor takes the bytes it takes in the file. A linear layer
+stacking tensors of different types (Q/K/V or gate/up in a Q4_K_M file) keeps one part per tensor. An embedding table that is not also the LM head is read as stored.
 Other types have no kernel: the builder keeps a dequantized float layer and says what that costs.
 """
 
@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 # the GGML types our kernels compute on: name -> type id
-KERNEL_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12,
-                "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
+KERNEL_TYPES = {"F16": 1, "BF16": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10,
+                "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
 
 
 def repack(raw: Tensor, fmt: int, out: Tensor | None = None) -> Tensor:

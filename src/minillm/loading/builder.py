@@ -167,7 +167,7 @@ class _Parts:
         names = self.names(name + ".weight")
         shares = [self.part(name + ".weight", i, len(names)) for i in range(len(names))]
         blocks = [self.checkpoint.blocks(n, self.config, part) for n, part in zip(names, shares)]
-        if any(b is None for b in blocks):  # absent (an error, raised by dense) or a float tensor
+        if any(b is None for b in blocks):  # absent (an error, raised by dense) or an F32 tensor
             return None
         # (a kernel takes rows in blocks of 32 values: F16 / BF16 rows of another length have none)
         without = [(raw, type_name) for raw, kind, type_name in blocks

@@ -11,6 +11,8 @@
 
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include "ggml_dot.h"
 
 namespace ggml {
@@ -20,10 +22,7 @@ constexpr int CHAINS = 2, LANES = 8;
 inline float bf16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
+  return c10::detail::f32_from_bits(h);
 }
 
 // value j of a row of a 16-bit float type
