@@ -80,6 +80,8 @@ VEC_TARGET_AVX2 void block32_half(const uint8_t* tile, int half, int64_t ab, con
   constexpr int32_t offset = FMT == Q5_0 ? 16 : 0;
   __m256i sum[NR];
   for (int r = 0; r < NR; ++r) sum[r] = _mm256_set1_epi32(-offset * x[r].qb[ab]);
+  __m256i lo16[NR], hi16[NR];
+  for (int r = 0; r < NR; ++r) lo16[r] = hi16[r] = _mm256_setzero_si256();
   const __m256i qh = five ? units8(tile, qh_at, 0, half) : _mm256_setzero_si256();
   for (int p = 0; p < 4; ++p) {
     const __m256i v = units8(tile, qs_at, p, half);
@@ -93,12 +95,14 @@ VEC_TARGET_AVX2 void block32_half(const uint8_t* tile, int half, int64_t ab, con
       if constexpr (FMT == IQ4_NL) {
         sum[r] = _mm256_add_epi32(sum[r], sdot8(lookup_iq4(low), bcast4(xq + 4 * p)));
         sum[r] = _mm256_add_epi32(sum[r], sdot8(lookup_iq4(high), bcast4(xq + 16 + 4 * p)));
-      } else {
-        sum[r] = _mm256_add_epi32(sum[r], udot8(low, bcast4(xq + 4 * p)));
-        sum[r] = _mm256_add_epi32(sum[r], udot8(high, bcast4(xq + 16 + 4 * p)));
+      } else {  // int16 sums over the 4 vectors of each half (4 x 2 x 31 x 127 = 31496), one vpmaddwd each
+        lo16[r] = _mm256_add_epi16(lo16[r], pairs16(low, bcast4(xq + 4 * p)));
+        hi16[r] = _mm256_add_epi16(hi16[r], pairs16(high, bcast4(xq + 16 + 4 * p)));
       }
     }
   }
+  if constexpr (FMT != IQ4_NL)
+    for (int r = 0; r < NR; ++r) sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(widen16(lo16[r]), widen16(hi16[r])));
   scale_add<NR>(sum, fp16x8(tile, 0, 0, half), x, ab, acc);
   if constexpr (with_min) min_add<NR>(fp16x8(tile, 0, 1, half), x, ab, macc);
 }
