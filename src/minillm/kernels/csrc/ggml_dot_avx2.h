@@ -16,9 +16,9 @@ namespace ggml {
 // unrolled code would spill.
 #define UNROLL _Pragma("GCC unroll 16")
 template <class F, int... I>
-inline void unrolled(F& f, std::integer_sequence<int, I...>) { (f(I), ...); }
+VEC_TARGET_AVX2 inline void unrolled(F& f, std::integer_sequence<int, I...>) { (f(I), ...); }
 template <int N, int NR, class F>
-inline void steps(F&& f) {
+VEC_TARGET_AVX2 inline void steps(F&& f) {
   if constexpr (NR <= 2) unrolled(f, std::make_integer_sequence<int, N>{});
   else for (int i = 0; i < N; ++i) f(i);
 }
@@ -136,34 +136,38 @@ VEC_TARGET_AVX2 inline __m256i k_sixbit8(const __m256i* w, int j, bool min) {
 
 // Q4_K / Q5_K super-block: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones.
 // int16 sums: 8 vectors of 4-bit codes (8 x 2 x 15 x 127 = 30480), or 4 of 5-bit ones (4 x 2 x 31 x 127 = 31496).
+// A chunk's two sub-blocks in one pass over its codes; Q4_K's in two passes from 3 tokens on, where the sums
+// of both no longer fit the 16 registers (+7 % at 4-64 tokens on Zen 2; Q5_K's fifth bits would be read twice).
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc) {
   constexpr int qs_at = FMT == Q5_K ? 48 : 16, RUN = FMT == Q5_K ? 4 : 8;
+  constexpr int PASS = FMT == Q4_K && NR >= 3 ? 1 : 2;  // sub-blocks per pass
   const __m256i w[3] = {units8(tile, 4, 0, half), units8(tile, 4, 1, half), units8(tile, 4, 2, half)};
   __m256i isum[NR], msum[NR];
   for (int r = 0; r < NR; ++r) isum[r] = msum[r] = _mm256_setzero_si256();
-  for (int c = 0; c < 4; ++c) {
-    const __m256i sc_lo = pair16(k_sixbit8(w, 2 * c, false)), sc_hi = pair16(k_sixbit8(w, 2 * c + 1, false));
+  steps<8 / PASS, NR>([&](int i) __attribute__((always_inline)) VEC_TARGET_AVX2 {  // sub-blocks j0 .. j0 + PASS - 1, all of chunk c
+    const int j0 = i * PASS, c = j0 / 2;
+    __m256i sc[PASS];
+    for (int s = 0; s < PASS; ++s) sc[s] = pair16(k_sixbit8(w, j0 + s, false));
     UNROLL for (int p0 = 0; p0 < 8; p0 += RUN) {
-      __m256i lo16[NR], hi16[NR];
-      for (int r = 0; r < NR; ++r) lo16[r] = hi16[r] = _mm256_setzero_si256();
+      __m256i sum16[PASS][NR];
+      for (int s = 0; s < PASS; ++s)
+        for (int r = 0; r < NR; ++r) sum16[s][r] = _mm256_setzero_si256();
       UNROLL for (int p = p0; p < p0 + RUN; ++p) {
         const __m256i v = units8(tile, qs_at, 8 * c + p, half);
-        __m256i low = nibbles(v, false), high = nibbles(v, true);
-        if constexpr (FMT == Q5_K) {  // bit 2c (2c + 1) of qh byte l: the fifth bit of weight l of sub-block 2c (2c + 1)
-          const __m256i qh = units8(tile, 16, p, half);
-          low = _mm256_or_si256(low, move_bit(qh, 2 * c, 4));
-          high = _mm256_or_si256(high, move_bit(qh, 2 * c + 1, 4));
-        }
-        for (int r = 0; r < NR; ++r) {
-          lo16[r] = _mm256_add_epi16(lo16[r], pairs16(low, bcast4(x[r].q + (ab0 + 2 * c) * QK + 4 * p)));
-          hi16[r] = _mm256_add_epi16(hi16[r], pairs16(high, bcast4(x[r].q + (ab0 + 2 * c + 1) * QK + 4 * p)));
+        UNROLL for (int s = 0; s < PASS; ++s) {
+          const int j = j0 + s;
+          __m256i code = nibbles(v, j % 2);
+          if constexpr (FMT == Q5_K)  // bit j of qh byte l: the fifth bit of weight l of sub-block j
+            code = _mm256_or_si256(code, move_bit(units8(tile, 16, p, half), j, 4));
+          for (int r = 0; r < NR; ++r)
+            sum16[s][r] = _mm256_add_epi16(sum16[s][r], pairs16(code, bcast4(x[r].q + (ab0 + j) * QK + 4 * p)));
         }
       }
-      for (int r = 0; r < NR; ++r)
-        isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(_mm256_madd_epi16(lo16[r], sc_lo), _mm256_madd_epi16(hi16[r], sc_hi)));
+      for (int s = 0; s < PASS; ++s)
+        for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[s][r], sc[s]));
     }
-  }
+  });
   for (int c = 0; c < 4; ++c) {  // the mins, a pair of sub-blocks at a time against their sums of codes
     const __m256i mins = _mm256_or_si256(k_sixbit8(w, 2 * c, true), _mm256_slli_epi32(k_sixbit8(w, 2 * c + 1, true), 16));
     for (int r = 0; r < NR; ++r) msum[r] = _mm256_add_epi32(msum[r], _mm256_madd_epi16(mins, bcast_pair(x[r].qb + ab0 + 2 * c)));
