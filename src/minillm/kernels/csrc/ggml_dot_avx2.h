@@ -182,34 +182,37 @@ VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, con
 // The codes go in unsigned; their offset of 32 comes out as 32 sum_k sc_k sum(xq over 16 weights k).
 template <int NR>
 VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc) {
+  constexpr int PASS = NR >= 3 ? 1 : 2;
   const __m256i top = _mm256_set1_epi8(0x30);
   __m256i isum[NR];
   for (int r = 0; r < NR; ++r) isum[r] = _mm256_setzero_si256();
   steps<2, NR>([&](int n) VEC_TARGET_AVX2 {
     const __m256i scales[2] = {units8(tile, 192, 2 * n, half), units8(tile, 192, 2 * n + 1, half)};  // 8n .. 8n + 7
     UNROLL for (int h = 0; h < 2; ++h)
-      UNROLL for (int p0 = 4 * h; p0 < 4 * h + 4; p0 += 2) {
-        __m256i sum16[4][NR];  // int16 over 2 vectors: 2 x 2 x 63 x 127 = 32004
-        UNROLL for (int k = 0; k < 4; ++k)
-          for (int r = 0; r < NR; ++r) sum16[k][r] = _mm256_setzero_si256();
-        UNROLL for (int p = p0; p < p0 + 2; ++p) {
-          const __m256i a = units8(tile, 0, 16 * n + p, half), b = units8(tile, 0, 16 * n + 8 + p, half);
-          const __m256i qh = units8(tile, 128, 8 * n + p, half);
-          const __m256i code[4] = {
-              _mm256_or_si256(nibbles(a, false), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top)),
-              _mm256_or_si256(nibbles(b, false), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top)),
-              _mm256_or_si256(nibbles(a, true), _mm256_and_si256(qh, top)),
-              _mm256_or_si256(nibbles(b, true), _mm256_and_si256(_mm256_srli_epi16(qh, 2), top))};
-          UNROLL for (int k = 0; k < 4; ++k)
-            for (int r = 0; r < NR; ++r)
-              sum16[k][r] = _mm256_add_epi16(sum16[k][r], pairs16(code[k], bcast4(x[r].q + (ab0 + 4 * n + k) * QK + 4 * p)));
-        }
-        UNROLL for (int k = 0; k < 4; ++k) {  // block 4n + k, half h: scale 8n + 2k + h
-          const int byte = 2 * (k % 2) + h;
-          const __m256i scale = _mm256_srai_epi16(spread(scales[k / 2], byte, byte), 8);
-          for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[k][r], scale));
-        }
-      }
+      UNROLL for (int p0 = 4 * h; p0 < 4 * h + 4; p0 += 2)
+        // block k = s + 2e: nibble e of ql vector s (a: s = 0, b: s = 1), both nibbles in one pass for 1-2
+        // tokens, one a pass from 3 on (the sums of both no longer fit the registers)
+        UNROLL for (int s = 0; s < 2; ++s)
+          UNROLL for (int e0 = 0; e0 < 2; e0 += PASS) {
+            __m256i sum16[PASS][NR];  // int16 over 2 vectors: 2 x 2 x 63 x 127 = 32004
+            UNROLL for (int e = 0; e < PASS; ++e)
+              for (int r = 0; r < NR; ++r) sum16[e][r] = _mm256_setzero_si256();
+            UNROLL for (int p = p0; p < p0 + 2; ++p) {
+              const __m256i ql = units8(tile, 0, 16 * n + 8 * s + p, half), qh = units8(tile, 128, 8 * n + p, half);
+              UNROLL for (int e = 0; e < PASS; ++e) {
+                const int k = s + 2 * (e0 + e), shift = 4 - 2 * k;  // qh's bits 2k, 2k + 1 -> bits 4, 5
+                const __m256i high = shift > 0 ? _mm256_slli_epi16(qh, shift) : _mm256_srli_epi16(qh, -shift);
+                const __m256i code = _mm256_or_si256(nibbles(ql, e0 + e), _mm256_and_si256(high, top));
+                for (int r = 0; r < NR; ++r)
+                  sum16[e][r] = _mm256_add_epi16(sum16[e][r], pairs16(code, bcast4(x[r].q + (ab0 + 4 * n + k) * QK + 4 * p)));
+              }
+            }
+            UNROLL for (int e = 0; e < PASS; ++e) {  // block 4n + k, half h: scale 8n + 2k + h
+              const int k = s + 2 * (e0 + e), byte = 2 * s + h;
+              const __m256i scale = _mm256_srai_epi16(spread(scales[e0 + e], byte, byte), 8);
+              for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[e][r], scale));
+            }
+          }
   });
   __m256i offset[NR];
   for (int r = 0; r < NR; ++r) offset[r] = _mm256_setzero_si256();
