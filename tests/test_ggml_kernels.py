@@ -256,6 +256,17 @@ def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
         assert torch.equal(layer(x[start:end]), full[start:end])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_tokens_beyond_one_block_of_activations(isa):
+    """A long prefill meets the weights once per block of tokens (~128 KB of quantized activations: 32 tokens
+    at 4,096 features): every row of every block, the last one partial, as computed 4 at a time."""
+    kind = ggml.KERNEL_TYPES["Q4_K"]
+    layer = linear([(random_blocks(kind, 20, 4096), kind)], 4096)
+    x = torch.randn(70, 4096, generator=torch.Generator().manual_seed(5))
+    kernels.set_isa(isa)
+    assert torch.equal(layer(x), torch.cat([layer(x[i:i + 4]) for i in range(0, 70, 4)]))
+
+
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs only the portable path")
 @pytest.mark.parametrize("name", list(ggml.KERNEL_TYPES))
 def test_every_path_computes_the_same_bits(name):
