@@ -86,9 +86,9 @@ VEC_TARGET_AVX2 void group_avx2(const uint8_t* g, int64_t nb, const XRow* x, flo
       if (ahead) prefetch_share<tile_bytes>(ahead, half * nb + b);
       const uint8_t* codes = tile + codes_at + 32 * half;
       __m256i lo[NR], hi[NR];
-      for (int r = 0; r < NR; ++r) {
-        lo[r] = _mm256_set1_epi32(-offset * x[r].qs[2 * b]);
-        hi[r] = _mm256_set1_epi32(-offset * x[r].qs[2 * b + 1]);
+      for (int r = 0; r < NR; ++r) {  // Q4_0's offset against the block's sum of codes: one broadcast
+        lo[r] = offset ? _mm256_set1_epi32(-offset * x[r].qb[b]) : _mm256_setzero_si256();
+        hi[r] = _mm256_setzero_si256();
       }
       if constexpr (has_nibbles(FMT)) {
         // the block's 8 vectors of vpmaddubsw pairs summed in int16 (8 x 2 x 15 x 127 = 30480: no saturation,
