@@ -236,39 +236,45 @@ VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const 
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void k23_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc) {
   constexpr bool q3 = FMT == Q3_K;
+  constexpr int PASS = NR >= 3 ? 1 : 4;  // blocks per pass over the codes: from 3 tokens on their sums spilled
   const __m256i three = _mm256_set1_epi8(3);
   __m256i isum[NR];
   for (int r = 0; r < NR; ++r) isum[r] = _mm256_setzero_si256();
   steps<2, NR>([&](int n) VEC_TARGET_AVX2 {
     UNROLL for (int h = 0; h < 2; ++h) {
-      __m256i sum16[4][NR];
-      UNROLL for (int j = 0; j < 4; ++j)
-        for (int r = 0; r < NR; ++r) sum16[j][r] = _mm256_setzero_si256();
-      UNROLL for (int p = 4 * h; p < 4 * h + 4; ++p) {
-        const __m256i qs = units8(tile, q3 ? 32 : 16, 8 * n + p, half);
-        const __m256i hm = q3 ? units8(tile, 0, p, half) : qs;
-        UNROLL for (int j = 0; j < 4; ++j) {
-          __m256i code = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three);
-          if constexpr (q3) code = _mm256_or_si256(code, move_bit(hm, 4 * n + j, 2));
-          for (int r = 0; r < NR; ++r)
-            sum16[j][r] = _mm256_add_epi16(sum16[j][r], pairs16(code, bcast4(x[r].q + (ab0 + 4 * n + j) * QK + 4 * p)));
+      UNROLL for (int j0 = 0; j0 < 4; j0 += PASS) {  // blocks 4n + j0 .. of this pass
+        __m256i sum16[PASS][NR];
+        UNROLL for (int i = 0; i < PASS; ++i)
+          for (int r = 0; r < NR; ++r) sum16[i][r] = _mm256_setzero_si256();
+        UNROLL for (int p = 4 * h; p < 4 * h + 4; ++p) {
+          const __m256i qs = units8(tile, q3 ? 32 : 16, 8 * n + p, half);
+          const __m256i hm = q3 ? units8(tile, 0, p, half) : qs;
+          UNROLL for (int i = 0; i < PASS; ++i) {
+            const int j = j0 + i;
+            __m256i code = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), three);
+            if constexpr (q3) code = _mm256_or_si256(code, move_bit(hm, 4 * n + j, 2));
+            for (int r = 0; r < NR; ++r) {
+              const __m256i xq = bcast4(x[r].q + (ab0 + 4 * n + j) * QK + 4 * p);
+              sum16[i][r] = _mm256_add_epi16(sum16[i][r], pairs16(code, xq));
+            }
+          }
         }
-      }
-      UNROLL for (int j = 0; j < 4; ++j) {
-        const int k = 8 * n + 2 * j + h;  // the scale of these 16 weights
-        __m256i scale;
-        if constexpr (q3) {
-          const __m256i lo4 = _mm256_and_si256(_mm256_srli_epi32(units8(tile, 96, (k / 4) % 2, half), 8 * (k % 4) + (k >= 8 ? 4 : 0)),
-                                               _mm256_set1_epi32(15));
-          const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi32(units8(tile, 96, 2, half), 8 * (k % 4) + 2 * (k / 4)),
-                                               _mm256_set1_epi32(3));
-          scale = pair16(_mm256_sub_epi32(_mm256_or_si256(lo4, _mm256_slli_epi32(hi2, 4)), _mm256_set1_epi32(32)));
-          for (int r = 0; r < NR; ++r)  // from the low int16 of each pair only: vpmaddwd adds the two
-            sum16[j][r] = _mm256_sub_epi16(sum16[j][r], _mm256_set1_epi32(static_cast<uint16_t>(4 * x[r].qs[2 * ab0 + k])));
-        } else {
-          scale = low_nibble16(spread(units8(tile, 0, k / 4, half), k % 4, k % 4));
+        UNROLL for (int i = 0; i < PASS; ++i) {
+          const int j = j0 + i, k = 8 * n + 2 * j + h;  // the scale of these 16 weights
+          __m256i scale;
+          if constexpr (q3) {
+            const __m256i lo = units8(tile, 96, (k / 4) % 2, half), hi = units8(tile, 96, 2, half);
+            const __m256i lo4 = _mm256_and_si256(_mm256_srli_epi32(lo, 8 * (k % 4) + (k >= 8 ? 4 : 0)), _mm256_set1_epi32(15));
+            const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi32(hi, 8 * (k % 4) + 2 * (k / 4)), _mm256_set1_epi32(3));
+            scale = pair16(_mm256_sub_epi32(_mm256_or_si256(lo4, _mm256_slli_epi32(hi2, 4)), _mm256_set1_epi32(32)));
+            for (int r = 0; r < NR; ++r)  // from the low int16 of each pair only: vpmaddwd adds the two
+              sum16[i][r] = _mm256_sub_epi16(sum16[i][r],
+                                             _mm256_set1_epi32(static_cast<uint16_t>(4 * x[r].qs[2 * ab0 + k])));
+          } else {
+            scale = low_nibble16(spread(units8(tile, 0, k / 4, half), k % 4, k % 4));
+          }
+          for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[i][r], scale));
         }
-        for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[j][r], scale));
       }
     }
   });
