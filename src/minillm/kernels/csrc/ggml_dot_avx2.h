@@ -139,7 +139,7 @@ VEC_TARGET_AVX2 inline __m256i k_sixbit8(const __m256i* w, int j, bool min) {
 // A chunk's two sub-blocks in one pass over its codes; Q4_K's in two passes from 3 tokens on, where the sums
 // of both no longer fit the 16 registers (+7 % at 4-64 tokens on Zen 2; Q5_K's fifth bits would be read twice).
 template <int64_t FMT, int NR>
-VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc) {
+VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, Ahead ahead) {
   constexpr int qs_at = FMT == Q5_K ? 48 : 16, RUN = FMT == Q5_K ? 4 : 8;
   constexpr int PASS = FMT == Q4_K && NR >= 3 ? 1 : 2;  // sub-blocks per pass
   const __m256i w[3] = {units8(tile, 4, 0, half), units8(tile, 4, 1, half), units8(tile, 4, 2, half)};
@@ -147,6 +147,7 @@ VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, con
   for (int r = 0; r < NR; ++r) isum[r] = msum[r] = _mm256_setzero_si256();
   steps<8 / PASS, NR>([&](int i) __attribute__((always_inline)) VEC_TARGET_AVX2 {  // sub-blocks j0 .. j0 + PASS - 1, all of chunk c
     const int j0 = i * PASS, c = j0 / 2;
+    if (j0 % 2 == 0) ahead.share<GROUP * layout(FMT).bytes, 4>(c);
     __m256i sc[PASS];
     for (int s = 0; s < PASS; ++s) sc[s] = pair16(k_sixbit8(w, j0 + s, false));
     UNROLL for (int p0 = 0; p0 < 8; p0 += RUN) {
@@ -181,7 +182,7 @@ VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, con
 // l + 32 and l + 96, and qh byte l their top bits (2 each): one pass over p reads them once for 4 blocks.
 // The codes go in unsigned; their offset of 32 comes out as 32 sum_k sc_k sum(xq over 16 weights k).
 template <int NR>
-VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc) {
+VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, Ahead ahead) {
   constexpr int PASS = NR >= 3 ? 1 : 2;
   const __m256i top = _mm256_set1_epi8(0x30);
   __m256i isum[NR];
@@ -189,7 +190,8 @@ VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const 
   steps<2, NR>([&](int n) VEC_TARGET_AVX2 {
     const __m256i scales[2] = {units8(tile, 192, 2 * n, half), units8(tile, 192, 2 * n + 1, half)};  // 8n .. 8n + 7
     UNROLL for (int h = 0; h < 2; ++h)
-      UNROLL for (int p0 = 4 * h; p0 < 4 * h + 4; p0 += 2)
+      UNROLL for (int p0 = 4 * h; p0 < 4 * h + 4; p0 += 2) {
+        ahead.share<GROUP * layout(Q6_K).bytes, 8>(4 * n + p0 / 2);
         // block k = s + 2e: nibble e of ql vector s (a: s = 0, b: s = 1), both nibbles in one pass for 1-2
         // tokens, one a pass from 3 on (the sums of both no longer fit the registers)
         UNROLL for (int s = 0; s < 2; ++s)
@@ -213,6 +215,7 @@ VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const 
               for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[e][r], scale));
             }
           }
+      }
   });
   __m256i offset[NR];
   for (int r = 0; r < NR; ++r) offset[r] = _mm256_setzero_si256();
@@ -335,10 +338,11 @@ VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow*
     for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * GROUP * L.bytes;
-      if (ahead) prefetch_share<GROUP * L.bytes>(ahead, half * nb + b);
+      const Ahead next{ahead, half * nb + b};  // Q4_K, Q5_K and Q6_K spread theirs over the step
+      if (ahead && FMT != Q4_K && FMT != Q5_K && FMT != Q6_K) prefetch_share<GROUP * L.bytes>(ahead, next.step);
       const int64_t ab = b * (L.weights / QK);
-      if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc);
-      else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc);
+      if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc, next);
+      else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc, next);
       else if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc);
       else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc);
       else block32_half<FMT, NR>(tile, half, ab, x, acc, macc);
