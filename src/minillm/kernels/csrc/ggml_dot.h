@@ -55,11 +55,13 @@ struct Ahead {
   }
 };
 
+// vpmaddubsw's int16 pairs summed over several code vectors before one vpmaddwd: callers keep the sum of
+// |code| x 127 x 2 over the vectors summed below 32768 (so never saturating: the same integers as int32 sums)
+VEC_TARGET_AVX2 inline __m256i pairs16(__m256i u, __m256i s) { return _mm256_maddubs_epi16(u, s); }
+VEC_TARGET_AVX2 inline __m256i widen16(__m256i sum16) { return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1)); }
 // u8 x s8 -> int32 per lane (four products each): vpmaddubsw + vpmaddwd. Its int16 middle step saturates
 // above 32767: unsigned codes up to 63 are safe; signed ones go in as |q| against x with q's sign.
-VEC_TARGET_AVX2 inline __m256i udot8(__m256i u, __m256i s) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-}
+VEC_TARGET_AVX2 inline __m256i udot8(__m256i u, __m256i s) { return widen16(pairs16(u, s)); }
 VEC_TARGET_AVX2 inline __m256i sdot8(__m256i v, __m256i s) { return udot8(_mm256_sign_epi8(v, v), _mm256_sign_epi8(s, v)); }
 
 // A group's 16 rows, block after block, in plain C++: the reference for the vector paths (the sums of

@@ -31,10 +31,6 @@ VEC_TARGET_AVX2 inline __m256 fp16x8(const uint8_t* tile, int offset, int k, int
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + unit_at(GROUP, offset, 2, k, 8 * half))));
 }
 VEC_TARGET_AVX2 inline __m256i bcast4(const int8_t* p) { return _mm256_set1_epi32(load_i32(p)); }
-// vpmaddubsw's int16 pairs summed over several code vectors before one vpmaddwd: callers keep the sum of
-// |code| x 127 x 2 over the vectors summed below 32768 (so never saturating: the same integers as int32 sums)
-VEC_TARGET_AVX2 inline __m256i pairs16(__m256i u, __m256i s) { return _mm256_maddubs_epi16(u, s); }
-VEC_TARGET_AVX2 inline __m256i widen16(__m256i sum16) { return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1)); }
 VEC_TARGET_AVX2 inline __m256i nibbles(__m256i v, bool high) {
   return _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
 }
@@ -102,7 +98,8 @@ VEC_TARGET_AVX2 void block32_half(const uint8_t* tile, int half, int64_t ab, con
     }
   }
   if constexpr (FMT != IQ4_NL)
-    for (int r = 0; r < NR; ++r) sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(widen16(lo16[r]), widen16(hi16[r])));
+    for (int r = 0; r < NR; ++r)
+      sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(widen16(lo16[r]), widen16(hi16[r])));
   scale_add<NR>(sum, fp16x8(tile, 0, 0, half), x, ab, acc);
   if constexpr (with_min) min_add<NR>(fp16x8(tile, 0, 1, half), x, ab, macc);
 }
@@ -145,8 +142,8 @@ VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, con
   const __m256i w[3] = {units8(tile, 4, 0, half), units8(tile, 4, 1, half), units8(tile, 4, 2, half)};
   __m256i isum[NR], msum[NR];
   for (int r = 0; r < NR; ++r) isum[r] = msum[r] = _mm256_setzero_si256();
-  steps<8 / PASS, NR>([&](int i) __attribute__((always_inline)) VEC_TARGET_AVX2 {  // sub-blocks j0 .. j0 + PASS - 1, all of chunk c
-    const int j0 = i * PASS, c = j0 / 2;
+  steps<8 / PASS, NR>([&](int i) __attribute__((always_inline)) VEC_TARGET_AVX2 {
+    const int j0 = i * PASS, c = j0 / 2;  // sub-blocks j0 .. j0 + PASS - 1, all of chunk c
     if (j0 % 2 == 0) ahead.share<GROUP * layout(FMT).bytes, 4>(c);
     __m256i sc[PASS];
     for (int s = 0; s < PASS; ++s) sc[s] = pair16(k_sixbit8(w, j0 + s, false));

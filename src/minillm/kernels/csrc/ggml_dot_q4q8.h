@@ -102,11 +102,11 @@ VEC_TARGET_AVX2 void group_avx2(const uint8_t* g, int64_t nb, const XRow* x, flo
           const __m256i low = _mm256_and_si256(v, mask), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
           for (int r = 0; r < NR; ++r) {
             const int8_t* xq = x[r].q + b * QK;
-            sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(low, _mm256_set1_epi32(load_i32(xq + 4 * p))));
-            sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(high, _mm256_set1_epi32(load_i32(xq + 16 + 4 * p))));
+            sum16[r] = _mm256_add_epi16(sum16[r], pairs16(low, _mm256_set1_epi32(load_i32(xq + 4 * p))));
+            sum16[r] = _mm256_add_epi16(sum16[r], pairs16(high, _mm256_set1_epi32(load_i32(xq + 16 + 4 * p))));
           }
         }
-        for (int r = 0; r < NR; ++r) lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(sum16[r], _mm256_set1_epi16(1)));
+        for (int r = 0; r < NR; ++r) lo[r] = _mm256_add_epi32(lo[r], widen16(sum16[r]));
       } else {
         for (int c = 0; c < 8; ++c) {
           const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * c)),
