@@ -257,6 +257,27 @@ def test_a_row_computes_the_same_bits_in_any_batch(name, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", [name for name, kind in ggml.KERNEL_TYPES.items() if kind in SCALE_FIELDS])
+def test_largest_codes_against_largest_activations(name, isa):
+    """Every code bit set, against activations all at +-127: the kernels' int16 partial sums reach their
+    bounds here (a sum over one vector too many overflows), at 1, 2 and 4 tokens (each tile width)."""
+    kind = ggml.KERNEL_TYPES[name]
+    cols = 512 if gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] == 256 else 96
+    raw = np.full_like(random_blocks(kind, 21, cols), 255).reshape(21, cols // gguf.GGML_QUANT_SIZES[
+        gguf.GGMLQuantizationType(kind)][0], -1)
+    for offset in SCALE_FIELDS[kind]:
+        raw[..., offset:offset + 2] = np.full((1,), 0.01, np.float16).view(np.uint8)
+    raw = raw.reshape(21, -1)
+    layer = linear([(raw, kind)], cols)
+    kernels.set_isa(isa)
+    for batch in (1, 2, 4):
+        x = np.ones((batch, cols), np.float32) * np.array([1, -1, 1, 1], np.float32)[:batch, None]
+        expected = quantize_activations(x, unit(kind)) @ reference_weight(raw, kind).T
+        y = layer(torch.from_numpy(x)).double().numpy()
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_tokens_beyond_one_block_of_activations(isa):
     """A long prefill meets the weights once per block of tokens (~128 KB of quantized activations: 32 tokens
     at 4,096 features): every row of every block, the last one partial, as computed 4 at a time."""

@@ -130,63 +130,7 @@ VEC_TARGET_AVX2 inline void k_sixbit_bytes(const __m256i* w, bool min, __m256i* 
   v[0] = _mm256_and_si256(w[min ? 1 : 0], low6);
   v[1] = _mm256_or_si256(_mm256_and_si256(low, low4), _mm256_and_si256(_mm256_srli_epi16(w[min ? 1 : 0], 2), top2));
 }
-// Bytes b0 and b1 of each 32-bit lane as its two int16 halves (a single vpshufb).
-VEC_TARGET_AVX2 inline __m256i byte_pair16(__m256i v, int b0, int b1) {
-  const __m256i lane = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
-                                        0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
-  const __m256i index = _mm256_add_epi8(lane, _mm256_set1_epi32(static_cast<int>(0x80008000u | b0 | b1 << 16)));
-  return _mm256_shuffle_epi8(v, index);  // indices with the top bit set give 0
-}
-
-// Q4_K / Q5_K super-block: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones.
-// int16 sums: 8 vectors of 4-bit codes (8 x 2 x 15 x 127 = 30480), or 4 of 5-bit ones (4 x 2 x 31 x 127 = 31496).
-// A chunk's two sub-blocks in one pass over its codes; Q4_K's in two passes from 3 tokens on, where the sums
-// of both no longer fit the 16 registers (+7 % at 4-64 tokens on Zen 2; Q5_K's fifth bits would be read twice).
-template <int64_t FMT, int NR>
-VEC_TARGET_AVX2 void kquant_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, Ahead ahead) {
-  constexpr int qs_at = FMT == Q5_K ? 48 : 16, RUN = FMT == Q5_K ? 4 : 8;
-  constexpr int PASS = FMT == Q4_K && NR >= 3 ? 1 : 2;  // sub-blocks per pass
-  const __m256i w[3] = {units8(tile, 4, 0, half), units8(tile, 4, 1, half), units8(tile, 4, 2, half)};
-  __m256i scales[2];
-  k_sixbit_bytes(w, false, scales);
-  __m256i isum[NR], msum[NR];
-  for (int r = 0; r < NR; ++r) isum[r] = msum[r] = _mm256_setzero_si256();
-  steps<8 / PASS, NR>([&](int i) __attribute__((always_inline)) VEC_TARGET_AVX2 {
-    const int j0 = i * PASS, c = j0 / 2;  // sub-blocks j0 .. j0 + PASS - 1, all of chunk c
-    if (j0 % 2 == 0) ahead.share<GROUP * layout(FMT).bytes, 4>(c);
-    __m256i sc[PASS];
-    for (int s = 0; s < PASS; ++s) sc[s] = byte_pair16(scales[(j0 + s) / 4], (j0 + s) % 4, (j0 + s) % 4);
-    UNROLL for (int p0 = 0; p0 < 8; p0 += RUN) {
-      __m256i sum16[PASS][NR];
-      for (int s = 0; s < PASS; ++s)
-        for (int r = 0; r < NR; ++r) sum16[s][r] = _mm256_setzero_si256();
-      UNROLL for (int p = p0; p < p0 + RUN; ++p) {
-        const __m256i v = units8(tile, qs_at, 8 * c + p, half);
-        UNROLL for (int s = 0; s < PASS; ++s) {
-          const int j = j0 + s;
-          __m256i code = nibbles(v, j % 2);
-          if constexpr (FMT == Q5_K)  // bit j of qh byte l: the fifth bit of weight l of sub-block j
-            code = _mm256_or_si256(code, move_bit(units8(tile, 16, p, half), j, 4));
-          for (int r = 0; r < NR; ++r)
-            sum16[s][r] = _mm256_add_epi16(sum16[s][r], pairs16(code, bcast4(x[r].q + (ab0 + j) * QK + 4 * p)));
-        }
-      }
-      for (int s = 0; s < PASS; ++s)
-        for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[s][r], sc[s]));
-    }
-  });
-  __m256i mn[2];
-  k_sixbit_bytes(w, true, mn);
-  for (int c = 0; c < 4; ++c) {  // the mins, a pair of sub-blocks at a time against their sums of codes
-    const __m256i mins = byte_pair16(mn[c / 2], 2 * c % 4, 2 * c % 4 + 1);
-    for (int r = 0; r < NR; ++r) msum[r] = _mm256_add_epi32(msum[r], _mm256_madd_epi16(mins, bcast_pair(x[r].qb + ab0 + 2 * c)));
-  }
-  scale_add<NR>(isum, fp16x8(tile, 0, 0, half), x, ab0, acc);
-  scale_add<NR>(msum, negate(fp16x8(tile, 0, 1, half)), x, ab0, acc);
-}
-
-// Q4_K, one token: the 16 rows of a tile at once, so that each broadcast of the activations serves both
-// halves, and with the chunk loop not unrolled (so nothing spills); scale pairs from a table of vpshufb indices.
+// vpshufb indices that put bytes of each 32-bit lane into its two int16 halves (the other byte zero)
 alignas(32) inline const auto kBytePairs = [] {  // [j]: byte j % 4 of each lane into both its int16 halves
   struct { uint8_t v[8][32]; } t{};
   for (int j = 0; j < 8; ++j)
@@ -202,132 +146,74 @@ alignas(32) inline const auto kMinPairs = [] {  // [c]: bytes 2c % 4, 2c % 4 + 1
 VEC_TARGET_AVX2 inline __m256i table_shuffle(__m256i v, const uint8_t* index) {
   return _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(index)));
 }
-
-VEC_TARGET_AVX2 inline void q4k_tile_1(const uint8_t* tile, int64_t ab0, const XRow* x, __m256* acc, Ahead ahead) {
-  __m256i sc[2][2], mn[2][2];
-  for (int h = 0; h < 2; ++h) {
-    const __m256i w[3] = {units8(tile, 4, 0, h), units8(tile, 4, 1, h), units8(tile, 4, 2, h)};
-    k_sixbit_bytes(w, false, sc[h]);
-    k_sixbit_bytes(w, true, mn[h]);
-  }
-  const int8_t* xq = x[0].q + ab0 * QK;
-  const __m256i m4 = _mm256_set1_epi8(15);
-  __m256i isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-  for (int c = 0; c < 4; ++c) {
-    ahead.share<2 * GROUP * layout(Q4_K).bytes, 4>(c);
-    __m256i lo16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, hi16[2] = {lo16[0], lo16[0]};
-    UNROLL for (int p = 0; p < 8; ++p) {
-      const __m256i a = bcast4(xq + 64 * c + 4 * p), b = bcast4(xq + 64 * c + 32 + 4 * p);
-      UNROLL for (int h = 0; h < 2; ++h) {
-        const __m256i v = units8(tile, 16, 8 * c + p, h);
-        lo16[h] = _mm256_add_epi16(lo16[h], pairs16(_mm256_and_si256(v, m4), a));
-        hi16[h] = _mm256_add_epi16(hi16[h], pairs16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), b));
-        asm("" : "+x"(lo16[h]), "+x"(hi16[h]));
-      }
-    }
-    for (int h = 0; h < 2; ++h) {
-      isum[h] = _mm256_add_epi32(isum[h], _mm256_madd_epi16(lo16[h], table_shuffle(sc[h][c / 2], kBytePairs.v[2 * c])));
-      isum[h] = _mm256_add_epi32(isum[h], _mm256_madd_epi16(hi16[h], table_shuffle(sc[h][c / 2], kBytePairs.v[2 * c + 1])));
-    }
-  }
-  for (int h = 0; h < 2; ++h) {
-    __m256i msum = _mm256_setzero_si256();
-    for (int c = 0; c < 4; ++c)
-      msum = _mm256_add_epi32(msum, _mm256_madd_epi16(table_shuffle(mn[h][c / 2], kMinPairs.v[c]),
-                                                      bcast_pair(x[0].qb + ab0 + 2 * c)));
-    scale_add<1>(&isum[h], fp16x8(tile, 0, 0, h), x, ab0, &acc[h]);
-    scale_add<1>(&msum, negate(fp16x8(tile, 0, 1, h)), x, ab0, &acc[h]);
-  }
+// Signed bytes as int16 halves: shuffled in offset by 128 (unsigned, high byte zero), then the offset taken off.
+VEC_TARGET_AVX2 inline __m256i signed_pairs16(__m256i v, const uint8_t* index) {
+  return _mm256_sub_epi16(table_shuffle(_mm256_xor_si256(v, _mm256_set1_epi8(-128)), index), _mm256_set1_epi16(128));
 }
 
-// Q6_K super-block: 8 blocks of 32, a scale per 16; 6-bit codes from a nibble of ql and 2 bits of qh, minus 32.
-// In each half n of 128 weights, ql byte l holds weights l (low nibble) and l + 64 (high), byte l + 32 weights
-// l + 32 and l + 96, and qh byte l their top bits (2 each): one pass over p reads them once for 4 blocks.
-// The codes go in unsigned; their offset of 32 comes out as 32 sum_k sc_k sum(xq over 16 weights k).
+// Q5_K super-block: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones, their
+// fifth bits in qh; int16 sums over 4 vectors of 5-bit codes (4 x 2 x 31 x 127 = 31496). A chunk's two
+// sub-blocks in one pass over its codes (the fifth bits would be read twice otherwise).
 template <int NR>
-VEC_TARGET_AVX2 void q6k_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, Ahead ahead) {
-  constexpr int PASS = NR >= 3 ? 1 : 2;
-  const __m256i top = _mm256_set1_epi8(0x30);
-  __m256i isum[NR];
-  for (int r = 0; r < NR; ++r) isum[r] = _mm256_setzero_si256();
-  steps<2, NR>([&](int n) VEC_TARGET_AVX2 {
-    const __m256i scales[2] = {units8(tile, 192, 2 * n, half), units8(tile, 192, 2 * n + 1, half)};  // 8n .. 8n + 7
-    UNROLL for (int h = 0; h < 2; ++h)
-      UNROLL for (int p0 = 4 * h; p0 < 4 * h + 4; p0 += 2) {
-        ahead.share<GROUP * layout(Q6_K).bytes, 8>(4 * n + p0 / 2);
-        // block k = s + 2e: nibble e of ql vector s (a: s = 0, b: s = 1), both nibbles in one pass for 1-2
-        // tokens, one a pass from 3 on (the sums of both no longer fit the registers)
-        UNROLL for (int s = 0; s < 2; ++s)
-          UNROLL for (int e0 = 0; e0 < 2; e0 += PASS) {
-            __m256i sum16[PASS][NR];  // int16 over 2 vectors: 2 x 2 x 63 x 127 = 32004
-            UNROLL for (int e = 0; e < PASS; ++e)
-              for (int r = 0; r < NR; ++r) sum16[e][r] = _mm256_setzero_si256();
-            UNROLL for (int p = p0; p < p0 + 2; ++p) {
-              const __m256i ql = units8(tile, 0, 16 * n + 8 * s + p, half), qh = units8(tile, 128, 8 * n + p, half);
-              UNROLL for (int e = 0; e < PASS; ++e) {
-                const int k = s + 2 * (e0 + e), shift = 4 - 2 * k;  // qh's bits 2k, 2k + 1 -> bits 4, 5
-                const __m256i high = shift > 0 ? _mm256_slli_epi16(qh, shift) : _mm256_srli_epi16(qh, -shift);
-                const __m256i code = _mm256_or_si256(nibbles(ql, e0 + e), _mm256_and_si256(high, top));
-                for (int r = 0; r < NR; ++r)
-                  sum16[e][r] = _mm256_add_epi16(sum16[e][r], pairs16(code, bcast4(x[r].q + (ab0 + 4 * n + k) * QK + 4 * p)));
-              }
-            }
-            UNROLL for (int e = 0; e < PASS; ++e) {  // block 4n + k, half h: scale 8n + 2k + h
-              const int k = s + 2 * (e0 + e), byte = 2 * s + h;
-              const __m256i scale = _mm256_srai_epi16(spread(scales[e0 + e], byte, byte), 8);
-              for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[e][r], scale));
-            }
-          }
+VEC_TARGET_AVX2 void q5k_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, Ahead ahead) {
+  constexpr int PASS = 2, RUN = 4;
+  const __m256i w[3] = {units8(tile, 4, 0, half), units8(tile, 4, 1, half), units8(tile, 4, 2, half)};
+  __m256i scales[2];
+  k_sixbit_bytes(w, false, scales);
+  __m256i isum[NR], msum[NR];
+  for (int r = 0; r < NR; ++r) isum[r] = msum[r] = _mm256_setzero_si256();
+  steps<8 / PASS, NR>([&](int i) __attribute__((always_inline)) VEC_TARGET_AVX2 {
+    const int j0 = i * PASS, c = j0 / 2;  // sub-blocks j0 .. j0 + PASS - 1, all of chunk c
+    if (j0 % 2 == 0) ahead.share<GROUP * layout(Q5_K).bytes, 4>(c);
+    __m256i sc[PASS];
+    for (int s = 0; s < PASS; ++s) sc[s] = table_shuffle(scales[(j0 + s) / 4], kBytePairs.v[j0 + s]);
+    UNROLL for (int p0 = 0; p0 < 8; p0 += RUN) {
+      __m256i sum16[PASS][NR];
+      for (int s = 0; s < PASS; ++s)
+        for (int r = 0; r < NR; ++r) sum16[s][r] = _mm256_setzero_si256();
+      UNROLL for (int p = p0; p < p0 + RUN; ++p) {
+        const __m256i v = units8(tile, 48, 8 * c + p, half);
+        UNROLL for (int s = 0; s < PASS; ++s) {
+          const int j = j0 + s;  // bit j of qh byte l: the fifth bit of weight l of sub-block j
+          const __m256i code = _mm256_or_si256(nibbles(v, j % 2), move_bit(units8(tile, 16, p, half), j, 4));
+          for (int r = 0; r < NR; ++r)
+            sum16[s][r] = _mm256_add_epi16(sum16[s][r], pairs16(code, bcast4(x[r].q + (ab0 + j) * QK + 4 * p)));
+        }
       }
+      for (int s = 0; s < PASS; ++s)
+        for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[s][r], sc[s]));
+    }
   });
-  __m256i offset[NR];
-  for (int r = 0; r < NR; ++r) offset[r] = _mm256_setzero_si256();
-  for (int u = 0; u < 4; ++u) {  // scales 4u .. 4u + 3 against the sums of their 16 codes
-    const __m256i w = units8(tile, 192, u, half);
-    const __m256i s01 = _mm256_srai_epi16(spread(w, 0, 1), 8), s23 = _mm256_srai_epi16(spread(w, 2, 3), 8);
-    for (int r = 0; r < NR; ++r) {
-      const int16_t* qs = x[r].qs + 2 * ab0 + 4 * u;
-      offset[r] = _mm256_add_epi32(offset[r], _mm256_add_epi32(_mm256_madd_epi16(s01, bcast_pair(qs)),
-                                                               _mm256_madd_epi16(s23, bcast_pair(qs + 2))));
-    }
+  __m256i mn[2];
+  k_sixbit_bytes(w, true, mn);
+  for (int c = 0; c < 4; ++c) {  // the mins, a pair of sub-blocks at a time against their sums of codes
+    const __m256i mins = table_shuffle(mn[c / 2], kMinPairs.v[c]);
+    for (int r = 0; r < NR; ++r) msum[r] = _mm256_add_epi32(msum[r], _mm256_madd_epi16(mins, bcast_pair(x[r].qb + ab0 + 2 * c)));
   }
-  for (int r = 0; r < NR; ++r) isum[r] = _mm256_sub_epi32(isum[r], _mm256_slli_epi32(offset[r], 5));
-  scale_add<NR>(isum, fp16x8(tile, 208, 0, half), x, ab0, acc);
+  scale_add<NR>(isum, fp16x8(tile, 0, 0, half), x, ab0, acc);
+  scale_add<NR>(msum, negate(fp16x8(tile, 0, 1, half)), x, ab0, acc);
 }
 
-// Q4_K, several tokens: both halves of the tile per broadcast, a sub-block per pass over the codes.
-template <int NR>
-VEC_TARGET_AVX2 inline void q4k_tile(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
-  __m256i sc[2][2], mn[2][2];
+// ---------------------------------------------------------------- Q4_K and Q6_K: whole tiles
+// The two types of Q4_K_M files take the 16 rows of a tile at once: each broadcast of the activations then
+// serves two vectors of codes (8 rows each), and the loops over a super-block stay rolled, so that their sums
+// stay in registers. The int16 sums are chained by an empty asm: GCC would otherwise reassociate them into a
+// tree whose operands spill. One thread, 4096 x 2048, Zen 2: Q4_K 29 -> 49 G weight-tokens/s at one token,
+// 57 -> 71 at four, 63 -> 77 at 64; Q6_K 20 -> 25 at one token.
+#define CHAIN(a, b) asm("" : "+x"(a), "+x"(b))
+
+// Q4_K's scales and mins of both halves, as bytes (k_sixbit_bytes).
+VEC_TARGET_AVX2 inline void q4k_scales(const uint8_t* tile, __m256i (*sc)[2], __m256i (*mn)[2]) {
   for (int h = 0; h < 2; ++h) {
     const __m256i w[3] = {units8(tile, 4, 0, h), units8(tile, 4, 1, h), units8(tile, 4, 2, h)};
     k_sixbit_bytes(w, false, sc[h]);
     k_sixbit_bytes(w, true, mn[h]);
   }
-  const __m256i m4 = _mm256_set1_epi8(15);
-  __m256i isum[NR][2];
-  for (int r = 0; r < NR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
-  for (int j = 0; j < 8; ++j) {  // sub-block j: the low (even j) or high nibbles of chunk j / 2
-    if (j % 2 == 0) ahead.share<2 * GROUP * layout(Q4_K).bytes, 4>(j / 2);
-    const uint8_t* q = tile + unit_at(GROUP, 16, 4, 8 * (j / 2), 0);
-    const __m128i shift = _mm_cvtsi32_si128(4 * (j % 2));
-    __m256i s16[NR][2];
-    for (int r = 0; r < NR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
-    UNROLL for (int p = 0; p < 8; ++p) {
-      const __m256i v[2] = {_mm256_and_si256(_mm256_srl_epi16(units8(q, 0, p, 0), shift), m4),
-                            _mm256_and_si256(_mm256_srl_epi16(units8(q, 0, p, 1), shift), m4)};
-      for (int r = 0; r < NR; ++r) {
-        const __m256i a = bcast4(x[r].q + (ab0 + j) * QK + 4 * p);
-        s16[r][0] = _mm256_add_epi16(s16[r][0], pairs16(v[0], a));
-        s16[r][1] = _mm256_add_epi16(s16[r][1], pairs16(v[1], a));
-        asm("" : "+x"(s16[r][0]), "+x"(s16[r][1]));
-      }
-    }
-    for (int h = 0; h < 2; ++h) {
-      const __m256i scale = table_shuffle(sc[h][j / 4], kBytePairs.v[j]);
-      for (int r = 0; r < NR; ++r) isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(s16[r][h], scale));
-    }
-  }
+}
+// acc[r][h] += d dx isum - dmin dx (the mins against the sums of codes per 32), per token r and half h
+template <int NR>
+VEC_TARGET_AVX2 inline void q4k_finish(const uint8_t* tile, int64_t ab0, const XRow* x, __m256i (*isum)[2],
+                                       __m256i (*mn)[2], __m256 (*acc)[2]) {
   for (int h = 0; h < 2; ++h) {
     __m256i is[NR], ms[NR];
     __m256 a[NR];
@@ -342,67 +228,126 @@ VEC_TARGET_AVX2 inline void q4k_tile(const uint8_t* tile, int64_t ab0, const XRo
   }
 }
 
-// Q6_K, one token, as q4k_tile_1: both halves of the tile per broadcast, loops not unrolled. A block's top two
-// bits come from qh by a table (bits 0-1 or 2-3 of its low nibble) or a mask, so that at most one shift a code
-// vector is left: Zen 2 runs one vector shift a cycle.
-alignas(32) inline const auto kQ6LowTop = [] {  // [s][v]: bits 2s, 2s + 1 of a nibble v as bits 4, 5 (twice)
-  struct { int8_t v[2][32]; } t{};
-  for (int i = 0; i < 32; ++i) t.v[0][i] = static_cast<int8_t>((i % 16 & 3) << 4), t.v[1][i] = static_cast<int8_t>((i % 16 >> 2) << 4);
-  return t;
-}();
-// Signed scale bytes as int16: shuffled in offset by 128 (unsigned, zero high byte), then the offset taken off.
-VEC_TARGET_AVX2 inline __m256i signed_pairs16(__m256i unit, const uint8_t* index) {
-  const __m256i shuffled = table_shuffle(_mm256_xor_si256(unit, _mm256_set1_epi8(-128)), index);
-  return _mm256_sub_epi16(shuffled, _mm256_set1_epi16(128));
+// Q4_K, one token: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones, both
+// in one pass; int16 sums over 8 vectors of 4-bit codes (8 x 2 x 15 x 127 = 30480).
+VEC_TARGET_AVX2 inline void q4k_tile_1(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
+  __m256i sc[2][2], mn[2][2], isum[1][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()}};
+  q4k_scales(tile, sc, mn);
+  const int8_t* xq = x[0].q + ab0 * QK;
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (int c = 0; c < 4; ++c) {
+    ahead.share<2 * GROUP * layout(Q4_K).bytes, 4>(c);
+    const uint8_t* q = tile + unit_at(GROUP, 16, 4, 8 * c, 0);
+    __m256i lo16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, hi16[2] = {lo16[0], lo16[0]};
+    UNROLL for (int p = 0; p < 8; ++p) {
+      const __m256i a = bcast4(xq + 64 * c + 4 * p), b = bcast4(xq + 64 * c + 32 + 4 * p);
+      UNROLL for (int h = 0; h < 2; ++h) {
+        const __m256i v = units8(q, 0, p, h);
+        lo16[h] = _mm256_add_epi16(lo16[h], pairs16(_mm256_and_si256(v, m4), a));
+        hi16[h] = _mm256_add_epi16(hi16[h], pairs16(nibbles(v, true), b));
+        CHAIN(lo16[h], hi16[h]);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      isum[0][h] = _mm256_add_epi32(isum[0][h], _mm256_madd_epi16(lo16[h], table_shuffle(sc[h][c / 2], kBytePairs.v[2 * c])));
+      isum[0][h] = _mm256_add_epi32(isum[0][h], _mm256_madd_epi16(hi16[h], table_shuffle(sc[h][c / 2], kBytePairs.v[2 * c + 1])));
+    }
+  }
+  q4k_finish<1>(tile, ab0, x, isum, mn, acc);
 }
 
-VEC_TARGET_AVX2 inline void q6k_tile_1(const uint8_t* tile, int64_t ab0, const XRow* x, __m256* acc, Ahead ahead) {
+// Q4_K, several tokens: a sub-block per pass (low or high nibbles by a shift count), as the sums of both
+// would no longer fit the registers.
+template <int NR>
+VEC_TARGET_AVX2 inline void q4k_tile(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
+  __m256i sc[2][2], mn[2][2], isum[NR][2];
+  q4k_scales(tile, sc, mn);
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (int r = 0; r < NR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
+  for (int j = 0; j < 8; ++j) {
+    if (j % 2 == 0) ahead.share<2 * GROUP * layout(Q4_K).bytes, 4>(j / 2);
+    const uint8_t* q = tile + unit_at(GROUP, 16, 4, 8 * (j / 2), 0);
+    const __m128i shift = _mm_cvtsi32_si128(4 * (j % 2));
+    __m256i s16[NR][2];
+    for (int r = 0; r < NR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+    UNROLL for (int p = 0; p < 8; ++p) {
+      const __m256i v[2] = {_mm256_and_si256(_mm256_srl_epi16(units8(q, 0, p, 0), shift), m4),
+                            _mm256_and_si256(_mm256_srl_epi16(units8(q, 0, p, 1), shift), m4)};
+      for (int r = 0; r < NR; ++r) {
+        const __m256i a = bcast4(x[r].q + (ab0 + j) * QK + 4 * p);
+        s16[r][0] = _mm256_add_epi16(s16[r][0], pairs16(v[0], a));
+        s16[r][1] = _mm256_add_epi16(s16[r][1], pairs16(v[1], a));
+        CHAIN(s16[r][0], s16[r][1]);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256i scale = table_shuffle(sc[h][j / 4], kBytePairs.v[j]);
+      for (int r = 0; r < NR; ++r) isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(s16[r][h], scale));
+    }
+  }
+  q4k_finish<NR>(tile, ab0, x, isum, mn, acc);
+}
+
+// Q6_K: 8 blocks of 32, a signed scale per 16; 6-bit codes from a nibble of ql and 2 bits of qh, minus 32. In
+// each half n of 128 weights, ql byte l holds weights l (low nibble) and l + 64 (high), byte l + 32 weights
+// l + 32 and l + 96, and qh byte l their top bits (2 each). One pass per 16 weights of a block (one scale);
+// int16 sums over 2 vectors (2 x 2 x 63 x 127 = 32004). The codes go in unsigned; their offset of 32 comes out
+// as 32 sum_k sc_k sum(xq over the 16 weights k).
+template <int NR>
+VEC_TARGET_AVX2 inline void q6k_tile(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
   const __m256i m4 = _mm256_set1_epi8(15), top = _mm256_set1_epi8(0x30);
-  const __m256i low_top[2] = {_mm256_load_si256(reinterpret_cast<const __m256i*>(kQ6LowTop.v[0])),
-                              _mm256_load_si256(reinterpret_cast<const __m256i*>(kQ6LowTop.v[1]))};
-  __m256i isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  __m256i isum[NR][2];
+  for (int r = 0; r < NR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {  // half n = i / 2 of the weights, 16-weight half h = i % 2 of its blocks
     const int n = i / 2, h = i % 2;
-    // this step's units from here on: ql 16n + 4h + 8s + p, qh 8n + 4h + p (p < 4), scales 2n and 2n + 1
-    const uint8_t* ql = tile + unit_at(GROUP, 0, 4, 16 * n + 4 * h, 0);
-    const uint8_t* qh = tile + unit_at(GROUP, 128, 4, 8 * n + 4 * h, 0);
     const uint8_t* scales = tile + unit_at(GROUP, 192, 4, 2 * n, 0);
-    const int8_t* xq = x[0].q + (ab0 + 4 * n) * QK + 16 * h;
-    UNROLL for (int s = 0; s < 2; ++s) {  // blocks 4n + s (ql vector s's low nibbles) and 4n + s + 2 (its high ones)
-      ahead.share<2 * GROUP * layout(Q6_K).bytes, 8>(2 * i + s);
-      const uint8_t* qhs = qh;  // opaque: else GCC keeps the first pass's qh values for the second, and spills
-      asm("" : "+r"(qhs));
-      __m256i lo16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, hi16[2] = {lo16[0], lo16[0]};
-      UNROLL for (int p = 0; p < 4; ++p) {
-        const __m256i a = bcast4(xq + s * QK + 4 * p), b = bcast4(xq + (s + 2) * QK + 4 * p);
-        UNROLL for (int hh = 0; hh < 2; ++hh) {
-          const __m256i l = units8(ql, 0, 8 * s + p, hh), u = units8(qhs, 0, p, hh);
-          const __m256i lo = _mm256_or_si256(_mm256_and_si256(l, m4), _mm256_shuffle_epi8(low_top[s], _mm256_and_si256(u, m4)));
-          const __m256i hi = _mm256_or_si256(nibbles(l, true), _mm256_and_si256(s ? _mm256_srli_epi16(u, 2) : u, top));
-          lo16[hh] = _mm256_add_epi16(lo16[hh], pairs16(lo, a));
-          hi16[hh] = _mm256_add_epi16(hi16[hh], pairs16(hi, b));
-          asm("" : "+x"(lo16[hh]), "+x"(hi16[hh]));
+    UNROLL for (int k = 0; k < 4; ++k) {  // block 4n + k: nibble k / 2 of ql vector k % 2, qh bits 2k, 2k + 1
+      ahead.share<2 * GROUP * layout(Q6_K).bytes, 16>(4 * i + k);
+      const uint8_t* ql = tile + unit_at(GROUP, 0, 4, 16 * n + 8 * (k % 2) + 4 * h, 0);
+      const uint8_t* qh = tile + unit_at(GROUP, 128, 4, 8 * n + 4 * h, 0);
+      asm("" : "+r"(qh));  // opaque: else GCC keeps each block's qh units for the next, and spills
+      UNROLL for (int p0 = 0; p0 < 4; p0 += 2) {
+        __m256i s16[NR][2];
+        for (int r = 0; r < NR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+        UNROLL for (int p = p0; p < p0 + 2; ++p) {
+          __m256i code[2];
+          UNROLL for (int hh = 0; hh < 2; ++hh) {
+            const __m256i u = units8(qh, 0, p, hh);
+            const __m256i high = k < 2 ? _mm256_slli_epi16(u, 4 - 2 * k) : k == 2 ? u : _mm256_srli_epi16(u, 2);
+            code[hh] = _mm256_or_si256(nibbles(units8(ql, 0, p, hh), k / 2), _mm256_and_si256(high, top));
+          }
+          for (int r = 0; r < NR; ++r) {
+            const __m256i a = bcast4(x[r].q + (ab0 + 4 * n + k) * QK + 16 * h + 4 * p);
+            s16[r][0] = _mm256_add_epi16(s16[r][0], pairs16(code[0], a));
+            s16[r][1] = _mm256_add_epi16(s16[r][1], pairs16(code[1], a));
+            CHAIN(s16[r][0], s16[r][1]);
+          }
+        }
+        UNROLL for (int hh = 0; hh < 2; ++hh) {  // scale 8n + 2k + h: byte 2 (k % 2) + h of unit 2n + k / 2
+          const __m256i scale = signed_pairs16(units8(scales, 0, k / 2, hh), kBytePairs.v[2 * (k % 2) + h]);
+          for (int r = 0; r < NR; ++r) isum[r][hh] = _mm256_add_epi32(isum[r][hh], _mm256_madd_epi16(s16[r][hh], scale));
         }
       }
-      for (int hh = 0; hh < 2; ++hh) {  // block 4n + k, half h: scale 8n + 2k + h, byte 2s + h of unit 2n or 2n + 1
-        const uint8_t* index = kBytePairs.v[2 * s + h];
-        isum[hh] = _mm256_add_epi32(isum[hh], _mm256_madd_epi16(lo16[hh], signed_pairs16(units8(scales, 0, 0, hh), index)));
-        isum[hh] = _mm256_add_epi32(isum[hh], _mm256_madd_epi16(hi16[hh], signed_pairs16(units8(scales, 0, 1, hh), index)));
-      }
     }
   }
-  for (int hh = 0; hh < 2; ++hh) {  // the codes' offset of 32: scales in pairs against their sums of 16 codes
-    __m256i offset = _mm256_setzero_si256();
+  for (int hh = 0; hh < 2; ++hh) {  // the offset: the scales in pairs against their sums of 16 codes
+    __m256i is[NR];
+    __m256 a[NR];
+    for (int r = 0; r < NR; ++r) is[r] = isum[r][hh], a[r] = acc[r][hh];
     for (int u = 0; u < 4; ++u) {
       const __m256i unit = units8(tile, 192, u, hh);
-      const int16_t* qs = x[0].qs + 2 * ab0 + 4 * u;
-      offset = _mm256_add_epi32(offset, _mm256_madd_epi16(signed_pairs16(unit, kMinPairs.v[0]), bcast_pair(qs)));
-      offset = _mm256_add_epi32(offset, _mm256_madd_epi16(signed_pairs16(unit, kMinPairs.v[1]), bcast_pair(qs + 2)));
+      const __m256i s01 = signed_pairs16(unit, kMinPairs.v[0]), s23 = signed_pairs16(unit, kMinPairs.v[1]);
+      for (int r = 0; r < NR; ++r) {
+        const int16_t* qs = x[r].qs + 2 * ab0 + 4 * u;
+        const __m256i offset = _mm256_add_epi32(_mm256_madd_epi16(s01, bcast_pair(qs)), _mm256_madd_epi16(s23, bcast_pair(qs + 2)));
+        is[r] = _mm256_sub_epi32(is[r], _mm256_slli_epi32(offset, 5));
+      }
     }
-    isum[hh] = _mm256_sub_epi32(isum[hh], _mm256_slli_epi32(offset, 5));
-    scale_add<1>(&isum[hh], fp16x8(tile, 208, 0, hh), x, ab0, &acc[hh]);
+    scale_add<NR>(is, fp16x8(tile, 208, 0, hh), x, ab0, a);
+    for (int r = 0; r < NR; ++r) acc[r][hh] = a[r];
   }
 }
+#undef CHAIN
 
 // Q2_K / Q3_K super-block: 2-bit codes, weight 128n + 32j + l in bits 2j of qs byte 32n + l (Q3_K: its third
 // bit in bit 4n + j of hmask byte l, and an offset of 4); a scale (Q2_K: and a min) per 16 weights. One pass
@@ -500,26 +445,23 @@ VEC_TARGET_AVX2 void iq4xs_half(const uint8_t* tile, int half, int64_t ab0, cons
   scale_add<NR>(isum, fp16x8(tile, 0, 0, half), x, ab0, acc);
 }
 
-// A group's 16 rows as two halves of 8, block after block.
+// A group's 16 rows, block after block: as a whole tile (Q4_K, Q6_K) or two halves of 8 (the others).
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP],
                                        const uint8_t* ahead) {
   constexpr Layout L = layout(FMT);
-  if constexpr (FMT == Q4_K && NR > 1) {
+  if constexpr (FMT == Q4_K || FMT == Q6_K) {
     __m256 acc[NR][2];
     for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) q4k_tile<NR>(g + b * GROUP * L.bytes, b * (L.weights / QK), x, acc, Ahead{ahead, b});
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* tile = g + b * GROUP * L.bytes;
+      const int64_t ab = b * (L.weights / QK);
+      if constexpr (FMT == Q6_K) q6k_tile<NR>(tile, ab, x, acc, Ahead{ahead, b});
+      else if constexpr (NR == 1) q4k_tile_1(tile, ab, x, acc, Ahead{ahead, b});
+      else q4k_tile<NR>(tile, ab, x, acc, Ahead{ahead, b});
+    }
     for (int r = 0; r < NR; ++r)
       for (int half = 0; half < 2; ++half) _mm256_storeu_ps(out[r] + 8 * half, acc[r][half]);
-    return;
-  }
-  if constexpr ((FMT == Q4_K || FMT == Q6_K) && NR == 1) {
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t b = 0; b < nb; ++b) {
-      if constexpr (FMT == Q4_K) q4k_tile_1(g + b * GROUP * L.bytes, b * (L.weights / QK), x, acc, Ahead{ahead, b});
-      else q6k_tile_1(g + b * GROUP * L.bytes, b * (L.weights / QK), x, acc, Ahead{ahead, b});
-    }
-    for (int half = 0; half < 2; ++half) _mm256_storeu_ps(out[0] + 8 * half, acc[half]);
     return;
   }
   for (int half = 0; half < 2; ++half) {
@@ -527,11 +469,10 @@ VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow*
     for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * GROUP * L.bytes;
-      const Ahead next{ahead, half * nb + b};  // Q4_K, Q5_K and Q6_K spread theirs over the step
-      if (ahead && FMT != Q4_K && FMT != Q5_K && FMT != Q6_K) prefetch_share<GROUP * L.bytes>(ahead, next.step);
+      const Ahead next{ahead, half * nb + b};  // Q5_K spreads its share over the step
+      if (ahead && FMT != Q5_K) prefetch_share<GROUP * L.bytes>(ahead, next.step);
       const int64_t ab = b * (L.weights / QK);
-      if constexpr (FMT == Q4_K || FMT == Q5_K) kquant_half<FMT, NR>(tile, half, ab, x, acc, next);
-      else if constexpr (FMT == Q6_K) q6k_half<NR>(tile, half, ab, x, acc, next);
+      if constexpr (FMT == Q5_K) q5k_half<NR>(tile, half, ab, x, acc, next);
       else if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc);
       else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc);
       else block32_half<FMT, NR>(tile, half, ab, x, acc, macc);
