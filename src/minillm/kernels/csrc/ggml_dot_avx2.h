@@ -1,6 +1,7 @@
 // AVX2 paths of the types beyond Q4_0 / Q4_1 / Q8_0 (Q5_0, Q5_1, IQ4_NL, Q2_K - Q6_K, IQ4_XS), on the
 // file's own bits (ggml_formats.h): each unit of a tile is read for 8 rows at once (one row per 32-bit
-// lane), the codes are unpacked in registers, and the scales are decoded per row from their packed bits.
+// lane; Q4_K and Q6_K read both halves of a tile together), the codes are unpacked in registers, and the
+// scales are decoded per row from their packed bits.
 // They run on AVX-512 machines too. Same integer sums and float steps as group_portable, so the same bits.
 
 #pragma once
