@@ -1,6 +1,6 @@
 // AVX2 paths of the types beyond Q4_0 / Q4_1 / Q8_0 (Q5_0, Q5_1, IQ4_NL, Q2_K - Q6_K, IQ4_XS), on the
 // file's own bits (ggml_formats.h): each unit of a tile is read for 8 rows at once (one row per 32-bit
-// lane; Q4_K and Q6_K read both halves of a tile together), the codes are unpacked in registers, and the
+// lane; Q4_K, Q5_K and Q6_K read both halves of a tile together), the codes are unpacked in registers, and the
 // scales are decoded per row from their packed bits.
 // They run on AVX-512 machines too. Same integer sums and float steps as group_portable, so the same bits.
 
@@ -152,59 +152,16 @@ VEC_TARGET_AVX2 inline __m256i signed_pairs16(__m256i v, const uint8_t* index) {
   return _mm256_sub_epi16(table_shuffle(_mm256_xor_si256(v, _mm256_set1_epi8(-128)), index), _mm256_set1_epi16(128));
 }
 
-// Q5_K super-block: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones, their
-// fifth bits in qh; int16 sums over 4 vectors of 5-bit codes (4 x 2 x 31 x 127 = 31496). A chunk's two
-// sub-blocks in one pass over its codes (the fifth bits would be read twice otherwise).
-template <int NR>
-VEC_TARGET_AVX2 void q5k_half(const uint8_t* tile, int half, int64_t ab0, const XRow* x, __m256* acc, Ahead ahead) {
-  constexpr int PASS = 2, RUN = 4;
-  const __m256i w[3] = {units8(tile, 4, 0, half), units8(tile, 4, 1, half), units8(tile, 4, 2, half)};
-  __m256i scales[2];
-  k_sixbit_bytes(w, false, scales);
-  __m256i isum[NR], msum[NR];
-  for (int r = 0; r < NR; ++r) isum[r] = msum[r] = _mm256_setzero_si256();
-  steps<8 / PASS, NR>([&](int i) __attribute__((always_inline)) VEC_TARGET_AVX2 {
-    const int j0 = i * PASS, c = j0 / 2;  // sub-blocks j0 .. j0 + PASS - 1, all of chunk c
-    if (j0 % 2 == 0) ahead.share<GROUP * layout(Q5_K).bytes, 4>(c);
-    __m256i sc[PASS];
-    for (int s = 0; s < PASS; ++s) sc[s] = table_shuffle(scales[(j0 + s) / 4], kBytePairs.v[j0 + s]);
-    UNROLL for (int p0 = 0; p0 < 8; p0 += RUN) {
-      __m256i sum16[PASS][NR];
-      for (int s = 0; s < PASS; ++s)
-        for (int r = 0; r < NR; ++r) sum16[s][r] = _mm256_setzero_si256();
-      UNROLL for (int p = p0; p < p0 + RUN; ++p) {
-        const __m256i v = units8(tile, 48, 8 * c + p, half);
-        UNROLL for (int s = 0; s < PASS; ++s) {
-          const int j = j0 + s;  // bit j of qh byte l: the fifth bit of weight l of sub-block j
-          const __m256i code = _mm256_or_si256(nibbles(v, j % 2), move_bit(units8(tile, 16, p, half), j, 4));
-          for (int r = 0; r < NR; ++r)
-            sum16[s][r] = _mm256_add_epi16(sum16[s][r], pairs16(code, bcast4(x[r].q + (ab0 + j) * QK + 4 * p)));
-        }
-      }
-      for (int s = 0; s < PASS; ++s)
-        for (int r = 0; r < NR; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sum16[s][r], sc[s]));
-    }
-  });
-  __m256i mn[2];
-  k_sixbit_bytes(w, true, mn);
-  for (int c = 0; c < 4; ++c) {  // the mins, a pair of sub-blocks at a time against their sums of codes
-    const __m256i mins = table_shuffle(mn[c / 2], kMinPairs.v[c]);
-    for (int r = 0; r < NR; ++r) msum[r] = _mm256_add_epi32(msum[r], _mm256_madd_epi16(mins, bcast_pair(x[r].qb + ab0 + 2 * c)));
-  }
-  scale_add<NR>(isum, fp16x8(tile, 0, 0, half), x, ab0, acc);
-  scale_add<NR>(msum, negate(fp16x8(tile, 0, 1, half)), x, ab0, acc);
-}
-
-// ---------------------------------------------------------------- Q4_K and Q6_K: whole tiles
-// The two types of Q4_K_M files take the 16 rows of a tile at once: each broadcast of the activations then
-// serves two vectors of codes (8 rows each), and the loops over a super-block stay rolled, so that their sums
-// stay in registers. The int16 sums are chained by an empty asm: GCC would otherwise reassociate them into a
-// tree whose operands spill. One thread, 4096 x 2048, Zen 2: Q4_K 29 -> 49 G weight-tokens/s at one token,
-// 57 -> 71 at four, 63 -> 77 at 64; Q6_K 20 -> 25 at one token.
+// ---------------------------------------------------------------- Q4_K, Q5_K and Q6_K: whole tiles
+// The types of Q4_K_M and Q5_K_M files take the 16 rows of a tile at once: each broadcast of the activations
+// then serves two vectors of codes (8 rows each), and the loops over a super-block stay rolled, so that their
+// sums stay in registers. The int16 sums are chained by an empty asm: GCC would otherwise reassociate them
+// into a tree whose operands spill. One thread, 4096 x 2048, Zen 2: Q4_K 29 -> 49 G weight-tokens/s at one
+// token, 57 -> 71 at four, 63 -> 77 at 64; Q5_K 21 -> 28 at one token, 51 -> 58 at 64; Q6_K 20 -> 25 at one.
 #define CHAIN(a, b) asm("" : "+x"(a), "+x"(b))
 
-// Q4_K's scales and mins of both halves, as bytes (k_sixbit_bytes).
-VEC_TARGET_AVX2 inline void q4k_scales(const uint8_t* tile, __m256i (*sc)[2], __m256i (*mn)[2]) {
+// Q4_K / Q5_K's scales and mins of both halves, as bytes (k_sixbit_bytes).
+VEC_TARGET_AVX2 inline void kquant_scales(const uint8_t* tile, __m256i (*sc)[2], __m256i (*mn)[2]) {
   for (int h = 0; h < 2; ++h) {
     const __m256i w[3] = {units8(tile, 4, 0, h), units8(tile, 4, 1, h), units8(tile, 4, 2, h)};
     k_sixbit_bytes(w, false, sc[h]);
@@ -213,7 +170,7 @@ VEC_TARGET_AVX2 inline void q4k_scales(const uint8_t* tile, __m256i (*sc)[2], __
 }
 // acc[r][h] += d dx isum - dmin dx (the mins against the sums of codes per 32), per token r and half h
 template <int NR>
-VEC_TARGET_AVX2 inline void q4k_finish(const uint8_t* tile, int64_t ab0, const XRow* x, __m256i (*isum)[2],
+VEC_TARGET_AVX2 inline void kquant_finish(const uint8_t* tile, int64_t ab0, const XRow* x, __m256i (*isum)[2],
                                        __m256i (*mn)[2], __m256 (*acc)[2]) {
   for (int h = 0; h < 2; ++h) {
     __m256i is[NR], ms[NR];
@@ -229,64 +186,94 @@ VEC_TARGET_AVX2 inline void q4k_finish(const uint8_t* tile, int64_t ab0, const X
   }
 }
 
-// Q4_K, one token: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones, both
-// in one pass; int16 sums over 8 vectors of 4-bit codes (8 x 2 x 15 x 127 = 30480).
-VEC_TARGET_AVX2 inline void q4k_tile_1(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
+// Q5_K's fifth bit of sub-block j (bit j of each qh byte) as 0x10, by a compare: no shift (Zen 2 runs one a cycle)
+alignas(32) inline const auto kBitJ = [] {  // [j]: 1 << j in every byte
+  struct { uint8_t v[8][32]; } t{};
+  for (int j = 0; j < 8; ++j)
+    for (int i = 0; i < 32; ++i) t.v[j][i] = static_cast<uint8_t>(1 << j);
+  return t;
+}();
+VEC_TARGET_AVX2 inline __m256i fifth_bit(__m256i qh, int j) {
+  const __m256i bit = _mm256_load_si256(reinterpret_cast<const __m256i*>(kBitJ.v[j]));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+// Q4_K / Q5_K, one token: 4 chunks of 64 weights, sub-block 2c in the low nibbles, 2c + 1 in the high ones,
+// both in one pass; int16 sums over 8 vectors of 4-bit codes (8 x 2 x 15 x 127 = 30480) or 4 of 5-bit ones.
+template <int64_t FMT>
+VEC_TARGET_AVX2 inline void kquant_tile_1(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
+  constexpr bool five = FMT == Q5_K;
+  constexpr int RUN = five ? 4 : 8;
   __m256i sc[2][2], mn[2][2], isum[1][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()}};
-  q4k_scales(tile, sc, mn);
+  kquant_scales(tile, sc, mn);
   const int8_t* xq = x[0].q + ab0 * QK;
   const __m256i m4 = _mm256_set1_epi8(15);
   for (int c = 0; c < 4; ++c) {
-    ahead.share<2 * GROUP * layout(Q4_K).bytes, 4>(c);
-    const uint8_t* q = tile + unit_at(GROUP, 16, 4, 8 * c, 0);
-    __m256i lo16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, hi16[2] = {lo16[0], lo16[0]};
-    UNROLL for (int p = 0; p < 8; ++p) {
-      const __m256i a = bcast4(xq + 64 * c + 4 * p), b = bcast4(xq + 64 * c + 32 + 4 * p);
-      UNROLL for (int h = 0; h < 2; ++h) {
-        const __m256i v = units8(q, 0, p, h);
-        lo16[h] = _mm256_add_epi16(lo16[h], pairs16(_mm256_and_si256(v, m4), a));
-        hi16[h] = _mm256_add_epi16(hi16[h], pairs16(nibbles(v, true), b));
-        CHAIN(lo16[h], hi16[h]);
+    ahead.share<2 * GROUP * layout(FMT).bytes, 4>(c);
+    const uint8_t* q = tile + unit_at(GROUP, five ? 48 : 16, 4, 8 * c, 0);
+    UNROLL for (int p0 = 0; p0 < 8; p0 += RUN) {
+      __m256i lo16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, hi16[2] = {lo16[0], lo16[0]};
+      UNROLL for (int p = p0; p < p0 + RUN; ++p) {
+        const __m256i a = bcast4(xq + 64 * c + 4 * p), b = bcast4(xq + 64 * c + 32 + 4 * p);
+        UNROLL for (int h = 0; h < 2; ++h) {
+          const __m256i v = units8(q, 0, p, h);
+          __m256i lo = _mm256_and_si256(v, m4), hi = nibbles(v, true);
+          if constexpr (five) {
+            const __m256i qh = units8(tile, 16, p, h);
+            lo = _mm256_or_si256(lo, fifth_bit(qh, 2 * c));
+            hi = _mm256_or_si256(hi, fifth_bit(qh, 2 * c + 1));
+          }
+          lo16[h] = _mm256_add_epi16(lo16[h], pairs16(lo, a));
+          hi16[h] = _mm256_add_epi16(hi16[h], pairs16(hi, b));
+          CHAIN(lo16[h], hi16[h]);
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        isum[0][h] = _mm256_add_epi32(isum[0][h], _mm256_madd_epi16(lo16[h], table_shuffle(sc[h][c / 2], kBytePairs.v[2 * c])));
+        isum[0][h] = _mm256_add_epi32(isum[0][h], _mm256_madd_epi16(hi16[h], table_shuffle(sc[h][c / 2], kBytePairs.v[2 * c + 1])));
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      isum[0][h] = _mm256_add_epi32(isum[0][h], _mm256_madd_epi16(lo16[h], table_shuffle(sc[h][c / 2], kBytePairs.v[2 * c])));
-      isum[0][h] = _mm256_add_epi32(isum[0][h], _mm256_madd_epi16(hi16[h], table_shuffle(sc[h][c / 2], kBytePairs.v[2 * c + 1])));
-    }
   }
-  q4k_finish<1>(tile, ab0, x, isum, mn, acc);
+  kquant_finish<1>(tile, ab0, x, isum, mn, acc);
 }
 
-// Q4_K, several tokens: a sub-block per pass (low or high nibbles by a shift count), as the sums of both
-// would no longer fit the registers.
-template <int NR>
-VEC_TARGET_AVX2 inline void q4k_tile(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
+// Q4_K / Q5_K, several tokens: a sub-block per pass (low or high nibbles by a shift count), as the sums of
+// both would no longer fit the registers.
+template <int64_t FMT, int NR>
+VEC_TARGET_AVX2 inline void kquant_tile(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
+  constexpr bool five = FMT == Q5_K;
+  constexpr int RUN = five ? 4 : 8;
   __m256i sc[2][2], mn[2][2], isum[NR][2];
-  q4k_scales(tile, sc, mn);
+  kquant_scales(tile, sc, mn);
   const __m256i m4 = _mm256_set1_epi8(15);
   for (int r = 0; r < NR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
   for (int j = 0; j < 8; ++j) {
-    if (j % 2 == 0) ahead.share<2 * GROUP * layout(Q4_K).bytes, 4>(j / 2);
-    const uint8_t* q = tile + unit_at(GROUP, 16, 4, 8 * (j / 2), 0);
+    if (j % 2 == 0) ahead.share<2 * GROUP * layout(FMT).bytes, 4>(j / 2);
+    const uint8_t* q = tile + unit_at(GROUP, five ? 48 : 16, 4, 8 * (j / 2), 0);
     const __m128i shift = _mm_cvtsi32_si128(4 * (j % 2));
-    __m256i s16[NR][2];
-    for (int r = 0; r < NR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
-    UNROLL for (int p = 0; p < 8; ++p) {
-      const __m256i v[2] = {_mm256_and_si256(_mm256_srl_epi16(units8(q, 0, p, 0), shift), m4),
-                            _mm256_and_si256(_mm256_srl_epi16(units8(q, 0, p, 1), shift), m4)};
-      for (int r = 0; r < NR; ++r) {
-        const __m256i a = bcast4(x[r].q + (ab0 + j) * QK + 4 * p);
-        s16[r][0] = _mm256_add_epi16(s16[r][0], pairs16(v[0], a));
-        s16[r][1] = _mm256_add_epi16(s16[r][1], pairs16(v[1], a));
-        CHAIN(s16[r][0], s16[r][1]);
+    UNROLL for (int p0 = 0; p0 < 8; p0 += RUN) {
+      __m256i s16[NR][2];
+      for (int r = 0; r < NR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+      UNROLL for (int p = p0; p < p0 + RUN; ++p) {
+        __m256i v[2];
+        UNROLL for (int h = 0; h < 2; ++h) {
+          v[h] = _mm256_and_si256(_mm256_srl_epi16(units8(q, 0, p, h), shift), m4);
+          if constexpr (five) v[h] = _mm256_or_si256(v[h], fifth_bit(units8(tile, 16, p, h), j));
+        }
+        for (int r = 0; r < NR; ++r) {
+          const __m256i a = bcast4(x[r].q + (ab0 + j) * QK + 4 * p);
+          s16[r][0] = _mm256_add_epi16(s16[r][0], pairs16(v[0], a));
+          s16[r][1] = _mm256_add_epi16(s16[r][1], pairs16(v[1], a));
+          CHAIN(s16[r][0], s16[r][1]);
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256i scale = table_shuffle(sc[h][j / 4], kBytePairs.v[j]);
+        for (int r = 0; r < NR; ++r) isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(s16[r][h], scale));
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      const __m256i scale = table_shuffle(sc[h][j / 4], kBytePairs.v[j]);
-      for (int r = 0; r < NR; ++r) isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(s16[r][h], scale));
-    }
   }
-  q4k_finish<NR>(tile, ab0, x, isum, mn, acc);
+  kquant_finish<NR>(tile, ab0, x, isum, mn, acc);
 }
 
 // Q6_K: 8 blocks of 32, a signed scale per 16; 6-bit codes from a nibble of ql and 2 bits of qh, minus 32. In
@@ -446,20 +433,20 @@ VEC_TARGET_AVX2 void iq4xs_half(const uint8_t* tile, int half, int64_t ab0, cons
   scale_add<NR>(isum, fp16x8(tile, 0, 0, half), x, ab0, acc);
 }
 
-// A group's 16 rows, block after block: as a whole tile (Q4_K, Q6_K) or two halves of 8 (the others).
+// A group's 16 rows, block after block: as a whole tile (Q4_K, Q5_K, Q6_K) or two halves of 8 (the others).
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP],
                                        const uint8_t* ahead) {
   constexpr Layout L = layout(FMT);
-  if constexpr (FMT == Q4_K || FMT == Q6_K) {
+  if constexpr (FMT == Q4_K || FMT == Q5_K || FMT == Q6_K) {
     __m256 acc[NR][2];
     for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * GROUP * L.bytes;
       const int64_t ab = b * (L.weights / QK);
       if constexpr (FMT == Q6_K) q6k_tile<NR>(tile, ab, x, acc, Ahead{ahead, b});
-      else if constexpr (NR == 1) q4k_tile_1(tile, ab, x, acc, Ahead{ahead, b});
-      else q4k_tile<NR>(tile, ab, x, acc, Ahead{ahead, b});
+      else if constexpr (NR == 1) kquant_tile_1<FMT>(tile, ab, x, acc, Ahead{ahead, b});
+      else kquant_tile<FMT, NR>(tile, ab, x, acc, Ahead{ahead, b});
     }
     for (int r = 0; r < NR; ++r)
       for (int half = 0; half < 2; ++half) _mm256_storeu_ps(out[r] + 8 * half, acc[r][half]);
@@ -470,11 +457,9 @@ VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow*
     for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * GROUP * L.bytes;
-      const Ahead next{ahead, half * nb + b};  // Q5_K spreads its share over the step
-      if (ahead && FMT != Q5_K) prefetch_share<GROUP * L.bytes>(ahead, next.step);
+      if (ahead) prefetch_share<GROUP * L.bytes>(ahead, half * nb + b);
       const int64_t ab = b * (L.weights / QK);
-      if constexpr (FMT == Q5_K) q5k_half<NR>(tile, half, ab, x, acc, next);
-      else if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc);
+      if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc);
       else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc);
       else block32_half<FMT, NR>(tile, half, ab, x, acc, macc);
     }
