@@ -1,7 +1,7 @@
 """The GGUF block matmul alone, per type: one linear layer of random valid blocks (benchmarks/make_gguf.py's),
 timed at 1 to 512 tokens on 1 and 2 threads, median of several calls after a warm-up. Reports weight-tokens
 per second (the multiply-adds: compute, where several tokens share each weight read) and GB/s of weights
-(bytes read: memory, at one token). The 2-thread layer (64 MiB of weights at 4 bits) does not fit the
+(bytes read: memory, at one token). The 2-thread layer (32 MiB of weights at 4 bits) does not fit the
 caches; the 1-thread one (4096 x 2048) sits in L3, so it shows the kernel's own speed.
 
     python benchmarks/bench_kernels.py [--types Q4_K Q6_K ...] [--out benchmarks/results/cpu_zen2]

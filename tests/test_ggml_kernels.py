@@ -262,9 +262,9 @@ def test_largest_codes_against_largest_activations(name, isa):
     """Every code bit set, against activations all at +-127: the kernels' int16 partial sums reach their
     bounds here (a sum over one vector too many overflows), at 1, 2 and 4 tokens (each tile width)."""
     kind = ggml.KERNEL_TYPES[name]
-    cols = 512 if gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0] == 256 else 96
-    raw = np.full_like(random_blocks(kind, 21, cols), 255).reshape(21, cols // gguf.GGML_QUANT_SIZES[
-        gguf.GGMLQuantizationType(kind)][0], -1)
+    per, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+    cols = 512 if per == 256 else 96
+    raw = np.full((21, cols // per, size), 255, np.uint8)
     for offset in SCALE_FIELDS[kind]:
         raw[..., offset:offset + 2] = np.full((1,), 0.01, np.float16).view(np.uint8)
     raw = raw.reshape(21, -1)

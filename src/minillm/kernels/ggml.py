@@ -4,7 +4,8 @@ Every type in KERNEL_TYPES keeps its bits: a tensor's rows are only interleaved 
 (`repack`, csrc/ggml_formats.h), so that the kernels compute 16 rows per vector instruction (F16 and BF16
 rows stay as stored: csrc/ggml_float.h); a tensor takes the bytes it takes in the file. A linear layer
 stacking tensors of different types (Q/K/V or gate/up in a Q4_K_M file) keeps one part per tensor. An
-embedding table that is not also the LM head is read as stored. Other types have no kernel: the builder keeps a dequantized float layer and says what that costs.
+embedding table that is not also the LM head is read as stored. Other types have no kernel: the builder
+keeps a dequantized float layer and says what that costs.
 """
 
 from __future__ import annotations

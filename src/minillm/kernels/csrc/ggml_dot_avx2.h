@@ -138,10 +138,10 @@ alignas(32) inline const auto kBytePairs = [] {  // [j]: byte j % 4 of each lane
     for (int i = 0; i < 32; ++i) t.v[j][i] = i % 2 ? 0x80 : static_cast<uint8_t>(i / 4 * 4 + j % 4);
   return t;
 }();
-alignas(32) inline const auto kMinPairs = [] {  // [c]: bytes 2c % 4, 2c % 4 + 1 of each lane as int16 halves
-  struct { uint8_t v[4][32]; } t{};
-  for (int c = 0; c < 4; ++c)
-    for (int i = 0; i < 32; ++i) t.v[c][i] = i % 2 ? 0x80 : static_cast<uint8_t>(i / 4 * 4 + 2 * c % 4 + i % 4 / 2);
+alignas(32) inline const auto kMinPairs = [] {  // [e]: bytes 2e, 2e + 1 of each lane as its int16 halves
+  struct { uint8_t v[2][32]; } t{};
+  for (int e = 0; e < 2; ++e)
+    for (int i = 0; i < 32; ++i) t.v[e][i] = i % 2 ? 0x80 : static_cast<uint8_t>(i / 4 * 4 + 2 * e + i % 4 / 2);
   return t;
 }();
 VEC_TARGET_AVX2 inline __m256i table_shuffle(__m256i v, const uint8_t* index) {
@@ -177,7 +177,7 @@ VEC_TARGET_AVX2 inline void kquant_finish(const uint8_t* tile, int64_t ab0, cons
     __m256 a[NR];
     for (int r = 0; r < NR; ++r) is[r] = isum[r][h], ms[r] = _mm256_setzero_si256(), a[r] = acc[r][h];
     for (int c = 0; c < 4; ++c) {
-      const __m256i mins = table_shuffle(mn[h][c / 2], kMinPairs.v[c]);
+      const __m256i mins = table_shuffle(mn[h][c / 2], kMinPairs.v[c % 2]);  // sub-blocks 2c, 2c + 1
       for (int r = 0; r < NR; ++r) ms[r] = _mm256_add_epi32(ms[r], _mm256_madd_epi16(mins, bcast_pair(x[r].qb + ab0 + 2 * c)));
     }
     scale_add<NR>(is, fp16x8(tile, 0, 0, h), x, ab0, a);
@@ -444,9 +444,10 @@ VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow*
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* tile = g + b * GROUP * L.bytes;
       const int64_t ab = b * (L.weights / QK);
-      if constexpr (FMT == Q6_K) q6k_tile<NR>(tile, ab, x, acc, Ahead{ahead, b});
-      else if constexpr (NR == 1) kquant_tile_1<FMT>(tile, ab, x, acc, Ahead{ahead, b});
-      else kquant_tile<FMT, NR>(tile, ab, x, acc, Ahead{ahead, b});
+      const Ahead next{ahead, b};
+      if constexpr (FMT == Q6_K) q6k_tile<NR>(tile, ab, x, acc, next);
+      else if constexpr (NR == 1) kquant_tile_1<FMT>(tile, ab, x, acc, next);
+      else kquant_tile<FMT, NR>(tile, ab, x, acc, next);
     }
     for (int r = 0; r < NR; ++r)
       for (int half = 0; half < 2; ++half) _mm256_storeu_ps(out[r] + 8 * half, acc[r][half]);
