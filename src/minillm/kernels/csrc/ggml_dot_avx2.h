@@ -1,8 +1,8 @@
-// AVX2 paths of the types beyond Q4_0 / Q4_1 / Q8_0 (Q5_0, Q5_1, IQ4_NL, Q2_K - Q6_K, IQ4_XS), on the
-// file's own bits (ggml_formats.h): each unit of a tile is read for 8 rows at once (one row per 32-bit
-// lane; Q4_K, Q5_K and Q6_K read both halves of a tile together), the codes are unpacked in registers, and the
-// scales are decoded per row from their packed bits.
-// They run on AVX-512 machines too. Same integer sums and float steps as group_portable, so the same bits.
+// AVX2 paths of every quantized type, on the file's own bits (ggml_formats.h): each unit of a tile is read for
+// 8 rows at once (one row per 32-bit lane; the blocks of 32, Q4_K, Q5_K and Q6_K read both halves of a tile
+// together), the codes are unpacked in registers, and the scales are decoded per row from their packed bits.
+// AVX-512 machines run them too, but for Q4_0, Q4_1 and Q8_0 (ggml_dot_vnni.h).
+// Same integer sums and float steps as group_portable, so the same bits.
 
 #pragma once
 
@@ -69,40 +69,85 @@ VEC_TARGET_AVX2 inline void min_add(__m256 m, const XRow* x, int64_t ab, __m256*
 }
 VEC_TARGET_AVX2 inline __m256 negate(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.f)); }
 
-// Q5_0, Q5_1, IQ4_NL: blocks of 32, byte j holding weights j and j + 16
+// ---------------------------------------------------------------- blocks of 32: whole tiles
+// Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL (byte j of a block: weights j and j + 16) and Q8_0 take the 16 rows of a tile
+// at once, as the K-quants do: a broadcast of 4 activation codes serves both vectors of 8 rows.
+
+// The codes of unit p (0-3) of a tile for the 8 rows of half h: weights 16 q + 4p + i of each row (q = 0: the
+// low nibbles, 1: the high ones); unsigned for the 4- and 5-bit types, signed for IQ4_NL and Q8_0.
+template <int64_t FMT>
+VEC_TARGET_AVX2 inline __m256i block32_codes(const uint8_t* tile, int p, int q, int h) {
+  if constexpr (FMT == Q8_0) {  // stored plus 128
+    return _mm256_xor_si256(units8(tile, 2, p + 4 * q, h), _mm256_set1_epi8(static_cast<char>(0x80)));
+  } else {
+    constexpr bool five = FMT == Q5_0 || FMT == Q5_1;
+    constexpr int qh_at = FMT == Q5_1 ? 4 : 2, qs_at = FMT == Q4_1 ? 4 : FMT == Q5_0 ? 6 : FMT == Q5_1 ? 8 : 2;
+    __m256i code = nibbles(units8(tile, qs_at, p, h), q);
+    if constexpr (five) code = _mm256_or_si256(code, fifth_bits(units8(tile, qh_at, 0, h), p, 16 * q));
+    if constexpr (FMT == IQ4_NL) code = lookup_iq4(code);
+    return code;
+  }
+}
+
+#define CHAIN(a, b) asm("" : "+x"(a), "+x"(b))
+
+// A group's 16 rows against NR tokens, block after block. Unsigned codes: vpmaddubsw's pairs summed in int16
+// over a run of 8 vectors of 4-bit codes (8 x 2 x 15 x 127 = 30480) or 4 of 5-bit ones, then one vpmaddwd;
+// signed ones as |code| against the activations with the code's sign, each vector widened (2 x 128 x 127).
+// The mins (Q4_1, Q5_1): from 3 tokens on, summed after the codes in a loop of their own (the same order).
 template <int64_t FMT, int NR>
-VEC_TARGET_AVX2 void block32_half(const uint8_t* tile, int half, int64_t ab, const XRow* x, __m256* acc, __m256* macc) {
-  constexpr bool five = FMT == Q5_0 || FMT == Q5_1, with_min = FMT == Q5_1;
-  constexpr int qh_at = with_min ? 4 : 2, qs_at = qh_at + (five ? 4 : 0);
-  constexpr int32_t offset = FMT == Q5_0 ? 16 : 0;
-  __m256i sum[NR];
-  for (int r = 0; r < NR; ++r) sum[r] = _mm256_set1_epi32(-offset * x[r].qb[ab]);
-  __m256i lo16[NR], hi16[NR];
-  for (int r = 0; r < NR; ++r) lo16[r] = hi16[r] = _mm256_setzero_si256();
-  const __m256i qh = five ? units8(tile, qh_at, 0, half) : _mm256_setzero_si256();
-  for (int p = 0; p < 4; ++p) {
-    const __m256i v = units8(tile, qs_at, p, half);
-    __m256i low = nibbles(v, false), high = nibbles(v, true);
-    if constexpr (five) {
-      low = _mm256_or_si256(low, fifth_bits(qh, p, 0));
-      high = _mm256_or_si256(high, fifth_bits(qh, p, 16));
-    }
-    for (int r = 0; r < NR; ++r) {
-      const int8_t* xq = x[r].q + ab * QK;
-      if constexpr (FMT == IQ4_NL) {
-        sum[r] = _mm256_add_epi32(sum[r], sdot8(lookup_iq4(low), bcast4(xq + 4 * p)));
-        sum[r] = _mm256_add_epi32(sum[r], sdot8(lookup_iq4(high), bcast4(xq + 16 + 4 * p)));
-      } else {  // int16 sums over the 4 vectors of each half (4 x 2 x 31 x 127 = 31496), one vpmaddwd each
-        lo16[r] = _mm256_add_epi16(lo16[r], pairs16(low, bcast4(xq + 4 * p)));
-        hi16[r] = _mm256_add_epi16(hi16[r], pairs16(high, bcast4(xq + 16 + 4 * p)));
+VEC_TARGET_AVX2 void block32_tiles(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP], const uint8_t* ahead) {
+  constexpr int64_t TILE = GROUP * layout(FMT).bytes;
+  constexpr bool is_signed = FMT == Q8_0 || FMT == IQ4_NL;
+  constexpr int RUN = FMT == Q4_0 || FMT == Q4_1 ? 4 : 2;  // units per int16 sum (and per prefetch part)
+  constexpr int32_t offset = FMT == Q4_0 ? 8 : FMT == Q5_0 ? 16 : 0;
+  constexpr bool with_min = FMT == Q4_1 || FMT == Q5_1;
+  __m256 acc[NR][2], macc[2][NR];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = macc[0][r] = macc[1][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* tile = g + b * TILE;
+    const Ahead next{ahead, b};
+    __m256i isum[NR][2];
+    if constexpr (is_signed)
+      for (int r = 0; r < NR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
+    UNROLL for (int p0 = 0; p0 < 4; p0 += RUN) {
+      next.share<2 * TILE, 4 / RUN>(p0 / RUN);
+      __m256i s16[NR][2];
+      for (int r = 0; r < NR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+      UNROLL for (int p = p0; p < p0 + RUN; ++p) {
+        UNROLL for (int q = 0; q < 2; ++q) {
+          const __m256i code[2] = {block32_codes<FMT>(tile, p, q, 0), block32_codes<FMT>(tile, p, q, 1)};
+          for (int r = 0; r < NR; ++r) {
+            const __m256i a = bcast4(x[r].q + b * QK + 16 * q + 4 * p);
+            if constexpr (is_signed) {
+              isum[r][0] = _mm256_add_epi32(isum[r][0], sdot8(code[0], a));
+              isum[r][1] = _mm256_add_epi32(isum[r][1], sdot8(code[1], a));
+              CHAIN(isum[r][0], isum[r][1]);
+            } else {
+              s16[r][0] = _mm256_add_epi16(s16[r][0], pairs16(code[0], a));
+              s16[r][1] = _mm256_add_epi16(s16[r][1], pairs16(code[1], a));
+              CHAIN(s16[r][0], s16[r][1]);
+            }
+          }
+        }
       }
+      if constexpr (!is_signed)
+        for (int r = 0; r < NR; ++r)
+          UNROLL for (int h = 0; h < 2; ++h)  // the first run's sums start from the codes' offset x sum(xq)
+            isum[r][h] = _mm256_add_epi32(p0 ? isum[r][h] : _mm256_set1_epi32(-offset * x[r].qb[b]), widen16(s16[r][h]));
+    }
+    UNROLL for (int h = 0; h < 2; ++h) {
+      const __m256 d = fp16x8(tile, 0, 0, h);
+      for (int r = 0; r < NR; ++r)
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][h]), _mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), acc[r][h]);
+      if constexpr (with_min && NR <= 2) min_add<NR>(fp16x8(tile, 0, 1, h), x, b, macc[h]);
     }
   }
-  if constexpr (FMT != IQ4_NL)
-    for (int r = 0; r < NR; ++r)
-      sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(widen16(lo16[r]), widen16(hi16[r])));
-  scale_add<NR>(sum, fp16x8(tile, 0, 0, half), x, ab, acc);
-  if constexpr (with_min) min_add<NR>(fp16x8(tile, 0, 1, half), x, ab, macc);
+  UNROLL for (int h = 0; h < 2; ++h) {
+    if constexpr (with_min && NR > 2)  // after the codes: the registers held their sums
+      for (int64_t b = 0; b < nb; ++b) min_add<NR>(fp16x8(g + b * TILE, 0, 1, h), x, b, macc[h]);
+    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r] + 8 * h, _mm256_add_ps(acc[r][h], macc[h][r]));
+  }
 }
 
 // ---------------------------------------------------------------- super-blocks: integer scales
@@ -158,8 +203,6 @@ VEC_TARGET_AVX2 inline __m256i signed_pairs16(__m256i v, const uint8_t* index) {
 // sums stay in registers. The int16 sums are chained by an empty asm: GCC would otherwise reassociate them
 // into a tree whose operands spill. One thread, 4096 x 2048, Zen 2: Q4_K 29 -> 49 G weight-tokens/s at one
 // token, 57 -> 71 at four, 63 -> 77 at 64; Q5_K 21 -> 28 at one token, 51 -> 58 at 64; Q6_K 20 -> 25 at one.
-#define CHAIN(a, b) asm("" : "+x"(a), "+x"(b))
-
 // Q4_K / Q5_K's scales and mins of both halves, as bytes (k_sixbit_bytes).
 VEC_TARGET_AVX2 inline void kquant_scales(const uint8_t* tile, __m256i (*sc)[2], __m256i (*mn)[2]) {
   for (int h = 0; h < 2; ++h) {
@@ -433,12 +476,13 @@ VEC_TARGET_AVX2 void iq4xs_half(const uint8_t* tile, int half, int64_t ab0, cons
   scale_add<NR>(isum, fp16x8(tile, 0, 0, half), x, ab0, acc);
 }
 
-// A group's 16 rows, block after block: as a whole tile (Q4_K, Q5_K, Q6_K) or two halves of 8 (the others).
+// A group's 16 rows, block after block: as whole tiles (blocks of 32, Q4_K, Q5_K, Q6_K) or two halves of 8.
 template <int64_t FMT, int NR>
-VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP],
-                                       const uint8_t* ahead) {
+VEC_TARGET_AVX2 void group_avx2(const uint8_t* g, int64_t nb, const XRow* x, float (*out)[GROUP], const uint8_t* ahead) {
   constexpr Layout L = layout(FMT);
-  if constexpr (FMT == Q4_K || FMT == Q5_K || FMT == Q6_K) {
+  if constexpr (!superblock(FMT)) {
+    block32_tiles<FMT, NR>(g, nb, x, out, ahead);
+  } else if constexpr (FMT == Q4_K || FMT == Q5_K || FMT == Q6_K) {
     __m256 acc[NR][2];
     for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
@@ -451,20 +495,19 @@ VEC_TARGET_AVX2 void group_avx2_native(const uint8_t* g, int64_t nb, const XRow*
     }
     for (int r = 0; r < NR; ++r)
       for (int half = 0; half < 2; ++half) _mm256_storeu_ps(out[r] + 8 * half, acc[r][half]);
-    return;
-  }
-  for (int half = 0; half < 2; ++half) {
-    __m256 acc[NR], macc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* tile = g + b * GROUP * L.bytes;
-      if (ahead) prefetch_share<GROUP * L.bytes>(ahead, half * nb + b);
-      const int64_t ab = b * (L.weights / QK);
-      if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc);
-      else if constexpr (FMT == IQ4_XS) iq4xs_half<NR>(tile, half, ab, x, acc);
-      else block32_half<FMT, NR>(tile, half, ab, x, acc, macc);
+  } else {
+    for (int half = 0; half < 2; ++half) {
+      __m256 acc[NR];
+      for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* tile = g + b * GROUP * L.bytes;
+        if (ahead) prefetch_share<GROUP * L.bytes>(ahead, half * nb + b);
+        const int64_t ab = b * (L.weights / QK);
+        if constexpr (FMT == Q2_K || FMT == Q3_K) k23_half<FMT, NR>(tile, half, ab, x, acc);
+        else iq4xs_half<NR>(tile, half, ab, x, acc);
+      }
+      for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r] + 8 * half, acc[r]);
     }
-    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r] + 8 * half, _mm256_add_ps(acc[r], macc[r]));
   }
 }
 

@@ -43,7 +43,7 @@
 #include <vector>
 
 #include "ggml_dot_avx2.h"
-#include "ggml_dot_q4q8.h"
+#include "ggml_dot_vnni.h"
 #include "ggml_float.h"
 #include "ops.h"
 
@@ -85,14 +85,10 @@ using GroupFn = void (*)(const uint8_t*, int64_t, const XRow*, float (*)[GROUP],
 
 template <int64_t FMT, int NR>
 GroupFn group_fn_for() {
-  constexpr bool legacy = FMT == Q4_0 || FMT == Q4_1 || FMT == Q8_0;  // the types with an AVX-512 path
-  if constexpr (legacy) {
+  constexpr bool vnni = FMT == Q4_0 || FMT == Q4_1 || FMT == Q8_0;  // the types with an AVX-512 path
+  if constexpr (vnni)
     if (current == Isa::Avx512Vnni) return &group_vnni<FMT, NR>;
-    if (current == Isa::Avx2) return &group_avx2<FMT, NR>;
-  } else {
-    if (current != Isa::Portable) return &group_avx2_native<FMT, NR>;
-  }
-  return &group_portable<FMT, NR>;
+  return current == Isa::Portable ? &group_portable<FMT, NR> : &group_avx2<FMT, NR>;
 }
 
 // F16 / BF16 rows: (rows, bytes per row, how many rows, K, the tokens' float32 values, out)
