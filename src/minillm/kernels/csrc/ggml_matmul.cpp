@@ -389,6 +389,15 @@ at::Tensor dequantize_bf16(const at::Tensor& weight, int64_t fmt, int64_t in_fea
   return out;
 }
 
+// A group's outputs for one token: out = skip + (res + bias), each term where given (a missing bias adds 0.f:
+// -0 comes out +0, on every path alike). One loop per case, so that each vectorizes.
+void store_outputs(const float* res, int64_t width, const float* bias, const float* skip, float* out) {
+  if (bias && skip) for (int64_t l = 0; l < width; ++l) out[l] = skip[l] + (res[l] + bias[l]);
+  else if (bias) for (int64_t l = 0; l < width; ++l) out[l] = res[l] + bias[l];
+  else if (skip) for (int64_t l = 0; l < width; ++l) out[l] = skip[l] + (res[l] + 0.f);
+  else for (int64_t l = 0; l < width; ++l) out[l] = res[l] + 0.f;
+}
+
 // One tensor of a linear layer: its rows are output columns [first, first + rows) of the layer.
 struct Segment {
   const uint8_t* w;
@@ -519,12 +528,10 @@ at::Tensor linear(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRe
                                    : lg + 1 < s.groups ? s.w + (o + GROUP) * s.row_bytes : segments[si + 1].w;
             if (is_float(s.fmt)) s.floats[nr - 1](s.w + o * s.row_bytes, s.row_bytes, width, in_features, xf, res);
             else s.kernels[nr - 1](width < GROUP ? s.widened.data() : s.w + o * s.row_bytes, s.nb, xr, res, ahead);
-            for (int i = 0; i < nr; ++i)
-              for (int64_t l = 0; l < width; ++l) {
-                const int64_t col = s.first + o + l, at = (r0 + i) * n + col;
-                const float v = res[i][l] + (b ? b[col] : 0.f);
-                out[at] = skip ? skip[at] + v : v;
-              }
+            for (int i = 0; i < nr; ++i) {
+              const int64_t at = (r0 + i) * n + s.first + o;
+              store_outputs(res[i], width, b ? b + s.first + o : nullptr, skip ? skip + at : nullptr, out + at);
+            }
           }
         }
       }
