@@ -305,6 +305,16 @@ def test_a_saturated_batch_drafts_nothing():
     assert fixed.draft_lens(batch, 16, 512) == [8] * 16  # a fixed threshold instead of the costs
 
 
+def test_a_batch_drafts_only_where_every_sequence_can_go_faster():
+    """With one sequence that has nothing to draft, the batch takes as many steps whatever the others accept:
+    their drafts would spare them rows of steps that run anyway, so on the CPU none is fed."""
+    text = list(range(100, 140))
+    sure = [decoding(text + [1, 2] + text[:20]) for _ in range(2)]
+    nothing = decoding(list(range(200, 240)))
+    assert drafter_for(CPU).draft_lens([sure[0], nothing], 2, 512) == [0, 0]
+    assert min(drafter_for(CPU).draft_lens(sure, 2, 512)) >= 1
+
+
 def test_step_cost_is_measured_on_the_engine(smollm):
     cost = StepCost.measure(engine(smollm).runner, 64)
     rows = [r for r, _ in cost.points]

@@ -20,7 +20,11 @@ sequence's own calibration, (accepted + W) / (expected + W) over its recent draf
 drafts fall far short pauses drafting, for longer each time: `MIN_CALIBRATION`). Tokens are taken in
 order of P while each one's expected saving beats its cost: P > (1 + MARGIN) lambda dT, lambda the step's
 expected decode tokens per second, dT what one more row adds to the step (`StepCost`, measured at
-start-up, and a draft model's own forward). On 2 Zen 2 cores with the bundled model (a row costs 0.3 of
+start-up, and a draft model's own forward). That holds while every decoding sequence has a draft to offer,
+so that the batch takes fewer steps; where one has none, an accepted token spares its sequence only a row of
+a later step that the others keep running, so 1 / lambda becomes what a row adds to a step (on the CPU a
+draft row never pays for that: batch 4 with one free-generation prompt among three grounded ones went from
+0.97x to 1.00x of plain decoding). On 2 Zen 2 cores with the bundled model (a row costs 0.3 of
 a one-row step) a draft token needs P above ~0.38 at batch 1, and from ~6 decoding sequences on the first
 one would need more than SATURATED, so the step drafts nothing. `min_acceptance` replaces the cost model
 by a fixed threshold on P.
@@ -110,16 +114,21 @@ class Drafter:
         fixed = self.config.min_acceptance
         # the step's expected decode tokens, its draft rows, and the seconds drafting adds beyond its rows
         tokens, drafted, extra = float(len(seqs)), 0, 0.0
-        if fixed is None and self._needed(len(seqs), rows, tokens, 0, 0.0, self.extra_cost(lens, 0)) > SATURATED:
+        if fixed is None and self._needed(len(seqs), rows, tokens, 0, 0.0, self.extra_cost(lens, 0),
+                                          shared=True) > SATURATED:
             return lens  # a saturated batch: no drafts, and no time spent looking for them
         chances = [self.chances(seq) for seq in seqs]
+        # the batch ends sooner only if every sequence can go faster: else an accepted draft spares its sequence
+        # a row of a later step, while the others keep those steps running
+        shared = all(chances)
         # P of each sequence's next candidate, best first (a sequence's P only falls along its draft)
         heap = [(-c[0], i, 0) for i, c in enumerate(chances) if c]
         heapq.heapify(heap)
         while heap and drafted < budget:
             neg_p, i, j = heap[0]
             more = self.extra_cost(lens, j)
-            if -neg_p < (fixed if fixed is not None else self._needed(len(seqs), rows, tokens, drafted, extra, more)):
+            if -neg_p < (fixed if fixed is not None else self._needed(len(seqs), rows, tokens, drafted, extra, more,
+                                                                      shared)):
                 break
             heapq.heappop(heap)
             lens[i] += 1
@@ -130,12 +139,18 @@ class Drafter:
                 heapq.heappush(heap, (neg_p * chances[i][j + 1], i, j + 1))
         return lens
 
-    def _needed(self, decoding: int, rows: int, tokens: float, drafted: int, extra: float, more: float) -> float:
+    def _needed(self, decoding: int, rows: int, tokens: float, drafted: int, extra: float, more: float,
+                shared: bool) -> float:
         """The chance one more draft token must have to pay for its row and `more` seconds: (1 + MARGIN) x the
-        step's expected decode tokens per second so far (prompt chunks aside) x the seconds it adds."""
-        rate = tokens / (self._time(decoding + drafted, drafted) + extra)
+        seconds it adds / the seconds an accepted token saves. `shared`: every decoding sequence may go faster,
+        so the batch takes fewer steps: a token saves its share of the step, the step's time per expected
+        decode token so far (prompt chunks aside); else it saves only a row of a later step."""
         added = self.cost.spec_time(rows + drafted + 1) - self._time(rows + drafted, drafted) + more
-        return (1 + MARGIN) * rate * added
+        if shared:
+            saved = (self._time(decoding + drafted, drafted) + extra) / tokens
+        else:
+            saved = self.cost.time(rows) - self.cost.time(rows - 1)
+        return (1 + MARGIN) * added / max(saved, 1e-9)
 
     def _time(self, rows: int, drafted: int) -> float:
         """A step's seconds: a plain decode step's without drafts, a verification step's with."""
