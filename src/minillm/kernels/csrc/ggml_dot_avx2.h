@@ -281,8 +281,8 @@ VEC_TARGET_AVX2 inline void kquant_tile_1(const uint8_t* tile, int64_t ab0, cons
   kquant_finish<1>(tile, ab0, x, isum, mn, acc);
 }
 
-// Q4_K / Q5_K, several tokens: a sub-block per pass (low or high nibbles by a shift count), as the sums of
-// both would no longer fit the registers.
+// Q4_K / Q5_K, several tokens: a sub-block per pass (the low nibbles, then the high ones, each pass written
+// out, so the shift is an immediate or none), as the sums of both would no longer fit the registers.
 template <int64_t FMT, int NR>
 VEC_TARGET_AVX2 inline void kquant_tile(const uint8_t* tile, int64_t ab0, const XRow* x, __m256 (*acc)[2], Ahead ahead) {
   constexpr bool five = FMT == Q5_K;
@@ -291,17 +291,17 @@ VEC_TARGET_AVX2 inline void kquant_tile(const uint8_t* tile, int64_t ab0, const 
   kquant_scales(tile, sc, mn);
   const __m256i m4 = _mm256_set1_epi8(15);
   for (int r = 0; r < NR; ++r) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
-  for (int j = 0; j < 8; ++j) {
-    if (j % 2 == 0) ahead.share<2 * GROUP * layout(FMT).bytes, 4>(j / 2);
-    const uint8_t* q = tile + unit_at(GROUP, five ? 48 : 16, 4, 8 * (j / 2), 0);
-    const __m128i shift = _mm_cvtsi32_si128(4 * (j % 2));
+  for (int c = 0; c < 4; ++c) UNROLL for (int high = 0; high < 2; ++high) {
+    const int j = 2 * c + high;
+    if (!high) ahead.share<2 * GROUP * layout(FMT).bytes, 4>(c);
+    const uint8_t* q = tile + unit_at(GROUP, five ? 48 : 16, 4, 8 * c, 0);
     UNROLL for (int p0 = 0; p0 < 8; p0 += RUN) {
       __m256i s16[NR][2];
       for (int r = 0; r < NR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
       UNROLL for (int p = p0; p < p0 + RUN; ++p) {
         __m256i v[2];
         UNROLL for (int h = 0; h < 2; ++h) {
-          v[h] = _mm256_and_si256(_mm256_srl_epi16(units8(q, 0, p, h), shift), m4);
+          v[h] = nibbles(units8(q, 0, p, h), high);
           if constexpr (five) v[h] = _mm256_or_si256(v[h], fifth_bit(units8(tile, 16, p, h), j));
         }
         for (int r = 0; r < NR; ++r) {
