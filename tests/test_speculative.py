@@ -269,6 +269,17 @@ def test_ngram_drafter_takes_the_longest_match():
     assert drafter.chances(decoding([1, 2, 1, 2, 1], max_tokens=1)) == []  # the last token is the target's own
 
 
+def test_a_long_match_ending_in_a_common_token_is_found():
+    """Single-token matches are looked up (prompt_lookup_min 1) without hiding a long match that ends in a token
+    which recurs often since: its occurrences of the last two tokens are searched too."""
+    drafter = drafter_for(CPU)
+    noise = [t for k in range(30) for t in (200 + k, 5)]  # the token 5 thirty times since the long match
+    seq = decoding([1, 2, 3, 4, 5, 99, 98, 97] + noise + [1, 2, 3, 4, 5])
+    chances = drafter.chances(seq)
+    assert seq.spec.match[:3] == [99, 98, 97] and chances[0] == MATCH_PRIOR[5]
+    assert drafter.chances(decoding([7, 8, 9, 7])) == [MATCH_PRIOR[1], MATCH_PRIOR[2], MATCH_PRIOR[3]]
+
+
 def test_draft_lengths_follow_the_match_and_the_record():
     """A long match drafts more than a short one; a sequence whose drafts fail pauses drafting, longer each
     time."""

@@ -42,7 +42,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 8  # draft tokens per sequence and step at most (the cost model picks fewer)
     # "ngram": the earlier occurrence of the sequence's last tokens matching at least min of them, and the
     # longest up to max (a longer match is a surer draft: engine/drafters.py)
-    prompt_lookup_min: int = 2
+    prompt_lookup_min: int = 1
     prompt_lookup_max: int = 16
     # a draft token is fed when its estimated chance of acceptance is at least this (None: wherever it pays
     # for its row by the step costs measured at start-up: engine/drafters.py)
