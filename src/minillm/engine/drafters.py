@@ -17,8 +17,8 @@ How many draft tokens (`Drafter.draft_lens`, once per step for the whole batch).
 a probability P of being accepted along with every draft before it: the product of per-token chances,
 the drafter's prior (n-gram: from the match's length L, since a longer match more likely goes on; measured
 on the bundled model's greedy answers to grounded and free prompts: `MATCH_PRIOR`, 20 % after 1 matching
-token, 45 % after 2, 70 % after 4, 88 % after 8, 94 % from 16 on, the first token's moved towards how many of several
-equally long matches went on with it; a draft model: `MODEL_PRIOR` per token) times the
+token, 45 % after 2, 70 % after 4, 88 % after 8, 94 % from 16 on, the first token's moved towards how many
+of several equally long matches went on with it; a draft model: `MODEL_PRIOR` per token) times the
 sequence's own calibration, (accepted + W) / (expected + W) over its recent drafts (a sequence whose
 drafts fall far short pauses drafting, for longer each time: `MIN_CALIBRATION`). Tokens are taken in
 order of P while each one's expected saving beats its cost: P > (1 + MARGIN) lambda dT, lambda the step's
@@ -29,8 +29,8 @@ sequence only a row of a later step that the others keep running, so 1 / lambda 
 a step (on the CPU a draft row never pays for that: batch 4 with one free-generation prompt among three
 grounded ones went from 0.97x to 1.00x of plain decoding). On 2 Zen 2 cores with the bundled model (a row
 costs 0.13-0.3 of a one-row step) a draft token needs P above ~0.15-0.38 at batch 1, and from ~6 decoding
-sequences on the first one would need more than SATURATED, so the step drafts nothing. `min_acceptance` replaces the cost model
-by a fixed threshold on P.
+sequences on the first one would need more than SATURATED, so the step drafts nothing. `min_acceptance`
+replaces the cost model by a fixed threshold on P.
 """
 
 from __future__ import annotations
@@ -117,13 +117,13 @@ class Drafter:
         fixed = self.config.min_acceptance
         # the step's expected decode tokens, its draft rows, and the seconds drafting adds beyond its rows
         tokens, drafted, extra = float(len(seqs)), 0, 0.0
-        first = self._needed(len(seqs), rows, tokens, 0, 0.0, self.extra_cost(lens, 0), shared=True)
-        if fixed is None and first > SATURATED:
+        needed_first = self._needed(len(seqs), rows, tokens, 0, 0.0, self.extra_cost(lens, 0), shared=True)
+        if fixed is None and needed_first > SATURATED:
             return lens  # a saturated batch: no drafts, and no time spent looking for them
         chances = [self.chances(seq) for seq in seqs]
         # the batch ends sooner only if every sequence can go faster (its first candidate pays for its row):
         # else an accepted draft spares its sequence a row of a later step, while the others keep those running
-        shared = all(c and c[0] >= first for c in chances)
+        shared = all(c and c[0] >= needed_first for c in chances)
         # P of each sequence's next candidate, best first (a sequence's P only falls along its draft)
         heap = [(-c[0], i, 0) for i, c in enumerate(chances) if c]
         heapq.heapify(heap)
