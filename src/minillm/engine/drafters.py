@@ -221,7 +221,7 @@ class NgramDrafter(Drafter):
         self._index(seq, state)
         tokens, low, high = seq.token_ids, self.config.prompt_lookup_min, self.config.prompt_lookup_max
         state.match = []
-        ends = sorted({end for n in {low, min(low + 1, high)} if len(tokens) > n
+        ends = sorted({end for n in self._lengths() if len(tokens) > n
                        for end in state.ngrams.get(tuple(tokens[-n:]), [])[-self.CANDIDATES:]})
         matched = []  # (match length, end) of the recent occurrences
         for end in reversed(ends):
@@ -245,12 +245,17 @@ class NgramDrafter(Drafter):
         """Index the n-grams of prompt_lookup_min tokens and of one more ending before the last token (the
         suffix itself must match an earlier one); incremental: a sequence's tokens only grow (a preempted one
         keeps them)."""
-        tokens, low = seq.token_ids, self.config.prompt_lookup_min
-        for end in range(max(state.indexed, low - 1), len(tokens) - 1):
-            for n in {low, min(low + 1, self.config.prompt_lookup_max)}:
+        tokens = seq.token_ids
+        for end in range(max(state.indexed, self.config.prompt_lookup_min - 1), len(tokens) - 1):
+            for n in self._lengths():
                 if end - n + 1 >= 0:
                     state.ngrams.setdefault(tuple(tokens[end - n + 1:end + 1]), []).append(end)
         state.indexed = max(state.indexed, len(tokens) - 1)
+
+    def _lengths(self) -> set[int]:
+        """The n-gram lengths indexed and looked up: prompt_lookup_min, and one more (at most the max)."""
+        low = self.config.prompt_lookup_min
+        return {low, min(low + 1, self.config.prompt_lookup_max)}
 
     def propose(self, seqs: list[Sequence], slots: list[int]) -> list[list[int]]:
         return [self.state(seq).match[:k] if k else [] for seq, k in zip(seqs, slots)]

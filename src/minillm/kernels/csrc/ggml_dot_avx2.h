@@ -202,8 +202,10 @@ VEC_TARGET_AVX2 inline __m256i signed_pairs16(__m256i v, const uint8_t* index) {
 // ---------------------------------------------------------------- Q4_K, Q5_K and Q6_K: whole tiles
 // The types of Q4_K_M and Q5_K_M files take the 16 rows of a tile at once: each broadcast of the activations
 // then serves two vectors of codes (8 rows each), and the loops over a super-block stay rolled, so that their
-// sums stay in registers; the int16 sums are chained (CHAIN). One thread, 4096 x 2048, Zen 2: Q4_K 29 -> 49 G weight-tokens/s at one
-// token, 57 -> 71 at four, 63 -> 77 at 64; Q5_K 21 -> 28 at one token, 51 -> 58 at 64; Q6_K 20 -> 25 at one.
+// sums stay in registers; the int16 sums are chained (CHAIN). One thread, 4096 x 2048, Zen 2: Q4_K 29 -> 49 G
+// weight-tokens/s at one token, 57 -> 71 at four, 63 -> 77 at 64; Q5_K 21 -> 28 at one token, 51 -> 58 at 64;
+// Q6_K 20 -> 25 at one.
+
 // Q4_K / Q5_K's scales and mins of both halves, as bytes (k_sixbit_bytes).
 VEC_TARGET_AVX2 inline void kquant_scales(const uint8_t* tile, __m256i (*sc)[2], __m256i (*mn)[2]) {
   for (int h = 0; h < 2; ++h) {
