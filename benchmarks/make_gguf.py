@@ -33,9 +33,11 @@ class Shape:
     vocab: int
     tied: bool
     rope_theta: float = 500000.0
+    head_dim: int | None = None  # dim / heads where None
 
 
 SHAPES = {
+    "gemma-3-270m": Shape("gemma3", 18, 640, 4, 1, 2048, 262144, True, 1e6, head_dim=256),
     "qwen2.5-0.5b": Shape("qwen2", 24, 896, 14, 2, 4864, 151936, True, 1e6),
     "llama-3.2-1b": Shape("llama", 16, 2048, 32, 8, 8192, 128256, True),
     "qwen2.5-1.5b": Shape("qwen2", 28, 1536, 12, 2, 8960, 151936, True, 1e6),
@@ -85,7 +87,7 @@ def random_blocks(kind: T, rows: int, cols: int, rng: np.random.Generator) -> np
 def write(path: str, shape: Shape, mix: str, vocab_file: str, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(path, shape.arch)
-    head_dim = shape.dim // shape.heads
+    head_dim = shape.head_dim or shape.dim // shape.heads
     writer.add_block_count(shape.layers)
     writer.add_context_length(32768)
     writer.add_embedding_length(shape.dim)
@@ -94,6 +96,10 @@ def write(path: str, shape: Shape, mix: str, vocab_file: str, seed: int = 0) -> 
     writer.add_head_count_kv(shape.kv_heads)
     writer.add_rope_freq_base(shape.rope_theta)
     writer.add_layer_norm_rms_eps(1e-6)
+    if shape.arch == "gemma3":  # its head size is not dim / heads; local layers see a window of 512
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(512)
     _copy_vocabulary(writer, vocab_file, shape.vocab)
 
     def add(name: str, rows: int, cols: int, layer: int = 0) -> None:
@@ -114,6 +120,10 @@ def write(path: str, shape: Shape, mix: str, vocab_file: str, seed: int = 0) -> 
         add(f"blk.{i}.ffn_gate", shape.hidden, shape.dim, i)
         add(f"blk.{i}.ffn_up", shape.hidden, shape.dim, i)
         add(f"blk.{i}.ffn_down", shape.dim, shape.hidden, i)
+        if shape.arch == "gemma3":
+            for norm, size in (("attn_q_norm", head_dim), ("attn_k_norm", head_dim), ("post_attention_norm", shape.dim),
+                               ("post_ffw_norm", shape.dim)):
+                writer.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, np.float32))
     writer.add_tensor("output_norm.weight", np.ones(shape.dim, np.float32))
     if not shape.tied:
         add("output", shape.vocab, shape.dim)

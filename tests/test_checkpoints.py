@@ -244,7 +244,7 @@ def test_qwen3_from_hf_and_gguf(tmp_path):
     reference = dequantized_copy(hf, "Q8_0")
     assert long_diff(load_checkpoint(path, dtype="float32", progress=False).model, reference) <= 1e-4
     blocks = load_checkpoint(path, progress=False).model  # the default: our kernels on the file's blocks
-    assert not GGMLDecoder.fits(blocks) and long_diff(blocks, reference) <= 0.05  # q/k norms: the modules' path
+    assert GGMLDecoder.fits(blocks) and long_diff(blocks, reference) <= 0.05
 
 
 def assert_batched_equals_alone(model, prompts: list[list[int]], steps: int) -> None:
@@ -401,6 +401,35 @@ def test_gguf_gemma_and_phi3_match_transformers(tmp_path, kind, arch, qtype):
         with torch.no_grad():
             largest = reference(LONG).logits.abs().max().item()
         assert long_diff(load_checkpoint(path, progress=False).model, reference) <= 0.04 * largest
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3"])
+def test_fused_decoder_computes_the_same_bits_as_the_modules_beyond_llama(tmp_path, kind):
+    """The one-op decoder (GGMLDecoder) also runs Qwen3's q/k norms and Gemma 2 / 3's sandwich norms, GeGLU,
+    soft-capped scores, own softmax scale and local RoPE base: greedy tokens and their log-probabilities, two
+    prompts batched (one past the sliding window), bit for bit those of the modules' path."""
+    from minillm import SamplingParams
+    from minillm.engine.llm_engine import EngineConfig, LLMEngine
+
+    extra = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3": {"query_pre_attn_scalar": 16, "rope_theta": 1e6}}
+    hf = hf_model(kind, **extra.get(kind, {}))
+    model = load_checkpoint(write_gguf(tmp_path / f"{kind}.gguf", hf, arch=kind, qtype="Q8_0"), progress=False).model
+    engine = LLMEngine(model, None, [], EngineConfig(kv_cache_memory=1 << 24))
+    assert isinstance(engine.runner.forward.__self__, GGMLDecoder)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=3, ignore_eos=True)
+
+    def run() -> list:
+        requests = [engine.add_request(ids, params) for ids in (LONG[0, :40].tolist(), LONG[0, 60:67].tolist())]
+        out = []
+        while engine.has_unfinished():
+            out += [(requests.index(o.request_id), lp.token_id, lp.logprob, lp.top) for o in engine.step()
+                    for lp in o.logprobs or []]
+        return sorted(out, key=lambda entry: entry[0])
+
+    fused = run()
+    assert len(fused) == 24
+    engine.runner.forward = model.forward
+    assert run() == fused
 
 
 ARCHITECTURES = {

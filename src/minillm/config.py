@@ -141,12 +141,6 @@ class ModelConfig:
         resolve_dtype(self.dtype)
 
     @property
-    def llama_layers(self) -> bool:
-        """Plain Llama layers: what the fused one-op decoder layer (kernels/csrc/decoder_layer.cpp) computes."""
-        return not (self.qk_norm or self.sandwich_norms or self.activation != "silu" or self.attention_scale
-                    or self.attention_softcap or self.local_rope_theta)
-
-    @property
     def torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype)
 
