@@ -75,7 +75,8 @@ def test_every_build_this_cpu_runs_passes_the_kernel_tests(level):
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (6, 2, 80), (10, 2, 32),
-                                                     (14, 2, 64), (12, 2, 128)])  # Qwen2.5 0.5B, 1.5B
+                                                     (14, 2, 64), (12, 2, 128),  # Qwen2.5 0.5B, 1.5B
+                                                     (4, 4, 96), (4, 1, 256)])  # Phi-3, Gemma 3
 @pytest.mark.parametrize("page", [16, 7])
 def test_paged_kernel_equals_standard_attention_fp32(heads, kv_heads, head_dim, page):
     lengths = [1, page, 3 * page + 2, 400]  # one key, a full page, pages + a partial one, a long row (4 spans)
@@ -141,7 +142,8 @@ MIXED = ([1, 40, 100, 7, 300, 17, 150], [1, 40, 9, 1, 57, 16, 1])  # decode rows
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (6, 2, 80), (10, 2, 32),
-                                                     (14, 2, 64), (12, 2, 128)])  # Qwen2.5 0.5B, 1.5B
+                                                     (14, 2, 64), (12, 2, 128),  # Qwen2.5 0.5B, 1.5B
+                                                     (4, 4, 96), (4, 1, 256)])  # Phi-3, Gemma 3
 @pytest.mark.parametrize("page", [16, 7])
 def test_packed_step_equals_each_sequence_alone_fp32(heads, kv_heads, head_dim, page):
     case = packed_case(heads, kv_heads, head_dim, page, *MIXED, torch.float32)
@@ -159,7 +161,7 @@ def test_packed_step_bf16():
     assert (out.float() - packed_reference(*case)).abs().max() <= 2e-2
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (6, 2, 80), (14, 2, 64)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (6, 2, 80), (14, 2, 64), (4, 1, 256)])
 def test_float16_pools_under_float32_queries(heads, kv_heads, head_dim):
     """The engine's 16-bit KV cache: float16 pools, float32 queries and output, the same as float32 attention on
     the pools' own values (decode rows, one of them in spans, and prompt chunks)."""
