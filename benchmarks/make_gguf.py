@@ -34,10 +34,13 @@ class Shape:
     tied: bool
     rope_theta: float = 500000.0
     head_dim: int | None = None  # dim / heads where None
+    spm: bool = False  # the vocabulary as a SentencePiece one
 
 
 SHAPES = {
-    "gemma-3-270m": Shape("gemma3", 18, 640, 4, 1, 2048, 262144, True, 1e6, head_dim=256),
+    # with --vocab ggml-vocab-gemma-4.gguf: its 262144 pieces, as Gemma 3's SentencePiece vocabulary (its scores,
+    # no merges: as in the real files)
+    "gemma-3-270m": Shape("gemma3", 18, 640, 4, 1, 2048, 262144, True, 1e6, head_dim=256, spm=True),
     "qwen2.5-0.5b": Shape("qwen2", 24, 896, 14, 2, 4864, 151936, True, 1e6),
     "llama-3.2-1b": Shape("llama", 16, 2048, 32, 8, 8192, 128256, True),
     "qwen2.5-1.5b": Shape("qwen2", 28, 1536, 12, 2, 8960, 151936, True, 1e6),
@@ -100,7 +103,7 @@ def write(path: str, shape: Shape, mix: str, vocab_file: str, seed: int = 0) -> 
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
         writer.add_sliding_window(512)
-    _copy_vocabulary(writer, vocab_file, shape.vocab)
+    _copy_vocabulary(writer, vocab_file, shape.vocab, shape.spm)
 
     def add(name: str, rows: int, cols: int, layer: int = 0) -> None:
         kind = tensor_type(name.split(".")[-2] if "." in name else name, mix, layer, shape, cols)
@@ -133,13 +136,14 @@ def write(path: str, shape: Shape, mix: str, vocab_file: str, seed: int = 0) -> 
     writer.close()
 
 
-def _copy_vocabulary(writer: gguf.GGUFWriter, vocab_file: str, size: int) -> None:
-    """The tokenizer.* fields of a vocabulary-only GGUF, its token list padded to `size`."""
+def _copy_vocabulary(writer: gguf.GGUFWriter, vocab_file: str, size: int, spm: bool = False) -> None:
+    """The tokenizer.* fields of a vocabulary-only GGUF, its token list padded to `size` (`spm`: as a
+    SentencePiece vocabulary, tokenizer model "llama", without merges)."""
     reader = gguf.GGUFReader(vocab_file)
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.") or key == "tokenizer.chat_template":
+        if not key.startswith("tokenizer.") or key == "tokenizer.chat_template" or (spm and key.endswith("merges")):
             continue
-        value = field.contents()
+        value = "llama" if spm and key == "tokenizer.ggml.model" else field.contents()
         if key == "tokenizer.ggml.tokens":
             value = list(value) + [f"[PAD{i}]" for i in range(len(value), size)]
         elif key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
