@@ -117,6 +117,26 @@ def test_gguf_default_computes_on_the_files_blocks(tmp_path, qtype):
         assert sum(held.values()) == sum(t.data.nbytes for t in GGUFFile(path).tensors.values() if len(t.shape) == 2)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "F16"])
+def test_tensors_repacked_in_chunks_equal_those_repacked_whole(tmp_path, monkeypatch, qtype):
+    """A load repacks a tensor in chunks of whole groups of 16 rows (the file's pages of one chunk mapped in at a
+    time): chunks of 16 rows, with a short last one, give the bytes one chunk gives."""
+    from minillm.loading import builder
+
+    path = write_gguf(tmp_path / "tiny.gguf", hf_model("llama", hidden_size=256, intermediate_size=512, vocab_size=300),
+                      qtype=qtype)
+
+    def weights() -> list[torch.Tensor]:
+        model = load_checkpoint(path, progress=False).model
+        return [w for m in model.modules() if isinstance(m, GGMLLinear) for w in m.weights]
+
+    whole = weights()
+    monkeypatch.setattr(builder, "REPACK_CHUNK", 1)
+    chunked = weights()
+    assert len(whole) == len(chunked) >= 8 and all(torch.equal(a, b) for a, b in zip(whole, chunked))
+    assert whole[-1].shape[0] == 300  # the tied LM head: 18 chunks of 16 rows and one of 12
+
+
 @pytest.mark.slow
 def test_gguf_default_on_smollm():
     """Q4_1 layers and the Q8_0 tied LM head run on the file's own blocks; the reference is the file

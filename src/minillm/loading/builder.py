@@ -34,6 +34,10 @@ from .tensor_part import TensorPart, padded
 logger = logging.getLogger("minillm")
 
 
+REPACK_CHUNK = 16 << 20  # bytes of the file a repack maps in at a time
+GROUP_ROWS = 16  # the kernels interleave rows in groups of 16 (kernels/csrc/ggml_formats.h): chunks hold whole groups
+
+
 class Checkpoint(Protocol):
     name: str
     tensor_table: Tensors
@@ -193,9 +197,19 @@ class _Parts:
 
     def repack(self, name: str, raw: np.ndarray, kind: int, part: TensorPart | None = None) -> Tensor:
         """One tensor's blocks (or a rank's part of them) from the file into the arena, interleaved (`reading`:
-        its pages of the file mapped in, then released, so a load holds one tensor of the file at a time)."""
-        with self.checkpoint.reading(name, part):
-            return repack(_view(raw), kind, self.arena.take(raw.nbytes))
+        their pages of the file mapped in, then released). A whole tensor goes in chunks of whole row groups,
+        so that a load holds ~REPACK_CHUNK bytes of the file at a time, not a whole LM head (0.18 GB in
+        Gemma-3-270M, 0.43 GB in Llama-3.1-8B); a rank's part goes at once."""
+        table = self.arena.take(raw.nbytes).view(raw.shape)
+        if part is not None:
+            with self.checkpoint.reading(name, part):
+                return repack(_view(raw), kind, table)
+        step = max(1, REPACK_CHUNK // max(raw.shape[1], 1) // GROUP_ROWS) * GROUP_ROWS
+        for start in range(0, raw.shape[0], step):
+            rows = slice(start, start + step)
+            with self.checkpoint.reading(name, TensorPart(rows=((start, min(start + step, raw.shape[0])),))):
+                repack(_view(raw[rows]), kind, table[rows])
+        return table
 
 
 def _view(raw: np.ndarray) -> Tensor:
