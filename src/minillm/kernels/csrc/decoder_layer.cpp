@@ -83,7 +83,8 @@ at::Tensor decoder_layer(const at::Tensor& x, const Norms& norms, double eps, co
     const auto gate_up = f.chunk(2, -1);
     f = at::gelu(gate_up[0], "tanh") * gate_up[1];
   }
-  if (!variant.sandwich) return minillm::ggml_linear(f, w2.tensors, w2.formats, f.size(-1), std::nullopt, false, gemm_from, h);
+  if (!variant.sandwich)
+    return minillm::ggml_linear(f, w2.tensors, w2.formats, f.size(-1), std::nullopt, false, gemm_from, h);
   const at::Tensor m = minillm::ggml_linear(f, w2.tensors, w2.formats, f.size(-1), std::nullopt, false, gemm_from,
                                             std::nullopt);
   return h + minillm::rms_norm(m, norms.post_ffn(), eps);
