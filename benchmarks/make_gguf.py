@@ -41,6 +41,7 @@ SHAPES = {
     # with --vocab ggml-vocab-gemma-4.gguf: its 262144 pieces, as Gemma 3's SentencePiece vocabulary (its scores,
     # no merges: as in the real files)
     "gemma-3-270m": Shape("gemma3", 18, 640, 4, 1, 2048, 262144, True, 1e6, head_dim=256, spm=True),
+    "gemma-3-1b": Shape("gemma3", 26, 1152, 4, 1, 6912, 262144, True, 1e6, head_dim=256, spm=True),
     "qwen2.5-0.5b": Shape("qwen2", 24, 896, 14, 2, 4864, 151936, True, 1e6),
     "llama-3.2-1b": Shape("llama", 16, 2048, 32, 8, 8192, 128256, True),
     "qwen2.5-1.5b": Shape("qwen2", 28, 1536, 12, 2, 8960, 151936, True, 1e6),
