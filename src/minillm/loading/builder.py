@@ -206,9 +206,9 @@ class _Parts:
                 return repack(_view(raw), kind, table)
         step = max(1, REPACK_CHUNK // max(raw.shape[1], 1) // GROUP_ROWS) * GROUP_ROWS
         for start in range(0, raw.shape[0], step):
-            rows = slice(start, start + step)
-            with self.checkpoint.reading(name, TensorPart(rows=((start, min(start + step, raw.shape[0])),))):
-                repack(_view(raw[rows]), kind, table[rows])
+            stop = min(start + step, raw.shape[0])
+            with self.checkpoint.reading(name, TensorPart(rows=((start, stop),))):
+                repack(_view(raw[start:stop]), kind, table[start:stop])
         return table
 
 

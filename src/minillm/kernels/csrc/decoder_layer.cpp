@@ -51,8 +51,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const Norms& norms, double eps, co
   static auto paged_attention = c10::Dispatcher::singleton()
       .findSchemaOrThrow("minillm::paged_attention", "")
       .typed<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, int64_t, double)>();
-  // the norms fused into the matmuls' quantization, the skip connections into their output loops (but where
-  // a sandwich norm comes between)
+  // the norms fused into the matmuls' quantization, the skip connections into their output loops
   at::Tensor qkv =
       minillm::ggml_linear_normed(x, norms.attention(), eps, wqkv.tensors, wqkv.formats, bqkv, false, gemm_from);
   qkv = qkv.view({-1, qkv.size(-1)});
@@ -69,25 +68,20 @@ at::Tensor decoder_layer(const at::Tensor& x, const Norms& norms, double eps, co
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = -1;
   const at::Tensor o = attn.view(shape);
-  at::Tensor h;
-  if (variant.sandwich) {
-    const at::Tensor a = minillm::ggml_linear(o, wo.tensors, wo.formats, o.size(-1), std::nullopt, false, gemm_from,
-                                              std::nullopt);
-    h = x + minillm::rms_norm(a, norms.post_attention(), eps);
-  } else {
-    h = minillm::ggml_linear(o, wo.tensors, wo.formats, o.size(-1), std::nullopt, false, gemm_from, x);
-  }
+  // a sandwich norm comes between a matmul and its residual add, which is otherwise fused into its output loop
+  const auto residual = [&](const at::Tensor& r) { return variant.sandwich ? std::nullopt : std::optional(r); };
+  at::Tensor h =
+      minillm::ggml_linear(o, wo.tensors, wo.formats, o.size(-1), std::nullopt, false, gemm_from, residual(x));
+  if (variant.sandwich) h = x + minillm::rms_norm(h, norms.post_attention(), eps);
   at::Tensor f = minillm::ggml_linear_normed(h, norms.ffn(), eps, w13.tensors, w13.formats, std::nullopt,
                                              !variant.gelu, gemm_from);
   if (variant.gelu) {
     const auto gate_up = f.chunk(2, -1);
     f = at::gelu(gate_up[0], "tanh") * gate_up[1];
   }
-  if (!variant.sandwich)
-    return minillm::ggml_linear(f, w2.tensors, w2.formats, f.size(-1), std::nullopt, false, gemm_from, h);
-  const at::Tensor m = minillm::ggml_linear(f, w2.tensors, w2.formats, f.size(-1), std::nullopt, false, gemm_from,
-                                            std::nullopt);
-  return h + minillm::rms_norm(m, norms.post_ffn(), eps);
+  const at::Tensor out = minillm::ggml_linear(f, w2.tensors, w2.formats, f.size(-1), std::nullopt, false, gemm_from,
+                                              residual(h));
+  return variant.sandwich ? h + minillm::rms_norm(out, norms.post_ffn(), eps) : out;
 }
 
 // Every layer of the model in turn (layer l: its norms, 2 to 6 as `Norms` lists them; linear layers 4l .. 4l + 3 as

@@ -44,8 +44,8 @@ VEC_TARGET_AVX2 inline void prefetch_share(const uint8_t* next, int64_t step) {
 
 // The prefetch of the next group from inside a kernel: its share at `step` cut into PARTS, issued at points
 // spread over the step (part 0 .. PARTS - 1). The whole-tile kernels (blocks of 32, Q4_K, Q5_K, Q6_K: one
-// step a block, 0 .. nb - 1) do so, passing twice the tile's bytes as TILE: a share of ~27 lines at once held Q6_K's
-// 1-token stream on 2 Zen 2 cores to ~17 GB/s, parts of ~4 lines reach ~22 (Q5_K +10 % with 4 parts).
+// step a block, 0 .. nb - 1) do so, passing twice the tile's bytes as TILE: a share of ~27 lines at once held
+// Q6_K's 1-token stream on 2 Zen 2 cores to ~17 GB/s, parts of ~4 lines reach ~22 (Q5_K +10 % with 4 parts).
 struct Ahead {
   const uint8_t* next;  // null: none
   int64_t step;
