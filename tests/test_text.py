@@ -98,3 +98,24 @@ def test_smollm_tokenizer_metadata(smollm):
     assert tok.add_bos is False and tok.bos_token_id == 1
     assert tok.eos_token_ids == [2] and tok.eos_token == "<|im_end|>"
     assert tok.encode("<|im_start|>") == [1]  # special tokens stay whole
+
+
+def test_sentencepiece_merges_equal_every_split_into_two_tokens():
+    """The vectorized merges against their definition, split by split: a vocabulary of short random texts over
+    a few characters (so that most splits are tokens), with astral and NUL characters, a text given twice
+    (its last id is the one merged) and tied scores (ranked by the pieces' ids)."""
+    import random
+
+    from minillm.text.spm import merges_from_scores
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", "▁", "é", "😀", "\x00"]
+    tokens = list(dict.fromkeys(alphabet + ["".join(rng.choices(alphabet, k=rng.randint(2, 6))) for _ in range(3000)]))
+    tokens += [tokens[40], tokens[41]]  # two texts given twice
+    scores = [float(rng.randint(-50, 0)) for _ in tokens]  # many ties
+    ids = {t: i for i, t in enumerate(tokens)}
+    expected = sorted(((-scores[i], ids[t[:k]], ids[t[k:]]) for i, t in enumerate(tokens) for k in range(1, len(t))
+                       if t[:k] in ids and t[k:] in ids), key=lambda m: m)
+    merges = merges_from_scores(tokens, scores)
+    assert len(merges) > 4000
+    assert merges == [(tokens[left], tokens[right]) for _, left, right in expected]

@@ -127,13 +127,16 @@ def _stripped_sides(tokens: list[str], types: list[int], metadata: Metadata) -> 
     Phi-3's special tokens eat the spaces after them, a mask token those before it."""
     name = str(metadata("general.name", "")).lower()
     pre = metadata("tokenizer.ggml.pre", None) or ""
-    ids = {t: i for i, t in enumerate(tokens)}
+    def ids(*texts: str) -> list[int]:  # the last id of each text in the vocabulary (a search only if asked)
+        found = {t: i for i, t in enumerate(tokens) if t in texts}
+        return [found[t] for t in texts if t in found]
+
     if "phi-3" in name or "phi3" in name:
         sides = {i: (False, True) for i, k in enumerate(types) if k in (CONTROL, UNKNOWN, USER_DEFINED)}
-        sides |= {ids[t]: (False, True) for t in ("</s>",) if t in ids}
-        return sides | {ids[t]: (False, False) for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids}
-    if pre in ("jina-v2-de", "jina-v2-es", "jina-v2-code") and "<mask>" in ids:
-        return {ids["<mask>"]: (True, False)}
-    if "modern-bert" in name and "[MASK]" in ids:
-        return {ids["[MASK]"]: (True, False)}
+        sides |= {i: (False, True) for i in ids("</s>")}
+        return sides | {i: (False, False) for i in ids("<unk>", "<s>", "<|endoftext|>")}
+    if pre in ("jina-v2-de", "jina-v2-es", "jina-v2-code"):
+        return {i: (True, False) for i in ids("<mask>")}
+    if "modern-bert" in name:
+        return {i: (True, False) for i in ids("[MASK]")}
     return {}
