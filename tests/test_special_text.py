@@ -56,3 +56,23 @@ def test_sentencepiece_pieces_between_special_tokens_get_their_space(tmp_path):
     assert eos not in plain
     assert tokenizer.encode_chat([{"role": "user", "content": "hello</s> world"}]) == [bos, *plain, eos]
     assert tokenizer.encode_chat([{"role": "user", "content": "ab c"}]) == tokenizer.encode("<s>ab c</s>", False)
+
+
+@pytest.mark.parametrize("key", ["scores", "token_type"])
+def test_a_vocabulary_whose_scores_or_types_miss_tokens_is_refused_by_name(tmp_path, key):
+    import gguf
+
+    from minillm.loading import ModelLoadError
+
+    pieces = ["<unk>", "<s>", "</s>", "▁", "h", "e", "he", "▁he"]
+    writer = gguf.GGUFWriter(str(tmp_path / "v.gguf"), arch="llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * (len(pieces) - (key == "scores") * 3))
+    writer.add_token_types([2, 3, 3] + [1] * (len(pieces) - 3 - (key == "token_type") * 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=f"tokenizer.ggml.{key} has 5 values for 8 tokens"):
+        load_tokenizer(tmp_path / "v.gguf")

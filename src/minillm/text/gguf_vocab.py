@@ -45,6 +45,11 @@ def gguf_tokenizer_args(metadata: Metadata, name: str) -> dict[str, Any]:
     if kind in _REFUSED:
         raise ValueError(f"{name}: tokenizer model {kind!r} ({_REFUSED[kind]}) is not supported "
                          "(supported: 'llama' SentencePiece and 'gpt2' byte-level BPE vocabularies)")
+    for key in ("scores", "token_type"):  # one per token, or a merge or a special token would read past them
+        values = meta(key)
+        if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):
+            count = f"{len(values)} values" if isinstance(values, list) else "a single value"
+            raise ValueError(f"{name}: tokenizer.ggml.{key} has {count} for {len(tokens)} tokens")
     # llama.cpp renames empty tokens so that every text names one id
     tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
     types = list(meta("token_type") or [NORMAL] * len(tokens))
