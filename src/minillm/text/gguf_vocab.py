@@ -38,28 +38,34 @@ def gguf_tokenizer_args(metadata: Metadata, name: str) -> dict[str, Any]:
     def meta(key: str, default: Any = None) -> Any:
         return metadata(f"tokenizer.ggml.{key}", default)
 
+    def array(key: str, item: type | tuple[type, ...], what: str) -> list[Any] | None:
+        """tokenizer.ggml.<key> where it is an array of `item`s; absent: None; anything else is refused."""
+        values = meta(key)
+        if values is not None and (not isinstance(values, list) or not all(isinstance(v, item) for v in values)):
+            raise ValueError(f"{name}: tokenizer.ggml.{key} is not an array of {what}")
+        return values
+
     kind = meta("model")
-    tokens: list[str] = list(meta("tokens") or [])
+    tokens: list[str] = array("tokens", str, "strings") or []
     if kind is None or not tokens:
         raise ValueError(f"{name} has no tokenizer in its metadata")
     if kind in _REFUSED:
         raise ValueError(f"{name}: tokenizer model {kind!r} ({_REFUSED[kind]}) is not supported "
                          "(supported: 'llama' SentencePiece and 'gpt2' byte-level BPE vocabularies)")
-    for key in ("scores", "token_type"):  # one per token, or a merge or a special token would read past them
-        values = meta(key)
-        if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):
-            count = f"{len(values)} values" if isinstance(values, list) else "a single value"
-            raise ValueError(f"{name}: tokenizer.ggml.{key} has {count} for {len(tokens)} tokens")
+    scores, types = array("scores", (int, float), "numbers"), array("token_type", int, "integers")
+    for key, values in (("scores", scores), ("token_type", types)):  # one per token: a merge would read past them
+        if values is not None and len(values) != len(tokens):
+            raise ValueError(f"{name}: tokenizer.ggml.{key} has {len(values)} values for {len(tokens)} tokens")
     # llama.cpp renames empty tokens so that every text names one id
     tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-    types = list(meta("token_type") or [NORMAL] * len(tokens))
+    types = types or [NORMAL] * len(tokens)
     pre = meta("pre")
     if kind == "llama":
-        backend = sentencepiece_backend(tokens, meta("scores"), meta("unknown_token_id", 0),
+        backend = sentencepiece_backend(tokens, scores, meta("unknown_token_id", 0),
                                         add_space_prefix=bool(meta("add_space_prefix", True)))
         default_bos, default_ids = True, (1, 2)
     elif kind == "gemma4" or (kind == "gpt2" and pre in SPM_STYLE_BPE):
-        backend = spm_style_bpe_backend(tokens, _merges(meta("merges"), name))
+        backend = spm_style_bpe_backend(tokens, _merges(array("merges", str, "strings"), name))
         default_bos, default_ids = True, (None, None)
     elif kind == "gpt2":
         if pre is None:
@@ -69,7 +75,8 @@ def gguf_tokenizer_args(metadata: Metadata, name: str) -> dict[str, Any]:
             split = pre_tokenizer(pre)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
-        backend = _byte_level_bpe(tokens, _merges(meta("merges"), name), split.splits, split.ignore_merges)
+        merges = _merges(array("merges", str, "strings"), name)
+        backend = _byte_level_bpe(tokens, merges, split.splits, split.ignore_merges)
         default_bos, default_ids = split.add_bos, (11, 11)  # llama.cpp's defaults for a BPE file
     else:
         raise ValueError(f"{name}: unknown tokenizer model {kind!r} (supported: llama, gpt2)")
