@@ -3,13 +3,14 @@
 import json
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from checkpoints import dequantized_copy, hf_model, write_gguf, write_sentencepiece_gguf
 from minillm import Configs, MiniLLM
-from minillm.loading import ModelLoadError, architectures, load_checkpoint
+from minillm.loading import ModelLoadError, architectures, load_checkpoint, load_tokenizer
 from minillm.loading.gguf_file import GGUFCheckpoint
 from minillm.model.ggml_decoder import GGMLDecoder
 
@@ -69,8 +70,6 @@ def test_gguf_qwen2_with_bias_and_tied_embeddings(tmp_path):
 def test_k_quant_tensors_are_dequantized_by_gguf(tmp_path, qtype, block_bytes, scale_offsets):
     """gguf-py cannot quantize K-quants, so write random blocks with finite fp16 scales and check that
     the loader reads them as the gguf package dequantizes them."""
-    import gguf
-
     kind = gguf.GGMLQuantizationType[qtype]
     rng = np.random.default_rng(0)
     rows, cols = 8, 256  # one 256-wide super-block per row
@@ -497,8 +496,6 @@ def test_crafted_header_sizes_are_refused_before_anything_is_sized_by_them(tmp_p
                                                                            message):
     """A header whose sizes are absurd (a billion layers, no heads) is refused by name, at once, instead of
     building a model of that size or dividing by zero."""
-    import gguf
-
     hf = hf_model("llama")
     write = getattr(gguf.GGUFWriter, method)
     monkeypatch.setattr(gguf.GGUFWriter, method, lambda self, _: write(self, value))
@@ -510,8 +507,6 @@ def test_crafted_header_sizes_are_refused_before_anything_is_sized_by_them(tmp_p
 def test_a_huge_context_length_serves_a_bounded_number_of_positions(tmp_path, monkeypatch, caplog):
     """context_length = 2^31 would ask for 16 GB of RoPE tables: the model is built for MAX_CONTEXT positions,
     with one warning, and still computes."""
-    import gguf
-
     from minillm.loading.gguf_file import MAX_CONTEXT
 
     hf = hf_model("llama")
@@ -537,3 +532,35 @@ def test_a_model_path_that_is_not_a_regular_file_is_refused(tmp_path):
     code = f"from minillm.loading import load_checkpoint\nload_checkpoint({str(fifo)!r}, progress=False)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "neither a regular file nor a folder" in result.stderr
+
+
+# (tokenizer model, the tokens, other tokenizer.ggml arrays or strings, the error)
+BAD_VOCABULARIES = {
+    "short scores": ("llama", None, {"scores": [0.0] * 5}, "tokenizer.ggml.scores has 5 values for 8 tokens"),
+    "short types": ("llama", None, {"token_type": [1] * 5}, "tokenizer.ggml.token_type has 5 values for 8 tokens"),
+    "scores of text": ("llama", None, {"scores": ["a"] * 8}, "tokenizer.ggml.scores is not an array of numbers"),
+    "types of text": ("llama", None, {"token_type": ["a"] * 8},
+                      "tokenizer.ggml.token_type is not an array of integers"),
+    "tokens of numbers": ("llama", list(range(8)), {}, "tokenizer.ggml.tokens is not an array of strings"),
+    "tokens as one string": ("llama", "abc", {}, "tokenizer.ggml.tokens is not an array of strings"),
+    "merges of numbers": ("gpt2", None, {"merges": [1, 2]}, "tokenizer.ggml.merges is not an array of strings"),
+    "merges as one string": ("gpt2", None, {"merges": "h e"}, "tokenizer.ggml.merges is not an array of strings"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VOCABULARIES)
+def test_a_vocabulary_of_the_wrong_shape_or_types_is_refused_by_name(tmp_path, case):
+    """Each a one-line load error naming the key, not a traceback, nor a vocabulary read from the characters of
+    a string, nor scores or token types read past their end."""
+    model, tokens, arrays, message = BAD_VOCABULARIES[case]
+    writer = gguf.GGUFWriter(str(tmp_path / "v.gguf"), arch="llama")
+    writer.add_tokenizer_model(model)
+    writer.add_string("tokenizer.ggml.pre", "default")
+    for key, value in {"tokens": tokens or ["<unk>", "<s>", "</s>", "▁", "h", "e", "he", "▁he"], **arrays}.items():
+        (writer.add_string if isinstance(value, str) else writer.add_array)(f"tokenizer.ggml.{key}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=message):
+        load_tokenizer(tmp_path / "v.gguf")

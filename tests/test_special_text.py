@@ -56,38 +56,3 @@ def test_sentencepiece_pieces_between_special_tokens_get_their_space(tmp_path):
     assert eos not in plain
     assert tokenizer.encode_chat([{"role": "user", "content": "hello</s> world"}]) == [bos, *plain, eos]
     assert tokenizer.encode_chat([{"role": "user", "content": "ab c"}]) == tokenizer.encode("<s>ab c</s>", False)
-
-
-# (tokenizer model, the tokens, other tokenizer.ggml arrays or strings, the error)
-BAD_VOCABULARIES = {
-    "short scores": ("llama", None, {"scores": [0.0] * 5}, "tokenizer.ggml.scores has 5 values for 8 tokens"),
-    "short types": ("llama", None, {"token_type": [1] * 5}, "tokenizer.ggml.token_type has 5 values for 8 tokens"),
-    "scores of text": ("llama", None, {"scores": ["a"] * 8}, "tokenizer.ggml.scores is not an array of numbers"),
-    "types of text": ("llama", None, {"token_type": ["a"] * 8}, "tokenizer.ggml.token_type is not an array of integers"),
-    "tokens of numbers": ("llama", list(range(8)), {}, "tokenizer.ggml.tokens is not an array of strings"),
-    "tokens as one string": ("llama", "abc", {}, "tokenizer.ggml.tokens is not an array of strings"),
-    "merges of numbers": ("gpt2", None, {"merges": [1, 2]}, "tokenizer.ggml.merges is not an array of strings"),
-    "merges as one string": ("gpt2", None, {"merges": "h e"}, "tokenizer.ggml.merges is not an array of strings"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_VOCABULARIES)
-def test_a_vocabulary_of_the_wrong_shape_or_types_is_refused_by_name(tmp_path, case):
-    """Each a one-line load error naming the key, not a traceback, nor a vocabulary read from the characters of
-    a string, nor scores or token types read past their end."""
-    import gguf
-
-    from minillm.loading import ModelLoadError
-
-    model, tokens, arrays, message = BAD_VOCABULARIES[case]
-    writer = gguf.GGUFWriter(str(tmp_path / "v.gguf"), arch="llama")
-    writer.add_tokenizer_model(model)
-    writer.add_string("tokenizer.ggml.pre", "default")
-    for key, value in {"tokens": tokens or ["<unk>", "<s>", "</s>", "▁", "h", "e", "he", "▁he"], **arrays}.items():
-        (writer.add_string if isinstance(value, str) else writer.add_array)(f"tokenizer.ggml.{key}", value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ModelLoadError, match=message):
-        load_tokenizer(tmp_path / "v.gguf")

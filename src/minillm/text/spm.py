@@ -15,7 +15,8 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 SPACE = "▁"
-# merges_from_scores's hash: an odd base (so that it has an inverse mod 2^64), and a multiplier of lengths
+# merges_from_scores's hash: an odd base (so that it has an inverse mod 2^64), and an odd multiplier (of the
+# length, and in the final mix)
 _BASE = 0x9E3779B97F4A7C15
 _INVERSE = pow(_BASE, -1, 2**64)
 _LENGTH = 0xC2B2AE3D27D4EB4F
