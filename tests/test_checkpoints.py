@@ -10,7 +10,7 @@ import torch
 
 from checkpoints import dequantized_copy, hf_model, write_gguf, write_sentencepiece_gguf
 from minillm import Configs, MiniLLM
-from minillm.loading import ModelLoadError, architectures, load_checkpoint, load_tokenizer
+from minillm.loading import ModelLoadError, architectures, default_model_path, load_checkpoint, load_tokenizer
 from minillm.loading.gguf_file import GGUFCheckpoint
 from minillm.model.ggml_decoder import GGMLDecoder
 
@@ -100,9 +100,13 @@ def test_bad_gguf_files(tmp_path):
         load_checkpoint(wrong_magic, progress=False)
 
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
-        load_checkpoint(truncated, progress=False)
+    with open(default_model_path(), "rb") as f:
+        head = f.read(1 << 20)
+    # half a file; and the bundled model's start, ending inside the vocabulary (passed over at open, decoded later)
+    for cut in (data[: len(data) // 2], head[: head.index(b"tokenizer.ggml.tokens") + 300]):
+        truncated.write_bytes(cut)
+        with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+            load_checkpoint(truncated, progress=False)
 
     cut = write_gguf(tmp_path / "cut.gguf", hf, qtype="Q8_0")  # the last tensor's blocks end early
     cut.write_bytes(cut.read_bytes()[:-100])

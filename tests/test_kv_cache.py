@@ -1,3 +1,5 @@
+import mmap
+
 import pytest
 import torch
 
@@ -26,6 +28,34 @@ def test_paged_block_bytes_are_what_the_pools_take(dtype, element):
     assert len(cache.k) == len(cache.v) == cfg.num_layers
     assert sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v)) == 5 * bytes_per_block(cfg, 16, dtype)
     assert cache.nbytes == 5 * bytes_per_block(cfg, 16, dtype)
+
+
+def _page_advice(address: int) -> set[str]:
+    """The huge-page advice flags ('hg', 'nh') of the mapping that holds `address` in this process."""
+    mapping = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                mapping = low <= address < high
+            elif mapping and head == "VmFlags:":
+                return set(line.split()[1:]) & {"hg", "nh"}
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_NOHUGEPAGE"), reason="no transparent huge page advice here")
+def test_cpu_pools_start_on_small_pages_and_go_on_on_huge_ones():
+    """A short context touches each pool's first blocks: on 2 MB pages that is 2 MB per pool (K and V of every
+    layer) for one token, so each pool's first 2 MB are on 4 KB pages, and what follows on huge pages."""
+    cfg = Configs.tiny()
+    cache = PagedKVCache(cfg, num_blocks=2048, block_size=16, dtype="float32")  # 4 MB pools
+    if "hg" not in _page_advice(cache.k[0].data_ptr() + (3 << 20)):
+        pytest.skip("this kernel takes no huge page advice")
+    for pool in (*cache.k, *cache.v):
+        start = pool.data_ptr()
+        assert _page_advice(start) == _page_advice(start + (2 << 20) - 4096) == {"nh"}
+        assert _page_advice(start + (3 << 20)) == {"hg"}
 
 
 def test_reset_one_row_leaves_the_other_intact(tiny_model):

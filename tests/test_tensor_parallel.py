@@ -67,7 +67,8 @@ def write_test_model(path, layers: int = 4, dim: int = 256, heads: int = 4, kv_h
     """A Llama GGUF with the bundled model's tokenizer; llama's converter permutes Q/K rows per head, which the
     loader undoes for each rank's heads."""
     rng = np.random.default_rng(0)
-    fields = GGUFFile(default_model_path()).fields
+    reader = GGUFFile(default_model_path())
+    fields = {key: reader.field(key) for key in reader.fields}
     vocab, head_dim = len(fields["tokenizer.ggml.tokens"]), dim // heads
     writer = gguf.GGUFWriter(str(path), arch="llama")
     for key, value in fields.items():

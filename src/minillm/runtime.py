@@ -25,15 +25,30 @@ def tune_allocator() -> bool:
     A no-op off glibc. Returns whether the setting was applied.
     """
     global _tuned
-    if _tuned or not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if _tuned or libc is None:
         return _tuned
+    _tuned = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    return _tuned
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim). Building a tokenizer leaves tens of MB
+    free inside the heap (a vocabulary's strings, the copies `tokenizers` makes of it), which glibc keeps, and
+    which would otherwise add to the load's peak under the weights. A no-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
-    except (OSError, AttributeError):
-        return False
-    _tuned = ok
-    return ok
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
 
 
 _thaw_at_exit = False
@@ -84,19 +99,26 @@ class HugePageArena:
             self.offset = -torch.frombuffer(self.mapping, dtype=torch.uint8, count=1).data_ptr() % _HUGE_PAGE
             self.end = self.offset + size
 
-    def take(self, n: int) -> torch.Tensor:
-        """A zeroed uint8 tensor of n bytes (a plain tensor where there is no mapping, or no room left)."""
+    def take(self, n: int, small_head: int = 0) -> torch.Tensor:
+        """A zeroed uint8 tensor of n bytes (a plain tensor where there is no mapping, or no room left); its first
+        `small_head` bytes on 4 KB pages, so that touching its start faults in 4 KB, not 2 MB."""
         if self.mapping is None or not n or self.offset + n > self.end:
             return torch.zeros(n, dtype=torch.uint8)
         buffer = torch.frombuffer(self.mapping, dtype=torch.uint8, count=n, offset=self.offset)
+        if small_head and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            start = self.offset // mmap.PAGESIZE * mmap.PAGESIZE
+            try:
+                self.mapping.madvise(mmap.MADV_NOHUGEPAGE, start, self.offset + min(n, small_head) - start)
+            except OSError:
+                pass
         self.offset += -(-n // 64) * 64
         return buffer
 
 
-def huge_page_buffers(sizes: list[int]) -> list[torch.Tensor]:
-    """Zeroed CPU buffers (uint8) of these sizes, together in one `HugePageArena`."""
+def huge_page_buffers(sizes: list[int], small_head: int = 0) -> list[torch.Tensor]:
+    """Zeroed CPU buffers (uint8) of these sizes, together in one `HugePageArena` (`small_head`: as `take`)."""
     arena = HugePageArena(sum(-(-n // 64) * 64 for n in sizes))
-    return [arena.take(n) for n in sizes]
+    return [arena.take(n, small_head) for n in sizes]
 
 
 def place_in_huge_pages(model: torch.nn.Module, min_bytes: int = 1 << 16) -> int:

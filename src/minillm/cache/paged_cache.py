@@ -33,10 +33,12 @@ class PagedKVCache:
         self.device = torch.device(device)
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zero-filled: masked slots still meet a 0-weight multiply, and 0 * NaN is NaN. On the CPU in one
-        # mapping on 2 MB pages where the OS grants them (runtime.huge_page_buffers: fewer TLB misses).
+        # mapping on 2 MB pages where the OS grants them (runtime.huge_page_buffers: fewer TLB misses), but for
+        # each pool's first 2 MB: the first blocks taken would otherwise fault in 2 MB per pool (112 MB for a
+        # 28-layer model's first token), where a short context needs a few KB per pool.
         if self.device.type == "cpu":
             sizes = [math.prod(shape) * self.dtype.itemsize] * (2 * config.num_layers)
-            pools = [buffer.view(self.dtype).view(shape) for buffer in huge_page_buffers(sizes)]
+            pools = [buffer.view(self.dtype).view(shape) for buffer in huge_page_buffers(sizes, small_head=2 << 20)]
         else:
             pools = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * config.num_layers)]
         self.k, self.v = pools[:config.num_layers], pools[config.num_layers:]

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..model.transformer import MiniLLM
 from .. import kernels
+from ..runtime import release_free_heap
 from ..text.chat_formats import select_chat_template
 from ..text.tokenizer import Tokenizer
 from .gguf_file import GGUFCheckpoint, GGUFMetadata
@@ -61,6 +62,7 @@ def load_checkpoint(path: str | Path | None = None, dtype: str | torch.dtype | N
     checkpoint = open_checkpoint(path)
     # first: a bad template fails before the weights load
     tokenizer, eos = _tokenizer(checkpoint, path, chat_template) if with_tokenizer else (None, [])
+    release_free_heap()  # what building it left free, before the weights go in on top
     quantized = (dtype is None and isinstance(checkpoint, GGUFCheckpoint) and torch.device(device).type == "cpu"
                  and kernels.ops_available())
     default = "bfloat16" if torch.device(device).type == "cuda" else "float32"

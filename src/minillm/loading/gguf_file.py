@@ -48,7 +48,7 @@ class GGUFMetadata:
         self.architecture = self.meta("general.architecture")
 
     def meta(self, key: str, default: Any = None) -> Any:
-        return self.reader.fields.get(key, default)
+        return self.reader.field(key, default)
 
 
 class GGUFCheckpoint(GGUFMetadata):

@@ -25,6 +25,12 @@ _U64 = struct.Struct("<Q")
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
+@dataclass(frozen=True)
+class _Strings:
+    at: int  # where the array's first string starts in the file
+    count: int
+
+
 @dataclass
 class TensorInfo:
     name: str
@@ -44,10 +50,11 @@ class GGUFFile:
         if magic != b"GGUF" or version not in (2, 3):
             raise ValueError(f"not a GGUF v2/v3 file (magic {magic!r}, version {version})")
         n_tensors, n_fields = self._unpack("<QQ")
+        # a value by key; an array of strings (a vocabulary: 150k of them) as a `_Strings` until asked for
         self.fields: dict[str, Any] = {}
         for _ in range(n_fields):
             key = self._string()
-            self.fields[key] = self._value(self._unpack("<I")[0])
+            self.fields[key] = self._value(self._unpack("<I")[0], top=True)
         infos = []
         for _ in range(n_tensors):
             name = self._string()
@@ -58,6 +65,16 @@ class GGUFFile:
         alignment = int(self.fields.get("general.alignment", 32))
         start = (self.pos + alignment - 1) // alignment * alignment
         self.tensors = {name: self._tensor(name, shape, kind, start + offset) for name, shape, kind, offset in infos}
+
+    def field(self, key: str, default: Any = None) -> Any:
+        """A metadata value; an array of strings is decoded on each call and not kept, so that a vocabulary's
+        Python strings (~40 MB for 128k tokens and 280k merges) live while its tokenizer is built, not through
+        the weights' load after it, and a load without a tokenizer never decodes them."""
+        value = self.fields.get(key, default)
+        if isinstance(value, _Strings):
+            self.pos = value.at
+            return self._strings(value.count)
+        return value
 
     def _unpack(self, fmt: str) -> tuple:
         values = struct.unpack_from(fmt, self.buffer, self.pos)
@@ -80,13 +97,24 @@ class GGUFFile:
         self.pos = pos
         return out
 
-    def _value(self, kind: int) -> Any:
+    def _skip_strings(self, count: int) -> _Strings:
+        """An array of strings passed over (their lengths read, for where it ends), to be decoded by `field`."""
+        buffer, at, length_at = self.buffer, self.pos, _U64.unpack_from
+        pos = at
+        for _ in range(count):
+            pos += 8 + length_at(buffer, pos)[0]
+        if pos > len(buffer):
+            raise ValueError(f"an array of {count} strings runs past the end of the file")
+        self.pos = pos
+        return _Strings(at, count)
+
+    def _value(self, kind: int, top: bool = False) -> Any:
         if kind == _STRING:
             return self._string()
         if kind == _ARRAY:
             item, count = self._unpack("<IQ")
             if item == _STRING:
-                return self._strings(count)
+                return self._skip_strings(count) if top else self._strings(count)
             if item == _ARRAY:
                 return [self._value(_ARRAY) for _ in range(count)]
             return list(self._unpack(f"<{count}{_SCALARS[item]}"))
