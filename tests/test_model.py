@@ -43,6 +43,28 @@ def test_rope_scores_depend_on_the_relative_position_only():
     assert (score(5, 2) - score(5, 4)).abs().min() > 1e-2
 
 
+def test_rope_tables_are_made_as_far_as_positions_are_asked_for_with_the_same_bits():
+    """The tables start at 4096 positions and grow to cover what is asked for (never past max_seq_len); a row's
+    values are cos/sin of position x frequency whatever order positions came in (bit for bit), for the long
+    table of longrope too."""
+    scaling = {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 4096,
+               "short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
+    early, late = RotaryEmbedding(32, 20000, 10000.0, scaling), RotaryEmbedding(32, 20000, 10000.0, scaling)
+    assert early.cos.shape[0] == early.long[0].shape[0] == 4096
+    for positions in ([7, 5000], [9000], [19999]):  # grown in three steps, against once
+        early.tables(torch.tensor(positions))
+    late.tables(torch.tensor([19999, 3]))
+    assert early.cos.shape[0] == early.long[1].shape[0] == late.sin.shape[0] == 20000
+    for a, b in ((early.cos, late.cos), (early.sin, late.sin), (early.long[0], late.long[0])):
+        assert torch.equal(a, b)
+    inv_freq, attention = early.frequencies[0]  # longrope scales cos and sin by an attention factor
+    angles = torch.outer(torch.arange(20000, dtype=torch.float64), inv_freq)
+    torch.testing.assert_close(early.cos, (angles.cos() * attention).float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(early.sin, (angles.sin() * attention).float(), rtol=0, atol=1e-6)
+    early.reserve(1 << 40)
+    assert early.cos.shape[0] == 20000
+
+
 def test_the_forward_rotates_by_position(tiny_model, monkeypatch):
     """With the rotation tables made the identity (no RoPE), position 0 (never rotated) keeps its logits
     and every later position changes: the forward applies the model's RoPE tables."""

@@ -70,6 +70,7 @@ class ModelRunner:
         self.cache = allocate_cache(model, num_blocks + int(settings.cuda_graphs), block_size, settings.kv_dtype)
         self.forward = GGMLDecoder(model).forward if settings.fused_decoder else model.forward
         if settings.compile:
+            model.reserve_positions(model.config.max_seq_len)
             self.forward = compile_step(self.forward, [*self.cache.k, *self.cache.v])
         self.graphs = DecodeGraphs(self.forward, self.cache, self.attention, max_batch, model.config.max_seq_len,
                                    num_blocks) if settings.cuda_graphs else None

@@ -67,33 +67,62 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _tables(inv_freq: Tensor, attention: float, max_seq_len: int) -> tuple[Tensor, Tensor]:
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+def _rows(inv_freq: Tensor, attention: float, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    angles = torch.outer(torch.arange(start, stop, dtype=torch.float64, device=inv_freq.device), inv_freq)
     return (angles.cos() * attention).float(), (angles.sin() * attention).float()
 
 
+# Rows of the tables made at first; each growth doubles them. Made on demand, since a model's whole context is
+# tens of MB of tables (131072 positions x 128 values for Llama 3.1 8B, twice that with Gemma's local RoPE)
+# where most conversations use a few thousand positions.
+_FIRST_ROWS = 4096
+
+
 class RotaryEmbedding:
-    """Precomputed cos/sin tables for positions 0..max_seq_len-1, kept in float32.
+    """cos/sin tables for positions 0..max_seq_len-1, kept in float32, made as far as positions are asked for
+    (on a GPU: all of them, before the first step, so that a captured graph reads one table).
 
     A plain object rather than a module buffer, so that casting the model to bf16 never
     rounds the tables; it follows the device of the positions it is asked for.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
-        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling or {}
+        self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling or {}
         kind = self.scaling.get("rope_type", "default")
         # longrope / dynamic: frequencies change once the sequence is longer than this
         self.switch_at = self.scaling["original_max_position_embeddings"] if kind in ("longrope", "dynamic") else None
         # Built on the CPU explicitly, so a model constructed under torch.device("meta") still has them.
         with torch.device("cpu"):
-            self.cos, self.sin = _tables(*inverse_frequencies(head_dim, theta, scaling), max_seq_len)  # [S, D / 2]
-            self.long = _tables(*inverse_frequencies(head_dim, theta, {**self.scaling, "short_factor":
-                                                                      self.scaling["long_factor"]}), max_seq_len) \
-                if kind == "longrope" else None
+            self.frequencies = [inverse_frequencies(head_dim, theta, scaling)]
+            if kind == "longrope":
+                self.frequencies.append(inverse_frequencies(head_dim, theta, {
+                    **self.scaling, "short_factor": self.scaling["long_factor"]}))
+            empty = torch.empty(0, head_dim // 2)
+        self.cos, self.sin = empty, empty  # [rows made, D / 2]
+        self.long = (empty, empty) if kind == "longrope" else None
+        self.reserve(_FIRST_ROWS)
+
+    def reserve(self, positions: int) -> None:
+        """Tables for at least positions [0, positions), at most max_seq_len. Rows are added in spans that double
+        from _FIRST_ROWS, so each row is always computed in the same span: its bits never depend on the order in
+        which positions were asked for."""
+        while self.cos.shape[0] < min(positions, self.max_seq_len):
+            start = self.cos.shape[0]
+            stop = min(max(2 * start, _FIRST_ROWS), self.max_seq_len)
+            grown = []
+            for (cos, sin), frequencies in zip([(self.cos, self.sin), *([self.long] if self.long is not None else [])],
+                                               self.frequencies):
+                new_cos, new_sin = _rows(*frequencies, start, stop)
+                grown.append((torch.cat([cos, new_cos.to(cos.device)]), torch.cat([sin, new_sin.to(sin.device)])))
+            (self.cos, self.sin), self.long = grown[0], (grown[1] if self.long is not None else None)
 
     def tables(self, positions: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin for `positions` [N] -> each [N, head_dim // 2]; `lengths` [N]: each token's sequence
         length so far, for the scalings that depend on it."""
+        if positions.device.type != "cpu":
+            self.reserve(self.max_seq_len)  # once; a graph captured on the device reads these tables
+        elif not torch.compiler.is_compiling() and positions.numel():  # (a compiled step's were made before)
+            self.reserve(int(positions.max()) + 1)
         if self.cos.device != positions.device:
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
             if self.long is not None:

@@ -146,6 +146,12 @@ class MiniLLM(nn.Module):
             h = layer(h, ctx)
         return self.logits(h, step, last_token_only)
 
+    def reserve_positions(self, count: int) -> None:
+        """RoPE tables made now for positions [0, count): a compiled step reads them as they were when traced."""
+        for rope in (self.rope, self.local_rope):
+            if rope is not None:
+                rope.reserve(count)
+
     def step_context(self, step: PagedStep) -> StepContext:
         cos, sin = self.rope.tables(step.positions, step.token_lengths)
         local = self.local_rope.tables(step.positions) if self.local_rope else (None, None)
