@@ -31,6 +31,16 @@ class _Strings:
     count: int
 
 
+def _decode_strings(buffer: memoryview, pos: int, count: int) -> tuple[list[str], int]:
+    """An array of `count` strings from `pos` (a vocabulary: 150k of them) in one tight loop, and where it ends."""
+    length_at, out = _U64.unpack_from, []
+    for _ in range(count):
+        (length,) = length_at(buffer, pos)
+        out.append(str(buffer[pos + 8:pos + 8 + length], "utf-8", "replace"))
+        pos += 8 + length
+    return out, pos
+
+
 @dataclass
 class TensorInfo:
     name: str
@@ -71,10 +81,7 @@ class GGUFFile:
         Python strings (~40 MB for 128k tokens and 280k merges) live while its tokenizer is built, not through
         the weights' load after it, and a load without a tokenizer never decodes them."""
         value = self.fields.get(key, default)
-        if isinstance(value, _Strings):
-            self.pos = value.at
-            return self._strings(value.count)
-        return value
+        return _decode_strings(self.buffer, value.at, value.count)[0] if isinstance(value, _Strings) else value
 
     def _unpack(self, fmt: str) -> tuple:
         values = struct.unpack_from(fmt, self.buffer, self.pos)
@@ -88,13 +95,7 @@ class GGUFFile:
         return text
 
     def _strings(self, count: int) -> list[str]:
-        """An array of strings (a vocabulary: 150k of them) in one tight loop."""
-        buffer, pos, length_at, out = self.buffer, self.pos, _U64.unpack_from, []
-        for _ in range(count):
-            (length,) = length_at(buffer, pos)
-            out.append(str(buffer[pos + 8:pos + 8 + length], "utf-8", "replace"))
-            pos += 8 + length
-        self.pos = pos
+        out, self.pos = _decode_strings(self.buffer, self.pos, count)
         return out
 
     def _skip_strings(self, count: int) -> _Strings:
