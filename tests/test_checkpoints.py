@@ -125,6 +125,27 @@ def test_bad_gguf_files(tmp_path):
         load_checkpoint(tmp_path / "nowhere.gguf", progress=False)
 
 
+@pytest.mark.parametrize("odd", [None, b"a\x00b", b"\xff", b"\xe2\x82", b"\xe2"])
+def test_arrays_of_strings_read_as_each_string_alone_would_decode(tmp_path, odd):
+    """A header's arrays of strings (decoded all at once where they can be) equal each string decoded alone,
+    with U+FFFD for bytes that are not UTF-8: also with a NUL inside a string, bad bytes, and a character cut
+    between two strings (b"\xe2" then b"\x82\xac", which together would be a valid "€")."""
+    from minillm.loading.gguf_reader import GGUFFile
+
+    strings = [b"plain", "▁ünï 中文 😀".encode(), b"", b" ", *([odd] if odd else []), b"\x82\xac", b"end"]
+    writer = gguf.GGUFWriter(str(tmp_path / "s.gguf"), arch="llama")
+    writer.add_array("test.strings", strings)
+    writer.add_array("test.nested", [strings, [b"x"]])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = GGUFFile(tmp_path / "s.gguf")
+    alone = [str(s, "utf-8", "replace") for s in strings]
+    assert reader.field("test.strings") == alone and reader.field("test.strings") == alone  # decoded on each call
+    assert reader.field("test.nested") == [alone, ["x"]]
+
+
 def test_bad_hf_folders(tmp_path):
     hf = hf_model("llama")
     hf.save_pretrained(tmp_path / "ok", safe_serialization=True)

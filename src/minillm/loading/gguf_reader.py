@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,18 +28,40 @@ _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 @dataclass(frozen=True)
 class _Strings:
-    at: int  # where the array's first string starts in the file
-    count: int
+    """An array of strings not decoded yet: where each one's 8-byte length starts, and where the array ends."""
+    starts: np.ndarray
+    end: int
 
 
-def _decode_strings(buffer: memoryview, pos: int, count: int) -> tuple[list[str], int]:
-    """An array of `count` strings from `pos` (a vocabulary: 150k of them) in one tight loop, and where it ends."""
-    length_at, out = _U64.unpack_from, []
+def _scan_strings(buffer: memoryview, pos: int, count: int) -> _Strings:
+    """An array of `count` strings from `pos` passed over, their lengths read for where each one starts."""
+    length_at, starts = _U64.unpack_from, array("q")
     for _ in range(count):
-        (length,) = length_at(buffer, pos)
-        out.append(str(buffer[pos + 8:pos + 8 + length], "utf-8", "replace"))
+        (length,) = length_at(buffer, pos)  # struct.error past the end of the file
+        starts.append(pos)
         pos += 8 + length
-    return out, pos
+    if pos > len(buffer):
+        raise ValueError(f"an array of {count} strings runs past the end of the file")
+    return _Strings(np.frombuffer(starts, dtype=np.int64), pos)
+
+
+def _decode_strings(buffer: memoryview, strings: _Strings) -> list[str]:
+    """An array's strings (a vocabulary: 150k of them) decoded at once: the bytes between their lengths, each
+    length's top byte (zero: no string is 2^56 bytes long) left in front of its string as a NUL, decoded as one
+    text (U+FFFD for bytes that are not UTF-8) and split at the NULs; where a string holds a NUL, one at a time."""
+    starts, end = strings.starts, strings.end
+    if not len(starts):
+        return []
+    region = np.frombuffer(buffer, dtype=np.uint8, count=end - int(starts[0]), offset=int(starts[0]))
+    keep = np.ones(len(region), dtype=bool)
+    relative = starts - starts[0]
+    for byte in range(7):
+        keep[relative + byte] = False
+    text = region[keep].tobytes().decode("utf-8", "replace")  # a NUL ends any bad sequence: as each alone
+    if text.count("\0") == len(starts):
+        return text.split("\0")[1:]
+    ends = [*starts[1:].tolist(), end]
+    return [str(buffer[at + 8:stop], "utf-8", "replace") for at, stop in zip(starts.tolist(), ends)]
 
 
 @dataclass
@@ -81,7 +104,7 @@ class GGUFFile:
         Python strings (~40 MB for 128k tokens and 280k merges) live while its tokenizer is built, not through
         the weights' load after it, and a load without a tokenizer never decodes them."""
         value = self.fields.get(key, default)
-        return _decode_strings(self.buffer, value.at, value.count)[0] if isinstance(value, _Strings) else value
+        return _decode_strings(self.buffer, value) if isinstance(value, _Strings) else value
 
     def _unpack(self, fmt: str) -> tuple:
         values = struct.unpack_from(fmt, self.buffer, self.pos)
@@ -94,20 +117,10 @@ class GGUFFile:
         self.pos += length
         return text
 
-    def _strings(self, count: int) -> list[str]:
-        out, self.pos = _decode_strings(self.buffer, self.pos, count)
-        return out
-
-    def _skip_strings(self, count: int) -> _Strings:
-        """An array of strings passed over (their lengths read, for where it ends), to be decoded by `field`."""
-        buffer, at, length_at = self.buffer, self.pos, _U64.unpack_from
-        pos = at
-        for _ in range(count):
-            pos += 8 + length_at(buffer, pos)[0]
-        if pos > len(buffer):
-            raise ValueError(f"an array of {count} strings runs past the end of the file")
-        self.pos = pos
-        return _Strings(at, count)
+    def _strings(self, count: int) -> _Strings:
+        strings = _scan_strings(self.buffer, self.pos, count)
+        self.pos = strings.end
+        return strings
 
     def _value(self, kind: int, top: bool = False) -> Any:
         if kind == _STRING:
@@ -115,7 +128,8 @@ class GGUFFile:
         if kind == _ARRAY:
             item, count = self._unpack("<IQ")
             if item == _STRING:
-                return self._skip_strings(count) if top else self._strings(count)
+                strings = self._strings(count)
+                return strings if top else _decode_strings(self.buffer, strings)
             if item == _ARRAY:
                 return [self._value(_ARRAY) for _ in range(count)]
             return list(self._unpack(f"<{count}{_SCALARS[item]}"))

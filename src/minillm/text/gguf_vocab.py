@@ -41,7 +41,9 @@ def gguf_tokenizer_args(metadata: Metadata, name: str) -> dict[str, Any]:
     def array(key: str, item: type | tuple[type, ...], what: str) -> list[Any] | None:
         """tokenizer.ggml.<key> where it is an array of `item`s; absent: None; anything else is refused."""
         values = meta(key)
-        if values is not None and (not isinstance(values, list) or not all(isinstance(v, item) for v in values)):
+        # by the values' types (a few, for 150k values) rather than value by value
+        if values is not None and (not isinstance(values, list)
+                                   or not all(issubclass(kind, item) for kind in set(map(type, values)))):
             raise ValueError(f"{name}: tokenizer.ggml.{key} is not an array of {what}")
         return values
 
@@ -57,7 +59,8 @@ def gguf_tokenizer_args(metadata: Metadata, name: str) -> dict[str, Any]:
         if values is not None and len(values) != len(tokens):
             raise ValueError(f"{name}: tokenizer.ggml.{key} has {len(values)} values for {len(tokens)} tokens")
     # llama.cpp renames empty tokens so that every text names one id
-    tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    if "" in tokens:
+        tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
     types = types or [NORMAL] * len(tokens)
     pre = meta("pre")
     if kind == "llama":
@@ -111,7 +114,7 @@ def _merges(merges: list[str] | None, name: str) -> list[tuple[str, str]]:
 
 def _byte_level_bpe(tokens: list[str], merges: list[tuple[str, str]], splits: tuple[str, ...],
                     ignore_merges: bool) -> Backend:
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+    backend = Backend(models.BPE(vocab=dict(zip(tokens, range(len(tokens)))), merges=merges,
                                  ignore_merges=ignore_merges))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]

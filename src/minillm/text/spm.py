@@ -104,7 +104,7 @@ def sentencepiece_backend(tokens: list[str], scores: list[float] | None, unk_id:
     """A GGUF "llama" vocabulary (tokens with scores, <0xXX> byte tokens)."""
     scores = scores or [-float(i) for i in range(len(tokens))]
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
-    model = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges_from_scores(tokens, scores),
+    model = models.BPE(vocab=dict(zip(tokens, range(len(tokens)))), merges=merges_from_scores(tokens, scores),
                        unk_token=unk, fuse_unk=True, byte_fallback=True)
     return _spaces_as_pieces(Backend(model), add_space_prefix)
 
@@ -112,7 +112,7 @@ def sentencepiece_backend(tokens: list[str], scores: list[float] | None, unk_id:
 def spm_style_bpe_backend(tokens: list[str], merges: list[tuple[str, str]]) -> Backend:
     """Gemma 4's vocabulary: ranked merges over raw UTF-8 text whose spaces are "▁", each line apart from its
     line breaks, <0xXX> tokens for bytes in no token."""
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=True))
+    backend = Backend(models.BPE(vocab=dict(zip(tokens, range(len(tokens)))), merges=merges, byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("[^\n]+|[\n]+"), behavior="isolated")
     return _spaces_as_pieces(backend, add_space_prefix=False)
 
