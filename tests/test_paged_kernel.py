@@ -196,10 +196,12 @@ def test_sliding_window_on_every_backend(backend, window):
     assert (out - packed_reference(*case)).abs().max() > 1e-3  # the window changes the result
 
 
-def test_a_query_computes_the_same_bits_in_any_chunk():
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 1, 256), (8, 8, 64)])
+def test_a_query_computes_the_same_bits_in_any_chunk(heads, kv_heads, head_dim):
     """Queries past 128 keys take key spans, in a decode row as in a prompt chunk: the last token of a 300-key
-    sequence gives the same bits alone, as the end of a 5-token chunk and of a 40-token one."""
-    q, k_pool, v_pool, table, seqlens, _ = packed_case(9, 3, 64, 16, [300], [40], torch.float32)
+    sequence gives the same bits alone, as the end of a 5-token chunk and of a 40-token one (the kernel scores
+    8 / heads-per-KV-head keys at a time, and the last keys of a span one by one)."""
+    q, k_pool, v_pool, table, seqlens, _ = packed_case(heads, kv_heads, head_dim, 16, [300], [40], torch.float32)
     outputs = [kernel(q[-n:], k_pool, v_pool, table, seqlens, torch.tensor([0, n]))[-1] for n in (1, 5, 40)]
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
