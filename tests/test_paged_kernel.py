@@ -18,6 +18,8 @@ from minillm.cache import PagedStep
 
 def kernel(q, k_pool, v_pool, table, seqlens, starts=None):
     """The kernel on packed q [N, H, D]; rows [B, H, 1, D] are taken as B one-token sequences."""
+    if not paged_cpu.available():  # loaded here too, so that any test of this file runs alone
+        pytest.skip("the paged attention kernel does not build here")
     if starts is None:
         out = kernel(q[:, :, 0], k_pool, v_pool, table, seqlens, torch.arange(q.shape[0] + 1))
         return out.unsqueeze(2)
