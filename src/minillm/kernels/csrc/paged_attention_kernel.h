@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 using fVec = at::vec::Vectorized<float>;
@@ -106,6 +107,21 @@ static inline void for_each_key(const Problem<T, KV>& p, const KV* pool, const i
     const int64_t end = std::min(p.page, count - first);
     for (int64_t i = std::max<int64_t>(0, begin - first); i < end; ++i) fn(first + i - begin, base + i * token_stride);
   }
+}
+
+// for_each_key's keys handed on N at a time, fn(std::integral_constant<int64_t, N>, rows, t of the first), and
+// the last ones (fewer than N) one at a time, fn(std::integral_constant<int64_t, 1>, ...)
+template <int64_t N, typename T, typename KV, typename Fn>
+static inline void for_each_batch(const Problem<T, KV>& p, const KV* pool, const int64_t* pages, int64_t h,
+                                  int64_t dim, int64_t begin, int64_t count, Fn fn) {
+  const KV* rows[N];
+  int64_t held = 0, first = 0;
+  for_each_key(p, pool, pages, h, dim, begin, count, [&](int64_t t, const KV* row) {
+    if (held == 0) first = t;
+    rows[held++] = row;
+    if (held == N) fn(std::integral_constant<int64_t, N>{}, rows, first), held = 0;
+  });
+  for (int64_t j = 0; j < held; ++j) fn(std::integral_constant<int64_t, 1>{}, rows + j, first + j);
 }
 
 // softmax in place over each of `groups` rows of `len` scores (row stride `stride`, a multiple of W); with
@@ -199,22 +215,13 @@ struct VectorHead {
         query[g][c] = load(q_row + g * DIM + c * W) * fVec(p.scale);
         acc[g][c] = fVec(0.f);
       }
-    const KV* batch[std::max(KEYS, VALUES)];
-    int64_t held = 0, first = 0;  // keys in `batch`, the first one's index
-    for_each_key(p, p.k, pages, h, DIM, begin, end, [&](int64_t t, const KV* key) {
-      if (held == 0) first = t;
-      batch[held++] = key;
-      if (held == KEYS) score<KEYS>(query, batch, scores.data() + first, stride, p.softcap), held = 0;
+    for_each_batch<KEYS>(p, p.k, pages, h, DIM, begin, end, [&](auto n, const KV* const* keys, int64_t t) {
+      score<decltype(n)::value>(query, keys, scores.data() + t, stride, p.softcap);
     });
-    for (int64_t j = 0; j < held; ++j) score<1>(query, batch + j, scores.data() + first + j, stride, p.softcap);
     softmax_rows(scores.data(), GROUPS, len, stride, part ? part->stats : nullptr);
-    held = 0;
-    for_each_key(p, p.v, pages, h, DIM, begin, end, [&](int64_t t, const KV* value) {
-      if (held == 0) first = t;
-      batch[held++] = value;
-      if (held == VALUES) accumulate<VALUES>(acc, batch, scores.data() + first, stride), held = 0;
+    for_each_batch<VALUES>(p, p.v, pages, h, DIM, begin, end, [&](auto n, const KV* const* values, int64_t t) {
+      accumulate<decltype(n)::value>(acc, values, scores.data() + t, stride);
     });
-    for (int64_t j = 0; j < held; ++j) accumulate<1>(acc, batch + j, scores.data() + first + j, stride);
     float row[DIM];
     for (int64_t g = 0; g < GROUPS; ++g) {
       if (part) {
