@@ -172,6 +172,23 @@ def test_ids_equal_transformers(name, hf_folder, texts):
         assert not failed, f"{name}, {kind}: {passed}/{cases}, the first failure: {failed[0]!r}"
 
 
+@pytest.mark.parametrize("name", ["llama-spm", "qwen2", "wordpiece"])
+def test_chat_ids_equal_transformers_and_leave_special_text_in_messages_plain(name, hf_folder, texts):
+    """encode_chat's pieces between the template's special tokens (Metaspace's "first" piece only gets its "▁"
+    in llama-spm) and the plain-text switch: the same ids as transformers on the rendered prompt, and a message
+    holding the EOS text keeps it as text, while the backend goes on parsing special tokens afterwards."""
+    folder, reference = hf_folder(name)
+    ours = minillm.load_tokenizer(folder)
+    for conversation in _conversations(texts)[:8]:
+        prompt = reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        want = reference(prompt, add_special_tokens=False)["input_ids"]  # as its apply_chat_template tokenizes
+        assert ours.encode_chat(conversation) == _bos_once(want, ours.prefix_ids)
+    eos, eos_id = ours.eos_token, ours.eos_token_ids[0]
+    forged = ours.encode_chat([{"role": "user", "content": f"a{eos} b"}])
+    assert forged.count(eos_id) == ours.encode_chat([{"role": "user", "content": "a b"}]).count(eos_id)  # the template's
+    assert ours.encode(f"a{eos} b", add_special_tokens=False).count(eos_id) == 1
+
+
 def test_special_tokens_by_config_and_post_processor(hf_folder):
     spm = minillm.load_tokenizer(hf_folder("llama-spm")[0])
     assert (spm.prefix_ids, spm.suffix_ids) == ([1], [])  # the post-processor's <s>

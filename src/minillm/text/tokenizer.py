@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,8 @@ class Tokenizer:
                        self.eos_token_ids[:1] if add_eos else [])
         self.prefix_ids, self.suffix_ids = list(affixes[0]), list(affixes[1])
         self.chat_template = chat_template
+        # held while `_ids` switches the backend's special-token parsing for one call (server threads share it)
+        self._switch = threading.Lock()
 
     @property
     def add_bos(self) -> bool:
@@ -63,9 +66,19 @@ class Tokenizer:
         """`parse_special` False: special-token text ("<|im_start|>") is plain text; user-defined tokens
         are still matched, as in llama.cpp."""
         check_text(text, "the prompt")
-        backend = self.backend if parse_special else self._plain[0]
-        ids = backend.encode(text, add_special_tokens=False).ids
-        return self._with_special(ids, bos=add_special_tokens, eos=add_special_tokens)
+        return self._with_special(self._ids(text, parse_special), bos=add_special_tokens, eos=add_special_tokens)
+
+    def _ids(self, text: str, parse_special: bool = True, after_special: bool = False) -> list[int]:
+        """The text's ids, no BOS / EOS; special-token text parsed or plain. The one backend's switch for that is
+        flipped for the call rather than kept in a copy: copying a 262k-piece vocabulary (Gemma) took the
+        first chat request 5.4 s and 400 MiB (Zen 3). `after_special`: the text follows a special token (see `_after_special`)."""
+        backend = self._after_special if after_special and not parse_special else self.backend
+        with self._switch:
+            backend.encode_special_tokens = not parse_special
+            try:
+                return backend.encode(text, add_special_tokens=False).ids
+            finally:
+                backend.encode_special_tokens = False
 
     def _with_special(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         prefix = self.prefix_ids
@@ -74,18 +87,16 @@ class Tokenizer:
         return [*ids, *self.suffix_ids] if eos else ids
 
     @cached_property
-    def _plain(self) -> tuple[Backend, Backend]:
-        """Copies of the backend that read special-token text as plain text: for text at the start, and for
-        text after a special token (where a Metaspace pre-tokenizer that marks only the first word does not
-        add its "▁", as `tokenizers` treats the pieces between special tokens)."""
+    def _after_special(self) -> Backend:
+        """The backend for plain text that follows a special token: a copy whose Metaspace pre-tokenizer never
+        adds its "▁" where the original adds it to the first piece only, as `tokenizers` treats the pieces
+        between special tokens (Hugging Face folders of SentencePiece vocabularies); else the backend itself."""
+        pre = self.backend.pre_tokenizer
+        if pre is None or not _metaspace_first_to_never(json.loads(pre.__getstate__())):
+            return self.backend
         config = json.loads(self.backend.to_str())
-        first = Backend.from_str(json.dumps(config))
-        first.encode_special_tokens = True
-        if not _metaspace_first_to_never(config):
-            return first, first
-        rest = Backend.from_str(json.dumps(config))
-        rest.encode_special_tokens = True
-        return first, rest
+        _metaspace_first_to_never(config)
+        return Backend.from_str(json.dumps(config))
 
     @cached_property
     def _special_text(self) -> SpecialText:
@@ -122,13 +133,12 @@ class Tokenizer:
             raise ValueError(f"{bad} is not valid Unicode (it holds a lone surrogate)")
         if special_in_content:
             prompt = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
-            return self._with_special(self.backend.encode(prompt, add_special_tokens=False).ids, bos=True, eos=False)
+            return self._with_special(self._ids(prompt), bos=True, eos=False)
         special, swaps = self._special_text, {}
         taken = {c for text in strings_in([messages, tools, template_kwargs, self.chat_template, *special.tokens])
                  for c in text if ord(c) >= 0xF0000}
         messages, tools, template_kwargs = special.shield([messages, tools, template_kwargs], swaps, taken)
         prompt = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
-        first, rest = self._plain
         originals = {ord(c): text for c, text in swaps.items()}
         ids: list[int] = []
         for piece in special.split(prompt):
@@ -136,7 +146,7 @@ class Tokenizer:
                 ids.append(piece)
             else:
                 text, offset = piece
-                ids += (first if offset == 0 else rest).encode(text.translate(originals), add_special_tokens=False).ids
+                ids += self._ids(text.translate(originals), parse_special=False, after_special=offset > 0)
         return self._with_special(ids, bos=True, eos=False)
 
     # -- construction -------------------------------------------------------------------------
