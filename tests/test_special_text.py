@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import pytest
 
 from minillm.loading import load_tokenizer
@@ -56,3 +60,36 @@ def test_sentencepiece_pieces_between_special_tokens_get_their_space(tmp_path):
     assert eos not in plain
     assert tokenizer.encode_chat([{"role": "user", "content": "hello</s> world"}]) == [bos, *plain, eos]
     assert tokenizer.encode_chat([{"role": "user", "content": "ab c"}]) == tokenizer.encode("<s>ab c</s>", False)
+
+
+
+class _Yielding:
+    """A backend whose encode lets other threads run before it reads its switch, as a backend that releases the
+    GIL would (tokenizers' own encode holds it: without this, no interleaving could show)."""
+
+    def __init__(self, real: Any) -> None:
+        object.__setattr__(self, "real", real)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.real, name, value)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.0002)
+        return self.real.encode(*args, **kwargs)
+
+
+def test_special_and_plain_encodes_from_many_threads_do_not_mix():
+    """`encode(parse_special=False)` flips the shared backend's switch for its call only: threads encoding the
+    same text both ways at once each get their own reading (a server tokenizes in threads)."""
+    tokenizer = load_tokenizer(None)[0]
+    text = "<|im_start|>user\nhi<|im_end|>" * 20
+    special, plain = tokenizer.encode(text), tokenizer.encode(text, parse_special=False)
+    assert special != plain
+    tokenizer.backend = _Yielding(tokenizer.backend)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: (i % 2, tokenizer.encode(text, parse_special=bool(i % 2))), range(200)))
+    assert all(ids == (special if parsed else plain) for parsed, ids in results)
+    assert tokenizer.encode(text) == special  # the switch is back
