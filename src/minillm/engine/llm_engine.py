@@ -148,7 +148,7 @@ class LLMEngine:
             logger.info("compiled the engine step in %.1f s", self.compile_seconds)
         self.requests: dict[str, Sequence] = {}
         self.stalled = False
-        self.guided = None if tokenizer is None else GuidedDecoding(tokenizer.backend, model.config.vocab_size,
+        self.guided = None if tokenizer is None else GuidedDecoding(tokenizer, model.config.vocab_size,
                                                                     self.eos_token_ids)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens at most, %.1f MiB",
                     num_blocks, config.block_size, self.max_cached_tokens, self.runner.cache.nbytes / 2**20)

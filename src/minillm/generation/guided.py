@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..excerpt import excerpt
 from .json_schema_check import requires_itself
+
+if TYPE_CHECKING:
+    from ..text.tokenizer import Tokenizer
 
 GRAMMAR_CACHE_BYTES = 64 << 20  # compiled grammars kept, by the size of their spec and grammar texts
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -42,9 +45,8 @@ class GuidedDecoding:
     """Grammars and matchers for one tokenizer and vocabulary; safe to share between threads (the server
     compiles in worker threads)."""
 
-    def __init__(self, backend: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
-        """backend: the `tokenizers.Tokenizer` of the model's tokenizer."""
-        self._backend, self.vocab_size, self._eos = backend, vocab_size, eos_token_ids
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> None:
+        self._source, self.vocab_size, self._eos = tokenizer, vocab_size, eos_token_ids
         self._tokenizer = None  # llguidance's view of the vocabulary: built on first use (it is slow to build)
         self._grammars: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._cached_bytes = 0
@@ -53,11 +55,16 @@ class GuidedDecoding:
     @property
     def tokenizer(self):
         import llguidance
+        from llguidance import TokenizerWrapper
 
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(self._backend.to_str(), n_vocab=self.vocab_size,
-                                                         eos_token=self._eos)
+                tokens = token_bytes(self._source.backend)
+                # (a tokenizer.json read by llguidance builds a second tokenizer: Gemma's 262k pieces 4.4 s and
+                # 340 MiB, against 2.2 s and 85 MiB from the bytes; Zen 3. Its error names a decoder it cannot read)
+                source = (self._source.backend.to_str() if tokens is None
+                          else TokenizerWrapper(_Vocabulary(self._source, tokens, self._eos)))
+                self._tokenizer = llguidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=self._eos)
         return self._tokenizer
 
     def grammar(self, params: Any) -> str | None:
@@ -115,6 +122,65 @@ class GuidedDecoding:
 
         grammar = self.grammar(params)
         return None if grammar is None else llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+
+
+class _Vocabulary:
+    """What llguidance's TokenizerWrapper reads: the ids' bytes, and the tokenizer for pieces of text."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens: list[bytes], eos_token_ids: list[int]) -> None:
+        self.tokens, self._tokenizer = tokens, tokenizer
+        self.eos_token_id, self.bos_token_id = eos_token_ids[0] if eos_token_ids else None, tokenizer.bos_token_id
+        self.special_token_ids = [i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special]
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # the wrapper tries bytes once, to learn which we take
+            raise TypeError("text, not bytes")
+        return self._tokenizer.fragment_ids(text)
+
+
+def token_bytes(backend: Any) -> list[bytes] | None:
+    """Each id's bytes as llguidance reads a tokenizer.json (its toktrie_hf_tokenizers): special added tokens
+    (flagged, or any of the form <...>) behind its marker byte 0xFF; under a ByteFallback decoder <0xXX> tokens
+    as their byte and the decoder's space character as " "; under a ByteLevel one GPT-2's byte alphabet undone
+    (an added token outside it: its text; another token: no bytes). None for a tokenizer with neither decoder."""
+    decoders = _decoder_steps(json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {})
+    kinds = {step["type"] for step in decoders}
+    if not kinds & {"ByteFallback", "ByteLevel"}:
+        return None
+    added = backend.get_added_tokens_decoder()
+    special = {i for i, t in added.items() if t.special or t.content.startswith("<") and t.content.endswith(">")}
+    texts = [backend.id_to_token(i) or "" for i in range(backend.get_vocab_size(with_added_tokens=True))]
+    if "ByteFallback" in kinds:
+        space = next((step["pattern"]["String"] for step in decoders if step["type"] == "Replace"
+                      and step["content"] == " " and len(step["pattern"].get("String", "")) == 1), " ")
+        tokens = [bytes([int(t[3:5], 16)]) if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+                  else t.replace(space, " ").encode() for t in texts]
+    else:
+        table = str.maketrans(_BYTE_LEVEL)
+        tokens = []
+        for i, text in enumerate(texts):
+            try:
+                tokens.append(text.translate(table).encode("latin-1"))
+            except UnicodeEncodeError:
+                tokens.append(added[i].content.encode() if i in added else b"")
+    for i in special:
+        tokens[i] = b"\xff" + texts[i].encode()
+    return tokens
+
+
+def _decoder_steps(decoder: dict[str, Any]) -> list[dict[str, Any]]:
+    """A decoder's JSON and, through Sequences, every step in it."""
+    return [decoder, *(step for inner in decoder.get("decoders", []) for step in _decoder_steps(inner))]
+
+
+def _byte_level_alphabet() -> dict[str, str]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte -> that byte as a Latin-1 character."""
+    shown = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    hidden = [b for b in range(256) if b not in shown]
+    return {chr(b): chr(b) for b in shown} | {chr(0x100 + i): chr(b) for i, b in enumerate(hidden)}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
 
 
 def allowed_tokens(matchers: list[Any], vocab_size: int) -> Tensor | None:

@@ -35,7 +35,7 @@ class ServerState:
     def guided_decoding(self, vocab_size: int) -> GuidedDecoding:
         """Grammars compiled here too, so a bad schema is a 400 before the request reaches the engine."""
         if self.guided is None:
-            self.guided = GuidedDecoding(self.tokenizer.backend, vocab_size, self.tokenizer.eos_token_ids)
+            self.guided = GuidedDecoding(self.tokenizer, vocab_size, self.tokenizer.eos_token_ids)
         return self.guided
 
     @property

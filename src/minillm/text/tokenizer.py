@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as Backend
+from tokenizers import normalizers, pre_tokenizers
 
 from .chat_template import ChatTemplateError, render_chat_template
 from .gguf_vocab import GGUFMetadataSource, gguf_tokenizer_args
@@ -79,6 +80,28 @@ class Tokenizer:
                 return backend.encode(text, add_special_tokens=False).ids
             finally:
                 backend.encode_special_tokens = False
+
+    def fragment_ids(self, text: str) -> list[int]:
+        """The ids of `text` as a piece inside a longer text (llguidance's tokenizer callback), as llguidance
+        tokenizes with a tokenizer.json: special-token text parsed, no "▁" put in front (see `_fragment_steps`)."""
+        steps = self._fragment_steps
+        with self._switch:
+            if steps is not None:
+                original = self.backend.normalizer, self.backend.pre_tokenizer
+                self.backend.normalizer, self.backend.pre_tokenizer = steps
+            try:
+                return self.backend.encode(text, add_special_tokens=False).ids
+            finally:
+                if steps is not None:
+                    self.backend.normalizer, self.backend.pre_tokenizer = original
+
+    @cached_property
+    def _fragment_steps(self) -> tuple[Any, Any] | None:
+        """(normalizer, pre-tokenizer) with llguidance's changes: Prepend normalizers taken out, Metaspace
+        pre-tokenizers never prepending; None where the backend has neither."""
+        normalizer, cut = _without_prepend(self.backend.normalizer)
+        pre, never = _never_prepending(self.backend.pre_tokenizer)
+        return (normalizer, pre) if cut or never else None
 
     def _with_special(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         prefix = self.prefix_ids
@@ -161,6 +184,39 @@ class Tokenizer:
         """From the folder's tokenizer.json, with `config` its tokenizer_config.json as the loader read it
         ({} where there is none), as transformers' AutoTokenizer reads them (text/hf_vocab.py)."""
         return cls(**hf_tokenizer_args(folder, config, extra_eos_ids))
+
+
+def _steps(sequence: Any) -> list[Any]:
+    """A normalizers / pre_tokenizers Sequence's steps (pre-tokenizer sequences have no len())."""
+    steps = []
+    while True:
+        try:
+            steps.append(sequence[len(steps)])
+        except IndexError:
+            return steps
+
+
+def _without_prepend(normalizer: Any) -> tuple[Any, bool]:
+    """The normalizer less its Prepend steps (None where nothing is left), and whether it had any."""
+    if isinstance(normalizer, normalizers.Prepend):
+        return None, True
+    if isinstance(normalizer, normalizers.Sequence):
+        parts = [_without_prepend(step) for step in _steps(normalizer)]
+        if any(cut for _, cut in parts):
+            kept = [step for step, _ in parts if step is not None]
+            return (normalizers.Sequence(kept) if kept else None), True
+    return normalizer, False
+
+
+def _never_prepending(pre: Any) -> tuple[Any, bool]:
+    """The pre-tokenizer with each Metaspace step never prepending its "▁", and whether one did."""
+    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme != "never":
+        return pre_tokenizers.Metaspace(pre.replacement, "never", pre.split), True
+    if isinstance(pre, pre_tokenizers.Sequence):
+        parts = [_never_prepending(step) for step in _steps(pre)]
+        if any(changed for _, changed in parts):
+            return pre_tokenizers.Sequence([step for step, _ in parts]), True
+    return pre, False
 
 
 def _metaspace_first_to_never(config: Any) -> bool:
