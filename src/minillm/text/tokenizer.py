@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from functools import cached_property
@@ -69,57 +68,47 @@ class Tokenizer:
         check_text(text, "the prompt")
         return self._with_special(self._ids(text, parse_special), bos=add_special_tokens, eos=add_special_tokens)
 
-    def _ids(self, text: str, parse_special: bool = True, after_special: bool = False) -> list[int]:
-        """The text's ids, no BOS / EOS; special-token text parsed or plain. The one backend's switch for that is
-        flipped for the call rather than kept in a copy: copying a 262k-piece vocabulary (Gemma) took the
-        first chat request 5.4 s and 400 MiB (Zen 3). `after_special`: the text follows a special token (see `_after_special`)."""
-        backend = self._after_special if after_special and not parse_special else self.backend
+    def _ids(self, text: str, parse_special: bool = True, steps: tuple[Any, Any] | None = None) -> list[int]:
+        """The text's ids, no BOS / EOS; special-token text parsed or plain; `steps`: a (normalizer, pre-tokenizer)
+        to use instead of the backend's own. The one backend is switched for the call rather than copied:
+        copying a 262k-piece vocabulary (Gemma) took the first chat request 5.4 s and 400 MiB (Zen 3)."""
+        backend = self.backend
         with self._switch:
+            if steps is not None:
+                original = backend.normalizer, backend.pre_tokenizer
+                backend.normalizer, backend.pre_tokenizer = steps
             backend.encode_special_tokens = not parse_special
             try:
                 return backend.encode(text, add_special_tokens=False).ids
             finally:
                 backend.encode_special_tokens = False
+                if steps is not None:
+                    backend.normalizer, backend.pre_tokenizer = original
 
     def fragment_ids(self, text: str) -> list[int]:
         """The ids of `text` as a piece inside a longer text (llguidance's tokenizer callback), as llguidance
-        tokenizes with a tokenizer.json: special-token text parsed, no "▁" put in front (see `_fragment_steps`)."""
-        steps = self._fragment_steps
-        with self._switch:
-            if steps is not None:
-                original = self.backend.normalizer, self.backend.pre_tokenizer
-                self.backend.normalizer, self.backend.pre_tokenizer = steps
-            try:
-                return self.backend.encode(text, add_special_tokens=False).ids
-            finally:
-                if steps is not None:
-                    self.backend.normalizer, self.backend.pre_tokenizer = original
+        tokenizes with a tokenizer.json: special-token text parsed, no Prepend normalizer, no Metaspace "▁"."""
+        return self._ids(text, steps=self._fragment_steps)
 
     @cached_property
     def _fragment_steps(self) -> tuple[Any, Any] | None:
-        """(normalizer, pre-tokenizer) with llguidance's changes: Prepend normalizers taken out, Metaspace
-        pre-tokenizers never prepending; None where the backend has neither."""
         normalizer, cut = _without_prepend(self.backend.normalizer)
-        pre, never = _never_prepending(self.backend.pre_tokenizer)
-        return (normalizer, pre) if cut or never else None
+        pre, changed = _metaspace_never(self.backend.pre_tokenizer, ("first", "always"))
+        return (normalizer, pre) if cut or changed else None
+
+    @cached_property
+    def _after_special_steps(self) -> tuple[Any, Any] | None:
+        """For plain text after a special token: a Metaspace pre-tokenizer that puts its "▁" before the first
+        piece only puts none there, as `tokenizers` treats the pieces between special tokens (Hugging Face
+        folders of SentencePiece vocabularies)."""
+        pre, changed = _metaspace_never(self.backend.pre_tokenizer, ("first",))
+        return (self.backend.normalizer, pre) if changed else None
 
     def _with_special(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         prefix = self.prefix_ids
         if bos and prefix and ids[:len(prefix)] != prefix:  # a text that starts with BOS gets no second one
             ids = [*prefix, *ids]
         return [*ids, *self.suffix_ids] if eos else ids
-
-    @cached_property
-    def _after_special(self) -> Backend:
-        """The backend for plain text that follows a special token: a copy whose Metaspace pre-tokenizer never
-        adds its "▁" where the original adds it to the first piece only, as `tokenizers` treats the pieces
-        between special tokens (Hugging Face folders of SentencePiece vocabularies); else the backend itself."""
-        pre = self.backend.pre_tokenizer
-        if pre is None or not _metaspace_first_to_never(json.loads(pre.__getstate__())):
-            return self.backend
-        config = json.loads(self.backend.to_str())
-        _metaspace_first_to_never(config)
-        return Backend.from_str(json.dumps(config))
 
     @cached_property
     def _special_text(self) -> SpecialText:
@@ -169,7 +158,8 @@ class Tokenizer:
                 ids.append(piece)
             else:
                 text, offset = piece
-                ids += self._ids(text.translate(originals), parse_special=False, after_special=offset > 0)
+                ids += self._ids(text.translate(originals), parse_special=False,
+                                 steps=self._after_special_steps if offset > 0 else None)
         return self._with_special(ids, bos=True, eos=False)
 
     # -- construction -------------------------------------------------------------------------
@@ -208,27 +198,15 @@ def _without_prepend(normalizer: Any) -> tuple[Any, bool]:
     return normalizer, False
 
 
-def _never_prepending(pre: Any) -> tuple[Any, bool]:
-    """The pre-tokenizer with each Metaspace step never prepending its "▁", and whether one did."""
-    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme != "never":
+def _metaspace_never(pre: Any, schemes: tuple[str, ...]) -> tuple[Any, bool]:
+    """The pre-tokenizer with each Metaspace step of these prepend schemes never prepending its "▁", and whether
+    there was one."""
+    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme in schemes:
         return pre_tokenizers.Metaspace(pre.replacement, "never", pre.split), True
     if isinstance(pre, pre_tokenizers.Sequence):
-        parts = [_never_prepending(step) for step in _steps(pre)]
+        parts = [_metaspace_never(step, schemes) for step in _steps(pre)]
         if any(changed for _, changed in parts):
             return pre_tokenizers.Sequence([step for step, _ in parts]), True
     return pre, False
 
 
-def _metaspace_first_to_never(config: Any) -> bool:
-    """Turn each Metaspace step that prepends "▁" to the first piece only into one that never does, in a
-    tokenizer.json structure; whether there was one."""
-    found = False
-    if isinstance(config, dict):
-        if config.get("type") == "Metaspace" and config.get("prepend_scheme") == "first":
-            config["prepend_scheme"], found = "never", True
-        for value in config.values():
-            found = _metaspace_first_to_never(value) or found
-    elif isinstance(config, list):
-        for value in config:
-            found = _metaspace_first_to_never(value) or found
-    return found
