@@ -2,11 +2,11 @@
 schema, regular expression or list of choices.
 
 The engine is llguidance (the grammar library vLLM and llama.cpp use): no dependencies of its own (xgrammar
-pulls in transformers and triton), it reads this project's `tokenizers` JSON as it is, and it compiles a
-schema and computes a mask fast enough to run at every decode step (benchmarks/bench_guided.py). A
-grammar is compiled once per distinct spec and cached; each request gets its own matcher, which the
-engine advances with every token it accepts. A grammar that admits no string at all is refused when it
-is compiled, so a request never runs (and ends "stop" with nothing) on one.
+pulls in transformers and triton), it takes a vocabulary as each token's bytes with our tokenizer beside them
+(`token_bytes`), and it compiles a schema and computes a mask fast enough to run at every decode step
+(benchmarks/bench_guided.py). A grammar is compiled once per distinct spec and cached; each request gets
+its own matcher, which the engine advances with every token it accepts. A grammar that admits no string at
+all is refused when it is compiled, so a request never runs (and ends "stop" with nothing) on one.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class GuidedDecoding:
         with self._lock:
             if self._tokenizer is None:
                 tokens = token_bytes(self._source.backend)
-                # (a tokenizer.json read by llguidance builds a second tokenizer: Gemma's 262k pieces 4.4 s and
-                # 340 MiB, against 2.2 s and 85 MiB from the bytes; Zen 3. Its error names a decoder it cannot read)
+                # (a tokenizer.json read by llguidance builds a second tokenizer: Gemma's 262k pieces ~5 s and
+                # 340 MiB, against ~2 s and 85 MiB from the bytes; Zen 3. Its error names a decoder it cannot read)
                 source = (self._source.backend.to_str() if tokens is None
                           else TokenizerWrapper(_Vocabulary(self._source, tokens, self._eos)))
                 self._tokenizer = llguidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=self._eos)
@@ -130,7 +130,7 @@ class _Vocabulary:
     def __init__(self, tokenizer: Tokenizer, tokens: list[bytes], eos_token_ids: list[int]) -> None:
         self.tokens, self._tokenizer = tokens, tokenizer
         self.eos_token_id, self.bos_token_id = eos_token_ids[0] if eos_token_ids else None, tokenizer.bos_token_id
-        self.special_token_ids = [i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special]
+        self.special_token_ids = sorted(_special_ids(tokenizer.backend))
 
     def __call__(self, text: str) -> list[int]:
         if not isinstance(text, str):  # the wrapper tries bytes once, to learn which we take
@@ -148,7 +148,6 @@ def token_bytes(backend: Any) -> list[bytes] | None:
     if not kinds & {"ByteFallback", "ByteLevel"}:
         return None
     added = backend.get_added_tokens_decoder()
-    special = {i for i, t in added.items() if t.special or t.content.startswith("<") and t.content.endswith(">")}
     texts = [backend.id_to_token(i) or "" for i in range(backend.get_vocab_size(with_added_tokens=True))]
     if "ByteFallback" in kinds:
         space = next((step["pattern"]["String"] for step in decoders if step["type"] == "Replace"
@@ -163,9 +162,15 @@ def token_bytes(backend: Any) -> list[bytes] | None:
                 tokens.append(text.translate(table).encode("latin-1"))
             except UnicodeEncodeError:
                 tokens.append(added[i].content.encode() if i in added else b"")
-    for i in special:
+    for i in _special_ids(backend):
         tokens[i] = b"\xff" + texts[i].encode()
     return tokens
+
+
+def _special_ids(backend: Any) -> set[int]:
+    """The added tokens llguidance takes as special: those flagged so, and any of the form <...>."""
+    return {i for i, t in backend.get_added_tokens_decoder().items()
+            if t.special or t.content.startswith("<") and t.content.endswith(">")}
 
 
 def _decoder_steps(decoder: dict[str, Any]) -> list[dict[str, Any]]:
