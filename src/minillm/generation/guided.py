@@ -130,7 +130,7 @@ class _Vocabulary:
     def __init__(self, tokenizer: Tokenizer, tokens: list[bytes], eos_token_ids: list[int]) -> None:
         self.tokens, self._tokenizer = tokens, tokenizer
         self.eos_token_id, self.bos_token_id = eos_token_ids[0] if eos_token_ids else None, tokenizer.bos_token_id
-        self.special_token_ids = sorted(_special_ids(tokenizer.backend))
+        self.special_token_ids = sorted(_special_ids(tokenizer.backend.get_added_tokens_decoder()))
 
     def __call__(self, text: str) -> list[int]:
         if not isinstance(text, str):  # the wrapper tries bytes once, to learn which we take
@@ -162,15 +162,15 @@ def token_bytes(backend: Any) -> list[bytes] | None:
                 tokens.append(text.translate(table).encode("latin-1"))
             except UnicodeEncodeError:
                 tokens.append(added[i].content.encode() if i in added else b"")
-    for i in _special_ids(backend):
+    for i in _special_ids(added):
         tokens[i] = b"\xff" + texts[i].encode()
     return tokens
 
 
-def _special_ids(backend: Any) -> set[int]:
-    """The added tokens llguidance takes as special: those flagged so, and any of the form <...>."""
-    return {i for i, t in backend.get_added_tokens_decoder().items()
-            if t.special or t.content.startswith("<") and t.content.endswith(">")}
+def _special_ids(added: dict[int, Any]) -> set[int]:
+    """Of a backend's added tokens (id -> AddedToken), those llguidance takes as special: flagged so, or of the
+    form <...>."""
+    return {i for i, t in added.items() if t.special or t.content.startswith("<") and t.content.endswith(">")}
 
 
 def _decoder_steps(decoder: dict[str, Any]) -> list[dict[str, Any]]:
