@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gguf
@@ -49,11 +50,12 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = (),
-               rope_freqs: np.ndarray | None = None, metadata: dict | None = None) -> Path:
+               rope_freqs: np.ndarray | None = None, metadata: dict | None = None, vocabulary: bool = False) -> Path:
     """Write an HF Llama/Qwen2/Qwen3/Gemma 2/Gemma 3/Phi-3 model as GGUF the way llama.cpp's converter
     does (Q/K rows permuted for llama, Gemma norms stored as 1 + w, Phi-3's fused tensors kept); 2-D
     weights (not norms) in `qtype`; `rope_freqs` (Llama 3.1's per-frequency divisors) and extra
-    `metadata` keys ({arch} filled in) when given."""
+    `metadata` keys ({arch} filled in; None: a key the converter writes left out) when given; with
+    `vocabulary`, a SentencePiece one of the model's size, without which llama.cpp loads no model."""
     cfg = hf.config
     writer = gguf.GGUFWriter(str(path), arch=arch)
     gemma = arch in ("gemma2", "gemma3")
@@ -69,6 +71,8 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
             metadata["{arch}.rope.freq_base_swa"] = float(rope["sliding_attention"]["rope_theta"])
     for key, value in (metadata or {}).items():
         key = key.format(arch=arch)
+        if value is None:  # a key the converter would write, left out
+            continue
         if isinstance(value, str):
             writer.add_string(key, value)
         elif isinstance(value, int):
@@ -82,7 +86,14 @@ def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tu
         params = cfg.rope_parameters
         writer.add_tensor("rope_factors_long.weight", np.array(params["long_factor"], dtype=np.float32))
         writer.add_tensor("rope_factors_short.weight", np.array(params["short_factor"], dtype=np.float32))
-        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", params["original_max_position_embeddings"])
+        original = params["original_max_position_embeddings"]
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", original)
+        scale = cfg.max_position_embeddings / original  # the converter's attention factor
+        if "{arch}.rope.scaling.attn_factor" not in (metadata or {}):
+            writer.add_float32(f"{arch}.rope.scaling.attn_factor",
+                               math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    if vocabulary:
+        _add_sentencepiece_vocabulary(writer, [f"\u2581w{i}" for i in range(cfg.vocab_size - 259)])
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -156,23 +167,27 @@ def write_sentencepiece_gguf(path: Path) -> Path:
     """A GGUF holding only a small SentencePiece-style ("llama") vocabulary: byte tokens, scored pieces."""
     words = ["▁", "a", "b", "c", "h", "e", "l", "o", "w", "r", "d", "é", "he", "hel", "hell", "hello", "▁hello",
              "▁h", "▁w", "or", "wor", "worl", "world", "▁world", "ab", "abc", "▁abc", "▁a", "▁▁", "▁c", "ll"]
-    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
     writer = gguf.GGUFWriter(str(path), arch="llama")
     writer.add_block_count(1)
     writer.add_context_length(64)
     writer.add_embedding_length(8)
     writer.add_feed_forward_length(16)
     writer.add_head_count(2)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces)
-    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(words))])
-    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(words))  # unknown, control, byte, normal
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_tensor("token_embd.weight", np.zeros((len(pieces), 8), dtype=np.float32))
+    _add_sentencepiece_vocabulary(writer, words)
+    writer.add_tensor("token_embd.weight", np.zeros((259 + len(words), 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_sentencepiece_vocabulary(writer: gguf.GGUFWriter, words: list[str]) -> None:
+    """<unk>, <s>, </s>, the 256 byte tokens, then `words` scored in order."""
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(words))])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(words))  # unknown, control, byte, normal
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)

@@ -364,6 +364,17 @@ def test_length_dependent_rope_matches_transformers(tmp_path, kind):
         assert long_diff(gguf_model, hf) <= 1e-4
 
 
+
+def test_phi3_gguf_without_an_attention_factor_scales_rotations_by_one_as_llama_cpp(tmp_path):
+    """llama.cpp multiplies Phi-3's cos/sin by rope.scaling.attn_factor, which its converter writes, and by 1
+    where a file lacks it, where transformers would derive sqrt(1 + ln(scale) / ln(original context))."""
+    arch, overrides = LENGTH_DEPENDENT["longrope"]
+    hf = hf_model(arch, **overrides)
+    path = write_gguf(tmp_path / "phi3.gguf", hf, arch="phi3", metadata={"{arch}.rope.scaling.attn_factor": None})
+    loaded = load_checkpoint(path, dtype="float32", progress=False).model
+    scaling = dict(overrides["rope_scaling"], attention_factor=1.0)
+    assert long_diff(loaded, hf_model(arch, **dict(overrides, rope_scaling=scaling))) <= 1e-4 < long_diff(loaded, hf)
+
 def sharp_gemma2(**overrides):
     """A tiny Gemma 2 whose attention scores are large (q_proj x 20), so that the soft-cap bites."""
     hf = hf_model("gemma2", **overrides)

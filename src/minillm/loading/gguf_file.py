@@ -142,12 +142,12 @@ class GGUFCheckpoint(GGUFMetadata):
         if "rope_factors_long.weight" in self.tensors:  # Phi-3's longrope, as llama.cpp's converter stores it
             short, long = (self._vector(f"rope_factors_{k}.weight") for k in ("short", "long"))
             original = self.arch_meta("rope.scaling.original_context_length")
-            scaling = {"rope_type": "longrope", "short_factor": short, "long_factor": long,
-                       "original_max_position_embeddings": original,
-                       "factor": self.arch_meta("context_length", original) / original}
-            if self.arch_meta("rope.scaling.attn_factor") is not None:
-                scaling["attention_factor"] = float(self.arch_meta("rope.scaling.attn_factor"))
-            return scaling
+            # llama.cpp scales cos/sin by rope.scaling.attn_factor (its converter writes transformers' value),
+            # and by 1 where a file lacks it: not by the factor transformers would derive
+            return {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                    "original_max_position_embeddings": original,
+                    "factor": self.arch_meta("context_length", original) / original,
+                    "attention_factor": float(self.arch_meta("rope.scaling.attn_factor", 1.0))}
         if "rope_freqs.weight" in self.tensors:
             if kind not in (None, "none"):
                 raise ModelLoadError(f"{self.path.name}: both rope_freqs and RoPE scaling {kind!r}; not supported")
