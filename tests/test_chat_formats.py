@@ -95,6 +95,10 @@ HUB_STYLE = [
     "{{ bos_token }}{% for m in messages %}{{ m.thinking if m.thinking is defined else '-' }}"
     "{{ m.reasoning_content | default('none') }}{{ m.content | trim }}{{ eos_token }}{% endfor %}"
     "{% if enable_thinking is defined %}{{ enable_thinking }}{% endif %}{{ unk_token }}",
+    # TRL's assistant-only-loss markers, as fine-tunes ship them
+    "{% for m in messages %}<|{{ m.role }}|>{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|end|>"
+    "{% endgeneration %}{% else %}{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
 ]
 
 
