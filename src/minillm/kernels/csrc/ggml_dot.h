@@ -4,6 +4,9 @@
 #pragma once
 
 #include <immintrin.h>
+#ifdef MINILLM_SIMDE_AVX512
+#include "simde_avx512.h"
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -27,7 +30,11 @@ struct XRow {
 };
 
 #define VEC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#ifdef MINILLM_SIMDE_AVX512
+#define VEC_TARGET_VNNI VEC_TARGET_AVX2
+#else
 #define VEC_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
 
 inline int32_t load_i32(const void* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 

@@ -56,6 +56,9 @@ constexpr int64_t NT = 4;  // tokens per tile
 enum class Isa { Portable = 0, Avx2 = 1, Avx512Vnni = 2 };
 
 Isa best_isa() {
+#ifdef MINILLM_SIMDE_AVX512
+  return Isa::Avx512Vnni;  // emulated (ggml_dot.h)
+#endif
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
