@@ -33,6 +33,7 @@ from minillm import LLM, SamplingParams  # noqa: E402
 from minillm.bench.common import environment  # noqa: E402
 from minillm.bench.report import heading, table, write_report  # noqa: E402
 from minillm.loading import load_checkpoint  # noqa: E402
+from quantize_with_llama_cpp import quantize  # noqa: E402
 
 VOCAB = 300  # tests/checkpoints.py's tiny models
 WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)  # K-quant rows
@@ -66,24 +67,10 @@ QUANTIZED = ("Q8_0", "Q4_K_M", "Q6_K", "IQ4_XS")
 
 def write_case(folder: Path, name: str, kind: str, arch: str, overrides: dict, metadata: dict) -> Path:
     hf = checkpoints.hf_model(kind, **{**WIDE, **overrides})
-    freqs = None
-    if (overrides.get("rope_scaling") or {}).get("rope_type") == "llama3":  # as the converter bakes them
-        head_dim = hf.config.hidden_size // hf.config.num_attention_heads
-        plain = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs = (plain / hf.model.rotary_emb.inv_freq.float()).numpy()
+    llama3 = (overrides.get("rope_scaling") or {}).get("rope_type") == "llama3"
+    freqs = checkpoints.llama3_rope_freqs(hf) if llama3 else None
     return checkpoints.write_gguf(folder / f"{_stem(name)}.gguf", hf, arch=arch, metadata=metadata,
                                   rope_freqs=freqs, vocabulary=True)
-
-
-def quantize(source: Path, ftype: str) -> Path:
-    import llama_cpp
-
-    out = source.with_name(f"{source.stem}.{ftype}.gguf")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {source.name} to {ftype}")
-    return out
 
 
 def compare(path: Path, n_ctx: int, threads: int) -> dict:
@@ -130,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, kind, arch, overrides, metadata, n_ctx in CASES:
             source = write_case(Path(tmp), name, kind, arch, overrides, metadata)
             for ftype in ("F32",) + QUANTIZED:
-                path = source if ftype == "F32" else quantize(source, ftype)
+                path = source if ftype == "F32" else source.with_name(f"{source.stem}.{ftype}.gguf")
+                if ftype != "F32":
+                    quantize(str(source), str(path), ftype)
                 rows.append({"case": name, "type": ftype, **compare(path, n_ctx, threads)})
                 print(rows[-1], flush=True)
     result = {"environment": environment(), "tokens": TOKENS, "generated": GENERATED, "rows": rows}

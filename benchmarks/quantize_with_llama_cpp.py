@@ -14,18 +14,22 @@ import llama_cpp
 from minillm.loading import default_model_path
 
 
+def quantize(source: str, out: str, ftype: str) -> None:
+    """llama.cpp re-quantizes the GGUF file `source` into `out` as file type `ftype` (Q4_K_M, ...)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize = True  # the input may be quantized already
+    if llama_cpp.llama_model_quantize(source.encode(), out.encode(), params) != 0:
+        raise SystemExit(f"llama.cpp could not quantize {source} to {ftype}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
     parser.add_argument("--model", default=None, help="the GGUF file to re-quantize (default: the bundled model)")
     parser.add_argument("--type", default="Q4_K_M", help="llama.cpp's file type name: Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, ...")
     args = parser.parse_args()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{args.type}")
-    params.allow_requantize = True  # the input is already quantized
-    source = args.model or str(default_model_path())
-    if llama_cpp.llama_model_quantize(source.encode(), args.out.encode(), params) != 0:
-        raise SystemExit(f"llama.cpp could not quantize {source} to {args.type}")
+    quantize(args.model or str(default_model_path()), args.out, args.type)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,14 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def llama3_rope_freqs(hf) -> np.ndarray:
+    """Llama 3.1's per-frequency divisors of a transformers model's RoPE, as llama.cpp's converter bakes them
+    into a rope_freqs tensor (base 10000)."""
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    plain = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    return (plain / hf.model.rotary_emb.inv_freq.float()).numpy()
+
+
 def write_gguf(path: Path, hf, arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = (),
                rope_freqs: np.ndarray | None = None, metadata: dict | None = None, vocabulary: bool = False) -> Path:
     """Write an HF Llama/Qwen2/Qwen3/Gemma 2/Gemma 3/Phi-3 model as GGUF the way llama.cpp's converter

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import dequantized_copy, hf_model, write_gguf, write_sentencepiece_gguf
+from checkpoints import dequantized_copy, hf_model, llama3_rope_freqs, write_gguf, write_sentencepiece_gguf
 from minillm import Configs, MiniLLM
 from minillm.loading import ModelLoadError, architectures, default_model_path, load_checkpoint, load_tokenizer
 from minillm.loading.gguf_file import GGUFCheckpoint
@@ -235,10 +235,7 @@ def test_gguf_llama3_rope_freqs_matches_transformers(tmp_path, qtype):
     """Llama 3.1 GGUF files carry the llama3 scaling as per-frequency divisors (rope_freqs), as
     llama.cpp's converter computes them."""
     hf = hf_model("llama", rope_scaling=dict(SCALINGS["llama3"]))
-    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
-    plain = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    freqs = (plain / hf.model.rotary_emb.inv_freq.float()).numpy()
-    path = write_gguf(tmp_path / "llama3.gguf", hf, qtype=qtype, rope_freqs=freqs)
+    path = write_gguf(tmp_path / "llama3.gguf", hf, qtype=qtype, rope_freqs=llama3_rope_freqs(hf))
     reference = dequantized_copy(hf, qtype)
     for dtype in ("float32", None):  # dequantized, and (Q8_0) on the file's blocks
         loaded = load_checkpoint(path, dtype=dtype, progress=False).model

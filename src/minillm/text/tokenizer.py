@@ -208,5 +208,3 @@ def _metaspace_never(pre: Any, schemes: tuple[str, ...]) -> tuple[Any, bool]:
         if any(changed for _, changed in parts):
             return pre_tokenizers.Sequence([step for step, _ in parts]), True
     return pre, False
-
-
