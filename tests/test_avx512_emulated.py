@@ -45,13 +45,9 @@ def test_avx512_vnni_path_emulated_passes_the_kernel_tests():
 
 def main() -> int:
     import simde_py
-    from torch.utils.cpp_extension import load
 
-    load("minillm_ggml_emulated", [str(source) for source in kernels.sources("ggml")],
-         extra_cflags=[*kernels.EXTENSIONS["ggml"][1], *FLAGS, f"-I{simde_py.get_include()}"],
-         extra_ldflags=["-fopenmp"], is_python_module=False)
+    kernels.compile_extension("ggml", [*FLAGS, f"-I{simde_py.get_include()}"], "minillm_ggml_emulated")
     kernels._loaded["ggml"] = True
-    kernels._register_fakes("ggml")
     print("emulated:", kernels.best_isa(), flush=True)
     return pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_ggml_kernels.py"])
 

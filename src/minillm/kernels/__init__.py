@@ -51,20 +51,29 @@ def _load(name: str) -> bool:
             torch.ops.load_library(str(built[0]))
             _register_fakes(name)
             return True
-        from torch.utils.cpp_extension import get_default_build_root, load as build
+        from torch.utils.cpp_extension import get_default_build_root
 
         # (torch builds under a folder named for the Python and CUDA versions, e.g. py311_cpu)
         if not any(Path(get_default_build_root()).glob(f"*/minillm_{name}/minillm_{name}.so")):
             logger.warning("compiling the %s kernel for this machine, once (`pip install --no-build-isolation -e .` "
                            "compiles it at install)", name)
-        build(f"minillm_{name}", [str(source) for source in sources(name)], extra_cflags=EXTENSIONS[name][1],
-              extra_ldflags=["-fopenmp"], is_python_module=False)
-        _register_fakes(name)
+        compile_extension(name)
         return True
     except Exception as error:  # no compiler, no ninja, a build error: say why in one line
         logger.warning("the %s kernel is unavailable, using PyTorch ops instead: %s", name,
                        (str(error).strip().splitlines() or [type(error).__name__])[0])
         return False
+
+
+def compile_extension(name: str, extra_cflags: list[str] | None = None, library: str | None = None) -> None:
+    """Compile extension `name` into PyTorch's extension cache and load it, as library `library` (default
+    minillm_<name>) with its flags and `extra_cflags` (tests build variants so)."""
+    from torch.utils.cpp_extension import load as build
+
+    build(library or f"minillm_{name}", [str(source) for source in sources(name)],
+          extra_cflags=[*EXTENSIONS[name][1], *(extra_cflags or [])], extra_ldflags=["-fopenmp"],
+          is_python_module=False)
+    _register_fakes(name)
 
 
 def _register_fakes(name: str) -> None:
